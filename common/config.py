@@ -1,0 +1,300 @@
+"""Typed configuration: YAML files validated into frozen dataclasses.
+
+Every error names the file, the dotted key and (where YAML knows it) the line, because a
+hospital IT team editing a policy file by hand must be told exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says where."""
+
+
+def bounded(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            doc: str = "") -> dict[str, Any]:
+    """Field metadata for a numeric range check (``low < x`` when ``low_open``)."""
+    return {"low": low, "high": high, "low_open": low_open, "doc": doc}
+
+
+def choice(*options: str) -> dict[str, Any]:
+    """Field metadata restricting a string to a fixed set of values."""
+    return {"choices": options}
+
+
+# --------------------------------------------------------------------------- job config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = "builtin"  # "builtin" = the demo's own small model, else a local HF directory
+    cache_dir: str = ".cache/privatune"
+    max_length: int = field(default=128, metadata=bounded(8, 4096))
+    builtin_pretrain_steps: int = field(default=600, metadata=bounded(0, 100_000))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = field(default=8, metadata=bounded(1, 256))
+    alpha: int = field(default=16, metadata=bounded(1, 1024))
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                       "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    local_steps: int = field(default=30, metadata=bounded(1, 100_000))
+    batch_size: int = field(default=16, metadata=bounded(1, 4096))
+    learning_rate: float = field(default=0.01, metadata=bounded(0, 10, low_open=True))
+    max_grad_norm: float = field(default=1.0, metadata=bounded(0, 1e6, low_open=True))
+    eval_batch_size: int = field(default=32, metadata=bounded(1, 4096))
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    epsilon: float = field(default=8.0, metadata=bounded(0, 1e4, low_open=True))
+    delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True))
+    unit: str = field(default="record", metadata=choice("record", "patient"))
+    min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = field(default=3, metadata=bounded(1, 10_000))
+    min_nodes: int = field(default=2, metadata=bounded(1, 100_000))
+    min_replies: int = field(default=2, metadata=bounded(1, 100_000))
+    fraction_train: float = field(default=1.0, metadata=bounded(0, 1, low_open=True))
+    node_wait_s: float = field(default=120.0, metadata=bounded(0, 86_400, low_open=True))
+    round_timeout_s: float = field(default=1800.0, metadata=bounded(0, 86_400, low_open=True))
+
+
+@dataclass(frozen=True)
+class SimulatedDataConfig:
+    hospitals: int = field(default=4, metadata=bounded(1, 1000))
+    patients: int = field(default=60, metadata=bounded(2, 1_000_000))
+    heldout_fraction: float = field(default=0.2, metadata=bounded(0, 1, low_open=True))
+    central_eval_patients: int = field(default=30, metadata=bounded(1, 1_000_000))
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    cpus_per_node: float = field(default=2.0, metadata=bounded(0, 1024, low_open=True))
+    local_only_baseline: bool = True
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One federated fine-tuning job (simulated or deployed)."""
+
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
+    data: SimulatedDataConfig = SimulatedDataConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """Map dotted keys to 1-based YAML line numbers, for error messages."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping and the line of every key; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from err
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data, lines
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` and parse the value as YAML (so ``16`` is an int, ``[a, b]`` a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set lora.r=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from err
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``--set`` overrides applied (nested keys created)."""
+    merged = _deep_copy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = merged
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+class _Where:
+    """Formats 'file, line N: key' prefixes for errors."""
+
+    def __init__(self, source: str, lines: Mapping[str, int]):
+        self.source, self.lines = source, lines
+
+    def __call__(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.source}, line {line}: {key}" if line else f"{self.source}: {key}"
+
+
+def build(cls: type[T], data: Mapping[str, Any], source: str,
+          lines: Mapping[str, int] | None = None, prefix: str = "") -> T:
+    """Validate a mapping into dataclass ``cls``; unknown keys, wrong types and ranges fail."""
+    where = _Where(source, lines or {})
+    return _build(cls, data, where, prefix)
+
+
+def _build(cls: type[T], data: Any, where: _Where, prefix: str) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where(prefix.rstrip('.') or '<top>')}: expected a mapping, "
+                          f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{where(prefix + str(key))}: unknown key (known keys here: {known})")
+    values: dict[str, Any] = {}
+    for name, fld in fields.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        values[name] = _convert(hints[name], data[name], fld.metadata, where, key)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, meta: Mapping[str, Any], where: _Where, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        return _convert(options[0], value, meta, where, key)
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where(key)}: expected a list, got {value!r}")
+        return tuple(_convert(item_type, v, {}, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where(key)}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where(key)}: expected a whole number, got {value!r}")
+        _check_range(value, meta, where, key)
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-5 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where(key)}: expected a number, got {value!r}")
+        _check_range(float(value), meta, where, key)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where(key)}: expected text, got {value!r}")
+        options = meta.get("choices")
+        if options and value not in options:
+            raise ConfigError(f"{where(key)}: {value!r} is not one of {', '.join(options)}")
+        return value
+    raise ConfigError(f"{where(key)}: unsupported config type {hint!r}")
+
+
+def _check_range(value: float, meta: Mapping[str, Any], where: _Where, key: str) -> None:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value <= low if meta.get("low_open") else value < low):
+        op = ">" if meta.get("low_open") else ">="
+        raise ConfigError(f"{where(key)}: {value!r} is out of range (must be {op} {low})")
+    if high is not None and value > high:
+        raise ConfigError(f"{where(key)}: {value!r} is out of range (must be <= {high})")
+
+
+def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
+    """Load and validate a job config, applying ``--set key=value`` overrides."""
+    data, lines = read_yaml(path)
+    source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{path} (with --set {' '.join(overrides)})"
+    job = build(JobConfig, data, source, lines)
+    _check_job(job, source)
+    return job
+
+
+def _check_job(job: JobConfig, source: str) -> None:
+    """Cross-field checks that a single range cannot express."""
+    if job.federation.min_replies > job.federation.min_nodes:
+        raise ConfigError(f"{source}: federation.min_replies ({job.federation.min_replies}) "
+                          f"cannot exceed federation.min_nodes ({job.federation.min_nodes})")
+    if not job.lora.target_modules:
+        raise ConfigError(f"{source}: lora.target_modules must name at least one module")
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config object (for reports and Flower ConfigRecords)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj

@@ -1,0 +1,37 @@
+"""Accounting: calibration meets the budget; an independent implementation agrees."""
+
+import pytest
+
+from common.privacy import (MechanismStep, calibrate_noise_multiplier, independent_rdp_epsilon,
+                            pld_epsilon, rdp_epsilon)
+
+HISTORIES = [
+    [MechanismStep(0.8, 0.05, 40)] * 3,
+    [MechanismStep(1.1, 0.02, 100), MechanismStep(1.1, 0.02, 100)],
+    [MechanismStep(0.6, 0.1, 10), MechanismStep(2.0, 0.01, 500), MechanismStep(0.9, 0.05, 30)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_independent_rdp_agrees_within_one_percent_and_pld_is_never_above(history):
+    ours = rdp_epsilon(history, 1e-5)
+    theirs = independent_rdp_epsilon(history, 1e-5)
+    assert abs(ours - theirs) <= 0.01 * theirs
+    assert pld_epsilon(history, 1e-5) <= ours
+
+
+def test_calibration_meets_budget_tightly():
+    sigma = calibrate_noise_multiplier(8.0, 1e-5, 0.05, 90)
+    spent = rdp_epsilon([MechanismStep(sigma, 0.05, 90)], 1e-5)
+    assert spent <= 8.0
+    assert rdp_epsilon([MechanismStep(sigma * 0.98, 0.05, 90)], 1e-5) > 8.0 * 0.98
+
+
+def test_calibration_accounts_for_prior_releases():
+    prior = [MechanismStep(1.0, 0.05, 60)]
+    fresh = calibrate_noise_multiplier(8.0, 1e-5, 0.05, 60)
+    after_prior = calibrate_noise_multiplier(8.0, 1e-5, 0.05, 60, prior)
+    assert after_prior > fresh
+    assert rdp_epsilon([*prior, MechanismStep(after_prior, 0.05, 60)], 1e-5) <= 8.0
+    with pytest.raises(ValueError, match="already spent"):
+        calibrate_noise_multiplier(0.5, 1e-5, 0.05, 60, prior)
