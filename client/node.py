@@ -1,0 +1,188 @@
+"""The hospital node's logic, free of Flower: policy checks, DP training, ledger, evaluation.
+
+Order of a train round: check the request against the site policy and the ledger's
+cumulative epsilon (decline with a reason if it would go over), train with DP-SGD, write the
+release to the ledger (fsync'ed) and only then hand the update back for sending. A crash
+between the ledger write and the send therefore over-counts, never under-counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import TensorDataset
+
+from client.data import Record, load_records, split_records
+from client.policy import SitePolicy, check_delta
+from client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
+from common.examples import encode_pairs, evaluate_loss
+from common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
+from common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state, lora_state
+from common.privacy import ACCOUNTANT_NAME, MechanismStep, calibrate_noise_multiplier, rdp_epsilon
+from common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+
+
+def privacy_units(records: Sequence[Record], unit: str) -> list[tuple[str, str]]:
+    """One (prompt, completion) example per privacy unit: a record, or all of a patient's."""
+    if unit == "record":
+        return [(r.prompt, r.completion) for r in records]
+    by_patient: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        if record.patient_id is None:
+            raise ValueError(f"{record.source}: privacy unit is 'patient' but the record has no "
+                             "patient id")
+        by_patient[record.patient_id].append(record)
+    return [("", "\n\n".join(r.prompt + r.completion for r in group))
+            for _, group in sorted(by_patient.items())]
+
+
+def update_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the update exactly as sent (names and float32 bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def lora_settings(request: TrainRequest | EvaluateRequest) -> LoraSettings:
+    return LoraSettings(r=request.lora_r, alpha=request.lora_alpha,
+                        target_modules=tuple(request.lora_targets.split(",")))
+
+
+@dataclass
+class TrainOutcome:
+    reply: TrainReply
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SiteNode:
+    """One hospital: its policy, private data splits, base model and ledger."""
+
+    def __init__(self, policy: SitePolicy):
+        self.policy = policy
+        records = load_records(policy.data_path, policy.site.format)
+        train, heldout = split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
+        self.train_units = privacy_units(train, policy.privacy.unit)
+        self.heldout_units = privacy_units(heldout, policy.privacy.unit)
+        check_delta(policy, len(self.train_units))
+        self.ledger = SiteLedger(policy.ledger_path)
+        self._base = None
+        self._encoded: dict[tuple[str, int], TensorDataset] = {}
+
+    @property
+    def name(self) -> str:
+        return self.policy.site.name
+
+    def _model(self, request_lora: LoraSettings):
+        if self._base is None:
+            self._base = load_base_model(self.policy.model_dir)
+        model, tokenizer = self._base
+        return attach_lora(copy.deepcopy(model), request_lora), tokenizer
+
+    def _dataset(self, split: str, tokenizer, max_length: int) -> TensorDataset:
+        key = (split, max_length)
+        if key not in self._encoded:
+            units = self.train_units if split == "train" else self.heldout_units
+            self._encoded[key] = encode_pairs(tokenizer, units, max_length)
+        return self._encoded[key]
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(self.policy.privacy.delta)
+
+    def _run_noise_multiplier(self, request: TrainRequest, sample_rate: float) -> float:
+        """The run's noise multiplier: fixed at the site's first round of the run, then reused."""
+        for entry in self.ledger.adapter_updates():
+            if entry["run_id"] == request.run_id:
+                return float(entry["noise_multiplier"])
+        prior = self.ledger.mechanism_history()
+        calibrated = calibrate_noise_multiplier(
+            self.policy.privacy.epsilon_cap, self.policy.privacy.delta, sample_rate,
+            request.planned_rounds * request.local_steps, prior)
+        return max(calibrated, self.policy.privacy.min_noise_multiplier)
+
+    def check_request(self, request: TrainRequest) -> tuple[str, float, float]:
+        """Return ("", noise, epsilon_after) or a decline reason as the first element."""
+        privacy = self.policy.privacy
+        done = sum(1 for e in self.ledger.adapter_updates() if e["run_id"] == request.run_id)
+        if done >= privacy.max_rounds:
+            return (f"site policy allows at most {privacy.max_rounds} rounds per run; "
+                    f"this site already took part in {done}", 0.0, self.epsilon())
+        sample_rate = poisson_sample_rate(len(self.train_units), request.batch_size)
+        try:
+            noise = self._run_noise_multiplier(request, sample_rate)
+        except ValueError as err:
+            return f"privacy budget: {err}", 0.0, self.epsilon()
+        after = rdp_epsilon([*self.ledger.mechanism_history(),
+                             MechanismStep(noise, sample_rate, request.local_steps)], privacy.delta)
+        if after > privacy.epsilon_cap:
+            return (f"round {request.round} would raise this site's epsilon to {after:.3f}, over "
+                    f"its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
+                    f"spent so far {self.epsilon():.3f}", noise, after)
+        return "", noise, after
+
+    def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
+        """One federated round at this site: policy check, DP-SGD, ledger, reply."""
+        reason, noise, _ = self.check_request(request)
+        privacy = self.policy.privacy
+        if reason:
+            self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
+                                             "release": "decline", "reason": reason})
+            return TrainOutcome(TrainReply(site=self.name, accepted=False, reason=reason,
+                                           epsilon=self.epsilon(), delta=privacy.delta,
+                                           epsilon_budget=privacy.epsilon_cap))
+        model, tokenizer = self._model(lora_settings(request))
+        load_lora_state(model, global_state)
+        dataset = self._dataset("train", tokenizer, request.max_length)
+        result = train_dp_round(model, dataset, DPTrainSettings(
+            noise_multiplier=noise, max_grad_norm=request.max_grad_norm,
+            expected_batch_size=request.batch_size, steps=request.local_steps,
+            learning_rate=request.learning_rate, seed=request.seed))
+        state = lora_state(model)
+        history = [*self.ledger.mechanism_history(),
+                   MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)]
+        epsilon = rdp_epsilon(history, privacy.delta)
+        self.ledger.append(ADAPTER_UPDATE, {
+            "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
+            "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
+            "steps": result.steps, "max_grad_norm": request.max_grad_norm,
+            "accountant": ACCOUNTANT_NAME, "epsilon": epsilon, "delta": privacy.delta,
+            "update_sha256": update_hash(state)})
+        release = self.policy.release
+        count = len(self.train_units) if release.example_count else 1
+        loss = result.mean_loss if release.train_loss else None
+        self._record_metrics(request.run_id, request.round, "train",
+                             {"num_examples": count if release.example_count else None,
+                              "train_loss": loss})
+        return TrainOutcome(TrainReply(
+            site=self.name, accepted=True, num_examples=count, epsilon=epsilon,
+            delta=privacy.delta, epsilon_budget=privacy.epsilon_cap,
+            noise_multiplier=result.noise_multiplier, train_loss=loss), state)
+
+    def evaluate(self, request: EvaluateRequest,
+                 global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
+        """Held-out loss of the global adapter on this site's data (a non-private release)."""
+        model, tokenizer = self._model(lora_settings(request))
+        load_lora_state(model, global_state)
+        dataset = self._dataset("heldout", tokenizer, request.max_length)
+        loss, _ = evaluate_loss(model, dataset, request.batch_size)
+        release = self.policy.release
+        reply = EvaluateReply(site=self.name,
+                              num_examples=len(self.heldout_units) if release.example_count else 1,
+                              eval_loss=loss if release.eval_loss else None)
+        self._record_metrics(request.run_id, request.round, "evaluate",
+                             {"num_examples": reply.num_examples if release.example_count else None,
+                              "eval_loss": reply.eval_loss})
+        return reply
+
+    def _record_metrics(self, run_id: str, round_number: int, phase: str,
+                        values: Mapping[str, object]) -> None:
+        released = {k: v for k, v in values.items() if v is not None}
+        if released:
+            self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
+                                             "release": f"{phase}_metrics", "values": released})

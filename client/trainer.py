@@ -1,0 +1,151 @@
+"""DP-SGD training of the LoRA parameters with Opacus, with a check that DP really ran.
+
+Opacus combined with PEFT can fail silently (loss and epsilon look normal while the LoRA
+weights are not trained with per-sample clipping and noise; Opacus issue 820). The trainer
+therefore checks, at runtime, that every trainable tensor is a LoRA tensor, is handled by the
+DP optimizer, gets per-sample gradients, receives noise, and actually changes; and that no
+frozen base weight moves. Any failure stops the round with DPNotAppliedError.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.examples import per_example_loss
+
+
+class DPNotAppliedError(RuntimeError):
+    """DP-SGD was not really applied to the LoRA parameters; nothing may be released."""
+
+
+@dataclass(frozen=True)
+class DPTrainSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: int
+    steps: int
+    learning_rate: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class DPRoundResult:
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    mean_loss: float
+    examples: int
+
+
+def poisson_sample_rate(num_examples: int, expected_batch_size: int) -> float:
+    """The sampling rate Opacus uses for a loader of this size and batch size."""
+    return 1.0 / math.ceil(num_examples / expected_batch_size)
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise DPNotAppliedError("the model has no trainable parameters")
+    stray = [n for n in params if "lora_" not in n]
+    if stray:
+        raise DPNotAppliedError(f"non-LoRA parameters are trainable: {stray[:3]}")
+    return params
+
+
+def _frozen_fingerprint(model: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters() if not p.requires_grad))
+
+
+def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
+                   settings: DPTrainSettings) -> DPRoundResult:
+    """Run ``settings.steps`` DP-SGD steps on ``model``'s LoRA parameters, in place."""
+    trainable = _trainable(model)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    frozen_before = _frozen_fingerprint(model)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    model.train()
+    optimizer = torch.optim.Adam(list(trainable.values()), lr=settings.learning_rate)
+    loader = DataLoader(dataset, batch_size=settings.expected_batch_size, generator=generator)
+    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' secure-RNG advice; noise comes from torch's RNG
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+            poisson_sampling=True)
+    optimized = {id(p) for group in dp_optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in trainable.items() if id(p) not in optimized]
+    if missing:
+        raise DPNotAppliedError(f"the DP optimizer does not handle LoRA tensors {missing[:3]}")
+
+    losses: list[float] = []
+    steps = 0
+    try:
+        while steps < settings.steps:
+            for input_ids, labels, mask in dp_loader:
+                if steps >= settings.steps:
+                    break
+                dp_optimizer.zero_grad(set_to_none=True)
+                if len(input_ids) > 0:
+                    logits = dp_model(input_ids=input_ids, attention_mask=mask).logits
+                    loss = per_example_loss(logits, labels).mean()
+                    loss.backward()
+                    losses.append(float(loss))
+                    if steps == 0:
+                        _check_per_sample_gradients(trainable, len(input_ids))
+                else:
+                    for param in trainable.values():  # an empty Poisson batch: noise only
+                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+                dp_optimizer.step()
+                if steps == 0:
+                    _check_noise_added(trainable, settings)
+                steps += 1
+    finally:
+        dp_optimizer.zero_grad(set_to_none=True)
+        dp_model._close()  # remove Opacus hooks; the PEFT model keeps the trained tensors
+
+    _check_parameters_changed(model, before, frozen_before)
+    recorded = engine.accountant.history
+    sample_rate = poisson_sample_rate(len(dataset), settings.expected_batch_size)
+    if not recorded or abs(recorded[0][1] - sample_rate) > 1e-12:
+        raise DPNotAppliedError(f"Opacus recorded {recorded!r}, expected sampling rate {sample_rate}")
+    return DPRoundResult(steps=steps, sample_rate=sample_rate,
+                         noise_multiplier=settings.noise_multiplier,
+                         mean_loss=sum(losses) / max(len(losses), 1), examples=len(dataset))
+
+
+def _check_per_sample_gradients(trainable: dict[str, torch.nn.Parameter], batch: int) -> None:
+    for name, param in trainable.items():
+        grad_sample = getattr(param, "grad_sample", None)
+        if grad_sample is None or grad_sample.shape[0] != batch:
+            raise DPNotAppliedError(f"no per-sample gradients for LoRA tensor {name}: "
+                                    "Opacus is not clipping this parameter")
+
+
+def _check_noise_added(trainable: dict[str, torch.nn.Parameter], settings: DPTrainSettings) -> None:
+    if settings.noise_multiplier <= 0:
+        return
+    for name, param in trainable.items():
+        summed = getattr(param, "summed_grad", None)
+        if param.grad is None or summed is None:
+            raise DPNotAppliedError(f"LoRA tensor {name} got no DP gradient")
+        if torch.allclose(param.grad, summed / settings.expected_batch_size):
+            raise DPNotAppliedError(f"no noise was added to the gradient of {name}")
+
+
+def _check_parameters_changed(model: torch.nn.Module, before: dict[str, torch.Tensor],
+                              frozen_before: float) -> None:
+    current = dict(model.named_parameters())
+    unchanged = [n for n, old in before.items() if torch.equal(current[n].detach(), old)]
+    if unchanged:
+        raise DPNotAppliedError(f"DP training did not change LoRA tensors {unchanged[:3]}")
+    if _frozen_fingerprint(model) != frozen_before:
+        raise DPNotAppliedError("frozen base-model weights changed during DP training")

@@ -1,0 +1,216 @@
+"""The coordinator's round loop, independent of Flower's transport.
+
+Each round: sample available nodes (bounded wait), send the global adapter and the plan,
+validate and FedAvg the accepted updates (if at least ``min_replies`` came back in time),
+evaluate the merged adapter centrally and at every node, and checkpoint adapter + state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from common.config import JobConfig, to_dict
+from common.lora import (LoraSettings, initial_adapter, load_lora_state, lora_state,
+                         save_adapter)
+from common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
+                             evaluate_request, train_request)
+from server.aggregation import InvalidUpdateError, fedavg, validate_update
+from server.evaluation import CentralEvaluator
+
+
+class NodesUnavailableError(RuntimeError):
+    """Too few nodes connected within the bounded wait."""
+
+
+@dataclass
+class TrainResult:
+    node_id: int
+    reply: TrainReply
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """How the coordinator reaches nodes (Flower's Grid in practice)."""
+
+    def node_ids(self) -> list[int]: ...
+
+    def train(self, node_ids: Sequence[int], request: TrainRequest,
+              state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[TrainResult], list[str]]: ...
+
+    def evaluate(self, node_ids: Sequence[int], request: EvaluateRequest,
+                 state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[EvaluateReply], list[str]]: ...
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    job: JobConfig
+    model_dir: Path
+    out_dir: Path
+    run_id: str
+    central_eval: Path | None = None
+
+
+def lora_settings(job: JobConfig) -> LoraSettings:
+    return LoraSettings(r=job.lora.r, alpha=job.lora.alpha, target_modules=job.lora.target_modules)
+
+
+def wait_for_nodes(transport: Transport, minimum: int, timeout_s: float,
+                   poll_s: float = 1.0) -> list[int]:
+    """Node ids once at least ``minimum`` are connected; an error after ``timeout_s``, never forever."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ids = sorted(transport.node_ids())
+        if len(ids) >= minimum:
+            return ids
+        if time.monotonic() >= deadline:
+            raise NodesUnavailableError(f"only {len(ids)} of the required {minimum} nodes connected "
+                                        f"within {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
+def _perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(loss)
+
+
+class Coordinator:
+    """Runs the rounds of one federated job and keeps the run's history."""
+
+    def __init__(self, settings: CoordinatorSettings, transport: Transport,
+                 progress: Callable[[str], None] = print):
+        self.settings, self.transport, self.progress = settings, transport, progress
+        job = settings.job
+        self.lora = lora_settings(job)
+        self.model = initial_adapter(settings.model_dir, self.lora, job.seed)
+        self.global_state = lora_state(self.model)
+        self.evaluator = (CentralEvaluator(settings.model_dir, self.lora, settings.central_eval,
+                                           job.model.max_length, job.training.eval_batch_size)
+                          if settings.central_eval else None)
+        self.rounds: list[dict[str, Any]] = []
+        self.sites: dict[str, dict[str, Any]] = {}
+        self.rng = random.Random(job.seed)
+
+    # -- one round -------------------------------------------------------------------------
+    def _sample(self, ids: list[int]) -> list[int]:
+        fed = self.settings.job.federation
+        count = max(fed.min_replies, math.ceil(fed.fraction_train * len(ids)))
+        return sorted(self.rng.sample(ids, min(count, len(ids))))
+
+    def train_round(self, round_number: int) -> dict[str, Any]:
+        fed = self.settings.job.federation
+        ids = wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
+        chosen = self._sample(ids)
+        self.progress(f"[round {round_number}/{fed.rounds}] training at {len(chosen)} nodes")
+        results, failures = self.transport.train(chosen, train_request(self.settings.job, self.settings.run_id, round_number),
+                                                 self.global_state, fed.round_timeout_s)
+        accepted, declined = [], {}
+        for result in results:
+            reply = result.reply
+            self._site(reply.site).update(epsilon=reply.epsilon, delta=reply.delta,
+                                          epsilon_budget=reply.epsilon_budget)
+            if not reply.accepted:
+                declined[reply.site] = reply.reason
+                self.progress(f"  {reply.site} declined: {reply.reason}")
+                continue
+            try:
+                validate_update(result.state, self.global_state)
+            except InvalidUpdateError as err:
+                failures.append(f"{reply.site}: update rejected: {err}")
+                continue
+            accepted.append(result)
+            self._site(reply.site).update(noise_multiplier=reply.noise_multiplier)
+            self._site(reply.site)["rounds"].append(round_number)
+            self.progress(f"  {reply.site}: {reply.num_examples} examples, train loss "
+                          f"{reply.train_loss if reply.train_loss is not None else 'withheld'}, "
+                          f"epsilon {reply.epsilon:.3f} / {reply.epsilon_budget:g}")
+        for failure in failures:
+            self.progress(f"  no usable reply: {failure}")
+        aggregated = len(accepted) >= fed.min_replies
+        if aggregated:
+            self.global_state = fedavg([r.state for r in accepted],
+                                       [r.reply.num_examples for r in accepted])
+        else:
+            self.progress(f"  only {len(accepted)} usable updates (< min_replies={fed.min_replies}): "
+                          "the global adapter is kept unchanged this round")
+        return {"round": round_number, "participants": sorted(r.reply.site for r in accepted),
+                "declined": declined, "failures": failures, "aggregated": aggregated}
+
+    def evaluate(self, round_number: int) -> dict[str, Any]:
+        """Central and federated perplexity of the current global adapter."""
+        job = self.settings.job
+        ids = sorted(self.transport.node_ids())
+        request = evaluate_request(job, self.settings.run_id, round_number)
+        replies, failures = self.transport.evaluate(ids, request, self.global_state,
+                                                    job.federation.round_timeout_s)
+        site_ppl = {r.site: _perplexity(r.eval_loss) for r in replies}
+        for reply in replies:
+            self._site(reply.site)["perplexity"][round_number] = site_ppl[reply.site]
+        weighted = [(r.eval_loss, r.num_examples) for r in replies if r.eval_loss is not None]
+        federated = (math.exp(sum(l * n for l, n in weighted) / sum(n for _, n in weighted))
+                     if weighted else None)
+        central = self.evaluator.perplexity(self.global_state) if self.evaluator else None
+        shown = ", ".join(f"{s} {p:.1f}" for s, p in sorted(site_ppl.items()) if p is not None)
+        central_text = f"{central:.2f}" if central is not None else "n/a"
+        self.progress(f"[round {round_number}] global perplexity {central_text}; at sites: {shown}")
+        return {"global_perplexity": central, "federated_perplexity": federated,
+                "site_perplexity": site_ppl, "evaluation_failures": failures}
+
+    def _site(self, name: str) -> dict[str, Any]:
+        return self.sites.setdefault(name, {"rounds": [], "perplexity": {}, "epsilon": 0.0})
+
+    # -- the whole run ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        fed = self.settings.job.federation
+        wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
+        self.progress(f"run {self.settings.run_id}: {fed.rounds} rounds; evaluating the base model")
+        self.rounds.append({"round": 0, "participants": [], **self.evaluate(0)})
+        for round_number in range(1, fed.rounds + 1):
+            record = self.train_round(round_number)
+            record.update(self.evaluate(round_number))
+            record["epsilon"] = {s: v["epsilon"] for s, v in sorted(self.sites.items())}
+            self.rounds.append(record)
+            self.checkpoint(round_number)
+        save_adapter(self._model_with(self.global_state), self.settings.out_dir / "adapter")
+        return self.summary()
+
+    def _model_with(self, state: Mapping[str, torch.Tensor]):
+        load_lora_state(self.model, state)
+        return self.model
+
+    def checkpoint(self, round_number: int) -> Path:
+        """Adapter (PEFT format) and coordinator state after a completed round."""
+        directory = self.settings.out_dir / "checkpoints" / f"round_{round_number:03d}"
+        save_adapter(self._model_with(self.global_state), directory / "adapter")
+        state = {"run_id": self.settings.run_id, "round": round_number,
+                 "rounds": self.rounds, "sites": self.sites}
+        tmp = directory / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
+        tmp.replace(directory / "state.json")
+        return directory
+
+    def summary(self) -> dict[str, Any]:
+        """The run's results, as the report is built from them."""
+        first, last = self.rounds[0], self.rounds[-1]
+        sites = {}
+        for name, info in sorted(self.sites.items()):
+            ppl = info["perplexity"]
+            sites[name] = {
+                "base_perplexity": ppl.get(0), "final_perplexity": ppl.get(last["round"]),
+                "epsilon": info["epsilon"], "delta": info.get("delta"),
+                "epsilon_budget": info.get("epsilon_budget"),
+                "noise_multiplier": info.get("noise_multiplier"),
+                "rounds_participated": info["rounds"],
+            }
+        return {"run_id": self.settings.run_id, "config": to_dict(self.settings.job),
+                "base_model": str(self.settings.model_dir),
+                "central": {"base_perplexity": first["global_perplexity"],
+                            "final_perplexity": last["global_perplexity"]},
+                "rounds": self.rounds, "sites": sites}

@@ -1,0 +1,60 @@
+"""Central evaluation of the merged global adapter at the coordinator.
+
+The coordinator holds its own held-out set (never a site's private data): a JSONL file with
+``text`` or ``prompt`` + ``completion`` per line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from common.examples import encode_pairs, evaluate_loss
+from common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state
+
+
+def read_eval_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """Read the coordinator's evaluation JSONL; errors name the file and line."""
+    path = Path(path)
+    pairs: list[tuple[str, str]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read evaluation set ({err.strerror or err})") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            pairs.append(("", row["text"]))
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) \
+                and isinstance(row.get("completion"), str):
+            pairs.append((row["prompt"], row["completion"]))
+        else:
+            raise ValueError(f"{path}, line {number}: expected 'text' or 'prompt' + 'completion'")
+    if not pairs:
+        raise ValueError(f"{path}: evaluation set is empty")
+    return pairs
+
+
+class CentralEvaluator:
+    """Perplexity of a global adapter state on the coordinator's held-out set."""
+
+    def __init__(self, model_dir: Path, lora: LoraSettings, eval_path: Path, max_length: int,
+                 batch_size: int):
+        base, tokenizer = load_base_model(model_dir)
+        self.model = attach_lora(base, lora)
+        self.dataset = encode_pairs(tokenizer, read_eval_pairs(eval_path), max_length)
+        self.batch_size = batch_size
+
+    def perplexity(self, state: Mapping[str, torch.Tensor]) -> float:
+        load_lora_state(self.model, state)
+        loss, _ = evaluate_loss(self.model, self.dataset, self.batch_size)
+        return math.exp(loss)

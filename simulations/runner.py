@@ -1,0 +1,166 @@
+"""``privatune simulate``: a whole federation of simulated hospitals on one machine.
+
+Builds (or reuses) the base model and the simulated hospital exports, writes each site's own
+policy file under ``<out>/sites/<site>/``, runs the ServerApp and ClientApps on Flower's
+simulation engine, trains the local-only baseline of every site, and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from client.app import make_client_app
+from client.data import load_records
+from client.node import SiteNode
+from client.policy import load_site_policy
+from common.base_model import BaseModelSpec, ensure_base_model
+from common.config import ConfigError, JobConfig, load_job_config
+from common.lora import initial_adapter, lora_state
+from common.protocol import evaluate_request, train_request
+from server.app import make_server_app
+from server.coordinator import CoordinatorSettings, lora_settings
+from server.report import write_report
+from simulations.hospitals import default_hospitals, generate_federation
+
+
+def resolve_base_model(job: JobConfig, progress: Callable[[str], None]) -> Path:
+    """The builtin demo model (built once, cached) or a local Hugging Face model directory."""
+    if job.model.base == "builtin":
+        spec = BaseModelSpec(pretrain_steps=job.model.builtin_pretrain_steps, seed=job.seed)
+        return ensure_base_model(Path(job.model.cache_dir) / "models", spec, progress)
+    path = Path(job.model.base)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.base: {path} is not a local model directory (no config.json); "
+                          "use 'builtin' or the path of a Hugging Face causal LM")
+    return path
+
+
+def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, job: JobConfig) -> Path:
+    """The simulated hospital's own policy file (in a real federation the site writes it)."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    policy = {
+        "site": {"name": name, "data": str(data.resolve()), "format": "fhir",
+                 "model": str(model_dir.resolve()), "state_dir": ".",
+                 "heldout_fraction": job.data.heldout_fraction, "split_seed": job.seed},
+        "privacy": {"unit": job.privacy.unit, "epsilon_cap": job.privacy.epsilon,
+                    "delta": job.privacy.delta,
+                    "min_noise_multiplier": job.privacy.min_noise_multiplier,
+                    "max_rounds": job.federation.rounds},
+        "release": {"example_count": True, "train_loss": True, "eval_loss": True},
+    }
+    path = site_dir / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def write_central_eval(export: Path, out: Path) -> Path:
+    """The coordinator's own held-out set: notes of a hospital outside the federation."""
+    records = load_records(export, "fhir")
+    with open(out, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps({"text": record.prompt + record.completion}) + "\n")
+    return out
+
+
+def local_only_perplexity(policy_path: Path, scratch: Path, job: JobConfig, model_dir: Path,
+                          run_id: str) -> float | None:
+    """The same site training alone: same rounds, steps and budget, never averaging.
+
+    Uses a scratch ledger so the counterfactual does not touch the site's real ledger.
+    """
+    policy = load_site_policy(policy_path)
+    node = SiteNode(replace(policy, site=replace(policy.site, state_dir=str(scratch.resolve()))))
+    state = lora_state(initial_adapter(model_dir, lora_settings(job), job.seed))
+    for round_number in range(1, job.federation.rounds + 1):
+        outcome = node.train(train_request(job, run_id, round_number), state)
+        if not outcome.reply.accepted:
+            break
+        state = outcome.state
+    reply = node.evaluate(evaluate_request(job, run_id, job.federation.rounds), state)
+    return math.exp(reply.eval_loss) if reply.eval_loss is not None else None
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Never mix a new simulation into old site ledgers unless asked to wipe them."""
+    if out.exists() and any(out.glob("sites/*/ledger.jsonl")):
+        if not overwrite:
+            raise ConfigError(f"{out} already holds a simulated federation (site ledgers exist); "
+                              "choose another --out or pass --overwrite to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwrite: bool = False,
+             progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole simulated federation and write ``report.json``, ``report.md``, ``report.png``."""
+    started = time.monotonic()
+    job = load_job_config(config_path, overrides)
+    if job.federation.min_nodes > job.data.hospitals:
+        raise ConfigError(f"{config_path}: federation.min_nodes ({job.federation.min_nodes}) exceeds "
+                          f"data.hospitals ({job.data.hospitals})")
+    _prepare_out_dir(out, overwrite)
+    model_dir = resolve_base_model(job, progress)
+    progress(f"base model: {model_dir}")
+
+    cache = Path(job.model.cache_dir) / "hospitals"
+    specs = default_hospitals(job.data.hospitals + 1, job.seed, job.data.patients)
+    sites, coordinator_spec = specs[:-1], replace(specs[-1], name="coordinator-validation",
+                                                  patients=job.data.central_eval_patients)
+    progress(f"simulated hospitals: {', '.join(s.name for s in sites)} (cache {cache})")
+    exports = generate_federation([*sites, coordinator_spec], cache)
+    central_eval = write_central_eval(exports[coordinator_spec.name], out / "central_eval.jsonl")
+    policies = [write_site_policy(out / "sites" / s.name, s.name, exports[s.name], model_dir, job)
+                for s in sites]
+
+    run_id = f"sim-{job.seed}-{int(time.time())}"
+    settings = CoordinatorSettings(job=job, model_dir=model_dir, out_dir=out, run_id=run_id,
+                                   central_eval=central_eval)
+    summaries: list[dict[str, Any]] = []
+    server_app = make_server_app(lambda _context: settings, on_summary=summaries.append)
+    client_app = make_client_app(lambda context: policies[int(context.node_config["partition-id"])])
+    progress(f"starting Flower's simulation engine with {len(sites)} virtual nodes")
+    _run_flower_simulation(server_app, client_app, len(sites), job.simulation.cpus_per_node)
+    if not summaries:
+        raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
+    report = summaries[0]
+
+    if job.simulation.local_only_baseline:
+        for spec, policy_path in zip(sites, policies):
+            progress(f"local-only baseline: {spec.name} trains alone with the same budget")
+            report["sites"].setdefault(spec.name, {})["local_only_perplexity"] = local_only_perplexity(
+                policy_path, out / "baselines" / spec.name, job, model_dir, run_id)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_report(report, out)
+    progress(f"done in {report['elapsed_s']:.0f} s: {out / 'report.md'}")
+    return report
+
+
+def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_per_node: float) -> None:
+    """Flower's simulation engine (Ray backend), quietly: one warning we know about is hidden.
+
+    ``run_simulation`` is marked deprecated in Flower 1.42 in favour of ``flwr run`` against
+    a local SuperLink; it is still Flower's in-process simulation engine and lets the apps be
+    built from this job's objects rather than from an installed FAB.
+    """
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend = {"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0},
+               "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus_per_node)),
+                             "include_dashboard": False, "logging_level": logging.ERROR}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
+                       backend_config=backend)
