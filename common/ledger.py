@@ -27,6 +27,10 @@ NON_PRIVATE = "non_private"
 class LedgerError(ValueError):
     """The ledger file is broken; the message names the file and the first bad line."""
 
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """Hash of an entry's canonical JSON, excluding its own ``hash`` field."""
@@ -38,7 +42,8 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
 def read_entries(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     """Parse and verify a ledger; return its entries and a torn final line, if any.
 
-    Raises LedgerError at the first line whose content, position or link is wrong.
+    Raises LedgerError at the first line whose content, position or link is wrong; the
+    entries before its ``line`` are verified.
     """
     entries: list[dict[str, Any]] = []
     if not path.exists():
@@ -56,17 +61,17 @@ def read_entries(path: Path) -> tuple[list[dict[str, Any]], str | None]:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
-            raise LedgerError(f"{where}: not valid JSON ({err.msg})") from err
+            raise LedgerError(f"{where}: not valid JSON ({err.msg})", number) from err
         if not isinstance(entry, dict):
-            raise LedgerError(f"{where}: entry is not a JSON object")
+            raise LedgerError(f"{where}: entry is not a JSON object", number)
         if entry.get("seq") != number:
             raise LedgerError(f"{where}: sequence number {entry.get('seq')!r}, expected {number}"
-                              " (an entry was removed, inserted or reordered)")
+                              " (an entry was removed, inserted or reordered)", number)
         if entry.get("prev_hash") != previous:
             raise LedgerError(f"{where}: link to the previous entry is broken"
-                              " (an earlier entry was changed, removed or reordered)")
+                              " (an earlier entry was changed, removed or reordered)", number)
         if entry.get("hash") != entry_hash(entry):
-            raise LedgerError(f"{where}: content does not match its hash (entry was changed)")
+            raise LedgerError(f"{where}: content does not match its hash (entry was changed)", number)
         previous = entry["hash"]
         entries.append(entry)
     return entries, torn

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from common.config import JobConfig, to_dict
-from common.lora import (LoraSettings, initial_adapter, load_lora_state, lora_state,
+from common.lora import (LoraSettings, initial_adapter, load_adapter, load_lora_state, lora_state,
                          save_adapter)
 from common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                              evaluate_request, train_request)
@@ -57,6 +57,7 @@ class CoordinatorSettings:
     out_dir: Path
     run_id: str
     central_eval: Path | None = None
+    resume: bool = True
 
 
 def lora_settings(job: JobConfig) -> LoraSettings:
@@ -77,6 +78,12 @@ def wait_for_nodes(transport: Transport, minimum: int, timeout_s: float,
         time.sleep(poll_s)
 
 
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest completed round's checkpoint (its state.json is written last)."""
+    done = sorted(p.parent for p in (out_dir / "checkpoints").glob("round_*/state.json"))
+    return done[-1] if done else None
+
+
 def _perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(loss)
 
@@ -94,9 +101,25 @@ class Coordinator:
         self.evaluator = (CentralEvaluator(settings.model_dir, self.lora, settings.central_eval,
                                            job.model.max_length, job.training.eval_batch_size)
                           if settings.central_eval else None)
+        self.run_id = settings.run_id
         self.rounds: list[dict[str, Any]] = []
         self.sites: dict[str, dict[str, Any]] = {}
         self.rng = random.Random(job.seed)
+        latest = latest_checkpoint(settings.out_dir)
+        if settings.resume and latest is not None:
+            self._restore(latest)
+
+    def _restore(self, directory: Path) -> None:
+        """Continue after a crash: adapter, round number, history and per-site totals."""
+        state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+        self.run_id = state["run_id"]
+        self.rounds = state["rounds"]
+        self.sites = state["sites"]
+        for info in self.sites.values():  # JSON turned the integer round keys into text
+            info["perplexity"] = {int(k): v for k, v in info["perplexity"].items()}
+        self.global_state = lora_state(load_adapter(self.settings.model_dir, directory / "adapter"))
+        self.rng = random.Random(f"{self.settings.job.seed}-{state['round']}")
+        self.progress(f"resuming run {self.run_id} after round {state['round']} from {directory}")
 
     # -- one round -------------------------------------------------------------------------
     def _sample(self, ids: list[int]) -> list[int]:
@@ -109,7 +132,7 @@ class Coordinator:
         ids = wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
         chosen = self._sample(ids)
         self.progress(f"[round {round_number}/{fed.rounds}] training at {len(chosen)} nodes")
-        results, failures = self.transport.train(chosen, train_request(self.settings.job, self.settings.run_id, round_number),
+        results, failures = self.transport.train(chosen, train_request(self.settings.job, self.run_id, round_number),
                                                  self.global_state, fed.round_timeout_s)
         accepted, declined = [], {}
         for result in results:
@@ -147,7 +170,7 @@ class Coordinator:
         """Central and federated perplexity of the current global adapter."""
         job = self.settings.job
         ids = sorted(self.transport.node_ids())
-        request = evaluate_request(job, self.settings.run_id, round_number)
+        request = evaluate_request(job, self.run_id, round_number)
         replies, failures = self.transport.evaluate(ids, request, self.global_state,
                                                     job.federation.round_timeout_s)
         site_ppl = {r.site: _perplexity(r.eval_loss) for r in replies}
@@ -170,9 +193,10 @@ class Coordinator:
     def run(self) -> dict[str, Any]:
         fed = self.settings.job.federation
         wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
-        self.progress(f"run {self.settings.run_id}: {fed.rounds} rounds; evaluating the base model")
-        self.rounds.append({"round": 0, "participants": [], **self.evaluate(0)})
-        for round_number in range(1, fed.rounds + 1):
+        if not self.rounds:
+            self.progress(f"run {self.run_id}: {fed.rounds} rounds; evaluating the base model")
+            self.rounds.append({"round": 0, "participants": [], **self.evaluate(0)})
+        for round_number in range(len(self.rounds), fed.rounds + 1):
             record = self.train_round(round_number)
             record.update(self.evaluate(round_number))
             record["epsilon"] = {s: v["epsilon"] for s, v in sorted(self.sites.items())}
@@ -189,7 +213,7 @@ class Coordinator:
         """Adapter (PEFT format) and coordinator state after a completed round."""
         directory = self.settings.out_dir / "checkpoints" / f"round_{round_number:03d}"
         save_adapter(self._model_with(self.global_state), directory / "adapter")
-        state = {"run_id": self.settings.run_id, "round": round_number,
+        state = {"run_id": self.run_id, "round": round_number,
                  "rounds": self.rounds, "sites": self.sites}
         tmp = directory / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
@@ -209,7 +233,7 @@ class Coordinator:
                 "noise_multiplier": info.get("noise_multiplier"),
                 "rounds_participated": info["rounds"],
             }
-        return {"run_id": self.settings.run_id, "config": to_dict(self.settings.job),
+        return {"run_id": self.run_id, "config": to_dict(self.settings.job),
                 "base_model": str(self.settings.model_dir),
                 "central": {"base_perplexity": first["global_perplexity"],
                             "final_perplexity": last["global_perplexity"]},

@@ -1,0 +1,86 @@
+"""``privatune plan``: forecast each site's epsilon before any data is touched.
+
+Uses exactly the node's rules: sampling rate 1/ceil(N / batch), the noise multiplier
+calibrated for rounds x local steps (never below the minimum), and the same RDP accountant,
+so a plan approved by an ethics board is what a run then spends.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.privacy import MechanismStep, calibrate_noise_multiplier, pld_epsilon, rdp_epsilon
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    site: str
+    records: int
+    sample_rate: float
+    noise_multiplier: float
+    delta: float
+    epsilon_per_round: list[float]  # cumulative RDP epsilon after each round
+    pld_epsilon_final: float
+    warnings: list[str]
+
+
+def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds: int,
+              delta: float, epsilon: float | None = None, noise_multiplier: float | None = None,
+              min_noise_multiplier: float = 0.0) -> SitePlan:
+    """Forecast one site; give ``noise_multiplier``, or ``epsilon`` to solve for it."""
+    if records < 1:
+        raise ValueError(f"{site}: records must be at least 1")
+    sample_rate = 1.0 / math.ceil(records / batch_size)
+    if noise_multiplier is None:
+        if epsilon is None:
+            raise ValueError("give a noise multiplier or a target epsilon")
+        noise_multiplier = calibrate_noise_multiplier(epsilon, delta, sample_rate, rounds * local_steps)
+    noise_multiplier = max(noise_multiplier, min_noise_multiplier)
+    step = MechanismStep(noise_multiplier, sample_rate, local_steps)
+    per_round = [rdp_epsilon([step] * r, delta) for r in range(1, rounds + 1)]
+    warnings = []
+    if delta >= 1.0 / records:
+        warnings.append(f"{site}: delta {delta:g} is not below 1/{records} = {1.0 / records:.3g}; "
+                        "the node will refuse this policy")
+    if epsilon is not None and per_round[-1] > epsilon * (1 + 1e-9):
+        warnings.append(f"{site}: forecast epsilon {per_round[-1]:.3f} exceeds the budget {epsilon:g}; "
+                        "the node will decline the last rounds")
+    return SitePlan(site, records, sample_rate, noise_multiplier, delta, per_round,
+                    pld_epsilon([step] * rounds, delta), warnings)
+
+
+def render_table(plans: list[SitePlan]) -> str:
+    rounds = len(plans[0].epsilon_per_round) if plans else 0
+    header = "| site | records | sampling rate | noise | " + " | ".join(
+        f"eps r{r}" for r in range(1, rounds + 1)) + " | PLD eps |"
+    lines = [header, "|" + "---|" * (rounds + 5)]
+    for p in plans:
+        lines.append(f"| {p.site} | {p.records} | {p.sample_rate:.4f} | {p.noise_multiplier:.4f} | "
+                     + " | ".join(f"{e:.3f}" for e in p.epsilon_per_round)
+                     + f" | {p.pld_epsilon_final:.3f} |")
+    for p in plans:
+        lines += [f"warning: {w}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+def plot_plans(plans: list[SitePlan], path: Path, budget: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4))
+    for p in plans:
+        xs = list(range(1, len(p.epsilon_per_round) + 1))
+        axis.plot(xs, p.epsilon_per_round, "-o", label=f"{p.site} (noise {p.noise_multiplier:.2f})")
+    if budget is not None:
+        axis.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
+    axis.set(xlabel="round", ylabel="cumulative epsilon (RDP)", title="planned epsilon per site")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""plan forecasts and the audit of ledgers, from files alone."""
+
+import json
+
+import pytest
+
+from common.audit import audit_path, write_audit
+from common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
+from common.plan import plan_site
+from common.privacy import MechanismStep, rdp_epsilon
+
+
+def write_site(run_dir, name, noise=0.9, rounds=3, budget=8.0, fake_epsilon=None):
+    site = run_dir / "sites" / name
+    site.mkdir(parents=True)
+    (site / "policy.yaml").write_text(f"privacy:\n  epsilon_cap: {budget}\n")
+    ledger = SiteLedger(site / "ledger.jsonl")
+    history = []
+    for r in range(1, rounds + 1):
+        history.append(MechanismStep(noise, 0.05, 20))
+        eps = fake_epsilon if fake_epsilon is not None else rdp_epsilon(history, 1e-5)
+        ledger.append(ADAPTER_UPDATE, {"run_id": "r", "round": r, "privacy_unit": "record",
+                                       "noise_multiplier": noise, "sample_rate": 0.05, "steps": 20,
+                                       "max_grad_norm": 1.0, "accountant": "opacus-rdp",
+                                       "epsilon": eps, "delta": 1e-5, "update_sha256": "x"})
+        ledger.append(NON_PRIVATE, {"run_id": "r", "round": r, "release": "train_metrics",
+                                    "values": {"num_examples": 320}})
+    return site / "ledger.jsonl"
+
+
+def test_audit_passes_on_honest_ledgers(tmp_path):
+    write_site(tmp_path, "a")
+    write_site(tmp_path, "b", noise=1.2)
+    audits = audit_path(tmp_path)
+    assert [a.name for a in audits] == ["a", "b"] and all(a.ok for a in audits)
+    for a in audits:
+        assert a.pld_epsilon <= a.recomputed_epsilon
+        assert abs(a.recorded_epsilon - a.recomputed_epsilon) <= 0.01 * a.recomputed_epsilon
+        assert len(a.non_private) == 3
+    report = write_audit(audits, tmp_path / "audit")
+    assert "Privacy audit: PASS" in report.read_text()
+    assert (tmp_path / "audit" / "audit.png").stat().st_size > 0
+    html = write_audit(audits, tmp_path / "audit", "html")
+    assert html.read_text().startswith("<!doctype html>")
+
+
+def test_audit_flags_misreported_epsilon_and_over_budget(tmp_path):
+    write_site(tmp_path, "liar", fake_epsilon=1.0)
+    write_site(tmp_path, "spender", noise=0.5, budget=2.0)
+    liar, spender = audit_path(tmp_path)
+    assert not liar.ok and "differs from the recomputed" in liar.problems[0]
+    assert not spender.ok and any("over the budget" in p for p in spender.problems)
+
+
+def test_audit_names_first_broken_entry(tmp_path):
+    path = write_site(tmp_path, "a")
+    lines = path.read_text().splitlines(keepends=True)
+    entry = json.loads(lines[4])
+    entry["steps"] = 1
+    lines[4] = json.dumps(entry, sort_keys=True) + "\n"
+    path.write_text("".join(lines))
+    (audit,) = audit_path(tmp_path)
+    assert "line 5" in audit.chain_error and len(audit.rounds) == 2
+    assert "BROKEN" in write_audit([audit], tmp_path / "out").read_text()
+
+
+def test_plan_solves_noise_for_budget_and_warns_on_delta():
+    plan = plan_site("a", records=320, batch_size=16, local_steps=20, rounds=3, delta=1e-5, epsilon=8.0)
+    assert plan.epsilon_per_round[-1] <= 8.0 and plan.epsilon_per_round[-1] > 7.8
+    assert plan.epsilon_per_round == sorted(plan.epsilon_per_round)
+    assert plan.pld_epsilon_final <= plan.epsilon_per_round[-1]
+    assert not plan.warnings
+    risky = plan_site("b", records=50, batch_size=16, local_steps=20, rounds=3, delta=0.05,
+                      noise_multiplier=1.0)
+    assert any("not below 1/50" in w for w in risky.warnings)
+    assert risky.noise_multiplier == pytest.approx(1.0)
