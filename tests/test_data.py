@@ -1,0 +1,276 @@
+"""Hospital data ingestion: JSONL and FHIR Bulk NDJSON, errors that say where, and the split."""
+
+import base64
+import json
+import random
+import re
+
+import pytest
+
+from client.data import DataError, Record, load_records, split_records
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def starts(path, message):
+    """Regex for an error message that begins with the path, then `message` literally."""
+    return "^" + re.escape(f"{path}{message}")
+
+
+def jsonl(path, *objects):
+    return write_lines(path, [json.dumps(obj) for obj in objects])
+
+
+def b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def document_reference(text, patient="Patient/123", content_type="text/plain", **extra):
+    return {"resourceType": "DocumentReference", "status": "current",
+            "subject": {"reference": patient},
+            "content": [{"attachment": {"contentType": content_type, "data": b64(text)}}], **extra}
+
+
+def composition(sections, patient="Patient/p-7", title="Discharge summary"):
+    return {"resourceType": "Composition", "status": "final", "title": title,
+            "subject": {"reference": patient},
+            "section": [{"title": heading, "text": {"status": "generated", "div": div}}
+                        for heading, div in sections]}
+
+
+def ndjson(path, *resources):
+    return write_lines(path, [json.dumps(resource) for resource in resources])
+
+
+# --- JSONL ----------------------------------------------------------------------------------
+
+def test_jsonl_text_and_prompt_completion_records(tmp_path):
+    path = tmp_path / "site.jsonl"
+    write_lines(path, [
+        json.dumps({"text": "Patient stable overnight.", "patient_id": "p1"}),
+        "",
+        json.dumps({"prompt": "Summarise: chest pain", "completion": "Likely angina."}),
+        "   ",
+    ])
+    assert load_records(path) == [
+        Record(prompt="", completion="Patient stable overnight.", patient_id="p1",
+               source=f"{path}:1"),
+        Record(prompt="Summarise: chest pain", completion="Likely angina.", patient_id=None,
+               source=f"{path}:3"),
+    ]
+
+
+def test_jsonl_accepts_a_string_path_and_an_explicit_format(tmp_path):
+    path = jsonl(tmp_path / "notes.txt", {"text": "note"})
+    assert [r.completion for r in load_records(str(path), fmt="jsonl")] == ["note"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "ok"', "line 2: malformed JSON"),
+    ('["a list"]', "line 2: expected a JSON object, got list"),
+    ('{"note": "x"}', "line 2: missing field 'text'"),
+    ('{"prompt": "q"}', "line 2: missing field 'completion'"),
+    ('{"completion": "a"}', "line 2: missing field 'prompt'"),
+    ('{"text": 5}', "line 2: field 'text' must be a string, got int"),
+    ('{"prompt": "q", "completion": ["a"]}', "line 2: field 'completion' must be a string, got list"),
+    ('{"text": "   "}', "line 2: field 'text' is empty"),
+    ('{"text": "a", "patient_id": 12}', "line 2: field 'patient_id' must be a non-empty string"),
+    ('{"text": "a", "prompt": "q", "completion": "c"}', "line 2: has both 'text' and 'prompt'"),
+])
+def test_jsonl_errors_name_the_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "site.jsonl", ['{"text": "fine"}', line])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert str(excinfo.value).startswith(f"{path}, {message}")
+
+
+def test_jsonl_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "site.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"site\.jsonl, line 2: not valid UTF-8"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_jsonl_file(tmp_path, content):
+    path = tmp_path / "site.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=starts(path, ": no records")):
+        load_records(path)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.jsonl"
+    with pytest.raises(DataError, match=starts(path, ": no such file or directory")):
+        load_records(path)
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = jsonl(tmp_path / "site.jsonl", {"text": "x"})
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "open", refuse)
+    with pytest.raises(DataError, match=starts(path, ": cannot read (Permission denied)")):
+        load_records(path)
+
+
+def test_format_detection_errors(tmp_path):
+    unknown = jsonl(tmp_path / "notes.csv", {"text": "x"})
+    with pytest.raises(DataError, match=starts(unknown, ": cannot tell the data format")):
+        load_records(unknown)
+    with pytest.raises(DataError, match=starts(unknown, ": unknown data format 'csv'")):
+        load_records(unknown, fmt="csv")
+    with pytest.raises(DataError, match=starts(tmp_path, ": is a directory")):
+        load_records(tmp_path, fmt="jsonl")
+
+
+# --- FHIR Bulk NDJSON -----------------------------------------------------------------------
+
+def test_fhir_document_reference_notes(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    ndjson(export / "DocumentReference.ndjson",
+           document_reference("Nurse note:\r\nSpO2 98%, café au lait spots.\n", "Patient/123"),
+           document_reference("Absolute reference", "https://ehr.example/fhir/Patient/abc/_history/2"),
+           document_reference("<p>Seen &amp; <b>discharged</b></p>", "Group/9", content_type="text/html"),
+           document_reference("PDF bytes", content_type="application/pdf"),
+           {"resourceType": "DocumentReference", "subject": {"reference": "Patient/1"},
+            "content": [{"attachment": {"contentType": "text/plain", "url": "Binary/1"}}]},
+           document_reference("withdrawn", status="entered-in-error"))
+    ndjson(export / "Patient.ndjson", {"resourceType": "Patient", "id": "123"})
+    (export / "manifest.json").write_text("{}")
+
+    records = load_records(export)
+    assert [(r.completion, r.patient_id) for r in records] == [
+        ("Nurse note:\nSpO2 98%, café au lait spots.", "123"),
+        ("Absolute reference", "abc"),
+        ("Seen & discharged", None),
+    ]
+    assert all(r.prompt == "" for r in records)
+    assert records[0].source == f"{export / 'DocumentReference.ndjson'}:1"
+
+
+def test_fhir_document_reference_prefers_plain_text_of_several_formats(tmp_path):
+    resource = document_reference("<div>Same note</div>", content_type="text/html")
+    resource["content"].append({"attachment": {"contentType": "text/plain; charset=utf-8",
+                                               "data": b64("Same note, plain")}})
+    path = ndjson(tmp_path / "notes.ndjson", resource)
+    assert [r.completion for r in load_records(path)] == ["Same note, plain"]
+
+
+def test_fhir_composition_sections_with_titles(tmp_path):
+    path = ndjson(tmp_path / "Composition.ndjson", composition([
+        ("Hospital course", "<div xmlns='http://www.w3.org/1999/xhtml'>Improved on IV antibiotics "
+                            "&amp; fluids.<br/>Afebrile &gt; 48&#160;h.</div>"),
+        ("Plan", "<div xmlns='http://www.w3.org/1999/xhtml'><ul><li>Amoxicillin</li>"
+                 "<li>Review in 7 days</li></ul></div>"),
+        ("Empty", "<div xmlns='http://www.w3.org/1999/xhtml'>  </div>"),
+    ]))
+    [record] = load_records(path)
+    assert record.completion == ("Discharge summary\n"
+                                 "Hospital course: Improved on IV antibiotics & fluids.\n"
+                                 "Afebrile > 48 h.\n"
+                                 "Plan: Amoxicillin\nReview in 7 days")
+    assert record.patient_id == "p-7"
+    assert record.prompt == ""
+
+
+def test_fhir_composition_nested_sections_and_type_as_title(tmp_path):
+    resource = {"resourceType": "Composition", "type": {"text": "Progress note"},
+                "subject": {"reference": "Patient/5"},
+                "section": [{"title": "Assessment",
+                             "section": [{"title": "Problem 1",
+                                          "text": {"div": "<div>Pneumonia</div>"}}]}]}
+    [record] = load_records(ndjson(tmp_path / "c.ndjson", resource))
+    assert record.completion == "Progress note\nAssessment:\nProblem 1: Pneumonia"
+
+
+def test_fhir_ignores_other_resource_types(tmp_path):
+    path = ndjson(tmp_path / "mixed.ndjson",
+                  {"resourceType": "Observation", "status": "final"},
+                  document_reference("Only note"))
+    assert [r.completion for r in load_records(path)] == ["Only note"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"resourceType": "Composition"', "line 2: malformed JSON"),
+    ('"just a string"', "line 2: expected a FHIR resource (JSON object), got str"),
+    ('{"id": "x"}', "line 2: missing field 'resourceType'"),
+    ('{"resourceType": "DocumentReference", "content": {}}',
+     "line 2: DocumentReference.content must be a list"),
+    ('{"resourceType": "DocumentReference", "status": "current"}',
+     "line 2: missing DocumentReference.content"),
+    ('{"resourceType": "DocumentReference", "content": [{"attachment": '
+     '{"contentType": "text/plain", "data": "***"}}]}', "line 2: attachment 'data' is not base64"),
+    ('{"resourceType": "DocumentReference", "content": [{"attachment": '
+     '{"contentType": "text/plain", "data": "' + base64.b64encode(b"\xff\xfe").decode() + '"}}]}',
+     "line 2: attachment 'data' is not base64-encoded UTF-8"),
+    ('{"resourceType": "Composition", "section": "x"}', "line 2: Composition.section must be a list"),
+])
+def test_fhir_errors_name_the_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "DocumentReference.ndjson",
+                       [json.dumps(document_reference("fine")), line])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert str(excinfo.value).startswith(f"{path}, {message}")
+
+
+def test_fhir_export_without_notes(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    ndjson(export / "Patient.ndjson", {"resourceType": "Patient", "id": "1"})
+    ndjson(export / "DocumentReference.ndjson",
+           {"resourceType": "DocumentReference",
+            "content": [{"attachment": {"contentType": "text/plain", "url": "https://x/1"}}]})
+    with pytest.raises(DataError, match=starts(export, ": the FHIR export has no clinical notes")):
+        load_records(export)
+
+
+def test_fhir_directory_without_ndjson_files(tmp_path):
+    with pytest.raises(DataError, match=starts(tmp_path, ": no .ndjson files")):
+        load_records(tmp_path)
+
+
+# --- split ----------------------------------------------------------------------------------
+
+def make_records(patients=40, notes_each=3):
+    return [Record(prompt="", completion=f"note {n} of patient {p}", patient_id=f"p{p}",
+                   source=f"site.jsonl:{p * notes_each + n + 1}")
+            for p in range(patients) for n in range(notes_each)]
+
+
+def test_split_is_deterministic_and_independent_of_order():
+    records = make_records()
+    train, heldout = split_records(records, 0.25, seed=3)
+    shuffled = records[:]
+    random.Random(0).shuffle(shuffled)
+    assert split_records(shuffled, 0.25, seed=3) == (train, heldout)
+    assert sorted(train + heldout, key=lambda r: r.source) == sorted(records, key=lambda r: r.source)
+    assert 0 < len(heldout) < len(records)
+    assert split_records(records, 0.25, seed=4) != (train, heldout)
+
+
+def test_split_never_puts_a_patient_on_both_sides():
+    train, heldout = split_records(make_records(), 0.3, seed=1)
+    assert {r.patient_id for r in train}.isdisjoint({r.patient_id for r in heldout})
+
+
+def test_split_without_patient_ids_uses_the_text():
+    records = [Record("", f"note {i}", None, f"s:{i}") for i in range(50)]
+    train, heldout = split_records(records, 0.5, seed=0)
+    twin = Record("", "note 7", None, "other:1")
+    train2, heldout2 = split_records([*records, twin], 0.5, seed=0)
+    same_side = heldout2 if any(r.completion == "note 7" for r in heldout) else train2
+    assert twin in same_side
+
+
+def test_split_errors_when_a_side_would_be_empty():
+    with pytest.raises(ValueError, match="leaves the (training|held-out) split empty"):
+        split_records(make_records(patients=1), 0.5, seed=0)
+    with pytest.raises(ValueError, match="heldout_fraction must be between 0 and 1"):
+        split_records(make_records(), 1.0, seed=0)
