@@ -97,8 +97,10 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
                 if len(input_ids) > 0:
                     logits = dp_model(input_ids=input_ids, attention_mask=mask).logits
                     loss = per_example_loss(logits, labels).mean()
-                    loss.backward()
-                    losses.append(float(loss))
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message="Full backward hook")
+                        loss.backward()
+                    losses.append(loss.detach().item())
                     if steps == 0:
                         _check_per_sample_gradients(trainable, len(input_ids))
                 else:

@@ -1,0 +1,122 @@
+"""The hospital node: DP training really changes LoRA, budgets are enforced, checks fire."""
+
+from __future__ import annotations
+
+import opacus.grad_sample.grad_sample_module as gsm
+import opacus.optimizers.optimizer as dp_opt
+import pytest
+import torch
+
+from client.node import SiteNode
+from client.policy import load_site_policy
+from client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
+from common.config import ConfigError
+from common.examples import encode_pairs
+from common.ledger import SiteLedger
+from common.lora import LoraSettings, attach_lora, initial_adapter, load_base_model, lora_state
+from common.privacy import independent_rdp_epsilon
+
+LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+
+
+def request(round_number=1, planned=2, steps=3, run="run-1"):
+    from common.protocol import TrainRequest
+
+    return TrainRequest(run_id=run, round=round_number, planned_rounds=planned, local_steps=steps,
+                        batch_size=8, learning_rate=0.02, max_grad_norm=1.0, max_length=48,
+                        lora_r=LORA.r, lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj",
+                        seed=round_number)
+
+
+def start_state(model_dir):
+    return lora_state(initial_adapter(model_dir, LORA, seed=0))
+
+
+def test_dp_round_changes_lora_and_ledger_recomputes(make_site, tiny_model_dir):
+    node = SiteNode(load_site_policy(make_site()))
+    state = start_state(tiny_model_dir)
+    outcome = node.train(request(), state)
+    assert outcome.reply.accepted and outcome.reply.epsilon > 0
+    assert set(outcome.state) == set(state)
+    assert any(not torch.equal(outcome.state[n], state[n]) for n in state)
+    assert all("lora_" in name for name in outcome.state)
+    # the node's epsilon, from its on-disk history, matches dp-accounting's RDP within 1%
+    ledger = SiteLedger(node.policy.ledger_path)
+    theirs = independent_rdp_epsilon(ledger.mechanism_history(), node.policy.privacy.delta)
+    assert abs(outcome.reply.epsilon - theirs) <= 0.01 * theirs
+    kinds = [e["kind"] for e in ledger.entries]
+    assert kinds == ["adapter_update", "non_private"]
+
+
+def test_epsilon_accumulates_across_restarts_and_over_budget_round_is_declined(make_site, tiny_model_dir):
+    policy_path = make_site(epsilon_cap=3.0)
+    state = start_state(tiny_model_dir)
+    first = SiteNode(load_site_policy(policy_path)).train(request(1, planned=1), state)
+    assert first.reply.accepted and first.reply.epsilon <= 3.0
+    restarted = SiteNode(load_site_policy(policy_path))  # a node restart: state comes from disk
+    assert restarted.epsilon() == pytest.approx(first.reply.epsilon)
+    second = restarted.train(request(2, planned=1), first.state)
+    assert not second.reply.accepted
+    assert "over its cap of 3" in second.reply.reason
+    assert second.reply.epsilon == pytest.approx(first.reply.epsilon)  # nothing more was spent
+    # a new run may only use what is left of the cumulative budget: far more noise
+    new_run = restarted.train(request(1, planned=1, run="run-2"), state)
+    assert new_run.reply.noise_multiplier > 3 * first.reply.noise_multiplier
+    assert first.reply.epsilon < new_run.reply.epsilon <= 3.0
+
+
+def test_policy_round_limit_and_delta_check(make_site, tiny_model_dir):
+    node = SiteNode(load_site_policy(make_site(max_rounds=1)))
+    state = start_state(tiny_model_dir)
+    assert node.train(request(1), state).reply.accepted
+    declined = node.train(request(2), state)
+    assert not declined.reply.accepted and "at most 1 rounds" in declined.reply.reason
+    with pytest.raises(ConfigError, match="not below 1/"):
+        SiteNode(load_site_policy(make_site(name="tiny", records=20, delta=0.1)))
+
+
+def test_patient_privacy_unit_groups_records(make_site):
+    record_node = SiteNode(load_site_policy(make_site(name="by-record")))
+    patient_node = SiteNode(load_site_policy(make_site(name="by-patient", unit="patient")))
+    assert len(patient_node.train_units) < len(record_node.train_units)
+
+
+def _tiny_batch(model_dir):
+    model, tokenizer = load_base_model(model_dir)
+    dataset = encode_pairs(tokenizer, [("", f"note {i} fever cough") for i in range(32)], 24)
+    return attach_lora(model, LORA), dataset
+
+
+SETTINGS = DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8, steps=2,
+                           learning_rate=0.02, seed=0)
+
+
+def test_missing_per_sample_gradients_stop_training(tiny_model_dir, monkeypatch):
+    model, dataset = _tiny_batch(tiny_model_dir)
+    monkeypatch.setattr(gsm.GradSampleModule, "capture_backprops_hook",
+                        lambda self, *args, **kwargs: None)  # Opacus' hooks silently do nothing
+    with pytest.raises(DPNotAppliedError, match="no per-sample gradients"):
+        train_dp_round(model, dataset, SETTINGS)
+
+
+def test_missing_noise_stops_training(tiny_model_dir, monkeypatch):
+    model, dataset = _tiny_batch(tiny_model_dir)
+    monkeypatch.setattr(dp_opt.DPOptimizer, "add_noise", lambda self: [
+        setattr(p, "grad", (p.summed_grad / self.expected_batch_size).view_as(p)) for p in self.params])
+    with pytest.raises(DPNotAppliedError, match="no noise was added"):
+        train_dp_round(model, dataset, SETTINGS)
+
+
+def test_unchanged_parameters_stop_training(tiny_model_dir):
+    model, dataset = _tiny_batch(tiny_model_dir)
+    frozen = DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8,
+                             steps=2, learning_rate=0.0, seed=0)
+    with pytest.raises(DPNotAppliedError, match="did not change LoRA tensors"):
+        train_dp_round(model, dataset, frozen)
+
+
+def test_trainable_base_weights_are_refused(tiny_model_dir):
+    model, dataset = _tiny_batch(tiny_model_dir)
+    next(p for n, p in model.named_parameters() if "embed_tokens" in n).requires_grad_(True)
+    with pytest.raises(DPNotAppliedError, match="non-LoRA parameters are trainable"):
+        train_dp_round(model, dataset, SETTINGS)
