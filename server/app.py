@@ -88,14 +88,15 @@ def settings_from_run_config(context: Context) -> CoordinatorSettings:
 
 
 def make_server_app(resolve_settings: SettingsResolver = settings_from_run_config,
-                    on_summary: Callable[[dict], None] | None = None) -> ServerApp:
+                    on_summary: Callable[[dict], None] | None = None,
+                    progress: Callable[[str], None] = print) -> ServerApp:
     """A ServerApp that runs the federation and writes the report (or hands it to a caller)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = resolve_settings(context)
-        summary = Coordinator(settings, FlowerTransport(grid)).run()
+        summary = Coordinator(settings, FlowerTransport(grid), progress).run()
         if on_summary is not None:
             on_summary(summary)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from common.config import ConfigError
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
-    report = simulate(Path(args.config), Path(args.out), args.set, overwrite=args.overwrite)
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f}s] {line}", flush=True)
+
+    report = simulate(Path(args.config), Path(args.out), args.set, overwrite=args.overwrite,
+                      progress=progress)
     worst = max((s["epsilon"] / s["epsilon_budget"] for s in report["sites"].values()
                  if s.get("epsilon_budget")), default=0.0)
     print(f"report: {Path(args.out) / 'report.md'} (highest share of a site budget spent: "

@@ -124,26 +124,40 @@ def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwr
     policies = [write_site_policy(out / "sites" / s.name, s.name, exports[s.name], model_dir, job)
                 for s in sites]
 
+    report = simulate_sites(job, model_dir, policies, central_eval, out, progress, started)
+    progress(f"done in {report['elapsed_s']:.0f} s: {out / 'report.md'}")
+    return report
+
+
+def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
+                   central_eval: Path | None, out: Path,
+                   progress: Callable[[str], None] = print,
+                   started: float | None = None) -> dict[str, Any]:
+    """Run the federation over existing site policy files on Flower's simulation engine.
+
+    Writes and returns the report: the run summary plus each site's local-only baseline.
+    """
+    started = time.monotonic() if started is None else started
     run_id = f"sim-{job.seed}-{int(time.time())}"
     settings = CoordinatorSettings(job=job, model_dir=model_dir, out_dir=out, run_id=run_id,
                                    central_eval=central_eval)
     summaries: list[dict[str, Any]] = []
-    server_app = make_server_app(lambda _context: settings, on_summary=summaries.append)
+    server_app = make_server_app(lambda _context: settings, on_summary=summaries.append,
+                                 progress=progress)
     client_app = make_client_app(lambda context: policies[int(context.node_config["partition-id"])])
-    progress(f"starting Flower's simulation engine with {len(sites)} virtual nodes")
-    _run_flower_simulation(server_app, client_app, len(sites), job.simulation.cpus_per_node)
+    progress(f"starting Flower's simulation engine with {len(policies)} virtual nodes")
+    _run_flower_simulation(server_app, client_app, len(policies), job.simulation.cpus_per_node)
     if not summaries:
         raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
     report = summaries[0]
-
     if job.simulation.local_only_baseline:
-        for spec, policy_path in zip(sites, policies):
-            progress(f"local-only baseline: {spec.name} trains alone with the same budget")
-            report["sites"].setdefault(spec.name, {})["local_only_perplexity"] = local_only_perplexity(
-                policy_path, out / "baselines" / spec.name, job, model_dir, run_id)
+        for policy_path in policies:
+            name = load_site_policy(policy_path).site.name
+            progress(f"local-only baseline: {name} trains alone with the same budget")
+            report["sites"].setdefault(name, {})["local_only_perplexity"] = local_only_perplexity(
+                policy_path, out / "baselines" / name, job, model_dir, run_id)
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     write_report(report, out)
-    progress(f"done in {report['elapsed_s']:.0f} s: {out / 'report.md'}")
     return report
 
 
@@ -157,6 +171,11 @@ def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_pe
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray would pin each node process to one thread; give it the cores it was allotted.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(int(cpus_per_node), 1)))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # inherited by the node processes
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     backend = {"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus_per_node)),
                              "include_dashboard": False, "logging_level": logging.ERROR}}
