@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -33,17 +34,25 @@ class FlowerTransport:
                                                 REQUEST_KEY: ConfigRecord(dict(request))}),
                             dst_node_id=node_id, message_type=kind)
                     for node_id in node_ids]
-        replies: Iterable[Message] = self.grid.send_and_receive(messages, timeout=timeout_s)
+        message_ids = list(self.grid.push_messages(messages))
+        destination = dict(zip(message_ids, node_ids))
+        deadline = time.monotonic() + timeout_s
         good, failures, answered = [], [], set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            if reply.has_error():
-                failures.append(f"node {node}: {reply.error.reason}")
-            else:
-                good.append(reply)
-        failures += [f"node {n}: no reply within {timeout_s:g} s" for n in node_ids
-                     if n not in answered]
+        while len(answered) < len(message_ids) and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages([m for m in message_ids if m not in answered]):
+                message_id = reply.metadata.reply_to_message_id
+                answered.add(message_id)
+                # an error reply may come from the SuperLink (node unavailable), not the node:
+                # name the node the request went to
+                node = destination.get(message_id, reply.metadata.src_node_id)
+                if reply.has_error():
+                    failures.append(f"node {node}: {reply.error.reason}")
+                else:
+                    good.append(reply)
+            if len(answered) < len(message_ids):
+                time.sleep(0.2)
+        failures += [f"node {destination[m]}: no reply within {timeout_s:g} s" for m in message_ids
+                     if m not in answered]
         return good, failures
 
     def train(self, node_ids: Sequence[int], request: TrainRequest,

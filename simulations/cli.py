@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.config import ConfigError
+from simulations.deploy_cli import add_deployment_commands
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="export despite audit findings")
     export.add_argument("--reason", help="why the export is forced (recorded)")
     export.set_defaults(handler=_export)
+
+    add_deployment_commands(commands)
     return parser
 
 
