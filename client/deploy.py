@@ -17,15 +17,14 @@ that runs is the one in the run's FAB, installed under ``$FLWR_HOME/apps``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.node import SiteNode
 from client.policy import SitePolicy, load_site_policy
+from common.flower_process import flower_env, flower_tool
 from common.certs import CertError, check_certificate, check_node_private_key
 from common.config import ConfigError
 
@@ -141,7 +140,7 @@ def node_config_value(policy_path: Path) -> str:
 
 def supernode_command(site: CheckedSite, connection: NodeConnection) -> list[str]:
     """The ``flower-supernode`` command line for this site."""
-    command = [_tool("flower-supernode"),
+    command = [flower_tool("flower-supernode"),
                "--superlink", connection.superlink,
                "--root-certificates", str(connection.root_cert.resolve()),
                "--auth-supernode-private-key", str(connection.auth_key.resolve()),
@@ -155,20 +154,6 @@ def supernode_command(site: CheckedSite, connection: NodeConnection) -> list[str
 def node_home(site: CheckedSite) -> Path:
     """``FLWR_HOME`` of this node: next to its ledger, so installed app bundles are auditable."""
     return site.policy.resolve(site.policy.site.state_dir).resolve() / "flwr"
-
-
-def supernode_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_HOME"] = str(home)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("NO_COLOR", "1")
-    return env
-
-
-def _tool(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
 
 
 def run_node(policy_path: Path, connection: NodeConnection | None,
@@ -190,7 +175,7 @@ def run_node(policy_path: Path, connection: NodeConnection | None,
     command = supernode_command(site, connection)
     progress("\nstarting the SuperNode: " + " ".join(command))
     # Same process group as this command: Ctrl-C, or the loss of the machine, stops both.
-    process = subprocess.Popen(command, env=supernode_env(home))
+    process = subprocess.Popen(command, env=flower_env(home))
     try:
         code = process.wait()
     except KeyboardInterrupt:

@@ -132,8 +132,9 @@ class Coordinator:
         ids = wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
         chosen = self._sample(ids)
         self.progress(f"[round {round_number}/{fed.rounds}] training at {len(chosen)} nodes")
-        results, failures = self.transport.train(chosen, train_request(self.settings.job, self.run_id, round_number),
-                                                 self.global_state, fed.round_timeout_s)
+        request = train_request(self.settings.job, self.run_id, round_number)
+        results, failures = self.transport.train(chosen, request, self.global_state,
+                                                 fed.round_timeout_s)
         accepted, declined = [], {}
         for result in results:
             reply = result.reply
@@ -151,8 +152,8 @@ class Coordinator:
             accepted.append(result)
             self._site(reply.site).update(noise_multiplier=reply.noise_multiplier)
             self._site(reply.site)["rounds"].append(round_number)
-            self.progress(f"  {reply.site}: {reply.num_examples} examples, train loss "
-                          f"{reply.train_loss if reply.train_loss is not None else 'withheld'}, "
+            loss = f"{reply.train_loss:.3f}" if reply.train_loss is not None else "withheld"
+            self.progress(f"  {reply.site}: {reply.num_examples} examples, train loss {loss}, "
                           f"epsilon {reply.epsilon:.3f} / {reply.epsilon_budget:g}")
         for failure in failures:
             self.progress(f"  no usable reply: {failure}")

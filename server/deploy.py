@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.flower_process import flower_env, flower_tool
 from common.certs import CertError, certificate_hosts, check_certificate, check_node_public_key
 from common.config import ConfigError, bounded, build, read_yaml
 
@@ -175,25 +175,6 @@ def load_deployment(path: str | Path) -> CoordinatorDeployment:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for Flower's tools: our FLWR_HOME, this venv's bin first on PATH (Flower
-    starts ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name) and
-    unbuffered output so progress lines arrive as they happen."""
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    env["FLWR_HOME"] = str(home)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("NO_COLOR", "1")
-    return env
-
-
-def flower_tool(name: str) -> str:
-    """A Flower executable from this interpreter's environment, else from PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
 
 
 def is_listening(address: str, timeout_s: float = 1.0) -> bool:

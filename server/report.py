@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -81,6 +82,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax_ppl.set(title="held-out perplexity", xlabel="round", ylabel="perplexity", yscale="log")
     ax_eps.set(title="cumulative epsilon per site", xlabel="round", ylabel="epsilon")
     for axis in (ax_ppl, ax_eps):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     fig.tight_layout()

@@ -74,3 +74,45 @@ def test_plan_solves_noise_for_budget_and_warns_on_delta():
                       noise_multiplier=1.0)
     assert any("not below 1/50" in w for w in risky.warnings)
     assert risky.noise_multiplier == pytest.approx(1.0)
+
+
+def _fake_run(tmp_path, **site):
+    write_site(tmp_path, "a", **site)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    return tmp_path
+
+
+def test_release_gate_exports_a_clean_run_and_records_it(tmp_path):
+    from common.ledger import read_entries
+    from server.export import export_adapter
+
+    run = _fake_run(tmp_path)
+    assert export_adapter(run, tmp_path / "release") == []
+    assert (tmp_path / "release" / "adapter_config.json").is_file()
+    entries, _ = read_entries(run / "releases.jsonl")
+    assert entries[-1]["kind"] == "model_export" and not entries[-1]["forced"]
+
+
+def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path):
+    from common.ledger import read_entries
+    from server.export import ReleaseRefused, export_adapter
+
+    run = _fake_run(tmp_path, noise=0.5, budget=2.0)
+    with pytest.raises(ReleaseRefused, match="over the budget"):
+        export_adapter(run, tmp_path / "release")
+    assert not (tmp_path / "release").exists()
+    findings = export_adapter(run, tmp_path / "release", force_reason="ethics board approved 2026-11")
+    assert findings
+    entry = read_entries(run / "releases.jsonl")[0][-1]
+    assert entry["forced"] and entry["reason"] == "ethics board approved 2026-11"
+
+
+def test_cli_reports_config_errors_with_file_and_key(tmp_path, capsys):
+    from simulations.cli import main
+
+    bad = tmp_path / "job.yaml"
+    bad.write_text("lora:\n  rank: 4\n")
+    assert main(["plan", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 2: lora.rank: unknown key" in err
