@@ -9,12 +9,17 @@ between the ledger write and the send therefore over-counts, never under-counts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import json
+import secrets
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 from client.data import Record, load_records, split_records
@@ -128,6 +133,10 @@ class SiteNode:
 
     def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
         """One federated round at this site: policy check, DP-SGD, ledger, reply."""
+        self.ledger = SiteLedger(self.policy.ledger_path)  # another process may have appended
+        resent = self._resend(request, global_state)
+        if resent is not None:
+            return resent
         reason, noise, _ = self.check_request(request)
         privacy = self.policy.privacy
         if reason:
@@ -142,7 +151,10 @@ class SiteNode:
         result = train_dp_round(model, dataset, DPTrainSettings(
             noise_multiplier=noise, max_grad_norm=request.max_grad_norm,
             expected_batch_size=request.batch_size, steps=request.local_steps,
-            learning_rate=request.learning_rate, seed=request.seed))
+            learning_rate=request.learning_rate,
+            # the noise seed is the site's own secret: a coordinator-chosen seed could make two
+            # releases share their noise and void the accounting
+            seed=secrets.randbits(63)))
         state = lora_state(model)
         history = [*self.ledger.mechanism_history(),
                    MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)]
@@ -159,10 +171,45 @@ class SiteNode:
         self._record_metrics(request.run_id, request.round, "train",
                              {"num_examples": count if release.example_count else None,
                               "train_loss": loss})
-        return TrainOutcome(TrainReply(
+        outcome = TrainOutcome(TrainReply(
             site=self.name, accepted=True, num_examples=count, epsilon=epsilon,
             delta=privacy.delta, epsilon_budget=privacy.epsilon_cap,
             noise_multiplier=result.noise_multiplier, train_loss=loss), state)
+        self._keep_release(request, global_state, outcome)
+        return outcome
+
+    def _release_path(self, request: TrainRequest) -> Path:
+        safe_run = hashlib.sha256(request.run_id.encode()).hexdigest()[:16]
+        return self.policy.ledger_path.parent / "released" / f"{safe_run}-round{request.round:04d}"
+
+    def _keep_release(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor],
+                      outcome: TrainOutcome) -> None:
+        """Keep the update sent for this run and round, to re-send it if the reply is lost."""
+        path = self._release_path(request)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in outcome.state.items()}, str(path) + ".safetensors")
+        meta = {"input_sha256": update_hash(global_state), "reply": dataclasses.asdict(outcome.reply)}
+        Path(str(path) + ".json").write_text(json.dumps(meta), encoding="utf-8")
+
+    def _resend(self, request: TrainRequest,
+                global_state: Mapping[str, torch.Tensor]) -> TrainOutcome | None:
+        """The same update again when a restarted coordinator repeats a round with the same input.
+
+        Sending an already released output again is post-processing: it costs no epsilon,
+        whereas training again would spend budget on a round the site already paid for.
+        """
+        path = self._release_path(request)
+        meta_path = Path(str(path) + ".json")
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta["input_sha256"] != update_hash(global_state):
+            return None
+        state = load_file(str(path) + ".safetensors")
+        reply = TrainReply(**{**meta["reply"], "epsilon": self.epsilon()})
+        self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
+                                         "release": "resend", "update_sha256": update_hash(state)})
+        return TrainOutcome(reply, state)
 
     def evaluate(self, request: EvaluateRequest,
                  global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:

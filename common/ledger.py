@@ -9,6 +9,7 @@ fsync'ed; a line torn by a crash is moved aside, never silently kept or dropped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -109,16 +110,25 @@ class SiteLedger:
             "private": kind == ADAPTER_UPDATE,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **fields,
-            "prev_hash": self.last_hash,
         }
-        entry["hash"] = entry_hash(entry)
-        line = json.dumps(entry, sort_keys=True, ensure_ascii=True) + "\n"
-        new_file = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not self.path.exists()
         with open(self.path, "a", encoding="ascii") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+            # One writer at a time, across processes: re-read the tail under the lock so an
+            # entry another process appended meanwhile is chained, never forked.
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                self.entries, torn = read_entries(self.path)
+                if torn is not None:
+                    self._set_aside_torn_tail(torn)
+                entry["seq"] = len(self.entries) + 1
+                entry["prev_hash"] = self.last_hash
+                entry["hash"] = entry_hash(entry)
+                handle.write(json.dumps(entry, sort_keys=True, ensure_ascii=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         if new_file:
             _fsync_dir(self.path.parent)
         self.entries.append(entry)

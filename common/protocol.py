@@ -34,7 +34,6 @@ class TrainRequest:
     lora_r: int
     lora_alpha: int
     lora_targets: str  # comma-separated module names
-    seed: int
 
     def to_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +98,7 @@ class EvaluateReply:
 
 
 def round_seed(job: JobConfig, round_number: int) -> int:
+    """A reproducible per-round seed for experiments run outside the nodes (never DP noise)."""
     return job.seed * 100_003 + round_number
 
 
@@ -109,7 +109,7 @@ def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainReques
         local_steps=job.training.local_steps, batch_size=job.training.batch_size,
         learning_rate=job.training.learning_rate, max_grad_norm=job.training.max_grad_norm,
         max_length=job.model.max_length, lora_r=job.lora.r, lora_alpha=job.lora.alpha,
-        lora_targets=",".join(job.lora.target_modules), seed=round_seed(job, round_number))
+        lora_targets=",".join(job.lora.target_modules))
 
 
 def evaluate_request(job: JobConfig, run_id: str, round_number: int) -> EvaluateRequest:

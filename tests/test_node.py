@@ -24,8 +24,7 @@ def request(round_number=1, planned=2, steps=3, run="run-1"):
 
     return TrainRequest(run_id=run, round=round_number, planned_rounds=planned, local_steps=steps,
                         batch_size=8, learning_rate=0.02, max_grad_norm=1.0, max_length=48,
-                        lora_r=LORA.r, lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj",
-                        seed=round_number)
+                        lora_r=LORA.r, lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj")
 
 
 def start_state(model_dir):
@@ -120,3 +119,24 @@ def test_trainable_base_weights_are_refused(tiny_model_dir):
     next(p for n, p in model.named_parameters() if "embed_tokens" in n).requires_grad_(True)
     with pytest.raises(DPNotAppliedError, match="non-LoRA parameters are trainable"):
         train_dp_round(model, dataset, SETTINGS)
+
+
+def test_repeated_round_with_same_input_is_resent_without_new_spend(make_site, tiny_model_dir):
+    """A coordinator that crashed and repeats a round gets the same update, at no extra epsilon."""
+    node = SiteNode(load_site_policy(make_site()))
+    state = start_state(tiny_model_dir)
+    first = node.train(request(1), state)
+    again = SiteNode(load_site_policy(node.policy.source)).train(request(1), state)
+    assert again.reply.accepted and again.reply.epsilon == pytest.approx(first.reply.epsilon)
+    assert all(torch.equal(again.state[n], first.state[n]) for n in first.state)
+    ledger = SiteLedger(node.policy.ledger_path)
+    assert len(ledger.adapter_updates()) == 1
+    assert ledger.entries[-1]["release"] == "resend"
+
+
+def test_noise_seed_is_the_sites_own(make_site, tiny_model_dir):
+    """The same request with different input twice must not reuse the noise: updates differ."""
+    state = start_state(tiny_model_dir)
+    a = SiteNode(load_site_policy(make_site(name="one", seed=5))).train(request(1), state)
+    b = SiteNode(load_site_policy(make_site(name="two", seed=5))).train(request(1), state)
+    assert any(not torch.equal(a.state[n], b.state[n]) for n in a.state)

@@ -1,0 +1,634 @@
+"""Fault-tolerance figures of a real deployment, measured on one machine.
+
+Each scenario builds a fresh federation on loopback exactly as a coordinator and three
+hospitals would: a SuperLink with TLS, SuperNode authentication and a state database
+(``privatune coordinator --serve``), three hospital SuperNodes (``privatune node``), each a
+process group of its own, and the job submitted with ``privatune coordinator``. Scenarios:
+
+- ``baseline``: uninterrupted run.
+- ``node-killed``: one hospital's whole process group is SIGKILLed during round 2; the run
+  must finish with the other two (``min_replies: 2``).
+- ``coordinator-killed``: the ServerApp process running the job and the ``privatune
+  coordinator`` process following it are SIGKILLed during round 2, after at least one site
+  wrote its round-2 release; ``privatune coordinator`` is then started again on the same
+  output directory and must resume from the last checkpoint.
+
+Afterwards every site's epsilon in ``report.json`` is compared with what its own ledger says
+(``SiteLedger.epsilon``) and each ledger is audited (``common.audit``). The summary goes to
+``<out>/faults.md`` and ``<out>/faults.json``; process logs stay under
+``<out>/<scenario>/logs``.
+
+Usage: ``python -m simulations.deployment_faults --out runs/faults [--scenario all]``.
+Sizes are the smallest that still train (a tiny model, 120 notes per site): the time is
+dominated by Flower starting one ClientApp process (torch, Opacus) per message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.audit import audit_path
+from common.base_model import BaseModelSpec, ensure_base_model
+from common.certs import make_ca, make_node_keys, make_server_cert
+from common.ledger import ADAPTER_UPDATE, SiteLedger, read_entries
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("alpha", "beta", "gamma")
+VICTIM = "gamma"  # the hospital killed in node-killed
+SCENARIOS = ("baseline", "node-killed", "coordinator-killed")
+DELTA = 1e-4
+EPSILON_CAP = 8.0
+NOTES_PER_SITE = 120  # with batch 16, 6 DP steps and lr 0.1 the held-out perplexity visibly falls
+
+TINY_MODEL = BaseModelSpec(vocab_size=384, hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                           max_positions=128, pretrain_steps=20, pretrain_batch_size=8,
+                           pretrain_seq_len=64, corpus_max_bytes=150_000)
+"""Just big enough to train: the figures are about fault handling, not model quality."""
+
+DIAGNOSES = ("community-acquired pneumonia", "urosepsis", "decompensated heart failure",
+             "acute asthma", "diabetic ketoacidosis", "ischaemic stroke")
+ACTIONS = ("IV antibiotics", "insulin infusion", "IV furosemide", "nebulised salbutamol",
+           "thrombolysis review", "discharge with GP follow-up")
+
+
+def log(text: str) -> None:
+    """Progress with a wall-clock stamp, flushed so a piped log keeps pace."""
+    print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (several people share this machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def privatune(*args: str) -> list[str]:
+    """The ``privatune`` deployment subcommands as run by a user of this checkout."""
+    return [sys.executable, "-m", "simulations.deploy_cli", *args]
+
+
+class Proc:
+    """A command in its own process group (so a kill takes its Flower children too), its
+    output kept in memory for waiting on and copied to a log file for post-mortems."""
+
+    def __init__(self, command: Sequence[str], name: str, log_dir: Path):
+        self.name = name
+        self.lines: list[str] = []
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "a", encoding="utf-8")
+        self._log.write(f"$ {' '.join(command)}\n")
+        self.popen = subprocess.Popen(list(command), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      text=True, start_new_session=True,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            stamp = time.monotonic() - self.started
+            self.lines.append(line.rstrip())
+            self._log.write(f"{stamp:7.1f}s {line}")
+            self._log.flush()
+
+    def seconds(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def wait_for(self, text: str, timeout_s: float) -> None:
+        """Block until ``text`` appears; fail early if the process ends without it."""
+        deadline = time.monotonic() + timeout_s
+        while not self.has(text):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no {text!r} (exit {self.popen.poll()}); "
+                                   f"see {self.log_path}")
+            time.sleep(0.2)
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Exit code, or None if still running after ``timeout_s``."""
+        try:
+            code = self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        self.ended = self.ended or time.monotonic()
+        self._reader.join(timeout=5)
+        return code
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGKILL:
+            self.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM first (our commands stop what they started), SIGKILL what is left."""
+        if self.popen.poll() is None:
+            self.kill_group(signal.SIGTERM)
+            self.wait(30)
+        self.kill_group(signal.SIGKILL)
+        self._log.close()
+
+
+def serverapp_pids(superlink_port: int) -> list[int]:
+    """PIDs of ``flwr-serverapp`` processes attached to OUR SuperLink (matched by its port:
+    other people's SuperLinks may run ServerApps on this machine at the same time)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if (any(Path(a).name == "flwr-serverapp" for a in argv[:2])
+                and any(a.endswith(f":{superlink_port}") for a in argv)):
+            found.append(int(entry.name))
+    return found
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def clinical_notes(path: Path, count: int, seed: int) -> Path:
+    """Short templated discharge notes: enough structure that loss falls within a few steps."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(count):
+            diagnosis, action = rng.choice(DIAGNOSES), rng.choice(ACTIONS)
+            text = (f"Admitted with {diagnosis}. Pulse {rng.randint(55, 125)}, temperature "
+                    f"{rng.randint(36, 39)} C. Impression: {diagnosis}. Plan: {action}.")
+            handle.write(json.dumps({"text": text, "patient_id": f"s{seed}-p{i // 2}"}) + "\n")
+    return path
+
+
+@dataclass
+class Federation:
+    """One scenario's coordinator and hospitals, all on this machine."""
+
+    root: Path
+    model_dir: Path
+    round_timeout_s: int
+    rounds: int
+    port: int = field(default_factory=free_port)
+    policies: dict[str, Path] = field(default_factory=dict)
+    node_keys: dict[str, Path] = field(default_factory=dict)
+    nodes: dict[str, Proc] = field(default_factory=dict)
+    processes: list[Proc] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def job(self) -> Path:
+        return self.root / "federation.yaml"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "certs" / "ca.pem"
+
+    def ledger(self, site: str) -> Path:
+        return self.policies[site].parent / "ledger.jsonl"
+
+
+def prepare(root: Path, model_dir: Path, round_timeout_s: int, rounds: int) -> Federation:
+    """Certificates, hospital keys, data, site policies, job and deployment files."""
+    if root.exists():
+        shutil.rmtree(root)  # fresh ledgers and SuperLink state: scenarios must not mix
+    fed = Federation(root=root, model_dir=model_dir, round_timeout_s=round_timeout_s,
+                     rounds=rounds)
+    certs = root / "certs"
+    make_server_cert(make_ca(certs), certs)
+    for seed, name in enumerate(SITES, start=1):
+        fed.node_keys[name] = make_node_keys(certs / "nodes", name).private_key
+        data = clinical_notes(root / "data" / f"{name}.jsonl", NOTES_PER_SITE, seed)
+        site_dir = root / "sites" / name
+        site_dir.mkdir(parents=True)
+        fed.policies[name] = site_dir / "policy.yaml"
+        fed.policies[name].write_text(yaml.safe_dump({
+            "site": {"name": name, "data": str(data), "format": "jsonl", "model": str(model_dir),
+                     "state_dir": ".", "heldout_fraction": 0.2},
+            "privacy": {"epsilon_cap": EPSILON_CAP, "delta": DELTA,
+                        "min_noise_multiplier": 0.3}}))
+    central = clinical_notes(root / "data" / "central-heldout.jsonl", 48, 99)
+    fed.job.write_text(yaml.safe_dump({
+        "seed": 0, "model": {"base": str(model_dir), "max_length": 32},
+        "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"local_steps": 6, "batch_size": 16, "learning_rate": 0.1,
+                     "eval_batch_size": 16},
+        "privacy": {"epsilon": EPSILON_CAP, "delta": DELTA},
+        "federation": {"rounds": rounds, "min_nodes": 2, "min_replies": 2, "node_wait_s": 120,
+                       "round_timeout_s": round_timeout_s}}))
+    (root / "coordinator.yaml").write_text(yaml.safe_dump({
+        "state_dir": "state",
+        "superlink": {"address": fed.address, "bind": "127.0.0.1"},
+        "tls": {"ca_cert": "certs/ca.pem", "server_cert": "certs/superlink.pem",
+                "server_key": "certs/superlink.key"},
+        "nodes": {"public_keys": [f"certs/nodes/{name}.pub" for name in SITES]},
+        "run": {"model_dir": str(model_dir), "out_dir": "run", "central_eval": str(central)}}))
+    return fed
+
+
+def start_federation(fed: Federation) -> None:
+    """SuperLink (long-lived, like under systemd) and the three hospital nodes, all online."""
+    from server.deploy import load_deployment, wait_for_online
+
+    link = Proc(privatune("coordinator", "--config", str(fed.job), "--serve"), "superlink",
+                fed.logs)
+    fed.processes.append(link)
+    link.wait_for("SuperLink ready", 120)
+    for name in SITES:
+        node = Proc(privatune("node", "--site", str(fed.policies[name]), "--superlink",
+                              fed.address, "--root-cert", str(fed.ca), "--auth-key",
+                              str(fed.node_keys[name]), "--runtime-port", str(free_port())),
+                    name, fed.logs)
+        fed.processes.append(node)
+        fed.nodes[name] = node
+    wait_for_online(load_deployment(fed.root / "coordinator.yaml"), len(SITES), timeout_s=180)
+    log(f"federation up: SuperLink {fed.address}, nodes {', '.join(SITES)}")
+
+
+def stop_federation(fed: Federation) -> None:
+    for process in reversed(fed.processes):
+        process.stop()
+
+
+def start_coordinator(fed: Federation, name: str = "coordinator") -> Proc:
+    """``privatune coordinator --config ... --out ...``: submits the job and follows it."""
+    process = Proc(privatune("coordinator", "--config", str(fed.job), "--out", str(fed.out)),
+                   name, fed.logs)
+    fed.processes.append(process)
+    return process
+
+
+def finish(process: Proc, timeout_s: float) -> int:
+    """Wait for a coordinator run; a run past ``timeout_s`` is an error, not a hang."""
+    code = process.wait(timeout_s)
+    if code is None:
+        process.stop()
+        raise RuntimeError(f"{process.name} still running after {timeout_s:g} s; see "
+                           f"{process.log_path}")
+    return code
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def read_report(fed: Federation) -> dict[str, Any]:
+    path = fed.out / "report.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def ledger_rounds(fed: Federation, site: str) -> list[list[Any]]:
+    """(run id, round, first 12 hex digits of the update's SHA-256) of every adapter update
+    the site's ledger holds, in order: a round sent twice shows whether the second release
+    was a new one or a bit-identical copy. Read-only
+    (``read_entries``): opening a live ledger with ``SiteLedger`` would set aside a line the
+    node is still writing."""
+    entries, _ = read_entries(fed.ledger(site))
+    return [[e.get("run_id"), e.get("round"), str(e.get("update_sha256", ""))[:12]]
+            for e in entries if e["kind"] == ADAPTER_UPDATE]
+
+
+def site_figures(fed: Federation, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per site: epsilon the report shows vs the ledger's own figure, releases, audit."""
+    sites = report.get("sites", {})
+    figures = {}
+    for name in SITES:
+        ledger_eps = SiteLedger(fed.ledger(name)).epsilon(DELTA)
+        report_eps = sites.get(name, {}).get("epsilon")
+        audit = audit_path(fed.ledger(name))[0]
+        figures[name] = {
+            "epsilon_report": report_eps,
+            "epsilon_ledger": ledger_eps,
+            "epsilon_match": report_eps is not None and math.isclose(report_eps, ledger_eps,
+                                                                     rel_tol=1e-9, abs_tol=1e-12),
+            "rounds_in_report": sites.get(name, {}).get("rounds_participated", []),
+            "ledger_releases": ledger_rounds(fed, name),
+            # releases the site paid for that no aggregated round of the report shows
+            # (a round lost in a crash, an update sent by a node killed before it arrived)
+            "releases_not_in_report": (len(ledger_rounds(fed, name))
+                                       - len(sites.get(name, {}).get("rounds_participated", []))),
+            "audit": "PASS" if audit.ok else "FAIL",
+            "audit_problems": ([audit.chain_error] if audit.chain_error else []) + audit.problems,
+            "audit_recomputed_epsilon": audit.recomputed_epsilon,
+        }
+    return figures
+
+
+def run_figures(fed: Federation, report: dict[str, Any]) -> dict[str, Any]:
+    """Round-by-round perplexity and who took part, from report.json."""
+    rounds = report.get("rounds", [])
+    return {
+        "run_id": report.get("run_id"),
+        "rounds_completed": max((r["round"] for r in rounds), default=0),
+        "global_perplexity": {str(r["round"]): r.get("global_perplexity") for r in rounds},
+        "final_global_perplexity": report.get("central", {}).get("final_perplexity"),
+        "participants": {str(r["round"]): r.get("participants", []) for r in rounds},
+        "aggregated": {str(r["round"]): r.get("aggregated") for r in rounds if r["round"] > 0},
+        "declined": {str(r["round"]): r.get("declined", {}) for r in rounds if r.get("declined")},
+        "failures": {str(r["round"]): len(r.get("failures", []))
+                     + len(r.get("evaluation_failures", [])) for r in rounds},
+    }
+
+
+def round_times(process: Proc) -> dict[str, float]:
+    """Seconds from the coordinator's start to each '[round N] global perplexity' line."""
+    times = {}
+    with open(process.log_path, encoding="utf-8") as handle:
+        for line in handle:
+            if "] global perplexity" in line and "[round " in line:
+                stamp = float(line.split("s ", 1)[0])
+                number = line.split("[round ", 1)[1].split("]", 1)[0]
+                times.setdefault(number, stamp)
+    return times
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def scenario_baseline(fed: Federation, budget_s: float) -> dict[str, Any]:
+    """Uninterrupted run: the reference for wall time, perplexity and epsilon."""
+    coordinator = start_coordinator(fed)
+    code = finish(coordinator, budget_s)
+    report = read_report(fed)
+    return {"exit_code": code, "wall_s": coordinator.seconds(),
+            "round_end_s": round_times(coordinator),
+            **run_figures(fed, report), "sites": site_figures(fed, report)}
+
+
+def scenario_node_killed(fed: Federation, budget_s: float) -> dict[str, Any]:
+    """SIGKILL the victim hospital's process group (SuperNode, SuperExec, ClientApps) as
+    soon as round 2's training requests go out: the machine is gone, mid-round."""
+    coordinator = start_coordinator(fed)
+    coordinator.wait_for(f"[round 2/{fed.rounds}] training at", budget_s)
+    fed.nodes[VICTIM].kill_group(signal.SIGKILL)
+    killed_at = coordinator.seconds()
+    log(f"killed {VICTIM} (process group {fed.nodes[VICTIM].popen.pid}) at {killed_at:.1f} s")
+    code = finish(coordinator, budget_s)
+    report = read_report(fed)
+    return {"exit_code": code, "wall_s": coordinator.seconds(), "killed_site": VICTIM,
+            "killed_at_s": killed_at, "round_end_s": round_times(coordinator),
+            "killed_site_rounds": (report.get("sites", {}).get(VICTIM, {})
+                                   .get("rounds_participated")),
+            **run_figures(fed, report), "sites": site_figures(fed, report)}
+
+
+def wait_for_release(fed: Federation, round_number: int, timeout_s: float) -> list[str]:
+    """Sites whose ledger holds a release for ``round_number``, once at least one does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = [s for s in SITES if any(r[1] == round_number for r in ledger_rounds(fed, s))]
+        if done or time.monotonic() > deadline:
+            return done
+        time.sleep(0.5)
+
+
+def scenario_coordinator_killed(fed: Federation, budget_s: float) -> dict[str, Any]:
+    """SIGKILL the ServerApp running the job and the ``privatune coordinator`` following it
+    in round 2, after a site has released its round-2 update (the release is spent but
+    never aggregated); then start ``privatune coordinator`` again on the same out dir."""
+    first = start_coordinator(fed, "coordinator-1")
+    first.wait_for(f"[round 2/{fed.rounds}] training at", budget_s)
+    released = wait_for_release(fed, 2, fed.round_timeout_s)
+    pids = serverapp_pids(fed.port)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    first.kill_group(signal.SIGKILL)
+    killed_at = first.seconds()
+    run_ids = [line.split("submitted run ", 1)[1].split()[0] for line in first.lines
+               if "submitted run " in line]
+    checkpoints = sorted(p.parent.name
+                         for p in (fed.out / "checkpoints").glob("round_*/state.json"))
+    log(f"killed ServerApp pids {pids} and coordinator at {killed_at:.1f} s; round-2 releases "
+        f"already in ledgers of {released}; checkpoints on disk: {checkpoints}")
+    if not pids:
+        raise RuntimeError(f"no flwr-serverapp process found for port {fed.port}")
+    releases_at_kill = {s: ledger_rounds(fed, s) for s in SITES}
+
+    second = start_coordinator(fed, "coordinator-2")
+    code = finish(second, budget_s)
+    resumed = [line for line in second.lines if "resuming run" in line]
+    report = read_report(fed)
+    old_status = flower_run_status(fed, run_ids[0]) if run_ids else "unknown"
+    return {"exit_code": code, "wall_s": killed_at + second.seconds(),
+            "first_attempt_s": killed_at, "resumed_attempt_s": second.seconds(),
+            "killed_serverapp_pids": pids, "killed_run_id": run_ids[0] if run_ids else None,
+            "killed_run_final_status": old_status,
+            "checkpoints_at_kill": checkpoints, "round2_released_before_kill": released,
+            "ledger_releases_at_kill": releases_at_kill,
+            "resumed_line": resumed[0].strip() if resumed else None,
+            "round_end_s_resumed": round_times(second),
+            **run_figures(fed, report), "sites": site_figures(fed, report)}
+
+
+def flower_run_status(fed: Federation, run_id: str) -> str:
+    """Flower's final status of the killed run (it should not be 'running' forever)."""
+    from server.deploy import load_deployment, run_status
+
+    try:
+        return run_status(load_deployment(fed.root / "coordinator.yaml"), int(run_id))
+    except Exception as err:  # a measurement, not a check: record why it is unknown
+        return f"unknown ({err})"
+
+
+SCENARIO_FUNCTIONS: dict[str, Callable[[Federation, float], dict[str, Any]]] = {
+    "baseline": scenario_baseline,
+    "node-killed": scenario_node_killed,
+    "coordinator-killed": scenario_coordinator_killed,
+}
+
+
+def run_scenario(name: str, out: Path, model_dir: Path, round_timeout_s: int, rounds: int,
+                 budget_s: float) -> dict[str, Any]:
+    """Fresh federation, one scenario, everything stopped afterwards (also on errors)."""
+    fed = prepare(out / name, model_dir, round_timeout_s, rounds)
+    log(f"scenario {name}: {fed.root}")
+    try:
+        start_federation(fed)
+        result = SCENARIO_FUNCTIONS[name](fed, budget_s)
+    except Exception as err:
+        result = {"error": f"{type(err).__name__}: {err}"}
+        log(f"scenario {name} FAILED: {err}")
+    finally:
+        stop_federation(fed)
+    result.update({"scenario": name, "rounds_planned": rounds, "round_timeout_s": round_timeout_s,
+                   "dir": str(fed.root)})
+    if "sites" not in result and any(fed.ledger(s).is_file() for s in SITES):
+        result["sites"] = site_figures(fed, read_report(fed))
+    return result
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def summary_markdown(results: dict[str, dict[str, Any]], command: str) -> str:
+    """The table the issue asks for, plus the checks behind it."""
+    lines = ["# Deployment fault tolerance", "",
+             f"Measured with `{command}` (3 hospital SuperNodes, SuperLink with TLS, node "
+             f"authentication and state database, loopback; tiny model, {NOTES_PER_SITE} notes "
+             "per site).", "",
+             "| scenario | rounds completed | wall time (s) | final global ppl | "
+             + " | ".join(f"{s} eps report / ledger" for s in SITES) + " | audit |",
+             "|---|---|---|---|" + "---|" * len(SITES) + "---|"]
+    for name in SCENARIOS:
+        r = results.get(name)
+        if r is None:
+            continue
+        sites = r.get("sites", {})
+        eps = [f"{_num(sites.get(s, {}).get('epsilon_report'))} / "
+               f"{_num(sites.get(s, {}).get('epsilon_ledger'))}" for s in SITES]
+        audits = ", ".join(f"{s} {sites[s]['audit']}" for s in SITES if s in sites) or "n/a"
+        rounds = (f"{r.get('rounds_completed', 'n/a')}/{r.get('rounds_planned')}"
+                  if "error" not in r else f"ERROR: {r['error']}")
+        lines.append(f"| {name} | {rounds} | {_num(r.get('wall_s'), 1)} | "
+                     f"{_num(r.get('final_global_perplexity'))} | " + " | ".join(eps)
+                     + f" | {audits} |")
+    problems = sorted({f"{s}: {p}" for r in results.values()
+                       for s, info in r.get("sites", {}).items() for p in info["audit_problems"]})
+    if problems:
+        lines += ["", "Audit problems (`common.audit`, independent dp-accounting RDP):", ""]
+        lines += [f"- {p}" for p in problems]
+    count = 1 + max((int(r.get("rounds_planned", 0)) for r in results.values()), default=0)
+    lines += ["", "## Per-round global perplexity (coordinator's held-out set)", "",
+              "| scenario | " + " | ".join(f"round {i}" for i in range(count)) + " |",
+              "|---|" + "---|" * count]
+    for name in SCENARIOS:
+        r = results.get(name)
+        if r and "global_perplexity" in r:
+            ppl = r["global_perplexity"]
+            lines.append(f"| {name} | " + " | ".join(_num(ppl.get(str(i))) for i in range(count))
+                         + " |")
+    lines += ["", "## Details", ""]
+    for name in SCENARIOS:
+        r = results.get(name)
+        if not r:
+            continue
+        lines.append(f"### {name}")
+        lines.append("")
+        for key in ("participants", "aggregated", "declined", "killed_site", "killed_at_s",
+                    "killed_site_rounds", "killed_run_id", "killed_run_final_status",
+                    "first_attempt_s", "resumed_attempt_s", "checkpoints_at_kill",
+                    "round2_released_before_kill", "resumed_line", "round_end_s",
+                    "round_end_s_resumed", "error"):
+            if key in r:
+                lines.append(f"- {key}: `{json.dumps(r[key])}`")
+        for site, info in r.get("sites", {}).items():
+            problems = "; ".join(info["audit_problems"])
+            lines.append(f"- {site}: ledger releases (run, round, update hash) "
+                         f"`{json.dumps(info['ledger_releases'])}`, rounds in report "
+                         f"`{info['rounds_in_report']}`, releases not in the report "
+                         f"{info.get('releases_not_in_report')}, audit {info['audit']}"
+                         + (f" ({problems})" if problems else ""))
+        lines.append("")
+    b = results.get("baseline", {}).get("final_global_perplexity")
+    for name in ("node-killed", "coordinator-killed"):
+        c = results.get(name, {}).get("final_global_perplexity")
+        if b and c:
+            lines.append(f"Final global perplexity, {name}: {c:.3f} vs baseline {b:.3f} "
+                         f"({100 * (c - b) / b:+.1f}%).")
+    return "\n".join(lines)
+
+
+def rescan(results: dict[str, Any], out: Path, model_dir: Path) -> None:
+    """Recompute the per-site figures from the scenario directories already on disk (ledgers,
+    report.json), e.g. after the checks here changed, without running anything again."""
+    for name, result in results.items():
+        root = out / name
+        if not (root / "sites").is_dir():
+            continue
+        fed = Federation(root=root, model_dir=model_dir, round_timeout_s=0, rounds=0, port=0)
+        fed.policies = {s: root / "sites" / s / "policy.yaml" for s in SITES}
+        report = read_report(fed)
+        result["sites"] = site_figures(fed, report)
+        if report:
+            result.update(run_figures(fed, report))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/faults", help="output directory")
+    parser.add_argument("--scenario", default="all", choices=("all", *SCENARIOS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-timeout", type=int, default=90,
+                        help="round_timeout_s of the job (a killed node costs this much)")
+    parser.add_argument("--budget", type=float, default=1500,
+                        help="give up on a coordinator run after this many seconds")
+    parser.add_argument("--rescan", action="store_true",
+                        help="run nothing: recompute the figures from <out> and rewrite "
+                        "the summary")
+    args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (the faults are injected in round 2)")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = ".venv/bin/python -m simulations.deployment_faults " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    model_dir = ensure_base_model(out / "model", TINY_MODEL, log)
+    results_path = out / "faults.json"
+    results: dict[str, Any] = (json.loads(results_path.read_text(encoding="utf-8"))
+                               if results_path.is_file() else {})
+    names = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    if args.rescan:
+        rescan(results, out, model_dir)
+        results_path.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        names = ()
+    for name in names:
+        results[name] = run_scenario(name, out, model_dir, args.round_timeout, args.rounds,
+                                     args.budget)
+        results[name]["command"] = command
+        results_path.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    text = summary_markdown(results, results.get("baseline", {}).get("command", command))
+    (out / "faults.md").write_text(text, encoding="utf-8")
+    print(text, flush=True)
+    failed = [n for n in names if "error" in results[n] or results[n].get("exit_code") != 0]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
