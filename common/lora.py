@@ -1,123 +1,267 @@
-"""Base model loading, LoRA through PEFT, and the adapter codec (tensors <-> Flower records).
+"""LoRA through PEFT, and the adapter codec between PEFT models and Flower records.
 
-Only LoRA tensors ever travel between node and coordinator; they are float32 because Flower's
-ArrayRecord cannot hold bf16. Adapters are saved in PEFT format, atomically.
+Only LoRA tensors ever travel between a hospital node and the coordinator, and they travel
+under the same names PEFT uses in its saved adapters (`get_peft_model_state_dict`, without
+the adapter name), so a received state, a checkpoint and a PEFT adapter directory all agree.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+_LORA_FACTORS = ("lora_A", "lora_B")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
+    """Shape of the LoRA adapter: rank, scaling (alpha / r) and which linear layers get one."""
+
     r: int = 8
     alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
-                                       "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoraSettings.r must be positive, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoraSettings.alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("LoraSettings.target_modules must name at least one module")
 
 
 def load_base_model(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a local directory, float32 on CPU."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a model directory (no config.json); give the local "
-                         "directory of a Hugging Face causal language model")
+    """Load a causal LM and its tokenizer, float32 on CPU, without touching the network.
+
+    `model_dir` is a local model directory, or a hub id already in the local Hugging Face
+    cache. float32 is forced because transformers 5 otherwise keeps the checkpoint's dtype
+    and DP-SGD's per-sample clipping and noise are meant to run in full precision. A missing
+    pad token is set to the eos token so batches can be padded.
+    """
+    location = str(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: cannot load a causal language model and tokenizer: {err}") from err
-    if tokenizer.pad_token_id is None:
+        config = AutoConfig.from_pretrained(location, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"base model {location!r}: not a model directory (no readable config.json) "
+            f"and not in the local Hugging Face cache: {error}"
+        ) from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, config=config, dtype=torch.float32, local_files_only=True
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"base model {location!r} is not a causal language model ({type(config).__name__}): {error}"
+        ) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"base model {location!r}: cannot load its tokenizer: {error}") from error
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"base model {location!r}: tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
-    """Wrap with LoRA; dropout is always 0 (DP-SGD's per-sample analysis assumes none)."""
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    """Wrap `model` with a fresh LoRA adapter; only the LoRA factors stay trainable.
+
+    Dropout is always 0: DP-SGD's accounting assumes each example's gradient is a fixed
+    function of the parameters, and it keeps fine-tuning deterministic given the noise.
+    Note that PEFT injects the adapter layers into `model` itself.
+    """
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        target_modules=list(settings.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
     try:
-        return get_peft_model(model, config)
-    except ValueError as err:
-        raise ValueError(f"lora.target_modules {list(settings.target_modules)}: {err}") from err
+        peft_model = get_peft_model(model, config)
+    except ValueError as error:
+        raise ValueError(
+            f"LoRA target_modules {list(settings.target_modules)} do not fit the model: {error}"
+        ) from error
+    lora_parameter_ids = {id(parameter) for parameter in _lora_parameters(peft_model).values()}
+    for name, parameter in peft_model.named_parameters():
+        if parameter.requires_grad and id(parameter) not in lora_parameter_ids:
+            raise RuntimeError(f"attach_lora: non-LoRA parameter {name!r} is trainable")
+    return peft_model
 
 
 def initial_adapter(model_dir: str | Path, settings: LoraSettings, seed: int) -> PeftModel:
-    """The run's starting adapter: the same for everyone who uses the same seed."""
-    base, _ = load_base_model(model_dir)
-    torch.manual_seed(seed)
-    return attach_lora(base, settings)
+    """The run's starting adapter: identical for everyone who uses the same seed.
+
+    LoRA's A factors are initialised randomly (B is zero); seeding a private generator
+    scope makes the start reproducible without disturbing the caller's random state.
+    """
+    base_model, _tokenizer = load_base_model(model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return attach_lora(base_model, settings)
 
 
 def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The LoRA tensors only (names without the adapter name), as float32 CPU copies."""
-    state = get_peft_model_state_dict(model)
-    return {name: tensor.detach().to("cpu", torch.float32).clone()
-            for name, tensor in sorted(state.items()) if "lora_" in name}
+    """Detached float32 CPU copies of the active adapter's LoRA tensors, in model order."""
+    return {
+        name: parameter.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        for name, parameter in _lora_parameters(model).items()
+    }
 
 
 def load_lora_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
-    """Load LoRA tensors strictly: unknown or missing names, or a wrong shape, is an error."""
-    expected = lora_state(model)
-    missing = sorted(set(expected) - set(state))
-    unknown = sorted(set(state) - set(expected))
-    if missing or unknown:
-        raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, "
-                         f"unknown {unknown[:3]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"adapter tensor {name}: shape {tuple(tensor.shape)}, expected "
-                             f"{tuple(expected[name].shape)}")
-    result = set_peft_model_state_dict(model, {n: t.to(torch.float32) for n, t in state.items()})
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter tensors not used by the model: {unexpected[:3]}")
+    """Copy `state` into the active adapter's LoRA tensors, in place.
+
+    Strict: every LoRA tensor must be present, nothing else may be, and shapes must match;
+    everything is checked before anything is written, so a bad state never half-loads.
+    Parameters are updated in place, so optimizers holding them stay valid.
+    """
+    parameters = _lora_parameters(model)
+    for name in state:
+        if name not in parameters:
+            raise ValueError(f"LoRA state has unknown tensor {name!r} (not a LoRA tensor of this model)")
+    for name, parameter in parameters.items():
+        if name not in state:
+            raise ValueError(f"LoRA state is missing tensor {name!r}")
+        value = state[name]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"LoRA tensor {name!r} is a {type(value).__name__}, expected a torch.Tensor")
+        if not value.is_floating_point():
+            raise ValueError(f"LoRA tensor {name!r} has dtype {value.dtype}, expected a floating point dtype")
+        if value.shape != parameter.shape:
+            raise ValueError(
+                f"LoRA tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(parameter.shape)}"
+            )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(state[name])
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
-    """PEFT format (adapter_config.json + adapter_model.safetensors), replaced atomically."""
+    """Save the active adapter in PEFT format, replacing `out_dir` only once fully written.
+
+    The adapter is written to a sibling temporary directory and renamed into place; an
+    existing checkpoint is moved aside first and deleted last, so at every moment one
+    complete adapter exists (at `out_dir`, or at the `.previous-` sibling while swapping).
+    """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"save_adapter: {out_dir} exists and is not a directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    adapter_name = model.active_adapter
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    previous: Path | None = None
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, selected_adapters=[adapter_name])
+        # PEFT puts every adapter but "default" in a subdirectory named after it.
+        written = staging if adapter_name == "default" else staging / adapter_name
         if out_dir.exists():
-            retired = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            out_dir.rename(retired)
-            staging.rename(out_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out_dir)
+            previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.previous-"))
+            previous.rmdir()
+            out_dir.rename(previous)
+        written.rename(out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    if previous is not None:
+        shutil.rmtree(previous)
 
 
 def load_adapter(base_model_dir: str | Path, adapter_dir: str | Path) -> PeftModel:
-    """A saved adapter on its base model (as any PEFT user would load it)."""
-    base, _ = load_base_model(base_model_dir)
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    """Load the base model with a saved adapter on top, checking the adapter fits exactly.
+
+    PEFT itself only warns about adapter tensors that do not fit the model; here the saved
+    tensors are re-applied strictly, so a mismatched checkpoint is an error naming the tensor.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / ADAPTER_CONFIG_FILE
+    weights_file = adapter_dir / ADAPTER_WEIGHTS_FILE
+    for required in (config_file, weights_file):
+        if not required.is_file():
+            raise FileNotFoundError(f"no PEFT adapter at {adapter_dir}: {required.name} is missing")
+    adapter_type = json.loads(config_file.read_text()).get("peft_type")
+    if adapter_type != "LORA":
+        raise ValueError(f"adapter at {adapter_dir} is of type {adapter_type!r}, expected 'LORA'")
+    base_model, _tokenizer = load_base_model(base_model_dir)
+    peft_model = PeftModel.from_pretrained(base_model, adapter_dir)
+    try:
+        load_lora_state(peft_model, load_file(weights_file))
+    except ValueError as error:
+        raise ValueError(
+            f"adapter at {adapter_dir} does not fit base model {str(base_model_dir)!r}: {error}"
+        ) from error
+    return peft_model
 
 
 def state_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Encode LoRA tensors for Flower as float32 NumPy arrays, in name order."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(
-        state[name].detach().to("cpu", torch.float32).numpy())) for name in sorted(state)})
+    """Encode LoRA tensors for a Flower message, as float32 (ArrayRecord has no bf16), same order."""
+    return ArrayRecord(
+        array_dict={
+            name: Array.from_numpy_ndarray(tensor.detach().to(device="cpu", dtype=torch.float32).numpy())
+            for name, tensor in state.items()
+        }
+    )
 
 
 def arrayrecord_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Decode a Flower ArrayRecord of LoRA tensors."""
-    return {name: torch.from_numpy(np.array(array.numpy(), dtype=np.float32, copy=True))
-            for name, array in record.items()}
+    """Decode a Flower ArrayRecord into tensors, same names, order and dtype as sent."""
+    state: dict[str, torch.Tensor] = {}
+    for name, array in record.items():
+        try:
+            values = array.numpy()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"adapter array {name!r} cannot be decoded: {error}") from error
+        state[name] = torch.from_numpy(values.copy())
+    return state
+
+
+def _lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The active adapter's LoRA parameters under PEFT's saved-adapter names, in model order."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"expected a PeftModel, got {type(model).__name__}")
+    adapter_name = model.active_adapter
+    parameters: dict[str, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for factor in _LORA_FACTORS:
+            factor_modules = getattr(module, factor)
+            if adapter_name in factor_modules:
+                for parameter_name, parameter in factor_modules[adapter_name].named_parameters():
+                    parameters[f"{module_name}.{factor}.{parameter_name}"] = parameter
+    if not parameters:
+        raise ValueError(f"model has no LoRA tensors for adapter {adapter_name!r}")
+    return parameters
