@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.config import ConfigError
 from simulations.deploy_cli import add_deployment_commands
+from simulations.empirical_audit import add_empirical_audit_command
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_export)
 
     add_deployment_commands(commands)
+    add_empirical_audit_command(commands)
     return parser
 
 
