@@ -23,13 +23,13 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
     rows: list[tuple[list[int], list[int]]] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    def ids(text: str) -> list[int]:
+    def token_ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False, truncation=True,
                          max_length=max_length)["input_ids"] if text else []
 
     for prompt, completion in pairs:
-        prompt_ids = bos + ids(prompt)
-        completion_ids = ids(completion) + eos
+        prompt_ids = bos + token_ids(prompt)
+        completion_ids = token_ids(completion) + eos
         ids = (prompt_ids + completion_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
         rows.append((ids, labels))

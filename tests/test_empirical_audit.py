@@ -1,0 +1,181 @@
+"""Empirical privacy audit: exposure, AUC, canary planting, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from client.data import Record, load_records, split_records
+from common.config import load_job_config
+from simulations.empirical_audit import (
+    MRN_SPACE_SIZE,
+    AuditSite,
+    Canary,
+    add_empirical_audit_command,
+    canary_text,
+    exposure_from_scores,
+    format_mrn,
+    make_canaries,
+    measure_exposures,
+    mrn_check_digit,
+    plant_canaries,
+    roc_auc,
+    sample_candidates,
+    run_empirical_audit,
+)
+from tests.conftest import write_notes
+
+LOG2_SPACE = math.log2(MRN_SPACE_SIZE)
+
+
+def fake_scorer(canary_scores: dict[str, float], seed: int = 0):
+    """Candidates get log-perplexities around 60 bits; listed canaries get the given score."""
+    rng = random.Random(seed)
+
+    def score(texts):
+        return [canary_scores.get(text, rng.gauss(60.0, 4.0)) for text in texts]
+
+    return score
+
+
+def test_mrn_format_has_a_valid_luhn_check_digit():
+    assert format_mrn(0) == "0000000-0"
+    assert format_mrn(4829301) == f"4829301-{mrn_check_digit(4829301)}"
+    for number in (7992739, 1234567, 9999999):
+        digits = [int(d) for d in f"{number:07d}{mrn_check_digit(number)}"]
+        total = sum(d if i % 2 == 0 else (2 * d - 9 if 2 * d > 9 else 2 * d)
+                    for i, d in enumerate(reversed(digits)))
+        assert total % 10 == 0
+    with pytest.raises(ValueError, match="outside"):
+        format_mrn(MRN_SPACE_SIZE)
+
+
+def test_exposure_is_maximal_for_the_first_ranked_canary_and_small_for_a_random_one():
+    first, random_one, last = Canary(format_mrn(1), 16), Canary(format_mrn(2), 1), Canary(format_mrn(3), 4)
+    candidates = sample_candidates(2000, [first.secret, random_one.secret, last.secret], seed=1)
+    scorer = fake_scorer({first.text: 5.0, random_one.text: 60.0, last.text: 200.0})
+    by_secret = {e.secret: e for e in measure_exposures(scorer, [first, random_one, last], candidates)}
+
+    top = by_secret[first.secret]
+    assert top.sampled_rank == 1
+    assert top.exposure_sampled == pytest.approx(math.log2(2001))
+    assert top.exposure == pytest.approx(LOG2_SPACE)  # far beyond every candidate: rank 1 of |R|
+    middle = by_secret[random_one.secret]
+    assert 0.3 < middle.exposure_sampled < 2.0  # about the median: about 1 bit
+    assert 0.3 < middle.exposure < 2.0
+    bottom = by_secret[last.secret]
+    assert bottom.exposure_sampled == pytest.approx(0.0, abs=1e-3)
+    assert bottom.exposure == pytest.approx(0.0, abs=1e-3)
+
+
+def test_random_canaries_average_about_the_unseen_secret_expectation():
+    rng = random.Random(5)
+    candidate_scores = [rng.gauss(60.0, 4.0) for _ in range(3000)]
+    exposures = [exposure_from_scores(rng.gauss(60.0, 4.0), candidate_scores, MRN_SPACE_SIZE)[1]
+                 for _ in range(300)]
+    assert sum(exposures) / len(exposures) == pytest.approx(1 / math.log(2), abs=0.3)
+
+
+def test_auc_is_one_half_and_zero_on_constructed_scores():
+    assert roc_auc([3.0, 4.0, 5.0], [0.0, 1.0, 2.0]) == 1.0
+    assert roc_auc([0.0, 1.0, 2.0], [3.0, 4.0, 5.0]) == 0.0
+    assert roc_auc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5  # all ties
+    assert roc_auc([0.0, 3.0], [1.0, 2.0]) == 0.5
+    assert roc_auc([1.0, 2.0, 3.0], [0.5, 2.0]) == pytest.approx((1 + 0 + 1 + 0.5 + 1 + 1) / 6)  # member > non-member pairs, ties half
+    with pytest.raises(ValueError, match="at least one"):
+        roc_auc([], [1.0])
+
+
+def test_canaries_are_planted_the_requested_times_and_only_in_training(tmp_path):
+    records = load_records(write_notes(tmp_path / "notes.jsonl", 80, seed=3), "jsonl")
+    canaries = make_canaries([1, 4, 16], per_count=2, seed=7)
+    assert [c.repetitions for c in canaries] == [1, 1, 4, 4, 16, 16]
+    assert len({c.secret for c in canaries}) == 6
+
+    train, heldout = plant_canaries(records, canaries, 0.25, seed=0)
+    clean_train, clean_heldout = split_records(records, 0.25, 0)
+    assert heldout == clean_heldout
+    for canary in canaries:
+        assert sum(r.completion == canary.text for r in train) == canary.repetitions
+        assert not any(canary.secret in r.prompt + r.completion for r in heldout)
+    assert len(train) == len(clean_train) + 2 * (1 + 4 + 16)
+    planted = [r for r in train if r.source.startswith("canary:")]
+    assert len({r.patient_id for r in planted}) == len(planted)  # each copy is its own unit
+
+    candidates = sample_candidates(500, [c.secret for c in canaries], seed=0)
+    assert len(set(candidates)) == 500 and not set(candidates) & {c.secret for c in canaries}
+
+
+def test_a_record_already_holding_a_canary_secret_is_refused():
+    canary = make_canaries([1], 1, seed=2)[0]
+    records = [Record("", f"note {i}", f"p{i}", f"x:{i}") for i in range(10)]
+    records.append(Record("", canary_text(canary.secret), "p-x", "x:10"))
+    with pytest.raises(ValueError, match="already contain canary"):
+        plant_canaries(records, [canary], 0.3, seed=0)
+
+
+JOB = """
+seed: 1
+model: {max_length: 64}
+lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+training: {local_steps: 3, batch_size: 16, learning_rate: 0.05, max_grad_norm: 1.0, eval_batch_size: 64}
+privacy: {epsilon: 8.0, delta: 1.0e-3}
+federation: {rounds: 2, min_nodes: 2, min_replies: 2}
+data: {hospitals: 2, heldout_fraction: 0.3}
+"""
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: extra threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_thread):
+    (tmp_path / "job.yaml").write_text(JOB)
+    job = load_job_config(tmp_path / "job.yaml")
+    sites = [AuditSite(name, write_notes(tmp_path / f"{name}.jsonl", count, seed), "jsonl")
+             for name, count, seed in (("north", 60, 21), ("south", 80, 22))]
+    lines: list[str] = []
+    report = run_empirical_audit(job, tiny_model_dir, sites, tmp_path / "out", repetitions=(1, 4),
+                                 canaries_per_count=1, candidates=200, progress=lines.append)
+
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["canary_site"] == report["canary_site"] in ("north", "south")
+    assert set(written["runs"]) == {"base", "dp", "non_dp"}
+    dp, non_dp = written["runs"]["dp"], written["runs"]["non_dp"]
+    assert 0 < dp["epsilon"] <= 8.0 + 1e-6 and dp["noise_multiplier"] > 0
+    assert non_dp["epsilon"] == "inf" and non_dp["noise_multiplier"] == 0.0
+    for run in written["runs"].values():
+        assert set(run["exposure"]) == {"1", "4"}
+        assert all(0.0 <= c["exposure"] <= LOG2_SPACE for e in run["exposure"].values()
+                   for c in e["canaries"])
+        assert 0.0 <= run["mia_auc"] <= 1.0
+    assert written["runs"]["base"]["epsilon"] == 0.0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "membership inference AUC" in markdown and "∞" in markdown
+    assert (tmp_path / "out" / "report.png").stat().st_size > 0
+    assert any("[dp] round 2/2" in line for line in lines)
+
+
+def test_command_parses_its_options(tmp_path):
+    parser = argparse.ArgumentParser(prog="privatune")
+    add_empirical_audit_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["empirical-audit", "--config", "configs/audit.yaml", "--out", str(tmp_path),
+                              "--repetitions", "2,8", "--hospitals", "3", "--set", "seed=4"])
+    assert args.repetitions == (2, 8) and args.hospitals == 3 and args.set == ["seed=4"]
+    assert callable(args.handler)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["empirical-audit", "--config", "x", "--out", "y", "--repetitions", "4,0"])
+
+
+def test_audit_preset_loads():
+    job = load_job_config("configs/audit.yaml")
+    assert job.privacy.epsilon == 8.0
