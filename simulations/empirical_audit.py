@@ -14,7 +14,8 @@ DP (no noise, no clipping: an audit-only counterfactual, never a node mode). Aft
   distribution to the candidates' log-perplexities, as the paper does. A secret the model never
   saw scores about 1.4 bits on average; ``log2|R|`` means it is the model's first guess.
 - **membership inference AUC**: a loss-threshold attack telling the canary hospital's training
-  records from its held-out records; 0.5 is chance.
+  records from its held-out records (0.5 is chance), plain and calibrated by each record's loss
+  under the base model, with its standard error so a small AUC can be told from noise.
 
 The federation runs in-process (each site runs ``train_dp_round`` from the global adapter, then
 FedAvg weighted by example counts): the same training the Flower nodes do, without the engine.
@@ -312,6 +313,9 @@ class AuditSite:
 
 @dataclass
 class SiteSplit:
+    """One site's privacy units (training, held out, training minus canaries) and, once the
+    tokenizer is known, their encoded tensors."""
+
     name: str
     train_units: list[tuple[str, str]]
     heldout_units: list[tuple[str, str]]
@@ -323,6 +327,8 @@ class SiteSplit:
 
 @dataclass
 class FederationOutcome:
+    """The final global adapter, each site's privacy spend and the per-round training loss."""
+
     state: dict[str, torch.Tensor]
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -391,9 +397,10 @@ def train_federation(job: JobConfig, template: torch.nn.Module, sites: Sequence[
         started = time.monotonic()
         updates, weights, losses = [], [], {}
         for site in sites:
+            if site.train is None:
+                raise ValueError(f"{site.name}: training records are not encoded yet")
             model = copy.deepcopy(template)
             load_lora_state(model, outcome.state)
-            assert site.train is not None
             with warnings.catch_warnings():  # Opacus' secure-RNG advice, once per site and round
                 warnings.filterwarnings("ignore", message="Secure RNG turned off")
                 warnings.simplefilter("ignore", FutureWarning)
@@ -498,8 +505,11 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
                  + f", {len(split.heldout_units)} held out")
     target = next(s for s in splits if s.name == canary_site)
     candidate_secrets = sample_candidates(candidates, [c.secret for c in canaries], job.seed)
-    template = initial_adapter(model_dir, LoraSettings(r=job.lora.r, alpha=job.lora.alpha,
-                                                       target_modules=job.lora.target_modules), job.seed)
+    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
+        warnings.simplefilter("ignore", FutureWarning)
+        template = initial_adapter(model_dir, LoraSettings(r=job.lora.r, alpha=job.lora.alpha,
+                                                           target_modules=job.lora.target_modules),
+                                   job.seed)
 
     runs: dict[str, dict[str, Any]] = {}
     run_started = time.monotonic()
@@ -587,7 +597,8 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
         "| | " + " | ".join(runs[k]["label"] for k in keys) + " |",
         "|---|" + "---|" * len(keys),
         "| epsilon | " + " | ".join(_epsilon_text(runs[k]["epsilon"]) for k in keys) + " |",
-        "| noise multiplier | " + " | ".join(_fmt_number(runs[k].get("noise_multiplier")) for k in keys) + " |",
+        "| noise multiplier | " + " | ".join(_fmt_number(runs[k].get("noise_multiplier"))
+                                             for k in keys) + " |",
     ]
     for count in report["repetitions"]:
         lines.append(f"| exposure, {count} cop{'y' if count == 1 else 'ies'} (bits) | " + " | ".join(
@@ -600,7 +611,8 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
             f"{runs[k]['mia_auc_calibrated']:.3f} ± {runs[k]['mia']['calibrated_auc_standard_error']:.3f}"
             for k in keys) + " |",
         "| member / held-out loss | " + " | ".join(
-            f"{runs[k]['mia']['member_loss']:.3f} / {runs[k]['mia']['heldout_loss']:.3f}" for k in keys) + " |",
+            f"{runs[k]['mia']['member_loss']:.3f} / {runs[k]['mia']['heldout_loss']:.3f}"
+            for k in keys) + " |",
         "| wall time (s) | " + " | ".join(f"{runs[k]['wall_s']:.0f}" for k in keys) + " |",
         "",
         "How to read it:",

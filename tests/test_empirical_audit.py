@@ -19,14 +19,15 @@ from simulations.empirical_audit import (
     add_empirical_audit_command,
     canary_text,
     exposure_from_scores,
+    fit_skew_normal,
     format_mrn,
     make_canaries,
     measure_exposures,
     mrn_check_digit,
     plant_canaries,
     roc_auc,
-    sample_candidates,
     run_empirical_audit,
+    sample_candidates,
 )
 from tests.conftest import write_notes
 
@@ -76,9 +77,12 @@ def test_exposure_is_maximal_for_the_first_ranked_canary_and_small_for_a_random_
 def test_random_canaries_average_about_the_unseen_secret_expectation():
     rng = random.Random(5)
     candidate_scores = [rng.gauss(60.0, 4.0) for _ in range(3000)]
-    exposures = [exposure_from_scores(rng.gauss(60.0, 4.0), candidate_scores, MRN_SPACE_SIZE)[1]
-                 for _ in range(300)]
-    assert sum(exposures) / len(exposures) == pytest.approx(1 / math.log(2), abs=0.3)
+    fit = fit_skew_normal(candidate_scores)
+    results = [exposure_from_scores(rng.gauss(60.0, 4.0), candidate_scores, MRN_SPACE_SIZE, fit)
+               for _ in range(300)]
+    for index in (0, 1):  # extrapolated and sampled exposure alike
+        mean = sum(r[index] for r in results) / len(results)
+        assert mean == pytest.approx(1 / math.log(2), abs=0.3)
 
 
 def test_auc_is_one_half_and_zero_on_constructed_scores():
@@ -86,7 +90,8 @@ def test_auc_is_one_half_and_zero_on_constructed_scores():
     assert roc_auc([0.0, 1.0, 2.0], [3.0, 4.0, 5.0]) == 0.0
     assert roc_auc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5  # all ties
     assert roc_auc([0.0, 3.0], [1.0, 2.0]) == 0.5
-    assert roc_auc([1.0, 2.0, 3.0], [0.5, 2.0]) == pytest.approx((1 + 0 + 1 + 0.5 + 1 + 1) / 6)  # member > non-member pairs, ties half
+    # member > non-member pairs count 1, ties half: (1 + 0) + (1 + 0.5) + (1 + 1) of 6 pairs
+    assert roc_auc([1.0, 2.0, 3.0], [0.5, 2.0]) == pytest.approx(4.5 / 6)
     with pytest.raises(ValueError, match="at least one"):
         roc_auc([], [1.0])
 
