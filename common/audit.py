@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.ledger import ADAPTER_UPDATE, LedgerError, read_entries
+from common.plots import report_figure
 from common.privacy import MechanismStep, independent_rdp_epsilon, pld_epsilon
 
 TOLERANCE = 0.01
@@ -181,24 +182,15 @@ def render_html(markdown_text: str) -> str:
 
 
 def plot_audit(audits: list[SiteAudit], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(7, 4))
-    for a in audits:
-        xs = list(range(1, len(a.rounds) + 1))
-        axis.plot(xs, [r["recomputed_epsilon"] for r in a.rounds], "-o", label=f"{a.name} RDP")
-        axis.plot(xs, [r["pld_epsilon"] for r in a.rounds], ":", label=f"{a.name} PLD")
-    for budget in {a.budget for a in audits if a.budget}:
-        axis.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
-    axis.set(xlabel="adapter release", ylabel="cumulative epsilon", title="epsilon per site")
-    axis.legend(fontsize=7)
-    axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Recomputed RDP and PLD epsilon per site against the adapter release."""
+    with report_figure(path) as (axis,):
+        for a in audits:
+            xs = list(range(1, len(a.rounds) + 1))
+            axis.plot(xs, [r["recomputed_epsilon"] for r in a.rounds], "-o", label=f"{a.name} RDP")
+            axis.plot(xs, [r["pld_epsilon"] for r in a.rounds], ":", label=f"{a.name} PLD")
+        for budget in {a.budget for a in audits if a.budget}:
+            axis.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
+        axis.set(xlabel="adapter release", ylabel="cumulative epsilon", title="epsilon per site")
 
 
 def write_audit(audits: list[SiteAudit], out_dir: Path, fmt: str = "md") -> Path:

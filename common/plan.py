@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.plots import report_figure
 from common.privacy import MechanismStep, calibrate_noise_multiplier, pld_epsilon, rdp_epsilon
 
 
@@ -66,21 +67,12 @@ def render_table(plans: list[SitePlan]) -> str:
 
 
 def plot_plans(plans: list[SitePlan], path: Path, budget: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(7, 4))
-    for p in plans:
-        xs = list(range(1, len(p.epsilon_per_round) + 1))
-        axis.plot(xs, p.epsilon_per_round, "-o", label=f"{p.site} (noise {p.noise_multiplier:.2f})")
-    if budget is not None:
-        axis.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
-    axis.set(xlabel="round", ylabel="cumulative epsilon (RDP)", title="planned epsilon per site")
-    axis.legend(fontsize=7)
-    axis.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Planned cumulative epsilon per site against the round."""
+    with report_figure(path) as (axis,):
+        for p in plans:
+            xs = list(range(1, len(p.epsilon_per_round) + 1))
+            axis.plot(xs, p.epsilon_per_round, "-o",
+                      label=f"{p.site} (noise {p.noise_multiplier:.2f})")
+        if budget is not None:
+            axis.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
+        axis.set(xlabel="round", ylabel="cumulative epsilon (RDP)", title="planned epsilon per site")

@@ -6,11 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from common.plots import report_figure
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -67,27 +63,24 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
     """Perplexity (global and per site) and epsilon per site, against the round."""
-    fig, (ax_ppl, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
     rounds = report["rounds"]
     xs = [r["round"] for r in rounds]
-    if any(r.get("global_perplexity") is not None for r in rounds):
-        ax_ppl.plot(xs, [r.get("global_perplexity") for r in rounds], "k-o", label="global (central)")
-    for name in report["sites"]:
-        ax_ppl.plot(xs, [r.get("site_perplexity", {}).get(name) for r in rounds], "--.", label=name)
-        eps = [0.0] + [r.get("epsilon", {}).get(name) for r in rounds[1:]]
-        ax_eps.plot(xs, eps, "-o", label=name)
-    budgets = {s.get("epsilon_budget") for s in report["sites"].values()} - {None}
-    for budget in budgets:
-        ax_eps.axhline(budget, color="red", linestyle=":", label=f"budget {budget:g}")
-    ax_ppl.set(title="held-out perplexity", xlabel="round", ylabel="perplexity", yscale="log")
-    ax_eps.set(title="cumulative epsilon per site", xlabel="round", ylabel="epsilon")
-    for axis in (ax_ppl, ax_eps):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.legend(fontsize=7)
-        axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with report_figure(path, columns=2, size=(11, 4)) as (ax_ppl, ax_eps):
+        if any(r.get("global_perplexity") is not None for r in rounds):
+            ax_ppl.plot(xs, [r.get("global_perplexity") for r in rounds], "k-o",
+                        label="global (central)")
+        for name in report["sites"]:
+            ax_ppl.plot(xs, [r.get("site_perplexity", {}).get(name) for r in rounds], "--.",
+                        label=name)
+            eps = [0.0] + [r.get("epsilon", {}).get(name) for r in rounds[1:]]
+            ax_eps.plot(xs, eps, "-o", label=name)
+        budgets = {s.get("epsilon_budget") for s in report["sites"].values()} - {None}
+        for budget in budgets:
+            ax_eps.axhline(budget, color="red", linestyle=":", label=f"budget {budget:g}")
+        ax_ppl.set(title="held-out perplexity", xlabel="round", ylabel="perplexity", yscale="log")
+        ax_eps.set(title="cumulative epsilon per site", xlabel="round", ylabel="epsilon")
+        for axis in (ax_ppl, ax_eps):
+            axis.set_xticks(xs)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
