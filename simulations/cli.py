@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.config import ConfigError
 from simulations.deploy_cli import add_deployment_commands
-from simulations.empirical_audit import add_empirical_audit_command
+from simulations.empirical_audit_cli import add_empirical_audit_command
 
 
 def _simulate(args: argparse.Namespace) -> int:

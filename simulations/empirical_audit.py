@@ -23,7 +23,6 @@ FedAvg weighted by example counts): the same training the Flower nodes do, witho
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -44,9 +43,15 @@ from client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
 from common.config import ConfigError, JobConfig, load_job_config, to_dict
 from common.examples import IGNORE_INDEX, encode_pairs, per_example_loss
 from common.lora import LoraSettings, initial_adapter, load_base_model, load_lora_state, lora_state
+from common.plots import report_figure
 from common.privacy import MechanismStep, calibrate_noise_multiplier, rdp_epsilon
 from common.protocol import round_seed
 from server.aggregation import fedavg
+from simulations.empirical_audit_cli import (
+    DEFAULT_CANARIES_PER_COUNT,
+    DEFAULT_CANDIDATES,
+    DEFAULT_REPETITIONS,
+)
 
 Progress = Callable[[str], None]
 # Scores texts by log-perplexity (bits, summed over tokens): lower means "the model expects it".
@@ -59,9 +64,6 @@ CANARY_SOURCE = "canary:"  # Record.source prefix of planted copies
 CANARY_TEMPLATE = "Registration desk: patient identity confirmed with MRN {secret}."
 # Clipping bound of the non-DP run: large enough that no per-example gradient is ever clipped.
 NO_CLIPPING = 1e6
-DEFAULT_REPETITIONS = (1, 4, 16)
-DEFAULT_CANARIES_PER_COUNT = 2
-DEFAULT_CANDIDATES = 4000
 RUN_LABELS = {"base": "base model (before training)", "dp": "DP-SGD",
               "non_dp": "no DP (audit only)"}
 
@@ -536,7 +538,7 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
                      **evaluation, "sites": _json_sites(outcome.sites), "rounds": outcome.rounds,
                      "train_s": round(train_s, 1),
                      "wall_s": round(time.monotonic() - run_started, 1)}
-        progress(f"[{key}] epsilon {_epsilon_text(runs[key]['epsilon'])}, MIA AUC "
+        progress(f"[{key}] epsilon {epsilon_text(runs[key]['epsilon'])}, MIA AUC "
                  f"{runs[key]['mia_auc']:.3f} (calibrated {runs[key]['mia_auc_calibrated']:.3f}), "
                  "exposure by repetitions "
                  + ", ".join(f"{k}: {v['mean']:.1f}" for k, v in runs[key]["exposure"].items()))
@@ -574,7 +576,8 @@ def _json_sites(sites: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for name, info in sites.items()}
 
 
-def _epsilon_text(epsilon: Any) -> str:
+def epsilon_text(epsilon: Any) -> str:
+    """ε as the report prints it: ∞ for the run without DP."""
     return "∞" if epsilon == "inf" else f"{float(epsilon):.3g}"
 
 
@@ -596,7 +599,7 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
         f"the same format.", "",
         "| | " + " | ".join(runs[k]["label"] for k in keys) + " |",
         "|---|" + "---|" * len(keys),
-        "| epsilon | " + " | ".join(_epsilon_text(runs[k]["epsilon"]) for k in keys) + " |",
+        "| epsilon | " + " | ".join(epsilon_text(runs[k]["epsilon"]) for k in keys) + " |",
         "| noise multiplier | " + " | ".join(_fmt_number(runs[k].get("noise_multiplier"))
                                              for k in keys) + " |",
     ]
@@ -650,35 +653,27 @@ def _fmt_number(value: Any) -> str:
 
 def plot_exposure(report: dict[str, Any], path: Path) -> None:
     """Exposure against repetition count, one line per run, with the format's maximum."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = report["repetitions"]
-    fig, axis = plt.subplots(figsize=(6.4, 4.2))
     styles = {"base": ("grey", ":"), "dp": ("tab:blue", "-"), "non_dp": ("tab:red", "-")}
-    for key, run in report["runs"].items():
-        color, line = styles.get(key, ("black", "-"))
-        means = [run["exposure"][str(c)]["mean"] for c in counts]
-        label = f"{run['label']} (eps {_epsilon_text(run['epsilon'])}, MIA AUC {run['mia_auc']:.2f})"
-        axis.plot(counts, means, marker="o", color=color, linestyle=line, label=label)
-        for count in counts:
-            points = [c["exposure"] for c in run["exposure"][str(count)]["canaries"]]
-            axis.scatter([count] * len(points), points, color=color, alpha=0.35, s=14)
-    maximum = report["secret_format"]["max_exposure"]
-    axis.axhline(maximum, color="black", linestyle="--", linewidth=0.8, label=f"max {maximum:.1f} bits")
-    axis.axhline(1 / math.log(2), color="grey", linestyle="-.", linewidth=0.8,
-                 label="expected for an unseen secret")
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(counts, [str(c) for c in counts])
-    axis.set(title=f"Canary exposure at {report['canary_site']}", xlabel="copies in the training data",
-             ylabel="exposure (bits)", ylim=(0, maximum + 1.5))
-    axis.legend(fontsize=7, loc="upper left")
-    axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with report_figure(path, size=(6.4, 4.2), legend_location="upper left") as (axis,):
+        for key, run in report["runs"].items():
+            color, line = styles.get(key, ("black", "-"))
+            means = [run["exposure"][str(c)]["mean"] for c in counts]
+            label = f"{run['label']} (eps {epsilon_text(run['epsilon'])}, MIA AUC {run['mia_auc']:.2f})"
+            axis.plot(counts, means, marker="o", color=color, linestyle=line, label=label)
+            for count in counts:
+                points = [c["exposure"] for c in run["exposure"][str(count)]["canaries"]]
+                axis.scatter([count] * len(points), points, color=color, alpha=0.35, s=14)
+        maximum = report["secret_format"]["max_exposure"]
+        axis.axhline(maximum, color="black", linestyle="--", linewidth=0.8,
+                     label=f"max {maximum:.1f} bits")
+        axis.axhline(1 / math.log(2), color="grey", linestyle="-.", linewidth=0.8,
+                     label="expected for an unseen secret")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(counts, [str(c) for c in counts])
+        axis.set(title=f"Canary exposure at {report['canary_site']}",
+                 xlabel="copies in the training data", ylabel="exposure (bits)",
+                 ylim=(0, maximum + 1.5))
 
 
 def write_audit_report(report: dict[str, Any], out: Path) -> None:
@@ -716,60 +711,3 @@ def empirical_audit(config: Path, out: Path, overrides: Sequence[str] = (),
     return run_empirical_audit(job, model_dir, sites, out, repetitions,
                                canaries_per_count=canaries_per_count, candidates=candidates,
                                progress=progress)
-
-
-def parse_repetitions(text: str) -> tuple[int, ...]:
-    """``1,4,16`` -> (1, 4, 16); argparse type for --repetitions."""
-    try:
-        counts = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if not counts or any(c < 1 for c in counts) or len(set(counts)) != len(counts):
-        raise argparse.ArgumentTypeError(f"expected distinct positive counts like 1,4,16, got {text!r}")
-    return counts
-
-
-def _handler(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load
-
-    def progress(line: str) -> None:
-        print(f"[{time.monotonic() - started:6.0f}s] {line}", flush=True)
-
-    report = empirical_audit(Path(args.config), Path(args.out), args.set, args.repetitions,
-                             args.hospitals, args.canaries_per_count, args.candidates, progress)
-    for key in ("dp", "non_dp"):
-        run = report["runs"][key]
-        print(f"{run['label']}: epsilon {_epsilon_text(run['epsilon'])}, MIA AUC {run['mia_auc']:.3f}, "
-              "exposure " + ", ".join(f"{c}x {v['mean']:.1f}" for c, v in run["exposure"].items())
-              + f" bits (max {report['secret_format']['max_exposure']:.1f})")
-    print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
-
-
-def add_empirical_audit_command(commands: argparse._SubParsersAction) -> None:
-    """Register ``privatune empirical-audit`` on the CLI's subcommands."""
-    parser = commands.add_parser(
-        "empirical-audit", help="plant canaries at one simulated hospital, train with and without "
-        "DP, and measure exposure and membership inference")
-    parser.add_argument("--config", required=True, help="job config YAML, e.g. configs/audit.yaml")
-    parser.add_argument("--out", required=True, help="directory for report.json, report.md, report.png")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set privacy.epsilon=4 (repeatable)")
-    parser.add_argument("--repetitions", type=parse_repetitions, default=DEFAULT_REPETITIONS,
-                        metavar="N,N,...", help="copies of each canary (default 1,4,16)")
-    parser.add_argument("--hospitals", type=int, default=None,
-                        help="use the first N simulated hospitals (default: data.hospitals)")
-    parser.add_argument("--canaries-per-count", type=int, default=DEFAULT_CANARIES_PER_COUNT,
-                        help=f"distinct secrets per repetition count (default {DEFAULT_CANARIES_PER_COUNT})")
-    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                        help=f"random secrets each canary is ranked against (default {DEFAULT_CANDIDATES})")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared machine more threads "
-                             "contend and can make each step many times slower)")
-    parser.set_defaults(handler=_handler)

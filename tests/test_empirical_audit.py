@@ -16,7 +16,6 @@ from simulations.empirical_audit import (
     MRN_SPACE_SIZE,
     AuditSite,
     Canary,
-    add_empirical_audit_command,
     canary_text,
     exposure_from_scores,
     fit_skew_normal,
@@ -29,6 +28,7 @@ from simulations.empirical_audit import (
     run_empirical_audit,
     sample_candidates,
 )
+from simulations.empirical_audit_cli import add_empirical_audit_command
 from tests.conftest import write_notes
 
 LOG2_SPACE = math.log2(MRN_SPACE_SIZE)
