@@ -45,15 +45,19 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
     return TensorDataset(input_ids, labels, mask)
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of each example over its labelled positions (shape [batch])."""
+def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss of every next-token prediction (shape [batch, length - 1]); 0 where unlabelled."""
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
+    return torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / counts
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each example over its labelled positions (shape [batch])."""
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return next_token_losses(logits, labels).sum(dim=1) / counts
 
 
 @torch.no_grad()

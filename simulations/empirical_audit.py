@@ -13,9 +13,10 @@ DP (no noise, no clipping: an audit-only counterfactual, never a node mode). Aft
   sample of candidates, and extrapolated beyond the sample by fitting a skew-normal
   distribution to the candidates' log-perplexities, as the paper does. A secret the model never
   saw scores about 1.4 bits on average; ``log2|R|`` means it is the model's first guess.
-- **membership inference AUC**: a loss-threshold attack telling the canary hospital's training
-  records from its held-out records (0.5 is chance), plain and calibrated by each record's loss
-  under the base model, with its standard error so a small AUC can be told from noise.
+- **membership inference AUC**: threshold attacks telling every site's training records from
+  its held-out records (0.5 is chance): by loss, by loss calibrated against the base model, and
+  by the loss of a record's hardest tokens (Min-K%), each with its standard error so a small
+  AUC can be told from noise.
 
 The federation runs in-process (each site runs ``train_dp_round`` from the global adapter, then
 FedAvg weighted by example counts): the same training the Flower nodes do, without the engine.
@@ -41,7 +42,7 @@ from client.data import Record, load_records, split_records
 from client.node import privacy_units
 from client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
 from common.config import ConfigError, JobConfig, load_job_config, to_dict
-from common.examples import IGNORE_INDEX, encode_pairs, per_example_loss
+from common.examples import IGNORE_INDEX, encode_pairs, next_token_losses
 from common.lora import LoraSettings, initial_adapter, load_base_model, load_lora_state, lora_state
 from common.plots import report_figure
 from common.privacy import MechanismStep, calibrate_noise_multiplier, rdp_epsilon
@@ -64,6 +65,11 @@ CANARY_SOURCE = "canary:"  # Record.source prefix of planted copies
 CANARY_TEMPLATE = "Registration desk: patient identity confirmed with MRN {secret}."
 # Clipping bound of the non-DP run: large enough that no per-example gradient is ever clipped.
 NO_CLIPPING = 1e6
+# Min-K% Prob's default share of a record's tokens (Shi et al. 2024).
+MIN_K_FRACTION = 0.2
+# The membership attacks, by report key: each guesses "member" for a high score.
+ATTACKS = {"loss": "loss", "loss_vs_base": "loss vs base model",
+           "min_k": f"Min-K% ({MIN_K_FRACTION:.0%} hardest tokens)"}
 RUN_LABELS = {"base": "base model (before training)", "dp": "DP-SGD",
               "non_dp": "no DP (audit only)"}
 
@@ -272,23 +278,32 @@ def auc_standard_error(auc: float, members: int, nonmembers: int) -> float:
 
 
 @torch.no_grad()
-def example_losses(model: torch.nn.Module, dataset: TensorDataset,
-                   batch_size: int) -> tuple[list[float], list[float]]:
-    """(summed loss in bits, mean loss in nats) of every example: the summed figure is the
-    Secret Sharer's log-perplexity, the mean one the membership attack's score."""
+def record_token_losses(model: torch.nn.Module, dataset: TensorDataset,
+                        batch_size: int) -> list[torch.Tensor]:
+    """Every example's next-token losses (nats) at its labelled positions, one tensor each."""
     model.eval()
-    summed: list[float] = []
-    means: list[float] = []
+    losses: list[torch.Tensor] = []
     input_ids, labels, mask = dataset.tensors
     for start in range(0, len(input_ids), batch_size):
         stop = start + batch_size
         batch_labels = labels[start:stop]
-        logits = model(input_ids=input_ids[start:stop], attention_mask=mask[start:stop]).logits
-        mean = per_example_loss(logits, batch_labels)
-        tokens = (batch_labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-        means.extend(float(v) for v in mean)
-        summed.extend(float(v) for v in mean * tokens / math.log(2.0))
-    return summed, means
+        token_loss = next_token_losses(
+            model(input_ids=input_ids[start:stop], attention_mask=mask[start:stop]).logits, batch_labels)
+        labelled = batch_labels[:, 1:] != IGNORE_INDEX
+        losses.extend(row[keep] for row, keep in zip(token_loss, labelled))
+    return losses
+
+
+def min_k_loss(token_losses: torch.Tensor, fraction: float = MIN_K_FRACTION) -> float:
+    """Mean loss of a record's hardest ``fraction`` of tokens (Min-K% Prob, Shi et al. 2024).
+
+    Notes share templates that any fine-tuned model predicts well, members or not; the tokens
+    it still finds hard are the record's own details, where memorization shows.
+    """
+    if token_losses.numel() == 0:
+        raise ValueError("a record with no labelled tokens cannot be scored")
+    count = max(1, math.ceil(fraction * token_losses.numel()))
+    return float(token_losses.topk(count).values.mean())
 
 
 def model_scorer(model: torch.nn.Module, tokenizer: Any, max_length: int, batch_size: int) -> Scorer:
@@ -296,7 +311,8 @@ def model_scorer(model: torch.nn.Module, tokenizer: Any, max_length: int, batch_
 
     def score(texts: Sequence[str]) -> list[float]:
         dataset = encode_pairs(tokenizer, [("", t) for t in texts], max_length)
-        return example_losses(model, dataset, batch_size)[0]
+        return [float(losses.sum()) / math.log(2.0)
+                for losses in record_token_losses(model, dataset, batch_size)]
 
     return score
 
@@ -337,13 +353,13 @@ class FederationOutcome:
 
 
 def membership_records(records: Sequence[Record], unit: str) -> list[Record]:
-    """The canary site's records as the membership game needs them.
+    """A site's records as the membership game needs them.
 
     Under the record unit, membership is per record, so members and non-members must be
     exchangeable records: the split is keyed on the record, not the patient. (The node's
     patient-keyed split puts a handful of patients, often with many near-identical notes, on
     the held-out side; measured on the simulated hospitals, that alone moved the attack's AUC
-    to about 0.3 with no memorization involved.) Under the patient unit the patient split stays.
+    to 0.3 or 0.58 before any training.) Under the patient unit the patient split stays.
     """
     if unit == "record":
         return [replace(record, patient_id=None) for record in records]
@@ -352,17 +368,16 @@ def membership_records(records: Sequence[Record], unit: str) -> list[Record]:
 
 def prepare_sites(job: JobConfig, sites: Sequence[AuditSite], canary_site: str,
                   canaries: Sequence[Canary]) -> list[SiteSplit]:
-    """Every site's split as its node makes it (the canary site's as `membership_records` says);
-    canaries go into ``canary_site``'s training side only."""
+    """Every site's split as `membership_records` says; canaries go into ``canary_site``'s
+    training side only."""
     names = [s.name for s in sites]
     if canary_site not in names:
         raise ValueError(f"canary site {canary_site!r} is not one of the sites ({', '.join(names)})")
     splits = []
     for site in sites:
-        records = load_records(site.data, site.format)
+        records = membership_records(load_records(site.data, site.format), job.privacy.unit)
         if site.name == canary_site:
-            train, heldout = plant_canaries(membership_records(records, job.privacy.unit), canaries,
-                                            job.data.heldout_fraction, job.seed)
+            train, heldout = plant_canaries(records, canaries, job.data.heldout_fraction, job.seed)
         else:
             train, heldout = split_records(records, job.data.heldout_fraction, job.seed)
         clean_train = [r for r in train if not r.source.startswith(CANARY_SOURCE)]
@@ -430,23 +445,61 @@ def train_federation(job: JobConfig, template: torch.nn.Module, sites: Sequence[
     return outcome
 
 
-def evaluate_run(model: torch.nn.Module, tokenizer: Any, job: JobConfig, canary_split: SiteSplit,
-                 canaries: Sequence[Canary], candidates: Sequence[str],
-                 reference: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
-    """Exposure of every canary and two membership attacks on the canary site's records.
+@dataclass
+class MembershipLosses:
+    """Token losses of every site's training records (canaries excluded) and held-out records."""
 
-    The plain loss attack scores a record by its loss; the calibrated one by how much the loss
-    fell from ``reference`` (the base model's member and held-out losses), which discounts
-    records that are simply easy (Watson et al. 2022). Returns the report fields of one run.
+    members: list[torch.Tensor]
+    heldout: list[torch.Tensor]
+
+
+def membership_losses(model: torch.nn.Module, splits: Sequence[SiteSplit],
+                      batch_size: int) -> MembershipLosses:
+    """The membership game's records, pooled over the sites in ``splits`` order."""
+    losses = MembershipLosses([], [])
+    for split in splits:
+        if split.members is None or split.heldout is None:
+            raise ValueError(f"{split.name}: records are not encoded yet")
+        losses.members += record_token_losses(model, split.members, batch_size)
+        losses.heldout += record_token_losses(model, split.heldout, batch_size)
+    return losses
+
+
+def membership_attacks(losses: MembershipLosses, reference: MembershipLosses) -> dict[str, Any]:
+    """AUC and standard error of each attack in ATTACKS on the pooled records.
+
+    *loss* scores a record by its mean loss; *loss vs base model* by how much that fell from
+    ``reference`` (the same records under the base model), which discounts records that are
+    simply easy (Watson et al. 2022); *min_k* by the loss of its hardest tokens.
+    """
+    def mean(values: torch.Tensor) -> float:
+        return float(values.mean())
+
+    scores = {
+        "loss": lambda own, base: -mean(own),
+        "loss_vs_base": lambda own, base: mean(base) - mean(own),
+        "min_k": lambda own, base: -min_k_loss(own),
+    }
+    members, nonmembers = len(losses.members), len(losses.heldout)
+    attacks = {}
+    for key, score in scores.items():
+        auc = roc_auc([score(o, b) for o, b in zip(losses.members, reference.members)],
+                      [score(o, b) for o, b in zip(losses.heldout, reference.heldout)])
+        attacks[key] = {"auc": auc, "standard_error": auc_standard_error(auc, members, nonmembers)}
+    return attacks
+
+
+def evaluate_run(model: torch.nn.Module, tokenizer: Any, job: JobConfig, splits: Sequence[SiteSplit],
+                 canaries: Sequence[Canary], candidates: Sequence[str],
+                 reference: MembershipLosses | None = None) -> tuple[dict[str, Any], MembershipLosses]:
+    """Exposure of every canary, and the membership attacks on every site's records.
+
+    ``reference`` is the base model's `MembershipLosses` (None when evaluating the base model
+    itself). Returns the report fields of one run and this model's losses.
     """
     batch = job.training.eval_batch_size
     exposures = measure_exposures(model_scorer(model, tokenizer, job.model.max_length, max(batch, 256)),
                                   canaries, candidates)
-    if canary_split.members is None or canary_split.heldout is None:
-        raise ValueError(f"{canary_split.name}: records are not encoded yet")
-    _, member_losses = example_losses(model, canary_split.members, batch)
-    _, heldout_losses = example_losses(model, canary_split.heldout, batch)
-    base_members, base_heldout = reference if reference is not None else (member_losses, heldout_losses)
     by_count: dict[str, dict[str, Any]] = {}
     for count in sorted({c.repetitions for c in canaries}):
         chosen = [e for e in exposures if e.repetitions == count]
@@ -454,21 +507,21 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, job: JobConfig, canary_
             "mean": sum(e.exposure for e in chosen) / len(chosen),
             "mean_sampled": sum(e.exposure_sampled for e in chosen) / len(chosen),
             "canaries": [asdict(e) for e in chosen]}
-    auc = roc_auc([-loss for loss in member_losses], [-loss for loss in heldout_losses])
-    calibrated = roc_auc([b - loss for loss, b in zip(member_losses, base_members)],
-                         [b - loss for loss, b in zip(heldout_losses, base_heldout)])
-    return {
-        "exposure": by_count,
-        "mia_auc": auc,
-        "mia_auc_calibrated": calibrated,
-        "mia": {"members": len(member_losses), "nonmembers": len(heldout_losses),
-                "auc_standard_error": auc_standard_error(auc, len(member_losses), len(heldout_losses)),
-                "calibrated_auc_standard_error": auc_standard_error(calibrated, len(member_losses),
-                                                                    len(heldout_losses)),
-                "member_loss": sum(member_losses) / len(member_losses),
-                "heldout_loss": sum(heldout_losses) / len(heldout_losses)},
-        "_losses": (member_losses, heldout_losses),
-    }
+    losses = membership_losses(model, splits, batch)
+
+    def average(records: list[torch.Tensor]) -> float:
+        return sum(float(r.mean()) for r in records) / len(records)
+
+    mia = {"sites": [s.name for s in splits], "members": len(losses.members),
+           "nonmembers": len(losses.heldout),
+           "attacks": membership_attacks(losses, reference if reference is not None else losses),
+           "member_loss": average(losses.members), "heldout_loss": average(losses.heldout)}
+    return {"exposure": by_count, "mia": mia}, losses
+
+
+def strongest_attack(run: dict[str, Any]) -> float:
+    """The highest membership AUC of a run's attacks: what the best of them achieved."""
+    return max(attack["auc"] for attack in run["mia"]["attacks"].values())
 
 
 # --------------------------------------------------------------------------- the audit
@@ -505,7 +558,6 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
                  + (f" ({len(split.train_units) - len(split.member_units)} canary copies)"
                     if split.name == canary_site else "")
                  + f", {len(split.heldout_units)} held out")
-    target = next(s for s in splits if s.name == canary_site)
     candidate_secrets = sample_candidates(candidates, [c.secret for c in canaries], job.seed)
     with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
         warnings.simplefilter("ignore", FutureWarning)
@@ -515,11 +567,10 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
 
     runs: dict[str, dict[str, Any]] = {}
     run_started = time.monotonic()
-    base = evaluate_run(template, tokenizer, job, target, canaries, candidate_secrets)
-    reference = base.pop("_losses")
+    base, reference = evaluate_run(template, tokenizer, job, splits, canaries, candidate_secrets)
     runs["base"] = {"label": RUN_LABELS["base"], "epsilon": 0.0, "noise_multiplier": None, **base,
                     "wall_s": round(time.monotonic() - run_started, 1)}
-    progress(f"[base] MIA AUC {runs['base']['mia_auc']:.3f}, exposure by repetitions "
+    progress(f"[base] {_attack_summary(runs['base'])}, exposure by repetitions "
              + ", ".join(f"{k}: {v['mean']:.1f}" for k, v in runs["base"]["exposure"].items()))
     for key, private in (("dp", True), ("non_dp", False)):
         run_started = time.monotonic()
@@ -527,8 +578,8 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
         model = copy.deepcopy(template)
         load_lora_state(model, outcome.state)
         train_s = time.monotonic() - run_started
-        evaluation = evaluate_run(model, tokenizer, job, target, canaries, candidate_secrets, reference)
-        evaluation.pop("_losses")
+        evaluation, _ = evaluate_run(model, tokenizer, job, splits, canaries, candidate_secrets,
+                                     reference)
         site = outcome.sites[canary_site]
         runs[key] = {"label": RUN_LABELS[key],
                      "epsilon": site["epsilon"] if private else "inf",
@@ -538,8 +589,7 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
                      **evaluation, "sites": _json_sites(outcome.sites), "rounds": outcome.rounds,
                      "train_s": round(train_s, 1),
                      "wall_s": round(time.monotonic() - run_started, 1)}
-        progress(f"[{key}] epsilon {epsilon_text(runs[key]['epsilon'])}, MIA AUC "
-                 f"{runs[key]['mia_auc']:.3f} (calibrated {runs[key]['mia_auc_calibrated']:.3f}), "
+        progress(f"[{key}] epsilon {epsilon_text(runs[key]['epsilon'])}, {_attack_summary(runs[key])}, "
                  "exposure by repetitions "
                  + ", ".join(f"{k}: {v['mean']:.1f}" for k, v in runs[key]["exposure"].items()))
 
@@ -560,6 +610,10 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
     }
     write_audit_report(report, out)
     return report
+
+
+def _attack_summary(run: dict[str, Any]) -> str:
+    return "MIA AUC " + ", ".join(f"{ATTACKS[k]} {a['auc']:.3f}" for k, a in run["mia"]["attacks"].items())
 
 
 def _site_with_most_heldout(job: JobConfig, sites: Sequence[AuditSite]) -> str:
@@ -607,12 +661,11 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| exposure, {count} cop{'y' if count == 1 else 'ies'} (bits) | " + " | ".join(
             f"{runs[k]['exposure'][str(count)]['mean']:.1f} "
             f"(sampled {runs[k]['exposure'][str(count)]['mean_sampled']:.1f})" for k in keys) + " |")
+    for attack, name in ATTACKS.items():
+        lines.append(f"| membership inference AUC, {name} (± s.e.) | " + " | ".join(
+            f"{runs[k]['mia']['attacks'][attack]['auc']:.3f} ± "
+            f"{runs[k]['mia']['attacks'][attack]['standard_error']:.3f}" for k in keys) + " |")
     lines += [
-        "| membership inference AUC, loss (± s.e.) | " + " | ".join(
-            f"{runs[k]['mia_auc']:.3f} ± {runs[k]['mia']['auc_standard_error']:.3f}" for k in keys) + " |",
-        "| membership inference AUC, loss vs base model (± s.e.) | " + " | ".join(
-            f"{runs[k]['mia_auc_calibrated']:.3f} ± {runs[k]['mia']['calibrated_auc_standard_error']:.3f}"
-            for k in keys) + " |",
         "| member / held-out loss | " + " | ".join(
             f"{runs[k]['mia']['member_loss']:.3f} / {runs[k]['mia']['heldout_loss']:.3f}"
             for k in keys) + " |",
@@ -627,15 +680,18 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
         f"skew-normal fit to the candidates' log-perplexities, as in the paper; *sampled* is the "
         f"rank among the candidates themselves and cannot exceed "
         f"{report['sampled_exposure_limit']:.1f} bits.",
-        f"- **Membership inference AUC**: a loss-threshold attack telling {report['canary_site']}'s "
-        f"training records ({runs[keys[0]]['mia']['members']}, canaries excluded) from its held-out "
-        f"records ({runs[keys[0]]['mia']['nonmembers']}); 0.5 is chance, ± is the Hanley-McNeil "
-        "standard error. Under the record privacy unit this site's split is keyed on the record, "
-        "so members and non-members are exchangeable. *Loss* guesses \"member\" for "
-        "a low loss; the base model's figure shows how far that is off 0.5 before any training "
-        "(the two splits differ a little by chance). *Loss vs base model* guesses \"member\" "
-        "for a large drop in loss from the base model, which discounts records that are simply "
-        "easy; it is 0.5 by construction for the base model.",
+        f"- **Membership inference AUC**: three threshold attacks telling the training records "
+        f"of {', '.join(runs[keys[0]]['mia']['sites'])} ({runs[keys[0]]['mia']['members']}, "
+        f"canaries excluded) from their held-out records ({runs[keys[0]]['mia']['nonmembers']}); "
+        "0.5 is chance, ± is the Hanley-McNeil standard error. Under the record privacy unit each "
+        "site's split is keyed on the record, so members and non-members are exchangeable. "
+        "*Loss* guesses \"member\" for a low mean loss; the base model's figure shows how far "
+        "that is off 0.5 before any training (the two splits differ a little by chance). *Loss "
+        "vs base model* guesses \"member\" for a large drop in loss from the base model, which "
+        "discounts records that are simply easy; it is 0.5 by construction for the base model. "
+        f"*Min-K%* (Shi et al. 2024) looks only at the {MIN_K_FRACTION:.0%} of a record's tokens "
+        "the model finds hardest: its own details rather than the template every note shares. "
+        "A privacy officer reads the highest of the three: an attacker would pick the best.",
         "- DP bounds each *record*; a secret repeated k times is a group of k records, whose "
         "guarantee is about k times weaker, so some exposure at high repetition counts is "
         "expected even under DP.",
@@ -659,7 +715,8 @@ def plot_exposure(report: dict[str, Any], path: Path) -> None:
         for key, run in report["runs"].items():
             color, line = styles.get(key, ("black", "-"))
             means = [run["exposure"][str(c)]["mean"] for c in counts]
-            label = f"{run['label']} (eps {epsilon_text(run['epsilon'])}, MIA AUC {run['mia_auc']:.2f})"
+            label = (f"{run['label']} (eps {epsilon_text(run['epsilon'])}, "
+                     f"best MIA AUC {strongest_attack(run):.2f})")
             axis.plot(counts, means, marker="o", color=color, linestyle=line, label=label)
             for count in counts:
                 points = [c["exposure"] for c in run["exposure"][str(count)]["canaries"]]

@@ -35,7 +35,7 @@ def _handler(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from simulations.empirical_audit import empirical_audit, epsilon_text
+    from simulations.empirical_audit import empirical_audit, epsilon_text, strongest_attack
 
     torch.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load
@@ -47,7 +47,7 @@ def _handler(args: argparse.Namespace) -> int:
                              args.hospitals, args.canaries_per_count, args.candidates, progress)
     for key in ("dp", "non_dp"):
         run = report["runs"][key]
-        print(f"{run['label']}: epsilon {epsilon_text(run['epsilon'])}, MIA AUC {run['mia_auc']:.3f}, "
+        print(f"{run['label']}: epsilon {epsilon_text(run['epsilon'])}, best MIA AUC {strongest_attack(run):.3f}, "
               "exposure " + ", ".join(f"{c}x {v['mean']:.1f}" for c, v in run["exposure"].items())
               + f" bits (max {report['secret_format']['max_exposure']:.1f})")
     print(f"report: {Path(args.out) / 'report.md'}")

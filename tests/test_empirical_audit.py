@@ -16,12 +16,15 @@ from simulations.empirical_audit import (
     MRN_SPACE_SIZE,
     AuditSite,
     Canary,
+    MembershipLosses,
     canary_text,
     exposure_from_scores,
     fit_skew_normal,
     format_mrn,
     make_canaries,
     measure_exposures,
+    membership_attacks,
+    min_k_loss,
     mrn_check_digit,
     plant_canaries,
     roc_auc,
@@ -96,6 +99,31 @@ def test_auc_is_one_half_and_zero_on_constructed_scores():
         roc_auc([], [1.0])
 
 
+def test_min_k_loss_averages_the_hardest_tokens():
+    losses = torch.tensor([0.1, 5.0, 0.2, 4.0, 3.0])
+    assert min_k_loss(losses, 0.4) == pytest.approx(4.5)
+    assert min_k_loss(losses, 0.01) == pytest.approx(5.0)  # at least one token
+    assert min_k_loss(losses, 1.0) == pytest.approx(float(losses.mean()))
+    with pytest.raises(ValueError, match="no labelled tokens"):
+        min_k_loss(torch.tensor([]))
+
+
+def test_attacks_separate_memorized_details_from_a_shared_template():
+    """Members and non-members share an easy template (loss 0.1 per token); only the members'
+    own details (the last token) were memorized. The base model found all details equally hard."""
+    def record(detail: float) -> torch.Tensor:
+        return torch.tensor([0.1] * 9 + [detail])
+
+    base = MembershipLosses([record(6.0)] * 4, [record(6.0)] * 4)
+    trained = MembershipLosses([record(d) for d in (1.0, 1.5, 2.0, 2.5)],
+                               [record(d) for d in (3.0, 3.5, 4.0, 4.5)])
+    attacks = membership_attacks(trained, base)
+    assert {k: a["auc"] for k, a in attacks.items()} == {"loss": 1.0, "loss_vs_base": 1.0, "min_k": 1.0}
+    assert all(a["standard_error"] >= 0 for a in attacks.values())
+    alike = MembershipLosses(trained.members, list(reversed(trained.members)))
+    assert membership_attacks(alike, base)["min_k"]["auc"] == 0.5
+
+
 def test_canaries_are_planted_the_requested_times_and_only_in_training(tmp_path):
     records = load_records(write_notes(tmp_path / "notes.jsonl", 80, seed=3), "jsonl")
     canaries = make_canaries([1, 4, 16], per_count=2, seed=7)
@@ -162,8 +190,13 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
         assert set(run["exposure"]) == {"1", "4"}
         assert all(0.0 <= c["exposure"] <= LOG2_SPACE for e in run["exposure"].values()
                    for c in e["canaries"])
-        assert 0.0 <= run["mia_auc"] <= 1.0
+        assert run["mia"]["sites"] == ["north", "south"]
+        assert set(run["mia"]["attacks"]) == {"loss", "loss_vs_base", "min_k"}
+        assert all(0.0 <= a["auc"] <= 1.0 and a["standard_error"] > 0
+                   for a in run["mia"]["attacks"].values())
     assert written["runs"]["base"]["epsilon"] == 0.0
+    # Against itself the base model's loss drop is 0 for every record: chance by construction.
+    assert written["runs"]["base"]["mia"]["attacks"]["loss_vs_base"]["auc"] == 0.5
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "membership inference AUC" in markdown and "∞" in markdown
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
