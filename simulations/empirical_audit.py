@@ -669,6 +669,8 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
         "| member / held-out loss | " + " | ".join(
             f"{runs[k]['mia']['member_loss']:.3f} / {runs[k]['mia']['heldout_loss']:.3f}"
             for k in keys) + " |",
+        "| best attack's AUC above chance | " + " | ".join(
+            f"{strongest_attack(runs[k]) - 0.5:+.3f}" for k in keys) + " |",
         "| wall time (s) | " + " | ".join(f"{runs[k]['wall_s']:.0f}" for k in keys) + " |",
         "",
         "How to read it:",

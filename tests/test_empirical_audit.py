@@ -199,6 +199,8 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
     assert written["runs"]["base"]["mia"]["attacks"]["loss_vs_base"]["auc"] == 0.5
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "membership inference AUC" in markdown and "∞" in markdown
+    best = max(a["auc"] for a in non_dp["mia"]["attacks"].values())
+    assert "| best attack's AUC above chance |" in markdown and f"{best - 0.5:+.3f}" in markdown
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
     assert any("[dp] round 2/2" in line for line in lines)
 
