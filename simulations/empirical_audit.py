@@ -713,7 +713,7 @@ def plot_exposure(report: dict[str, Any], path: Path) -> None:
     """Exposure against repetition count, one line per run, with the format's maximum."""
     counts = report["repetitions"]
     styles = {"base": ("grey", ":"), "dp": ("tab:blue", "-"), "non_dp": ("tab:red", "-")}
-    with report_figure(path, size=(6.4, 4.2), legend_location="upper left") as (axis,):
+    with report_figure(path, size=(6.4, 4.2), legend_location="center right") as (axis,):
         for key, run in report["runs"].items():
             color, line = styles.get(key, ("black", "-"))
             means = [run["exposure"][str(c)]["mean"] for c in counts]
