@@ -74,9 +74,10 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
     model.train()
     optimizer = torch.optim.Adam(list(trainable.values()), lr=settings.learning_rate)
     loader = DataLoader(dataset, batch_size=settings.expected_batch_size, generator=generator)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus' secure-RNG advice; noise comes from torch's RNG
+        # Opacus' secure-RNG advice: the noise comes from torch's RNG under the site's secret seed.
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")
         dp_model, dp_optimizer, dp_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,

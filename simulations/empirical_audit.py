@@ -418,9 +418,8 @@ def train_federation(job: JobConfig, template: torch.nn.Module, sites: Sequence[
                 raise ValueError(f"{site.name}: training records are not encoded yet")
             model = copy.deepcopy(template)
             load_lora_state(model, outcome.state)
-            with warnings.catch_warnings():  # Opacus' secure-RNG advice, once per site and round
-                warnings.filterwarnings("ignore", message="Secure RNG turned off")
-                warnings.simplefilter("ignore", FutureWarning)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices
                 result = train_dp_round(model, site.train, DPTrainSettings(
                     noise_multiplier=noise[site.name], max_grad_norm=clip,
                     expected_batch_size=job.training.batch_size, steps=job.training.local_steps,
