@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,9 +19,13 @@ from simulations.empirical_audit_cli import add_empirical_audit_command
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from simulations.runner import simulate
 
     started = time.monotonic()
+    warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load
 
     def progress(line: str) -> None:
         print(f"[{time.monotonic() - started:6.0f}s] {line}", flush=True)

@@ -161,8 +161,13 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
     return report
 
 
+def _hide_run_simulation_notice(record: logging.LogRecord) -> bool:
+    """Drops Flower's notice that ``run_simulation`` is deprecated (see below why we use it)."""
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_per_node: float) -> None:
-    """Flower's simulation engine (Ray backend), quietly: one warning we know about is hidden.
+    """Flower's simulation engine (Ray backend), quietly: known warnings and DEBUG logs hidden.
 
     ``run_simulation`` is marked deprecated in Flower 1.42 in favour of ``flwr run`` against
     a local SuperLink; it is still Flower's in-process simulation engine and lets the apps be
@@ -176,6 +181,12 @@ def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_pe
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # inherited by the node processes
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    # Opacus installs a root log handler at import; Flower's records (its DEBUG ones included)
+    # would reach it too and print twice. Flower's own console handler shows what matters.
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.propagate = False
+    if _hide_run_simulation_notice not in flower_logger.filters:
+        flower_logger.addFilter(_hide_run_simulation_notice)
     backend = {"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus_per_node)),
                              "include_dashboard": False, "logging_level": logging.ERROR}}
