@@ -67,9 +67,6 @@ CANARY_TEMPLATE = "Registration desk: patient identity confirmed with MRN {secre
 NO_CLIPPING = 1e6
 # Min-K% Prob's default share of a record's tokens (Shi et al. 2024).
 MIN_K_FRACTION = 0.2
-# The membership attacks, by report key: each guesses "member" for a high score.
-ATTACKS = {"loss": "loss", "loss_vs_base": "loss vs base model",
-           "min_k": f"Min-K% ({MIN_K_FRACTION:.0%} hardest tokens)"}
 RUN_LABELS = {"base": "base model (before training)", "dp": "DP-SGD",
               "non_dp": "no DP (audit only)"}
 
@@ -306,6 +303,27 @@ def min_k_loss(token_losses: torch.Tensor, fraction: float = MIN_K_FRACTION) -> 
     return float(token_losses.topk(count).values.mean())
 
 
+@dataclass(frozen=True)
+class MembershipAttack:
+    """A threshold attack: ``score`` (from a record's token losses under the audited model and
+    under the base model) is high where it guesses "member"."""
+
+    label: str
+    score: Callable[[torch.Tensor, torch.Tensor], float]
+
+
+# *loss* scores a record by its mean loss; *loss vs base model* by how much that fell from the
+# base model's, which discounts records that are simply easy (Watson et al. 2022); *min_k* by
+# the loss of its hardest tokens.
+ATTACKS = {
+    "loss": MembershipAttack("loss", lambda own, base: -float(own.mean())),
+    "loss_vs_base": MembershipAttack("loss vs base model",
+                                     lambda own, base: float(base.mean()) - float(own.mean())),
+    "min_k": MembershipAttack(f"Min-K% ({MIN_K_FRACTION:.0%} hardest tokens)",
+                              lambda own, base: -min_k_loss(own)),
+}
+
+
 def model_scorer(model: torch.nn.Module, tokenizer: Any, max_length: int, batch_size: int) -> Scorer:
     """A Scorer backed by a language model: log-perplexity of each text, in bits."""
 
@@ -465,25 +483,13 @@ def membership_losses(model: torch.nn.Module, splits: Sequence[SiteSplit],
 
 
 def membership_attacks(losses: MembershipLosses, reference: MembershipLosses) -> dict[str, Any]:
-    """AUC and standard error of each attack in ATTACKS on the pooled records.
-
-    *loss* scores a record by its mean loss; *loss vs base model* by how much that fell from
-    ``reference`` (the same records under the base model), which discounts records that are
-    simply easy (Watson et al. 2022); *min_k* by the loss of its hardest tokens.
-    """
-    def mean(values: torch.Tensor) -> float:
-        return float(values.mean())
-
-    scores = {
-        "loss": lambda own, base: -mean(own),
-        "loss_vs_base": lambda own, base: mean(base) - mean(own),
-        "min_k": lambda own, base: -min_k_loss(own),
-    }
+    """AUC and standard error of each attack in ATTACKS on the pooled records; ``reference``
+    holds the same records' losses under the base model."""
     members, nonmembers = len(losses.members), len(losses.heldout)
     attacks = {}
-    for key, score in scores.items():
-        auc = roc_auc([score(o, b) for o, b in zip(losses.members, reference.members)],
-                      [score(o, b) for o, b in zip(losses.heldout, reference.heldout)])
+    for key, attack in ATTACKS.items():
+        auc = roc_auc([attack.score(o, b) for o, b in zip(losses.members, reference.members)],
+                      [attack.score(o, b) for o, b in zip(losses.heldout, reference.heldout)])
         attacks[key] = {"auc": auc, "standard_error": auc_standard_error(auc, members, nonmembers)}
     return attacks
 
@@ -612,7 +618,7 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
 
 
 def _attack_summary(run: dict[str, Any]) -> str:
-    return "MIA AUC " + ", ".join(f"{ATTACKS[k]} {a['auc']:.3f}" for k, a in run["mia"]["attacks"].items())
+    return "MIA AUC " + ", ".join(f"{ATTACKS[k].label} {a['auc']:.3f}" for k, a in run["mia"]["attacks"].items())
 
 
 def _site_with_most_heldout(job: JobConfig, sites: Sequence[AuditSite]) -> str:
@@ -660,10 +666,10 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| exposure, {count} cop{'y' if count == 1 else 'ies'} (bits) | " + " | ".join(
             f"{runs[k]['exposure'][str(count)]['mean']:.1f} "
             f"(sampled {runs[k]['exposure'][str(count)]['mean_sampled']:.1f})" for k in keys) + " |")
-    for attack, name in ATTACKS.items():
-        lines.append(f"| membership inference AUC, {name} (± s.e.) | " + " | ".join(
-            f"{runs[k]['mia']['attacks'][attack]['auc']:.3f} ± "
-            f"{runs[k]['mia']['attacks'][attack]['standard_error']:.3f}" for k in keys) + " |")
+    for key, attack in ATTACKS.items():
+        lines.append(f"| membership inference AUC, {attack.label} (± s.e.) | " + " | ".join(
+            f"{runs[k]['mia']['attacks'][key]['auc']:.3f} ± "
+            f"{runs[k]['mia']['attacks'][key]['standard_error']:.3f}" for k in keys) + " |")
     lines += [
         "| member / held-out loss | " + " | ".join(
             f"{runs[k]['mia']['member_loss']:.3f} / {runs[k]['mia']['heldout_loss']:.3f}"
