@@ -12,10 +12,10 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.node import SiteNode
-from client.policy import load_site_policy
-from common.lora import arrayrecord_to_state, state_to_arrayrecord
-from common.protocol import (ADAPTER_KEY, METRICS_KEY, REQUEST_KEY, STATUS_KEY, EvaluateRequest,
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
+from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, REQUEST_KEY, STATUS_KEY, EvaluateRequest,
                              TrainRequest)
 
 PolicyResolver = Callable[[Context], Path]

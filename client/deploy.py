@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.node import SiteNode
-from client.policy import SitePolicy, load_site_policy
-from common.flower_process import flower_env, flower_tool
-from common.certs import CertError, check_certificate, check_node_private_key
-from common.config import ConfigError
+from privatune.client.node import SiteNode
+from privatune.client.policy import SitePolicy, load_site_policy
+from privatune.common.flower_process import flower_env, flower_tool
+from privatune.common.certs import CertError, check_certificate, check_node_private_key
+from privatune.common.config import ConfigError
 
 Progress = Callable[[str], None]
 

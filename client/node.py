@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-from client.data import Record, load_records, split_records
-from client.policy import SitePolicy, check_delta
-from client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
-from common.examples import encode_pairs, evaluate_loss
-from common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
-from common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state, lora_state
-from common.privacy import ACCOUNTANT_NAME, MechanismStep, calibrate_noise_multiplier, rdp_epsilon
-from common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+from privatune.client.data import Record, load_records, split_records
+from privatune.client.policy import SitePolicy, check_delta
+from privatune.client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
+from privatune.common.examples import encode_pairs, evaluate_loss
+from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
+from privatune.common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state, lora_state
+from privatune.common.privacy import ACCOUNTANT_NAME, MechanismStep, calibrate_noise_multiplier, rdp_epsilon
+from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
 
 
 def privacy_units(records: Sequence[Record], unit: str) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, bounded, build, choice, read_yaml
+from privatune.common.config import ConfigError, bounded, build, choice, read_yaml
 
 
 @dataclass(frozen=True)

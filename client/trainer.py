@@ -17,7 +17,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.examples import per_example_loss
+from privatune.common.examples import per_example_loss
 
 
 class DPNotAppliedError(RuntimeError):

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.ledger import ADAPTER_UPDATE, LedgerError, read_entries
-from common.plots import report_figure
-from common.privacy import MechanismStep, independent_rdp_epsilon, pld_epsilon
+from privatune.common.ledger import ADAPTER_UPDATE, LedgerError, read_entries
+from privatune.common.plots import report_figure
+from privatune.common.privacy import MechanismStep, independent_rdp_epsilon, pld_epsilon
 
 TOLERANCE = 0.01
 

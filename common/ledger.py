@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.privacy import MechanismStep, rdp_epsilon
+from privatune.common.privacy import MechanismStep, rdp_epsilon
 
 GENESIS_HASH = "0" * 64
 ADAPTER_UPDATE = "adapter_update"

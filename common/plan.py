@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.plots import report_figure
-from common.privacy import MechanismStep, calibrate_noise_multiplier, pld_epsilon, rdp_epsilon
+from privatune.common.plots import report_figure
+from privatune.common.privacy import MechanismStep, calibrate_noise_multiplier, pld_epsilon, rdp_epsilon
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from common.config import JobConfig
+from privatune.common.config import JobConfig
 
 TRAIN = "train"
 EVALUATE = "evaluate"

@@ -10,12 +10,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import load_job_config
-from common.lora import arrayrecord_to_state, state_to_arrayrecord
-from common.protocol import (ADAPTER_KEY, EVALUATE, METRICS_KEY, REQUEST_KEY, STATUS_KEY, TRAIN,
+from privatune.common.config import load_job_config
+from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
+from privatune.common.protocol import (ADAPTER_KEY, EVALUATE, METRICS_KEY, REQUEST_KEY, STATUS_KEY, TRAIN,
                              EvaluateReply, EvaluateRequest, TrainReply, TrainRequest)
-from server.coordinator import Coordinator, CoordinatorSettings, TrainResult
-from server.report import write_report
+from privatune.server.coordinator import Coordinator, CoordinatorSettings, TrainResult
+from privatune.server.report import write_report
 
 
 class FlowerTransport:

@@ -18,13 +18,13 @@ from typing import Any, Protocol
 
 import torch
 
-from common.config import JobConfig, to_dict
-from common.lora import (LoraSettings, initial_adapter, load_adapter, load_lora_state, lora_state,
+from privatune.common.config import JobConfig, to_dict
+from privatune.common.lora import (LoraSettings, initial_adapter, load_adapter, load_lora_state, lora_state,
                          save_adapter)
-from common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
+from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                              evaluate_request, train_request)
-from server.aggregation import InvalidUpdateError, fedavg, validate_update
-from server.evaluation import CentralEvaluator
+from privatune.server.aggregation import InvalidUpdateError, fedavg, validate_update
+from privatune.server.evaluation import CentralEvaluator
 
 
 class NodesUnavailableError(RuntimeError):

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.flower_process import flower_env, flower_tool
-from common.certs import CertError, certificate_hosts, check_certificate, check_node_public_key
-from common.config import ConfigError, bounded, build, read_yaml
+from privatune.common.flower_process import flower_env, flower_tool
+from privatune.common.certs import CertError, certificate_hosts, check_certificate, check_node_public_key
+from privatune.common.config import ConfigError, bounded, build, read_yaml
 
 CONNECTION = "privatune"
 """Name of the SuperLink connection in the coordinator's ``$FLWR_HOME/config.toml``."""
@@ -375,7 +375,9 @@ def stage_app(source: Path, dest: Path) -> Path:
         for file in sorted((source / package).rglob("*.py")):
             if "__pycache__" in file.parts:
                 continue
-            target = dest / file.relative_to(source)
+            # staged as the installed namespace, so the components `privatune.server.app:app`
+            # and `privatune.client.app:app` import from the bundle as they do from a wheel
+            target = dest / "privatune" / file.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, target)
     return dest

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from common.examples import encode_pairs, evaluate_loss
-from common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state
+from privatune.common.examples import encode_pairs, evaluate_loss
+from privatune.common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state
 
 
 def read_eval_pairs(path: str | Path) -> list[tuple[str, str]]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.audit import audit_path
-from common.ledger import SiteLedger
+from privatune.common.audit import audit_path
+from privatune.common.ledger import SiteLedger
 
 
 class ReleaseRefused(RuntimeError):

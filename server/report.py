@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.plots import report_figure
+from privatune.common.plots import report_figure
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -13,15 +13,15 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import ConfigError
-from simulations.deploy_cli import add_deployment_commands
-from simulations.empirical_audit_cli import add_empirical_audit_command
+from privatune.common.config import ConfigError
+from privatune.simulations.deploy_cli import add_deployment_commands
+from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
-    from simulations.runner import simulate
+    from privatune.simulations.runner import simulate
 
     started = time.monotonic()
     warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices
@@ -40,8 +40,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from common.config import load_job_config
-    from common.plan import plan_site, plot_plans, render_table
+    from privatune.common.config import load_job_config
+    from privatune.common.plan import plan_site, plot_plans, render_table
 
     job = load_job_config(args.config, args.set)
     sites = dict(item.split("=", 1) for item in args.site) if args.site else {"site": str(args.records)}
@@ -62,7 +62,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from common.audit import audit_path, write_audit
+    from privatune.common.audit import audit_path, write_audit
 
     audits = audit_path(Path(args.path))
     out = Path(args.out) if args.out else (Path(args.path) if Path(args.path).is_dir()
@@ -81,7 +81,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from server.export import ReleaseRefused, export_adapter
+    from privatune.server.export import ReleaseRefused, export_adapter
 
     if args.force and not args.reason:
         raise ConfigError("--force needs --reason '...' (it is recorded in releases.jsonl)")

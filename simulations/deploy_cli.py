@@ -1,7 +1,7 @@
 """``privatune coordinator``, ``privatune node`` and ``privatune certs``: a real federation.
 
 ``add_deployment_commands`` adds the three subcommands to the ``privatune`` parser; this
-module also runs on its own (``python -m simulations.deploy_cli ...``) with the same
+module also runs on its own (``python -m privatune.simulations.deploy_cli ...``) with the same
 arguments. Heavy imports (torch, Flower) happen inside the handlers, so ``--help`` and
 ``certs`` stay fast.
 """
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import ConfigError
+from privatune.common.config import ConfigError
 
 DEFAULT_DEPLOYMENT = "coordinator.yaml"
 
@@ -31,8 +31,8 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-    from common.config import load_job_config
-    from server.deploy import DeploymentError, RunInputs, coordinate, load_deployment, serve
+    from privatune.common.config import load_job_config
+    from privatune.server.deploy import DeploymentError, RunInputs, coordinate, load_deployment, serve
 
     job_path = Path(args.config).resolve()
     deployment_path = Path(args.deployment) if args.deployment else job_path.parent / DEFAULT_DEPLOYMENT
@@ -45,7 +45,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         if run.model_dir:
             model_dir = deployment.resolve(run.model_dir)
         else:
-            from simulations.runner import resolve_base_model
+            from privatune.simulations.runner import resolve_base_model
 
             model_dir = resolve_base_model(job, print).resolve()
         print(f"base model: {model_dir} (every hospital needs a copy; set it as site.model)",
@@ -65,7 +65,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from client.deploy import NodeConnection, run_node
+    from privatune.client.deploy import NodeConnection, run_node
 
     connection = None
     if not args.check:
@@ -89,7 +89,7 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from common.certs import (CA_CERT, CA_KEY, SERVER_CERT, CertError, CertificateAuthority,
+    from privatune.common.certs import (CA_CERT, CA_KEY, SERVER_CERT, CertError, CertificateAuthority,
                               certificate_hosts, fingerprint, make_ca, make_node_keys,
                               make_server_cert, server_hosts)
 

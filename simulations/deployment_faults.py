@@ -18,7 +18,7 @@ Afterwards every site's epsilon in ``report.json`` is compared with what its own
 ``<out>/faults.md`` and ``<out>/faults.json``; process logs stay under
 ``<out>/<scenario>/logs``.
 
-Usage: ``python -m simulations.deployment_faults --out runs/faults [--scenario all]``.
+Usage: ``python -m privatune.simulations.deployment_faults --out runs/faults [--scenario all]``.
 Sizes are the smallest that still train (a tiny model, 120 notes per site): the time is
 dominated by Flower starting one ClientApp process (torch, Opacus) per message.
 """
@@ -44,10 +44,10 @@ from typing import Any
 
 import yaml
 
-from common.audit import audit_path
-from common.base_model import BaseModelSpec, ensure_base_model
-from common.certs import make_ca, make_node_keys, make_server_cert
-from common.ledger import ADAPTER_UPDATE, SiteLedger, read_entries
+from privatune.common.audit import audit_path
+from privatune.common.base_model import BaseModelSpec, ensure_base_model
+from privatune.common.certs import make_ca, make_node_keys, make_server_cert
+from privatune.common.ledger import ADAPTER_UPDATE, SiteLedger, read_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("alpha", "beta", "gamma")
@@ -85,7 +85,7 @@ def free_port() -> int:
 
 def privatune(*args: str) -> list[str]:
     """The ``privatune`` deployment subcommands as run by a user of this checkout."""
-    return [sys.executable, "-m", "simulations.deploy_cli", *args]
+    return [sys.executable, "-m", "privatune.simulations.deploy_cli", *args]
 
 
 class Proc:
@@ -269,7 +269,7 @@ def prepare(root: Path, model_dir: Path, round_timeout_s: int, rounds: int) -> F
 
 def start_federation(fed: Federation) -> None:
     """SuperLink (long-lived, like under systemd) and the three hospital nodes, all online."""
-    from server.deploy import load_deployment, wait_for_online
+    from privatune.server.deploy import load_deployment, wait_for_online
 
     link = Proc(privatune("coordinator", "--config", str(fed.job), "--serve"), "superlink",
                 fed.logs)
@@ -465,7 +465,7 @@ def scenario_coordinator_killed(fed: Federation, budget_s: float) -> dict[str, A
 
 def flower_run_status(fed: Federation, run_id: str) -> str:
     """Flower's final status of the killed run (it should not be 'running' forever)."""
-    from server.deploy import load_deployment, run_status
+    from privatune.server.deploy import load_deployment, run_status
 
     try:
         return run_status(load_deployment(fed.root / "coordinator.yaml"), int(run_id))
@@ -607,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rounds must be at least 3 (the faults are injected in round 2)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = ".venv/bin/python -m simulations.deployment_faults " + " ".join(
+    command = ".venv/bin/python -m privatune.simulations.deployment_faults " + " ".join(
         sys.argv[1:] if argv is None else argv)
     model_dir = ensure_base_model(out / "model", TINY_MODEL, log)
     results_path = out / "faults.json"

@@ -38,17 +38,17 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from client.data import Record, load_records, split_records
-from client.node import privacy_units
-from client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
-from common.config import ConfigError, JobConfig, load_job_config, to_dict
-from common.examples import IGNORE_INDEX, encode_pairs, next_token_losses
-from common.lora import LoraSettings, initial_adapter, load_base_model, load_lora_state, lora_state
-from common.plots import report_figure
-from common.privacy import MechanismStep, calibrate_noise_multiplier, rdp_epsilon
-from common.protocol import round_seed
-from server.aggregation import fedavg
-from simulations.empirical_audit_cli import (
+from privatune.client.data import Record, load_records, split_records
+from privatune.client.node import privacy_units
+from privatune.client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
+from privatune.common.config import ConfigError, JobConfig, load_job_config, to_dict
+from privatune.common.examples import IGNORE_INDEX, encode_pairs, next_token_losses
+from privatune.common.lora import LoraSettings, initial_adapter, load_base_model, load_lora_state, lora_state
+from privatune.common.plots import report_figure
+from privatune.common.privacy import MechanismStep, calibrate_noise_multiplier, rdp_epsilon
+from privatune.common.protocol import round_seed
+from privatune.server.aggregation import fedavg
+from privatune.simulations.empirical_audit_cli import (
     DEFAULT_CANARIES_PER_COUNT,
     DEFAULT_CANDIDATES,
     DEFAULT_REPETITIONS,
@@ -760,8 +760,8 @@ def empirical_audit(config: Path, out: Path, overrides: Sequence[str] = (),
                     candidates: int = DEFAULT_CANDIDATES, progress: Progress = print) -> dict[str, Any]:
     """The audit on the simulated hospitals of a job config (the cached clinosim exports of
     ``privatune simulate``; ``hospitals`` takes the first N of the config's federation)."""
-    from simulations.hospitals import default_hospitals, generate_federation
-    from simulations.runner import resolve_base_model
+    from privatune.simulations.hospitals import default_hospitals, generate_federation
+    from privatune.simulations.runner import resolve_base_model
 
     job = load_job_config(config, overrides)
     count = job.data.hospitals if hospitals is None else hospitals

@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common.config import ConfigError
+from privatune.common.config import ConfigError
 
 DEFAULT_REPETITIONS = (1, 4, 16)
 DEFAULT_CANARIES_PER_COUNT = 2
@@ -35,7 +35,7 @@ def _handler(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from simulations.empirical_audit import empirical_audit, epsilon_text, strongest_attack
+    from privatune.simulations.empirical_audit import empirical_audit, epsilon_text, strongest_attack
 
     torch.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load

@@ -177,7 +177,7 @@ def _generate_in_worker(batch: Sequence[HospitalSpec], exports: dict[str, Path])
     LOG.info("simulating %s with clinosim in a worker process", names)
     jobs = [[asdict(spec), str(exports[spec.name])] for spec in batch]
     python_path = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-m", "simulations.hospitals", json.dumps(jobs)],
+    result = subprocess.run([sys.executable, "-m", "privatune.simulations.hospitals", json.dumps(jobs)],
                             env={**os.environ, "PYTHONPATH": python_path}, capture_output=True,
                             text=True, check=False)
     if result.returncode != 0:

@@ -21,18 +21,18 @@ from typing import Any
 
 import yaml
 
-from client.app import make_client_app
-from client.data import load_records
-from client.node import SiteNode
-from client.policy import load_site_policy
-from common.base_model import BaseModelSpec, ensure_base_model
-from common.config import ConfigError, JobConfig, load_job_config
-from common.lora import initial_adapter, lora_state
-from common.protocol import evaluate_request, train_request
-from server.app import make_server_app
-from server.coordinator import CoordinatorSettings, lora_settings
-from server.report import write_report
-from simulations.hospitals import default_hospitals, generate_federation
+from privatune.client.app import make_client_app
+from privatune.client.data import load_records
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.common.base_model import BaseModelSpec, ensure_base_model
+from privatune.common.config import ConfigError, JobConfig, load_job_config
+from privatune.common.lora import initial_adapter, lora_state
+from privatune.common.protocol import evaluate_request, train_request
+from privatune.server.app import make_server_app
+from privatune.server.coordinator import CoordinatorSettings, lora_settings
+from privatune.server.report import write_report
+from privatune.simulations.hospitals import default_hospitals, generate_federation
 
 
 def resolve_base_model(job: JobConfig, progress: Callable[[str], None]) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.base_model import BaseModelSpec, ensure_base_model
+from privatune.common.base_model import BaseModelSpec, ensure_base_model
 
 TINY_SPEC = BaseModelSpec(vocab_size=384, hidden_size=32, layers=1, heads=2, intermediate_size=64,
                           max_positions=128, pretrain_steps=20, pretrain_batch_size=8,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from common.base_model import (
+from privatune.common.base_model import (
     BUILD_INFO_FILE,
     BaseModelSpec,
     collect_public_corpus,

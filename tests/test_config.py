@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_job_config
+from privatune.common.config import ConfigError, load_job_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from client.data import DataError, Record, load_records, split_records
+from privatune.client.data import DataError, Record, load_records, split_records
 
 
 def write_lines(path, lines):

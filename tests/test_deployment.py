@@ -28,9 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from common.certs import (CertError, certificate_hosts, make_ca, make_node_keys,
+from privatune.common.certs import (CertError, certificate_hosts, make_ca, make_node_keys,
                           make_server_cert)
-from common.ledger import SiteLedger
+from privatune.common.ledger import SiteLedger
 from tests.conftest import write_notes, write_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.deploy_cli", *args]
+    return [sys.executable, "-m", "privatune.simulations.deploy_cli", *args]
 
 
 class Process:
@@ -174,7 +174,7 @@ def federation(tmp_path_factory, tiny_model_dir):
                                "--max-wait", "15"), name)
             processes.append(node)
             fed.nodes[name] = node
-        from server.deploy import load_deployment, wait_for_online
+        from privatune.server.deploy import load_deployment, wait_for_online
 
         fed.deployment = load_deployment(tmp / "coordinator.yaml")
         wait_for_online(fed.deployment, len(SITES), timeout_s=120)

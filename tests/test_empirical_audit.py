@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-from client.data import Record, load_records, split_records
-from common.config import load_job_config
-from simulations.empirical_audit import (
+from privatune.client.data import Record, load_records, split_records
+from privatune.common.config import load_job_config
+from privatune.simulations.empirical_audit import (
     MRN_SPACE_SIZE,
     AuditSite,
     Canary,
@@ -31,7 +31,7 @@ from simulations.empirical_audit import (
     run_empirical_audit,
     sample_candidates,
 )
-from simulations.empirical_audit_cli import add_empirical_audit_command
+from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
 from tests.conftest import write_notes
 
 LOG2_SPACE = math.log2(MRN_SPACE_SIZE)

@@ -7,8 +7,8 @@ from importlib.resources import files
 
 import pytest
 
-from client.data import load_records
-from simulations.hospitals import (
+from privatune.client.data import load_records
+from privatune.simulations.hospitals import (
     FACILITIES,
     MANIFEST_NAME,
     HospitalSpec,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from common.ledger import ADAPTER_UPDATE, NON_PRIVATE, LedgerError, SiteLedger, read_entries
-from common.privacy import MechanismStep, rdp_epsilon
+from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, LedgerError, SiteLedger, read_entries
+from privatune.common.privacy import MechanismStep, rdp_epsilon
 
 
 def make_ledger(path, rounds=3):

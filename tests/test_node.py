@@ -7,20 +7,20 @@ import opacus.optimizers.optimizer as dp_opt
 import pytest
 import torch
 
-from client.node import SiteNode
-from client.policy import load_site_policy
-from client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
-from common.config import ConfigError
-from common.examples import encode_pairs
-from common.ledger import SiteLedger
-from common.lora import LoraSettings, attach_lora, initial_adapter, load_base_model, lora_state
-from common.privacy import independent_rdp_epsilon
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
+from privatune.common.config import ConfigError
+from privatune.common.examples import encode_pairs
+from privatune.common.ledger import SiteLedger
+from privatune.common.lora import LoraSettings, attach_lora, initial_adapter, load_base_model, lora_state
+from privatune.common.privacy import independent_rdp_epsilon
 
 LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
 def request(round_number=1, planned=2, steps=3, run="run-1"):
-    from common.protocol import TrainRequest
+    from privatune.common.protocol import TrainRequest
 
     return TrainRequest(run_id=run, round=round_number, planned_rounds=planned, local_steps=steps,
                         batch_size=8, learning_rate=0.02, max_grad_norm=1.0, max_length=48,

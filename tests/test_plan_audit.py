@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from common.audit import audit_path, write_audit
-from common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
-from common.plan import plan_site
-from common.privacy import MechanismStep, rdp_epsilon
+from privatune.common.audit import audit_path, write_audit
+from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
+from privatune.common.plan import plan_site
+from privatune.common.privacy import MechanismStep, rdp_epsilon
 
 
 def write_site(run_dir, name, noise=0.9, rounds=3, budget=8.0, fake_epsilon=None):
@@ -84,8 +84,8 @@ def _fake_run(tmp_path, **site):
 
 
 def test_release_gate_exports_a_clean_run_and_records_it(tmp_path):
-    from common.ledger import read_entries
-    from server.export import export_adapter
+    from privatune.common.ledger import read_entries
+    from privatune.server.export import export_adapter
 
     run = _fake_run(tmp_path)
     assert export_adapter(run, tmp_path / "release") == []
@@ -95,8 +95,8 @@ def test_release_gate_exports_a_clean_run_and_records_it(tmp_path):
 
 
 def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path):
-    from common.ledger import read_entries
-    from server.export import ReleaseRefused, export_adapter
+    from privatune.common.ledger import read_entries
+    from privatune.server.export import ReleaseRefused, export_adapter
 
     run = _fake_run(tmp_path, noise=0.5, budget=2.0)
     with pytest.raises(ReleaseRefused, match="over the budget"):
@@ -109,7 +109,7 @@ def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path
 
 
 def test_cli_reports_config_errors_with_file_and_key(tmp_path, capsys):
-    from simulations.cli import main
+    from privatune.simulations.cli import main
 
     bad = tmp_path / "job.yaml"
     bad.write_text("lora:\n  rank: 4\n")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.plots import report_figure
+from privatune.common.plots import report_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.privacy import (MechanismStep, calibrate_noise_multiplier, independent_rdp_epsilon,
+from privatune.common.privacy import (MechanismStep, calibrate_noise_multiplier, independent_rdp_epsilon,
                             pld_epsilon, rdp_epsilon)
 
 HISTORIES = [

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from client.node import SiteNode
-from client.policy import load_site_policy
-from common.config import load_job_config
-from common.ledger import SiteLedger
-from common.lora import LoraSettings, initial_adapter, load_adapter, lora_state
-from common.plan import plan_site
-from simulations.runner import simulate_sites
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.common.config import load_job_config
+from privatune.common.ledger import SiteLedger
+from privatune.common.lora import LoraSettings, initial_adapter, load_adapter, lora_state
+from privatune.common.plan import plan_site
+from privatune.simulations.runner import simulate_sites
 from tests.conftest import write_notes
 
 JOB = """
