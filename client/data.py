@@ -56,6 +56,22 @@ def load_records(path: str | Path, fmt: str = "auto") -> list[Record]:
     return _load_fhir(path)
 
 
+def collapse_duplicates(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """Keep the first of each group of exact duplicates (same prompt, completion and patient).
+
+    Two copies of one record are one person's data: counted as two privacy units they would
+    halve that person's record-level guarantee. Returns (kept, dropped copies).
+    """
+    seen: set[tuple[str, str, str | None]] = set()
+    kept: list[Record] = []
+    dropped: list[Record] = []
+    for record in records:
+        key = (record.prompt, record.completion, record.patient_id)
+        (dropped if key in seen else kept).append(record)
+        seen.add(key)
+    return kept, dropped
+
+
 def split_records(records: Sequence[Record], heldout_fraction: float,
                   seed: int) -> tuple[list[Record], list[Record]]:
     """Split into (train, held-out) by hashing, so the split survives reordering and reloading.

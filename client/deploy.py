@@ -59,7 +59,9 @@ class CheckedSite:
     policy: SitePolicy
     train_units: int
     heldout_units: int
+    duplicates: int
     epsilon_spent: float
+    set_aside: str = ""
 
 
 def check_site(policy_path: Path) -> CheckedSite:
@@ -70,8 +72,9 @@ def check_site(policy_path: Path) -> CheckedSite:
     if not (policy.model_dir / "config.json").is_file():
         raise ConfigError(f"{policy_path}: site.model: {policy.model_dir.resolve()} is not a model "
                           "directory (no config.json); copy the federation's base model there")
+    set_aside = node.ledger.set_aside.message if node.ledger.set_aside else ""
     return CheckedSite(policy_path, policy, len(node.train_units), len(node.heldout_units),
-                       node.epsilon())
+                       len(node.duplicates), node.epsilon(), set_aside)
 
 
 def check_connection(connection: NodeConnection) -> None:
@@ -98,19 +101,22 @@ def release_statement(site: CheckedSite) -> str:
     lines = [
         f"Site {policy.site.name!r}: policy {site.policy_path}",
         f"  data: {policy.data_path.resolve()} -> {site.train_units} training and {site.heldout_units} "
-        f"held-out {unit} (privacy unit: one {privacy.unit})",
+        f"held-out {unit} (privacy unit: one {privacy.unit}); {site.duplicates} exact "
+        "duplicate records collapsed",
         f"  base model: {policy.model_dir.resolve()}",
         f"  ledger: {policy.ledger_path.resolve()} (epsilon spent so far: {site.epsilon_spent:.3f})",
+        *([f"  WARNING: {site.set_aside}"] if site.set_aside else []),
         "",
         "What leaves this site:",
         "  1. LoRA adapter updates only (no records, no text, no tokens, no per-example "
         "gradients), each trained with DP-SGD (Opacus: per-example clipping, Gaussian noise, "
         "Poisson sampling) and covered by differential privacy:",
         f"     this node stops at epsilon = {privacy.epsilon_cap:g} at delta = {privacy.delta:g} "
-        f"in total over all runs (RDP accounting), uses a noise multiplier of at least "
-        f"{privacy.min_noise_multiplier:g}, and takes part in at most {privacy.max_rounds} "
-        "rounds per run, whatever the coordinator asks; a round that would pass the cap is "
-        "declined.",
+        f"in total over all runs and {privacy.run_budget:g} per run (RDP accounting), uses a "
+        f"noise multiplier of at least {privacy.min_noise_multiplier:g}, and takes part in at "
+        f"most {privacy.max_rounds} rounds per run and {privacy.max_runs} runs, whatever the "
+        "coordinator asks; a round that would pass a cap, or a request outside the policy's "
+        "limits, is declined.",
         "  2. Non-private metrics, NOT covered by differential privacy (set in the policy's "
         "release section):",
         f"     - example count: {count_text}",

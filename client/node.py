@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-from privatune.client.data import Record, load_records, split_records
-from privatune.client.policy import SitePolicy, check_delta
+from privatune.client.data import DataError, Record, collapse_duplicates, load_records, split_records
+from privatune.client.policy import SitePolicy, check_delta, request_violation
 from privatune.client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
 from privatune.common.examples import encode_pairs, evaluate_loss
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
@@ -60,6 +60,15 @@ def lora_settings(request: TrainRequest | EvaluateRequest) -> LoraSettings:
                         target_modules=tuple(request.lora_targets.split(",")))
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """The node's answer to a train request before training: a decline reason, or the noise."""
+
+    reason: str
+    noise_multiplier: float
+    epsilon_after: float
+
+
 @dataclass
 class TrainOutcome:
     reply: TrainReply
@@ -71,7 +80,12 @@ class SiteNode:
 
     def __init__(self, policy: SitePolicy):
         self.policy = policy
-        records = load_records(policy.data_path, policy.site.format)
+        records, self.duplicates = collapse_duplicates(load_records(policy.data_path,
+                                                                    policy.site.format))
+        if self.duplicates and policy.site.duplicates == "refuse":
+            raise DataError(f"{policy.data_path}: {len(self.duplicates)} exact duplicate records "
+                            f"(the first at {self.duplicates[0].source}); this site's policy "
+                            "(site.duplicates: refuse) does not collapse them")
         train, heldout = split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
         self.train_units = privacy_units(train, policy.privacy.unit)
         self.heldout_units = privacy_units(heldout, policy.privacy.unit)
@@ -100,36 +114,60 @@ class SiteNode:
     def epsilon(self) -> float:
         return self.ledger.epsilon(self.policy.privacy.delta)
 
-    def _run_noise_multiplier(self, request: TrainRequest, sample_rate: float) -> float:
-        """The run's noise multiplier: fixed at the site's first round of the run, then reused."""
-        for entry in self.ledger.adapter_updates():
-            if entry["run_id"] == request.run_id:
-                return float(entry["noise_multiplier"])
-        prior = self.ledger.mechanism_history()
-        calibrated = calibrate_noise_multiplier(
-            self.policy.privacy.epsilon_cap, self.policy.privacy.delta, sample_rate,
-            request.planned_rounds * request.local_steps, prior)
-        return max(calibrated, self.policy.privacy.min_noise_multiplier)
+    def _run_entries(self, run_id: str) -> list[dict]:
+        return [e for e in self.ledger.adapter_updates() if e["run_id"] == run_id]
 
-    def check_request(self, request: TrainRequest) -> tuple[str, float, float]:
-        """Return ("", noise, epsilon_after) or a decline reason as the first element."""
+    def _run_noise_multiplier(self, request: TrainRequest, sample_rate: float) -> float:
+        """The run's noise multiplier: fixed at the site's first round of the run, then reused.
+
+        Calibrated so that the planned run keeps both the lifetime spend within the cap and
+        the run's own spend within the per-run budget, whatever rounds the coordinator plans.
+        """
+        earlier = self._run_entries(request.run_id)
+        if earlier:
+            return float(earlier[0]["noise_multiplier"])
         privacy = self.policy.privacy
-        done = sum(1 for e in self.ledger.adapter_updates() if e["run_id"] == request.run_id)
-        if done >= privacy.max_rounds:
-            return (f"site policy allows at most {privacy.max_rounds} rounds per run; "
-                    f"this site already took part in {done}", 0.0, self.epsilon())
+        planned_steps = request.planned_rounds * request.local_steps
+        lifetime = calibrate_noise_multiplier(privacy.epsilon_cap, privacy.delta, sample_rate,
+                                              planned_steps, self.ledger.mechanism_history())
+        per_run = calibrate_noise_multiplier(privacy.run_budget, privacy.delta, sample_rate,
+                                             planned_steps)
+        return max(lifetime, per_run, privacy.min_noise_multiplier)
+
+    def check_request(self, request: TrainRequest) -> RoundPlan:
+        """Decide a train request against the site policy and the ledger, before training."""
+        privacy = self.policy.privacy
+        spent = self.epsilon()
+        violation = request_violation(self.policy.limits, request)
+        if violation:
+            return RoundPlan(violation, 0.0, spent)
+        run_entries = self._run_entries(request.run_id)
+        if len(run_entries) >= privacy.max_rounds:
+            return RoundPlan(f"site policy allows at most {privacy.max_rounds} rounds per run; "
+                             f"this site already took part in {len(run_entries)}", 0.0, spent)
+        runs = {e["run_id"] for e in self.ledger.adapter_updates()}
+        if not run_entries and len(runs) >= privacy.max_runs:
+            return RoundPlan(f"site policy allows at most {privacy.max_runs} runs; this site "
+                             f"already took part in {len(runs)}", 0.0, spent)
         sample_rate = poisson_sample_rate(len(self.train_units), request.batch_size)
         try:
             noise = self._run_noise_multiplier(request, sample_rate)
         except ValueError as err:
-            return f"privacy budget: {err}", 0.0, self.epsilon()
-        after = rdp_epsilon([*self.ledger.mechanism_history(),
-                             MechanismStep(noise, sample_rate, request.local_steps)], privacy.delta)
+            return RoundPlan(f"privacy budget: {err}", 0.0, spent)
+        this_round = MechanismStep(noise, sample_rate, request.local_steps)
+        after = rdp_epsilon([*self.ledger.mechanism_history(), this_round], privacy.delta)
         if after > privacy.epsilon_cap:
-            return (f"round {request.round} would raise this site's epsilon to {after:.3f}, over "
-                    f"its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
-                    f"spent so far {self.epsilon():.3f}", noise, after)
-        return "", noise, after
+            return RoundPlan(f"round {request.round} would raise this site's epsilon to {after:.3f}, "
+                             f"over its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
+                             f"spent so far {spent:.3f}", noise, after)
+        run_history = [MechanismStep(float(e["noise_multiplier"]), float(e["sample_rate"]),
+                                     int(e["steps"])) for e in run_entries]
+        run_after = rdp_epsilon([*run_history, this_round], privacy.delta)
+        if run_after > privacy.run_budget:
+            return RoundPlan(f"round {request.round} would raise this run's epsilon to "
+                             f"{run_after:.3f}, over the site's per-run budget of "
+                             f"{privacy.run_budget:g}", noise, after)
+        return RoundPlan("", noise, after)
 
     def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
         """One federated round at this site: policy check, DP-SGD, ledger, reply."""
@@ -137,34 +175,41 @@ class SiteNode:
         resent = self._resend(request, global_state)
         if resent is not None:
             return resent
-        reason, noise, _ = self.check_request(request)
-        privacy = self.policy.privacy
-        if reason:
+        plan = self.check_request(request)
+        if plan.reason:
             self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                             "release": "decline", "reason": reason})
-            return TrainOutcome(TrainReply(site=self.name, accepted=False, reason=reason,
-                                           epsilon=self.epsilon(), delta=privacy.delta,
-                                           epsilon_budget=privacy.epsilon_cap))
+                                             "release": "decline", "reason": plan.reason})
+            return self._decline(plan.reason)
         model, tokenizer = self._model(lora_settings(request))
         load_lora_state(model, global_state)
         dataset = self._dataset("train", tokenizer, request.max_length)
         result = train_dp_round(model, dataset, DPTrainSettings(
-            noise_multiplier=noise, max_grad_norm=request.max_grad_norm,
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
             expected_batch_size=request.batch_size, steps=request.local_steps,
             learning_rate=request.learning_rate,
             # the noise seed is the site's own secret: a coordinator-chosen seed could make two
             # releases share their noise and void the accounting
             seed=secrets.randbits(63)))
         state = lora_state(model)
+        privacy = self.policy.privacy
         history = [*self.ledger.mechanism_history(),
                    MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)]
         epsilon = rdp_epsilon(history, privacy.delta)
-        self.ledger.append(ADAPTER_UPDATE, {
+        mechanism = {
             "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
             "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
             "steps": result.steps, "max_grad_norm": request.max_grad_norm,
-            "accountant": ACCOUNTANT_NAME, "epsilon": epsilon, "delta": privacy.delta,
-            "update_sha256": update_hash(state)})
+            "accountant": ACCOUNTANT_NAME, "epsilon": epsilon, "delta": privacy.delta}
+        non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+        if non_finite:
+            # The training ran, so its epsilon is spent whether or not the result leaves: the
+            # mechanism is recorded (withheld) and the update is not sent.
+            reason = (f"the update is not finite (NaN or infinity in {non_finite[0]}); it is "
+                      f"withheld, and the epsilon of the training that produced it stays counted "
+                      f"(learning rate {request.learning_rate:g})")
+            self.ledger.append(ADAPTER_UPDATE, {**mechanism, "withheld": reason})
+            return self._decline(reason)
+        self.ledger.append(ADAPTER_UPDATE, {**mechanism, "update_sha256": update_hash(state)})
         release = self.policy.release
         count = len(self.train_units) if release.example_count else 1
         loss = result.mean_loss if release.train_loss else None
@@ -177,6 +222,12 @@ class SiteNode:
             noise_multiplier=result.noise_multiplier, train_loss=loss), state)
         self._keep_release(request, global_state, outcome)
         return outcome
+
+    def _decline(self, reason: str) -> TrainOutcome:
+        privacy = self.policy.privacy
+        return TrainOutcome(TrainReply(site=self.name, accepted=False, reason=reason,
+                                       epsilon=self.epsilon(), delta=privacy.delta,
+                                       epsilon_budget=privacy.epsilon_cap))
 
     def _release_path(self, request: TrainRequest) -> Path:
         safe_run = hashlib.sha256(request.run_id.encode()).hexdigest()[:16]

@@ -1,16 +1,19 @@
 """The hospital's own site policy: a file the site controls, separate from the job.
 
-The node enforces it whatever the coordinator requests: the epsilon cap, delta, the minimum
-noise multiplier, the maximum number of rounds, and which non-private metrics may leave.
+The node enforces it whatever the coordinator requests: the lifetime and per-run epsilon
+caps, delta, the minimum noise multiplier, the number of rounds and runs, the limits on a
+training request, and which non-private metrics may leave.
 Relative paths in the file are resolved against the file's own directory.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from privatune.common.config import ConfigError, bounded, build, choice, read_yaml
+from privatune.common.protocol import TrainRequest
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,9 @@ class SiteSection:
     state_dir: str = "state"
     heldout_fraction: float = field(default=0.2, metadata=bounded(0, 1, low_open=True))
     split_seed: int = 0
+    # exact duplicates (same text and patient) would each count as a privacy unit and so
+    # weaken the guarantee for that person: collapse them to one, or refuse the data
+    duplicates: str = field(default="collapse", metadata=choice("collapse", "refuse"))
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,26 @@ class PrivacySection:
     delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True))
     min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))
     max_rounds: int = field(default=100, metadata=bounded(1, 1_000_000))
+    # the most one run (one coordinator's job) may spend; unset means the lifetime cap
+    epsilon_per_run: float | None = field(default=None, metadata=bounded(0, 1e4, low_open=True))
+    max_runs: int = field(default=20, metadata=bounded(1, 1_000_000))
+
+    @property
+    def run_budget(self) -> float:
+        return self.epsilon_cap if self.epsilon_per_run is None else min(self.epsilon_per_run,
+                                                                         self.epsilon_cap)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a coordinator may ask of this site's training; a request outside is declined."""
+
+    max_learning_rate: float = field(default=1.0, metadata=bounded(0, 1e12, low_open=True))
+    max_local_steps: int = field(default=1000, metadata=bounded(1, 1_000_000))
+    max_batch_size: int = field(default=1024, metadata=bounded(1, 1_000_000))
+    max_length: int = field(default=2048, metadata=bounded(8, 1_000_000))
+    max_grad_norm: float = field(default=100.0, metadata=bounded(0, 1e6, low_open=True))
+    max_lora_r: int = field(default=64, metadata=bounded(1, 4096))
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,7 @@ class ReleaseSection:
 class SitePolicy:
     site: SiteSection
     privacy: PrivacySection = PrivacySection()
+    limits: RequestLimits = RequestLimits()
     release: ReleaseSection = ReleaseSection()
     source: str = ""
 
@@ -90,3 +117,26 @@ def check_delta(policy: SitePolicy, privacy_units: int) -> None:
             f"{policy.source}: privacy.delta = {policy.privacy.delta:g} is not below "
             f"1/{privacy_units} (this site has {privacy_units} {policy.privacy.unit}s); "
             f"choose delta < {1.0 / privacy_units:.3g}")
+
+
+def request_violation(limits: RequestLimits, request: TrainRequest) -> str:
+    """Why a train request is outside this site's limits, or "" when it is within them.
+
+    Each bound is written as "not within" so that a non-finite value is refused too.
+    """
+    checks = (
+        ("learning_rate", request.learning_rate, 0.0, limits.max_learning_rate, True),
+        ("local_steps", request.local_steps, 1, limits.max_local_steps, False),
+        ("batch_size", request.batch_size, 1, limits.max_batch_size, False),
+        ("max_length", request.max_length, 8, limits.max_length, False),
+        ("max_grad_norm", request.max_grad_norm, 0.0, limits.max_grad_norm, True),
+        ("lora_r", request.lora_r, 1, limits.max_lora_r, False),
+        ("planned_rounds", request.planned_rounds, 1, 1_000_000, False),
+    )
+    for name, value, low, high, low_open in checks:
+        above_low = value > low if low_open else value >= low
+        if not (above_low and value <= high and math.isfinite(value)):
+            bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
+            return (f"request {name} = {value!r} is outside this site's limits (must be {bound}; "
+                    "the site policy's limits section sets them)")
+    return ""

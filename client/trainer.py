@@ -3,8 +3,14 @@
 Opacus combined with PEFT can fail silently (loss and epsilon look normal while the LoRA
 weights are not trained with per-sample clipping and noise; Opacus issue 820). The trainer
 therefore checks, at runtime, that every trainable tensor is a LoRA tensor, is handled by the
-DP optimizer, gets per-sample gradients, receives noise, and actually changes; and that no
-frozen base weight moves. Any failure stops the round with DPNotAppliedError.
+DP optimizer, gets per-sample gradients and noise of the claimed scale on every step, and
+actually changes; and that no frozen base weight moves. Any failure stops the round with
+DPNotAppliedError.
+
+The noise check compares each step's gradient with the clipped sum Opacus kept
+(``summed_grad``) divided by the divisor Opacus itself used, which is its own expected batch
+size ``int(len(dataset) * sample_rate)``, not the requested batch size. The residual must look
+like Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm / divisor``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from privatune.common.examples import per_example_loss
@@ -102,14 +109,12 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
                         warnings.filterwarnings("ignore", message="Full backward hook")
                         loss.backward()
                     losses.append(loss.detach().item())
-                    if steps == 0:
-                        _check_per_sample_gradients(trainable, len(input_ids))
+                    _check_per_sample_gradients(trainable, len(input_ids))
                 else:
                     for param in trainable.values():  # an empty Poisson batch: noise only
                         param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
                 dp_optimizer.step()
-                if steps == 0:
-                    _check_noise_added(trainable, settings)
+                _check_noise_added(trainable, _noise_divisor(dp_optimizer), settings, steps)
                 steps += 1
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
@@ -126,22 +131,66 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
 
 
 def _check_per_sample_gradients(trainable: dict[str, torch.nn.Parameter], batch: int) -> None:
+    """Every LoRA tensor has one per-sample gradient per example: Opacus can clip each one."""
     for name, param in trainable.items():
         grad_sample = getattr(param, "grad_sample", None)
-        if grad_sample is None or grad_sample.shape[0] != batch:
+        if grad_sample is None or grad_sample.shape != (batch, *param.shape):
             raise DPNotAppliedError(f"no per-sample gradients for LoRA tensor {name}: "
                                     "Opacus is not clipping this parameter")
 
 
-def _check_noise_added(trainable: dict[str, torch.nn.Parameter], settings: DPTrainSettings) -> None:
+def _noise_divisor(optimizer: DPOptimizer) -> float:
+    """What Opacus divided the noised gradient sum by in this step (its scale_grad).
+
+    Read from the optimizer: make_private sets ``expected_batch_size`` to
+    ``int(len(dataset) * sample_rate)``, which is not the requested batch size unless the
+    dataset size is a multiple of it. The trainer's loss is a mean, so Opacus divides.
+    """
+    return float(optimizer.expected_batch_size * optimizer.accumulated_iterations)
+
+
+# Tolerance on |log(measured noise std / claimed std)|: the log of the root mean square of n
+# i.i.d. normals has standard deviation about 1/sqrt(2n); 6 of those plus a floor makes a
+# false alarm on a true DP step rarer than 1e-9 for n >= 200, while zero noise or noise 2x
+# off fails (for the LoRA sizes of even a tiny model).
+_NOISE_SDS = 6.0
+_NOISE_FLOOR = 0.05
+
+
+def _check_noise_added(trainable: dict[str, torch.nn.Parameter], divisor: float,
+                       settings: DPTrainSettings, step: int) -> None:
+    """The step's gradient is (clipped sum + Gaussian noise of the claimed scale) / divisor.
+
+    The residual ``grad - summed_grad / divisor`` over all LoRA coordinates must have a root
+    mean square close to ``noise_multiplier * max_grad_norm / divisor``: this catches noise
+    that is missing, too small or too large, whatever the gradient is.
+    """
     if settings.noise_multiplier <= 0:
         return
+    squares = torch.zeros((), dtype=torch.float64)
+    count = 0
     for name, param in trainable.items():
         summed = getattr(param, "summed_grad", None)
         if param.grad is None or summed is None:
-            raise DPNotAppliedError(f"LoRA tensor {name} got no DP gradient")
-        if torch.allclose(param.grad, summed / settings.expected_batch_size):
-            raise DPNotAppliedError(f"no noise was added to the gradient of {name}")
+            raise DPNotAppliedError(f"LoRA tensor {name} got no DP gradient at step {step + 1}")
+        residual = param.grad.detach().double() - summed.detach().double() / divisor
+        squares += residual.square().sum()
+        count += residual.numel()
+    measured = math.sqrt(float(squares) / count)
+    if not math.isfinite(measured) and not all(torch.isfinite(p.summed_grad).all()
+                                               for p in trainable.values()):
+        # Training diverged (the clipped sum itself is not finite), so the residual says
+        # nothing about the noise; the node withholds the non-finite update it leads to.
+        return
+    claimed = settings.noise_multiplier * settings.max_grad_norm / divisor
+    tolerance = _NOISE_SDS / math.sqrt(2 * count) + _NOISE_FLOOR
+    if not (0 < measured < math.inf and abs(math.log(measured / claimed)) <= tolerance):
+        raise DPNotAppliedError(
+            f"no noise was added at the claimed scale: at step {step + 1} the LoRA gradient "
+            f"noise has std {measured:.4g}, expected {claimed:.4g} (noise multiplier "
+            f"{settings.noise_multiplier:g}, max_grad_norm {settings.max_grad_norm:g}, "
+            f"Opacus batch divisor {divisor:g}, {count} coordinates, "
+            f"tolerance x{math.exp(tolerance):.3f})")
 
 
 def _check_parameters_changed(model: torch.nn.Module, before: dict[str, torch.Tensor],

@@ -5,17 +5,25 @@ from the recorded mechanism history with an independent implementation of the no
 accountant (``dp-accounting``'s RDP for Opacus' RDP) and flag disagreements over 1%, give the
 tighter PLD bound of the same history (never above the RDP figure), and list every
 non-private release.
+
+A ledger audits "ok" only when all of it is accounted: a torn last line (no newline, and it
+does not parse or chain; a complete one that chains is counted), a ``<ledger>.torn-*`` side file
+the node set aside, an adapter update whose mechanism or epsilon is missing, NaN, infinite or
+out of range, and an epsilon cap that is not a finite positive number are each a problem.
 """
 
 from __future__ import annotations
 
+import glob
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privatune.common.ledger import ADAPTER_UPDATE, LedgerError, read_entries
+from privatune.common.ledger import (ADAPTER_UPDATE, LedgerError, mechanism_problem,
+                                     mechanism_step, read_entries)
 from privatune.common.plots import report_figure
 from privatune.common.privacy import MechanismStep, independent_rdp_epsilon, pld_epsilon
 
@@ -41,14 +49,42 @@ class SiteAudit:
         return self.chain_error is None and not self.problems
 
 
-def _entries_until_break(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """All verified entries, and the chain error (the entries after it are not trusted)."""
+def _entries_until_break(path: Path) -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """All verified entries, the chain error (the entries after it are not trusted) and the
+    torn last line, if any."""
     try:
-        entries, _ = read_entries(path)
-        return entries, None
+        entries, torn = read_entries(path)
+        return entries, None, torn
     except LedgerError as err:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        return [json.loads(line) for line in lines[: err.line - 1]], str(err)
+        return [json.loads(line) for line in lines[: err.line - 1]], str(err), None
+
+
+def _tail_problems(path: Path, torn: str | None) -> list[str]:
+    """A torn last line and the side files the node set aside: releases the ledger may miss."""
+    side_files = sorted(path.parent.glob(glob.escape(path.name) + ".torn-*"))
+    problems = [f"{aside}: a torn last line the node set aside from the ledger; it is not "
+                "counted, review it" for aside in side_files]
+    if torn is not None:
+        problems.insert(0, f"{path}: the last line has no newline and does not parse or chain "
+                           f"(a torn write or appended garbage); it is not counted: {torn[:80]!r}")
+    return problems
+
+
+def _budget_problem(result: SiteAudit) -> str | None:
+    """Why the spend is not within the cap; a NaN or infinite cap holds any spend, so it is one."""
+    budget = result.budget
+    if budget is None:
+        return None
+    if not (math.isfinite(budget) and budget > 0):
+        return f"the budget (privacy.epsilon_cap) {budget!r} is not a finite positive number"
+    # The node spends up to its cap by its own accountant; the independent figure may sit
+    # within the same 1% agreement band above it without being a breach.
+    if (result.recorded_epsilon > budget * (1 + 1e-9)
+            or result.recomputed_epsilon > budget * (1 + TOLERANCE)):
+        return (f"epsilon {result.recorded_epsilon:.4f} (recomputed "
+                f"{result.recomputed_epsilon:.4f}) is over the budget {budget:g}")
+    return None
 
 
 def audit_ledger(path: Path, name: str | None = None, budget: float | None = None) -> SiteAudit:
@@ -57,14 +93,19 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     if not path.is_file():
         result.chain_error = f"{path}: ledger file is missing"
         return result
-    entries, result.chain_error = _entries_until_break(path)
+    entries, result.chain_error, torn = _entries_until_break(path)
+    result.problems += _tail_problems(path, torn)
     history: list[MechanismStep] = []
     for entry in entries:
-        if entry["kind"] != ADAPTER_UPDATE:
+        if entry.get("kind") != ADAPTER_UPDATE:
             result.non_private.append(entry)
             continue
-        history.append(MechanismStep(float(entry["noise_multiplier"]), float(entry["sample_rate"]),
-                                     int(entry["steps"])))
+        problem = mechanism_problem(entry)
+        if problem:
+            result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot account "
+                                   "this release, and stops here")
+            break
+        history.append(mechanism_step(entry))
         delta = float(entry["delta"])
         if result.delta is not None and delta != result.delta:
             result.problems.append(f"line {entry['seq']}: delta changed from {result.delta:g} "
@@ -90,12 +131,9 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
         result.recorded_epsilon = last["recorded_epsilon"]
         result.recomputed_epsilon = last["recomputed_epsilon"]
         result.pld_epsilon = last["pld_epsilon"]
-    # The node spends up to its cap by its own accountant; the independent figure may sit
-    # within the same 1% agreement band above it without being a breach.
-    if budget is not None and (result.recorded_epsilon > budget * (1 + 1e-9)
-                               or result.recomputed_epsilon > budget * (1 + TOLERANCE)):
-        result.problems.append(f"epsilon {result.recorded_epsilon:.4f} (recomputed "
-                               f"{result.recomputed_epsilon:.4f}) is over the budget {budget:g}")
+    budget_problem = _budget_problem(result)
+    if budget_problem:
+        result.problems.append(budget_problem)
     return result
 
 
@@ -108,17 +146,33 @@ def _site_budget(site_dir: Path) -> float | None:
 
     data = yaml.safe_load(policy.read_text(encoding="utf-8")) or {}
     cap = (data.get("privacy") or {}).get("epsilon_cap")
-    return float(cap) if cap is not None else None
+    if cap is None:
+        return None
+    try:
+        return float(cap)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{policy}: privacy.epsilon_cap is {cap!r}, not a number") from err
+
+
+def _audit_site(ledger: Path, site_dir: Path, name: str | None = None) -> SiteAudit:
+    """Audit a ledger against the cap in the policy beside it; an unreadable cap is a problem."""
+    try:
+        budget = _site_budget(site_dir)
+    except ValueError as err:
+        result = audit_ledger(ledger, name)
+        result.problems.append(str(err))
+        return result
+    return audit_ledger(ledger, name, budget)
 
 
 def audit_path(path: Path) -> list[SiteAudit]:
     """Audit a single ledger file or every ``sites/<site>/ledger.jsonl`` of a run directory."""
     if path.is_file():
-        return [audit_ledger(path, budget=_site_budget(path.parent))]
+        return [_audit_site(path, path.parent)]
     site_dirs = sorted(p for p in (path / "sites").glob("*") if p.is_dir())
     if not site_dirs:
         raise FileNotFoundError(f"{path}: neither a ledger file nor a run directory with sites/")
-    return [audit_ledger(d / "ledger.jsonl", d.name, _site_budget(d)) for d in site_dirs]
+    return [_audit_site(d / "ledger.jsonl", d, d.name) for d in site_dirs]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -7,6 +7,7 @@ hospital IT team editing a policy file by hand must be told exactly what to fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -262,6 +263,9 @@ def _convert(hint: Any, value: Any, meta: Mapping[str, Any], where: _Where, key:
 
 
 def _check_range(value: float, meta: Mapping[str, Any], where: _Where, key: str) -> None:
+    if not math.isfinite(value):
+        # NaN compares false with every bound, so it would pass them all: refuse it by name
+        raise ConfigError(f"{where(key)}: {value!r} is not a finite number")
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value <= low if meta.get("low_open") else value < low):
         op = ">" if meta.get("low_open") else ">="

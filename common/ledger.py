@@ -4,7 +4,17 @@ One entry per release that left the site. Adapter updates are DP releases and ca
 full mechanism (so epsilon can be recomputed by anyone); everything else (example counts,
 losses, declines) is marked as a non-private release. Each entry holds the hash of the
 previous one, so a changed, removed or reordered line is detected and located. Writes are
-fsync'ed; a line torn by a crash is moved aside, never silently kept or dropped.
+fsync'ed and made under an exclusive ``flock``. No NaN or infinity is ever written, and an
+adapter update whose mechanism cannot be accounted is refused on write and on read: a NaN
+compares false with every cap, so it would pass any budget check.
+
+The last line: a crash may over-count, never under-count. A last line without its newline (a
+crash after its bytes but before the newline reached the disk, an editor, a copy tool) that
+parses and chains (right seq, prev_hash and hash) is a complete entry: it is kept and its
+newline restored. Only a last line that does not parse or does not chain is torn: it is moved,
+byte for byte, to a ``<ledger>.torn-*`` side file (never lost), logged as a WARNING and exposed
+as ``SiteLedger.set_aside`` so the node can surface it; ``audit`` reports both the torn line
+and the side file as problems.
 """
 
 from __future__ import annotations
@@ -12,17 +22,23 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
+import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from privatune.common.privacy import MechanismStep, rdp_epsilon
 
 GENESIS_HASH = "0" * 64
 ADAPTER_UPDATE = "adapter_update"
 NON_PRIVATE = "non_private"
+
+log = logging.getLogger(__name__)
 
 
 class LedgerError(ValueError):
@@ -33,6 +49,14 @@ class LedgerError(ValueError):
         self.line = line
 
 
+@dataclass(frozen=True)
+class SetAside:
+    """A torn last line moved out of the ledger: where it went, and what to tell the operator."""
+
+    side_file: Path
+    message: str
+
+
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """Hash of an entry's canonical JSON, excluding its own ``hash`` field."""
     body = {k: v for k, v in entry.items() if k != "hash"}
@@ -40,70 +64,191 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def read_entries(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """Parse and verify a ledger; return its entries and a torn final line, if any.
+def _finite(value: Any) -> bool:
+    """A finite JSON number (a bool is an int to Python, but not a number to the ledger)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    Raises LedgerError at the first line whose content, position or link is wrong; the
-    entries before its ``line`` are verified.
+
+# Each rule is written so that NaN fails it: every comparison with NaN is false.
+_MECHANISM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "noise_multiplier": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "sample_rate": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "a positive integer"),
+    "delta": (lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    "epsilon": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+}
+
+
+def mechanism_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why an adapter update cannot be accounted, or None when it can.
+
+    The hash chain proves a line is the one written, not that its numbers are sane.
     """
+    for key, (valid, expected) in _MECHANISM_RULES.items():
+        if key not in entry:
+            return f"adapter update has no {key}"
+        if not valid(entry[key]):
+            return f"{key} is {entry[key]!r}, expected {expected}"
+    return None
+
+
+def mechanism_step(entry: Mapping[str, Any]) -> MechanismStep:
+    """The DP mechanism of an adapter update that passed ``mechanism_problem``."""
+    return MechanismStep(float(entry["noise_multiplier"]), float(entry["sample_rate"]),
+                         int(entry["steps"]))
+
+
+def _verified(line: str, number: int, previous: str, path: Path) -> dict[str, Any]:
+    """The entry on ``line``, checked to sit at ``number`` right after the entry ``previous``."""
+    where = f"{path}, line {number}"
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise LedgerError(f"{where}: not valid JSON ({err.msg})", number) from err
+    if not isinstance(entry, dict):
+        raise LedgerError(f"{where}: entry is not a JSON object", number)
+    if entry.get("seq") != number:
+        raise LedgerError(f"{where}: sequence number {entry.get('seq')!r}, expected {number}"
+                          " (an entry was removed, inserted or reordered)", number)
+    if entry.get("prev_hash") != previous:
+        raise LedgerError(f"{where}: link to the previous entry is broken"
+                          " (an earlier entry was changed, removed or reordered)", number)
+    if entry.get("hash") != entry_hash(entry):
+        raise LedgerError(f"{where}: content does not match its hash (entry was changed)", number)
+    return entry
+
+
+def _parse(raw: bytes, path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """Entries and torn last line of a ledger's bytes (see ``read_entries``)."""
+    lines = raw.decode("utf-8", errors="replace").split("\n")
+    last = lines.pop()  # "" when the file ends with its newline
     entries: list[dict[str, Any]] = []
-    if not path.exists():
-        return entries, None
-    raw = path.read_bytes().decode("utf-8", errors="replace")
-    lines = raw.split("\n")
-    torn = None
-    if lines and lines[-1] != "":
-        torn = lines.pop()  # no newline: the write of this line never completed
-    elif lines:
-        lines.pop()
     previous = GENESIS_HASH
     for number, line in enumerate(lines, start=1):
-        where = f"{path}, line {number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LedgerError(f"{where}: not valid JSON ({err.msg})", number) from err
-        if not isinstance(entry, dict):
-            raise LedgerError(f"{where}: entry is not a JSON object", number)
-        if entry.get("seq") != number:
-            raise LedgerError(f"{where}: sequence number {entry.get('seq')!r}, expected {number}"
-                              " (an entry was removed, inserted or reordered)", number)
-        if entry.get("prev_hash") != previous:
-            raise LedgerError(f"{where}: link to the previous entry is broken"
-                              " (an earlier entry was changed, removed or reordered)", number)
-        if entry.get("hash") != entry_hash(entry):
-            raise LedgerError(f"{where}: content does not match its hash (entry was changed)", number)
-        previous = entry["hash"]
-        entries.append(entry)
-    return entries, torn
+        entries.append(_verified(line, number, previous, path))
+        previous = entries[-1]["hash"]
+    if not last:
+        return entries, None
+    try:
+        entries.append(_verified(last, len(lines) + 1, previous, path))
+    except LedgerError:
+        return entries, last
+    return entries, None
+
+
+def read_entries(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """Parse and verify a ledger, read-only; return its entries and its torn last line, if any.
+
+    A last line without its newline that parses and chains is a complete entry and is returned
+    with the others; one that does not is the torn line. Raises LedgerError at the first bad
+    line before the last; the entries before its ``line`` are verified.
+    """
+    if not path.exists():
+        return [], None
+    return _parse(path.read_bytes(), path)
+
+
+def _encode(entry: Mapping[str, Any], path: Path) -> bytes:
+    """The entry as one JSON line's bytes; NaN and infinity are refused (JSON has neither)."""
+    try:
+        text = json.dumps(entry, sort_keys=True, ensure_ascii=True, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: refusing to write a {entry.get('kind')} entry holding NaN or "
+                         f"infinity ({err}); nothing was written") from err
+    return text.encode("ascii") + b"\n"
 
 
 class SiteLedger:
-    """Append-only privacy ledger of one site, verified when opened."""
+    """Append-only privacy ledger of one site, verified and its last line repaired when opened.
+
+    ``set_aside`` is the latest torn line this instance moved out of the ledger, or None.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.entries, torn = read_entries(self.path)
-        if torn is not None:
-            self._set_aside_torn_tail(torn)
+        self.entries: list[dict[str, Any]] = []
+        self.set_aside: SetAside | None = None
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        if raw[-1:] in (b"", b"\n"):  # nothing to repair: no lock, and a read-only copy opens
+            self.entries, _ = self._checked(raw)
+        else:
+            with self._locked() as handle:
+                self._load(handle)
 
-    def _set_aside_torn_tail(self, torn: str) -> None:
-        """Keep a crash-torn last line in a side file and cut it from the ledger."""
-        aside = self.path.with_suffix(self.path.suffix + f".torn-{int(time.time())}")
-        aside.write_text(torn, encoding="utf-8")
-        with open(self.path, "r+b") as handle:
-            content = handle.read()
-            cut = content.rfind(b"\n") + 1
-            handle.truncate(cut)
-            handle.flush()
-            os.fsync(handle.fileno())
+    @contextmanager
+    def _locked(self) -> Iterator[BinaryIO]:
+        """The ledger open to read and append, under an exclusive lock across processes: one
+        writer or repairer at a time, so no one cuts or forks a line another is writing."""
+        with open(self.path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield handle
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _load(self, handle: BinaryIO) -> None:
+        """Read and verify the locked ledger; restore a complete last line's newline, set a torn
+        one aside. A broken ledger raises LedgerError before anything is changed."""
+        handle.seek(0)
+        raw = handle.read()
+        entries, torn = self._checked(raw)
+        if torn is not None:
+            self._set_aside(handle, raw)
+        elif raw and not raw.endswith(b"\n"):
+            handle.write(b"\n")
+            _sync(handle)
+        self.entries = entries
+
+    def _checked(self, raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
+        """Entries and torn last line of the ledger's bytes; LedgerError at a chain break or at
+        an adapter update whose mechanism cannot be accounted."""
+        entries, torn = _parse(raw, self.path)
+        for entry in entries:
+            if entry.get("kind") == ADAPTER_UPDATE and (problem := mechanism_problem(entry)):
+                raise LedgerError(f"{self.path}, line {entry['seq']}: {problem}", entry["seq"])
+        return entries, torn
+
+    def _set_aside(self, handle: BinaryIO, raw: bytes) -> None:
+        """Move a torn last line, byte for byte, to a new side file, then cut it from the ledger."""
+        cut = raw.rfind(b"\n") + 1
+        aside = self._write_side_file(raw[cut:])
+        handle.truncate(cut)
+        _sync(handle)
+        message = (f"{self.path}: the last line was incomplete or did not chain to the entry "
+                   f"before it; it was moved to {aside} and is not counted in this site's "
+                   f"epsilon. Review it before trusting the ledger")
+        log.warning(message)
+        self.set_aside = SetAside(aside, message)
+
+    def _write_side_file(self, tail: bytes) -> Path:
+        """Durably write ``tail`` to a side file that did not exist before: none is overwritten."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        attempt = 0
+        while True:
+            attempt += 1
+            aside = self.path.with_name(f"{self.path.name}.torn-{stamp}-{attempt}")
+            try:
+                with open(aside, "xb") as side:
+                    side.write(tail)
+                    _sync(side)
+            except FileExistsError:
+                continue
+            _fsync_dir(self.path.parent)
+            return aside
 
     @property
     def last_hash(self) -> str:
         return self.entries[-1]["hash"] if self.entries else GENESIS_HASH
 
     def append(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Durably append one entry (flush + fsync) and return it."""
+        """Durably append one entry (flush + fsync) and return it.
+
+        An entry its reader would reject (a NaN or an infinity anywhere, an adapter update whose
+        mechanism cannot be accounted) raises ValueError before anything is written.
+        """
         entry: dict[str, Any] = {
             "seq": len(self.entries) + 1,
             "kind": kind,
@@ -111,40 +256,41 @@ class SiteLedger:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **fields,
         }
+        if kind == ADAPTER_UPDATE and (problem := mechanism_problem(entry)):
+            raise ValueError(f"{self.path}: refusing to write an adapter update: {problem}; "
+                             "nothing was written")
+        _encode(entry, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists()
-        with open(self.path, "a", encoding="ascii") as handle:
-            # One writer at a time, across processes: re-read the tail under the lock so an
-            # entry another process appended meanwhile is chained, never forked.
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                self.entries, torn = read_entries(self.path)
-                if torn is not None:
-                    self._set_aside_torn_tail(torn)
-                entry["seq"] = len(self.entries) + 1
-                entry["prev_hash"] = self.last_hash
-                entry["hash"] = entry_hash(entry)
-                handle.write(json.dumps(entry, sort_keys=True, ensure_ascii=True) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with self._locked() as handle:
+            # Re-read the tail under the lock so an entry another process appended meanwhile is
+            # chained, never forked.
+            self._load(handle)
+            entry["seq"] = len(self.entries) + 1
+            entry["prev_hash"] = self.last_hash
+            entry["hash"] = entry_hash(entry)
+            handle.write(_encode(entry, self.path))
+            _sync(handle)
         if new_file:
             _fsync_dir(self.path.parent)
         self.entries.append(entry)
         return entry
 
     def adapter_updates(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e["kind"] == ADAPTER_UPDATE]
+        return [e for e in self.entries if e.get("kind") == ADAPTER_UPDATE]
 
     def mechanism_history(self) -> list[MechanismStep]:
-        """Every DP mechanism this site has released, in order."""
-        return [MechanismStep(float(e["noise_multiplier"]), float(e["sample_rate"]),
-                              int(e["steps"])) for e in self.adapter_updates()]
+        """Every DP mechanism this site has released, in order (each checked when read)."""
+        return [mechanism_step(e) for e in self.adapter_updates()]
 
     def epsilon(self, delta: float) -> float:
         """Epsilon of everything this site has released so far, recomputed from history."""
         return rdp_epsilon(self.mechanism_history(), delta)
+
+
+def _sync(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:

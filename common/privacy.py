@@ -7,6 +7,7 @@ epsilon and solve the noise multiplier for a budget.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from opacus.accountants import RDPAccountant
 
 ACCOUNTANT_NAME = "opacus-rdp"
+MAX_NOISE_MULTIPLIER = 1e4
+BISECTION_STEPS = 60  # far more than the 1e-3 relative precision needs from [0, 1e4]
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,15 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
     """Smallest noise multiplier keeping ``prior`` plus ``steps`` new steps within ``epsilon``.
 
     Bisection on the composed RDP epsilon, so a site that already released updates (earlier
-    runs) calibrates the new run against what is left of its cumulative budget.
+    runs) calibrates the new run against what is left of its cumulative budget. Both searches
+    are bounded: a target that cannot be reached is an error, never an endless loop.
     """
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate!r}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if rdp_epsilon(prior, delta) >= epsilon:
@@ -59,13 +67,16 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
         return rdp_epsilon([*prior, MechanismStep(sigma, sample_rate, steps)], delta)
 
     low, high = 0.0, 1.0
-    while spent(high) > epsilon:
+    while not spent(high) <= epsilon:  # "not <=" so that a NaN epsilon keeps doubling, then stops
         low, high = high, high * 2
-        if high > 1e4:
-            raise ValueError(f"no noise multiplier reaches epsilon={epsilon:g}")
-    while high - low > 1e-3 * high:
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps epsilon "
+                             f"within {epsilon:g} for {steps} steps at sampling rate {sample_rate:g}")
+    for _ in range(BISECTION_STEPS):
+        if high - low <= 1e-3 * high:
+            break
         middle = (low + high) / 2
-        low, high = (middle, high) if spent(middle) > epsilon else (low, middle)
+        low, high = (middle, high) if not spent(middle) <= epsilon else (low, middle)
     return high
 
 

@@ -8,6 +8,7 @@ plain dataclasses lets the node and coordinator logic be tested without Flower.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -71,7 +72,10 @@ def _from_record(cls: type[T], record: Any) -> T:
         if fld.name not in record:
             raise ValueError(f"{cls.__name__} lacks field {fld.name!r}")
         kind = {"int": int, "float": float, "str": str}[str(fld.type)]
-        values[fld.name] = kind(record[fld.name])
+        value = kind(record[fld.name])
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{cls.__name__}.{fld.name} is {value!r}, not a finite number")
+        values[fld.name] = value
     return cls(**values)
 
 

@@ -8,6 +8,7 @@ from privatune.common.audit import audit_path, write_audit
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
 from privatune.common.plan import plan_site
 from privatune.common.privacy import MechanismStep, rdp_epsilon
+from tests.test_ledger import forge
 
 
 def write_site(run_dir, name, noise=0.9, rounds=3, budget=8.0, fake_epsilon=None):
@@ -116,3 +117,69 @@ def test_cli_reports_config_errors_with_file_and_key(tmp_path, capsys):
     assert main(["plan", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "line 2: lora.rank: unknown key" in err
+
+
+def test_audit_counts_a_complete_last_line_without_newline(tmp_path):
+    path = write_site(tmp_path, "a")
+    path.write_bytes(path.read_bytes()[:-1])
+    (audit,) = audit_path(tmp_path)
+    assert audit.ok and len(audit.rounds) == 3 and len(audit.non_private) == 3
+
+
+def test_audit_flags_a_torn_tail_and_a_set_aside_line(tmp_path):
+    path = write_site(tmp_path, "a")
+    with open(path, "ab") as handle:
+        handle.write(b'{"seq": 7, "kind": "adapter_upd')
+    (audit,) = audit_path(tmp_path)
+    assert not audit.ok and any("last line" in p for p in audit.problems)
+    aside = SiteLedger(path).set_aside.side_file
+    (audit,) = audit_path(tmp_path)
+    assert not audit.ok and any(str(aside) in p for p in audit.problems)
+    assert "PROBLEM" in write_audit([audit], tmp_path / "out").read_text()
+
+
+def test_audit_flags_a_final_line_that_does_not_chain(tmp_path):
+    path = write_site(tmp_path, "a")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines) + lines[-2].rstrip("\n"))  # a replayed entry, no newline
+    (audit,) = audit_path(path)
+    assert not audit.ok and any("last line" in p for p in audit.problems)
+    assert len(audit.rounds) == 3
+
+
+MISSING = object()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epsilon", float("nan")), ("epsilon", float("inf")), ("epsilon", -1.0), ("epsilon", "1.0"),
+    ("noise_multiplier", float("nan")), ("noise_multiplier", float("inf")), ("noise_multiplier", 0),
+    ("sample_rate", float("nan")), ("sample_rate", 0), ("sample_rate", 1.5),
+    ("steps", 0), ("steps", -3), ("steps", 2.5), ("steps", True),
+    ("delta", float("nan")), ("delta", 0), ("delta", 1),
+    ("epsilon", MISSING), ("noise_multiplier", MISSING), ("sample_rate", MISSING),
+    ("steps", MISSING), ("delta", MISSING),
+])
+def test_audit_fails_a_forged_mechanism_naming_its_line(tmp_path, field, value):
+    path = write_site(tmp_path, "a")
+
+    def change(entries):
+        if value is MISSING:
+            del entries[2][field]
+        else:
+            entries[2][field] = value
+
+    forge(path, change)
+    (audit,) = audit_path(tmp_path)
+    assert audit.chain_error is None and not audit.ok
+    assert any(p.startswith("line 3: ") and (f"{field} is " in p or f"has no {field}" in p)
+               for p in audit.problems)
+    assert "FAIL" in write_audit([audit], tmp_path / "out").read_text()
+
+
+@pytest.mark.parametrize("cap", ["nan", ".nan", ".inf", "0", "-3", "abc"])
+def test_audit_fails_a_cap_that_is_not_a_finite_positive_number(tmp_path, cap):
+    path = write_site(tmp_path, "a", noise=0.4, budget=cap)  # epsilon about 30
+    for audits in (audit_path(tmp_path), audit_path(path)):
+        (audit,) = audits
+        assert not audit.ok and any("epsilon_cap" in p for p in audit.problems)
+    assert "FAIL" in write_audit(audits, tmp_path / "out").read_text()

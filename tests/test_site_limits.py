@@ -1,0 +1,197 @@
+"""Privacy-critical input defects: non-finite values, request bounds, duplicates, per-run budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+
+import pytest
+import torch
+import yaml
+
+import privatune.client.node as node_module
+from privatune.client.data import DataError
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.common.config import ConfigError, load_job_config
+from privatune.common.ledger import SiteLedger
+from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+from privatune.common.privacy import calibrate_noise_multiplier
+from privatune.common.protocol import TrainRequest
+
+LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+
+
+def request(round_number: int = 1, planned: int = 2, run: str = "run-1", **changes) -> TrainRequest:
+    values = dict(run_id=run, round=round_number, planned_rounds=planned, local_steps=2,
+                  batch_size=8, learning_rate=0.02, max_grad_norm=1.0, max_length=48,
+                  lora_r=LORA.r, lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj")
+    return TrainRequest(**{**values, **changes})
+
+
+@pytest.fixture
+def start_state(tiny_model_dir):
+    return lora_state(initial_adapter(tiny_model_dir, LORA, seed=0))
+
+
+def edit_policy(path, section: str, **values):
+    data = yaml.safe_load(path.read_text())
+    data.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------ non-finite values (NaN, inf)
+
+
+@pytest.mark.parametrize("key", ["epsilon_cap", "min_noise_multiplier", "delta"])
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_site_policy_refuses_non_finite_privacy_values(make_site, key, value):
+    path = make_site()
+    path.write_text(re.sub(rf"^(  {key}:).*$", rf"\1 {value}", path.read_text(), flags=re.M))
+    with pytest.raises(ConfigError) as err:
+        load_site_policy(path)
+    message = str(err.value)
+    assert str(path) in message and f"privacy.{key}" in message and "line" in message
+    assert "not a finite number" in message
+
+
+@pytest.mark.parametrize("key", ["privacy.epsilon", "privacy.delta", "privacy.min_noise_multiplier",
+                                 "training.learning_rate"])
+def test_job_config_override_refuses_nan(tmp_path, key):
+    path = tmp_path / "job.yaml"
+    path.write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match=f"{key}: nan is not a finite number"):
+        load_job_config(path, [f"{key}=.nan"])
+
+
+def test_noise_calibration_refuses_nan_and_unreachable_targets_quickly():
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="epsilon must be a positive finite number"):
+        calibrate_noise_multiplier(math.nan, 1e-5, 0.1, 10)
+    with pytest.raises(ValueError, match="delta must be in"):
+        calibrate_noise_multiplier(8.0, math.nan, 0.1, 10)
+    with pytest.raises(ValueError, match="no noise multiplier up to"):
+        calibrate_noise_multiplier(1e-9, 1e-5, 1.0, 1000)
+    assert time.monotonic() - started < 60  # bounded searches, not an endless loop
+
+
+def test_request_with_non_finite_float_is_refused_by_the_codec():
+    record = request().to_record() | {"learning_rate": math.nan}
+    with pytest.raises(ValueError, match="learning_rate is nan, not a finite number"):
+        TrainRequest.from_record(record)
+
+
+# ------------------------------------------------------------------ request bounds, non-finite update
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"learning_rate": 1e9}, "learning_rate"), ({"learning_rate": math.nan}, "learning_rate"),
+    ({"local_steps": 10**6}, "local_steps"), ({"batch_size": 0}, "batch_size"),
+    ({"max_length": 10**6}, "max_length"), ({"max_grad_norm": math.inf}, "max_grad_norm"),
+    ({"lora_r": 1024}, "lora_r"),
+])
+def test_request_outside_site_limits_is_declined_before_training(make_site, start_state, change, field):
+    node = SiteNode(load_site_policy(make_site()))
+    outcome = node.train(request(**change), start_state)
+    assert not outcome.reply.accepted and not outcome.state
+    assert f"request {field}" in outcome.reply.reason and "limits" in outcome.reply.reason
+    assert node.epsilon() == 0.0
+    assert [e.get("release") for e in node.ledger.entries] == ["decline"]
+
+
+def test_site_limits_are_the_sites_to_set(make_site, start_state):
+    path = edit_policy(make_site(), "limits", max_learning_rate=0.01)
+    outcome = SiteNode(load_site_policy(path)).train(request(learning_rate=0.02), start_state)
+    assert not outcome.reply.accepted and "must be > 0 and <= 0.01" in outcome.reply.reason
+
+
+def test_non_finite_update_is_withheld_and_its_epsilon_stays_counted(make_site, start_state,
+                                                                      monkeypatch):
+    real_train = node_module.train_dp_round
+
+    def diverging(model, dataset, settings):
+        result = real_train(model, dataset, settings)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(math.nan)
+        return result
+
+    monkeypatch.setattr(node_module, "train_dp_round", diverging)
+    node = SiteNode(load_site_policy(make_site()))
+    outcome = node.train(request(), start_state)
+    assert not outcome.reply.accepted and not outcome.state
+    assert "not finite" in outcome.reply.reason and "stays counted" in outcome.reply.reason
+    updates = SiteLedger(node.policy.ledger_path).adapter_updates()
+    assert len(updates) == 1 and "withheld" in updates[0] and "update_sha256" not in updates[0]
+    assert outcome.reply.epsilon == pytest.approx(updates[0]["epsilon"]) and outcome.reply.epsilon > 0
+
+
+# ------------------------------------------------------------------ duplicate records
+
+
+def _double_every_line(policy_path) -> None:
+    data_path = load_site_policy(policy_path).data_path
+    lines = data_path.read_text().splitlines()
+    data_path.write_text("".join(f"{line}\n{line}\n" for line in lines))
+
+
+def test_exact_duplicates_count_as_one_privacy_unit(make_site):
+    single = SiteNode(load_site_policy(make_site("once", records=80, seed=3)))
+    path = make_site("twice", records=80, seed=3)
+    _double_every_line(path)
+    doubled = SiteNode(load_site_policy(path))
+    assert len(doubled.duplicates) == 80
+    assert len(doubled.train_units) == len(single.train_units)
+    assert len(doubled.heldout_units) == len(single.heldout_units)
+
+
+def test_duplicates_refused_by_policy_name_the_file_and_line(make_site):
+    path = edit_policy(make_site(records=40), "site", duplicates="refuse")
+    _double_every_line(path)
+    with pytest.raises(DataError) as err:
+        SiteNode(load_site_policy(path))
+    assert "40 exact duplicate records" in str(err.value) and ".jsonl:2" in str(err.value)
+
+
+def test_same_text_of_two_patients_is_not_a_duplicate(make_site):
+    path = make_site(records=10)
+    data_path = load_site_policy(path).data_path
+    rows = [json.dumps({"text": "Assessment: same note. Plan: rest.", "patient_id": f"p{i}"})
+            for i in range(30)]
+    data_path.write_text("\n".join(rows) + "\n")
+    node = SiteNode(load_site_policy(path))
+    assert not node.duplicates and len(node.train_units) + len(node.heldout_units) == 30
+
+
+# ------------------------------------------------------------------ per-run budget, number of runs
+
+
+def test_one_request_cannot_spend_the_lifetime_budget_past_the_per_run_budget(make_site, start_state):
+    path = make_site(epsilon_cap=8.0, epsilon_per_run=2.0)
+    node = SiteNode(load_site_policy(path))
+    outcome = node.train(request(planned=1), start_state)
+    assert outcome.reply.accepted
+    assert outcome.reply.epsilon <= 2.0 + 1e-9
+    again = node.train(request(round_number=2, planned=1), outcome.state)
+    assert not again.reply.accepted and "per-run budget of 2" in again.reply.reason
+    # a new run may spend its own per-run budget, still within the lifetime cap
+    other = node.train(request(run="run-2", planned=1), outcome.state)
+    assert other.reply.accepted and 2.0 < other.reply.epsilon <= 8.0
+
+
+def test_per_run_budget_defaults_to_the_lifetime_cap(make_site):
+    privacy = load_site_policy(make_site(epsilon_cap=5.0)).privacy
+    assert privacy.epsilon_per_run is None and privacy.run_budget == 5.0
+
+
+def test_new_runs_cannot_escape_max_rounds(make_site, start_state):
+    path = make_site(max_rounds=1, max_runs=2)
+    node = SiteNode(load_site_policy(path))
+    assert node.train(request(run="run-1"), start_state).reply.accepted
+    assert "at most 1 rounds per run" in node.train(request(2, run="run-1"), start_state).reply.reason
+    assert node.train(request(run="run-2"), start_state).reply.accepted
+    third = node.train(request(run="run-3"), start_state)
+    assert not third.reply.accepted and "at most 2 runs" in third.reply.reason
+

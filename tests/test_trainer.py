@@ -1,0 +1,178 @@
+"""The DP trainer's runtime checks: noise of the claimed scale on every step, in every round.
+
+Opacus divides the noised gradient sum by its own expected batch size,
+int(len(dataset) * sample_rate), which differs from the requested batch size whenever the
+dataset size is not a multiple of it. The tests use such sizes on purpose.
+"""
+
+from __future__ import annotations
+
+import opacus.grad_sample.grad_sample_module as gsm
+import opacus.optimizers.optimizer as dp_opt
+import pytest
+import torch
+from opacus import PrivacyEngine
+
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.client.trainer import (DPNotAppliedError, DPTrainSettings, _check_noise_added,
+                                      poisson_sample_rate, train_dp_round)
+from privatune.common.examples import encode_pairs
+from privatune.common.ledger import SiteLedger
+from privatune.common.lora import attach_lora, load_base_model
+from tests.test_node import LORA, start_state
+from tests.test_node import request as train_request
+
+
+def opacus_batch_size(examples: int, batch_size: int) -> int:
+    """The divisor Opacus' make_private derives (privacy_engine.py), for the test's premises."""
+    return int(examples * poisson_sample_rate(examples, batch_size))
+
+
+def settings(noise: float = 1.0, steps: int = 3, seed: int = 0) -> DPTrainSettings:
+    return DPTrainSettings(noise_multiplier=noise, max_grad_norm=1.0, expected_batch_size=8,
+                           steps=steps, learning_rate=0.02, seed=seed)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    """A LoRA model and 30 examples: at batch 8 Opacus divides by 7, not 8."""
+    model, tokenizer = load_base_model(tiny_model_dir)
+    dataset = encode_pairs(tokenizer, [("", f"note {i} fever cough") for i in range(30)], 24)
+    assert opacus_batch_size(len(dataset), 8) == 7
+    return attach_lora(model, LORA), dataset
+
+
+def scaled_noise(monkeypatch, factor: float) -> None:
+    """Opacus draws noise of ``factor`` times the standard deviation it was configured with."""
+    original = dp_opt._generate_noise
+    monkeypatch.setattr(dp_opt, "_generate_noise", lambda std, reference, **kwargs:
+                        original(std=std * factor, reference=reference, **kwargs))
+
+
+def test_round_two_without_noise_is_refused_and_not_recorded(make_site, tiny_model_dir,
+                                                             monkeypatch):
+    """A later round (LoRA B non-zero, so gradients non-zero) with Opacus' noise off is refused."""
+    node = SiteNode(load_site_policy(make_site()))
+    examples, batch = len(node.train_units), train_request().batch_size
+    assert opacus_batch_size(examples, batch) != batch
+    first = node.train(train_request(1), start_state(tiny_model_dir))
+    assert first.reply.accepted
+    assert any(t.abs().sum() > 0 for name, t in first.state.items() if "lora_B" in name)
+
+    make_private = PrivacyEngine.make_private
+
+    def without_noise(self, **kwargs):
+        dp_model, dp_optimizer, dp_loader = make_private(self, **kwargs)
+        dp_optimizer.noise_multiplier = 0.0  # DP is claimed, but Opacus adds no noise
+        return dp_model, dp_optimizer, dp_loader
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", without_noise)
+    with pytest.raises(DPNotAppliedError, match="no noise was added"):
+        node.train(train_request(2), first.state)
+    ledger = SiteLedger(node.policy.ledger_path)
+    assert [e["round"] for e in ledger.adapter_updates()] == [1]
+    released = node.policy.ledger_path.parent / "released"
+    assert not [p for p in released.iterdir() if "round0002" in p.name]
+
+
+@pytest.mark.parametrize("factor", [0.1, 10.0])
+def test_noise_of_the_wrong_scale_stops_training(tiny, monkeypatch, factor):
+    model, dataset = tiny
+    scaled_noise(monkeypatch, factor)
+    with pytest.raises(DPNotAppliedError, match="no noise was added at the claimed scale"):
+        train_dp_round(model, dataset, settings())
+
+
+def test_noise_missing_after_the_first_step_stops_training(tiny, monkeypatch):
+    model, dataset = tiny
+    add_noise = dp_opt.DPOptimizer.add_noise
+    calls: list[int] = []
+
+    def noise_once(self):
+        calls.append(1)
+        if len(calls) > 1:
+            self.noise_multiplier = 0.0
+        add_noise(self)
+
+    monkeypatch.setattr(dp_opt.DPOptimizer, "add_noise", noise_once)
+    with pytest.raises(DPNotAppliedError, match="step 2"):
+        train_dp_round(model, dataset, settings())
+
+
+def test_per_sample_gradients_missing_after_the_first_step_stop_training(tiny, monkeypatch):
+    model, dataset = tiny
+    capture, step = gsm.GradSampleModule.capture_backprops_hook, dp_opt.DPOptimizer.step
+    broken: list[int] = []
+
+    def capture_until_broken(self, *args, **kwargs):
+        if not broken:
+            capture(self, *args, **kwargs)
+
+    def step_then_break(self, closure=None):
+        result = step(self, closure)
+        broken.append(1)  # Opacus' hooks silently do nothing from the second step on
+        return result
+
+    monkeypatch.setattr(gsm.GradSampleModule, "capture_backprops_hook", capture_until_broken)
+    monkeypatch.setattr(dp_opt.DPOptimizer, "step", step_then_break)
+    with pytest.raises(DPNotAppliedError, match="no per-sample gradients"):
+        train_dp_round(model, dataset, settings(steps=5))
+
+
+@pytest.mark.parametrize("noise", [0.3, 1.0, 4.0])
+def test_true_dp_rounds_pass_every_step_check(tiny, noise):
+    """No false alarm over many steps, including a second round whose LoRA B is non-zero."""
+    model, dataset = tiny
+    for seed in (1, 2):
+        result = train_dp_round(model, dataset, settings(noise=noise, steps=60, seed=seed))
+        assert result.steps == 60
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def fake_step(shapes: list[tuple[int, ...]], noise_std: float, divisor: float,
+              generator: torch.Generator) -> dict[str, torch.nn.Parameter]:
+    """LoRA tensors as Opacus leaves them after a step: summed_grad and (summed + noise) / d."""
+    trainable = {}
+    for i, shape in enumerate(shapes):
+        param = torch.nn.Parameter(torch.zeros(shape))
+        param.summed_grad = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator) * noise_std
+        param.grad = (param.summed_grad + noise) / divisor
+        trainable[f"lora_{i}"] = param
+    return trainable
+
+
+SHAPES = [(2, 32), (32, 2), (2, 32), (16, 2)]  # 224 coordinates, as in a tiny model's LoRA
+
+
+def test_noise_scale_check_has_no_false_alarm_over_many_steps():
+    generator = torch.Generator().manual_seed(0)
+    claimed = settings(noise=1.3)
+    for step in range(3000):
+        trainable = fake_step(SHAPES, 1.3 * claimed.max_grad_norm, 7.0, generator)
+        _check_noise_added(trainable, 7.0, claimed, step)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.1, 0.5, 2.0, 10.0])
+def test_noise_scale_check_catches_wrong_scale(factor):
+    generator = torch.Generator().manual_seed(0)
+    claimed = settings(noise=1.3)
+    trainable = fake_step(SHAPES, factor * 1.3 * claimed.max_grad_norm, 7.0, generator)
+    with pytest.raises(DPNotAppliedError, match="no noise was added at the claimed scale"):
+        _check_noise_added(trainable, 7.0, claimed, 0)
+
+
+
+def test_diverged_training_is_left_to_the_node_not_called_missing_noise():
+    """A non-finite clipped sum says nothing about the noise; the node withholds the update."""
+    generator = torch.Generator().manual_seed(0)
+    claimed = settings(noise=1.3)
+    trainable = fake_step(SHAPES, 1.3, 7.0, generator)
+    first = next(iter(trainable.values()))
+    first.summed_grad[0, 0] = float("nan")
+    first.grad[0, 0] = float("nan")
+    _check_noise_added(trainable, 7.0, claimed, 0)
+    first.summed_grad[0, 0] = 0.0  # a finite sum with a non-finite gradient is not DP noise
+    with pytest.raises(DPNotAppliedError):
+        _check_noise_added(trainable, 7.0, claimed, 0)
