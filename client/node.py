@@ -24,11 +24,12 @@ from torch.utils.data import TensorDataset
 
 from privatune.client.data import DataError, Record, collapse_duplicates, load_records, split_records
 from privatune.client.policy import SitePolicy, check_delta, request_violation
-from privatune.client.trainer import DPTrainSettings, poisson_sample_rate, train_dp_round
+from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.examples import encode_pairs, evaluate_loss
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
 from privatune.common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state, lora_state
-from privatune.common.privacy import ACCOUNTANT_NAME, MechanismStep, calibrate_noise_multiplier, rdp_epsilon
+from privatune.common.privacy import (ACCOUNTANT_NAME, MechanismStep, poisson_sample_rate, rdp_epsilon,
+                                      run_noise_multiplier)
 from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
 
 
@@ -127,12 +128,9 @@ class SiteNode:
         if earlier:
             return float(earlier[0]["noise_multiplier"])
         privacy = self.policy.privacy
-        planned_steps = request.planned_rounds * request.local_steps
-        lifetime = calibrate_noise_multiplier(privacy.epsilon_cap, privacy.delta, sample_rate,
-                                              planned_steps, self.ledger.mechanism_history())
-        per_run = calibrate_noise_multiplier(privacy.run_budget, privacy.delta, sample_rate,
-                                             planned_steps)
-        return max(lifetime, per_run, privacy.min_noise_multiplier)
+        return run_noise_multiplier(privacy.epsilon_cap, privacy.run_budget, privacy.delta,
+                                    sample_rate, request.planned_rounds * request.local_steps,
+                                    self.ledger.mechanism_history(), privacy.min_noise_multiplier)
 
     def check_request(self, request: TrainRequest) -> RoundPlan:
         """Decide a train request against the site policy and the ledger, before training."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privatune.common.config import ConfigError, bounded, build, choice, read_yaml
+from privatune.common.privacy import delta_problem
 from privatune.common.protocol import TrainRequest
 
 
@@ -111,12 +112,10 @@ def load_site_policy(path: str | Path) -> SitePolicy:
 
 
 def check_delta(policy: SitePolicy, privacy_units: int) -> None:
-    """DP's delta must be below 1/(number of privacy units), else the guarantee is void."""
-    if policy.privacy.delta >= 1.0 / privacy_units:
-        raise ConfigError(
-            f"{policy.source}: privacy.delta = {policy.privacy.delta:g} is not below "
-            f"1/{privacy_units} (this site has {privacy_units} {policy.privacy.unit}s); "
-            f"choose delta < {1.0 / privacy_units:.3g}")
+    """The node refuses a policy whose delta voids the guarantee at this site's size."""
+    problem = delta_problem(policy.privacy.delta, privacy_units, policy.privacy.unit)
+    if problem:
+        raise ConfigError(f"{policy.source}: privacy.{problem}")
 
 
 def request_violation(limits: RequestLimits, request: TrainRequest) -> str:

@@ -25,6 +25,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from privatune.common.examples import per_example_loss
+from privatune.common.privacy import poisson_sample_rate
 
 
 class DPNotAppliedError(RuntimeError):
@@ -48,11 +49,6 @@ class DPRoundResult:
     noise_multiplier: float
     mean_loss: float
     examples: int
-
-
-def poisson_sample_rate(num_examples: int, expected_batch_size: int) -> float:
-    """The sampling rate Opacus uses for a loader of this size and batch size."""
-    return 1.0 / math.ceil(num_examples / expected_batch_size)
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

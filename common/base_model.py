@@ -28,6 +28,8 @@ from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from privatune.common.config import ConfigError, ModelConfig
+
 # Bump when the build recipe changes, so cached models built by older code are not reused.
 BUILD_RECIPE_VERSION = 1
 BUILD_INFO_FILE = "privatune_base_model.json"
@@ -128,6 +130,19 @@ def ensure_base_model(cache_dir: Path, spec: BaseModelSpec, progress: Progress |
                 shutil.rmtree(partial_dir)
     report(f"base model: ready at {model_dir}")
     return model_dir
+
+
+def resolve_base_model(model: ModelConfig, seed: int, progress: Progress | None = None) -> Path:
+    """The job's ``model.base``: ``builtin`` (the demo model, built once and cached) or the
+    path of a local Hugging Face causal LM directory."""
+    if model.base == "builtin":
+        spec = BaseModelSpec(pretrain_steps=model.builtin_pretrain_steps, seed=seed)
+        return ensure_base_model(Path(model.cache_dir) / "models", spec, progress).resolve()
+    path = Path(model.base)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.base: {path} is not a local model directory (no config.json); "
+                          "use 'builtin' or the path of a Hugging Face causal LM")
+    return path.resolve()
 
 
 def collect_public_corpus(max_bytes: int) -> list[str]:

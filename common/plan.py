@@ -7,12 +7,12 @@ so a plan approved by an ethics board is what a run then spends.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from privatune.common.plots import report_figure
-from privatune.common.privacy import MechanismStep, calibrate_noise_multiplier, pld_epsilon, rdp_epsilon
+from privatune.common.privacy import (MechanismStep, delta_problem, pld_epsilon, poisson_sample_rate,
+                                      rdp_epsilon, run_noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,19 @@ def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds
     """Forecast one site; give ``noise_multiplier``, or ``epsilon`` to solve for it."""
     if records < 1:
         raise ValueError(f"{site}: records must be at least 1")
-    sample_rate = 1.0 / math.ceil(records / batch_size)
+    sample_rate = poisson_sample_rate(records, batch_size)
     if noise_multiplier is None:
         if epsilon is None:
             raise ValueError("give a noise multiplier or a target epsilon")
-        noise_multiplier = calibrate_noise_multiplier(epsilon, delta, sample_rate, rounds * local_steps)
+        noise_multiplier = run_noise_multiplier(epsilon, epsilon, delta, sample_rate,
+                                                rounds * local_steps,
+                                                min_noise_multiplier=min_noise_multiplier)
     noise_multiplier = max(noise_multiplier, min_noise_multiplier)
     step = MechanismStep(noise_multiplier, sample_rate, local_steps)
     per_round = [rdp_epsilon([step] * r, delta) for r in range(1, rounds + 1)]
     warnings = []
-    if delta >= 1.0 / records:
-        warnings.append(f"{site}: delta {delta:g} is not below 1/{records} = {1.0 / records:.3g}; "
-                        "the node will refuse this policy")
+    if problem := delta_problem(delta, records):
+        warnings.append(f"{site}: {problem}; the node will refuse this policy")
     if epsilon is not None and per_round[-1] > epsilon * (1 + 1e-9):
         warnings.append(f"{site}: forecast epsilon {per_round[-1]:.3f} exceeds the budget {epsilon:g}; "
                         "the node will decline the last rounds")

@@ -44,6 +44,35 @@ def rdp_epsilon(history: Iterable[MechanismStep], delta: float) -> float:
         return float(accountant.get_epsilon(delta=delta))
 
 
+def poisson_sample_rate(num_units: int, expected_batch_size: int) -> float:
+    """The sampling rate Opacus uses for a Poisson loader over ``num_units`` at this batch size."""
+    return 1.0 / math.ceil(num_units / expected_batch_size)
+
+
+def delta_problem(delta: float, num_units: int, unit: str = "record") -> str | None:
+    """Why ``delta`` voids the guarantee for ``num_units`` privacy units, or None when it is fine.
+
+    A mechanism may fail with probability delta: at delta >= 1/N it may as well reveal one of
+    the N units outright, so delta must stay below 1/N.
+    """
+    if delta < 1.0 / num_units:
+        return None
+    return (f"delta = {delta:g} is not below 1/{num_units} (this site has {num_units} {unit}s); "
+            f"choose delta < {1.0 / num_units:.3g}")
+
+
+def run_noise_multiplier(epsilon_cap: float, run_budget: float, delta: float, sample_rate: float,
+                         planned_steps: int, prior: Sequence[MechanismStep] = (),
+                         min_noise_multiplier: float = 0.0) -> float:
+    """The noise a site fixes for a run: the planned steps keep the lifetime spend (``prior``
+    included) within ``epsilon_cap`` and the run's own spend within ``run_budget``, never
+    below the site's minimum. The node, ``plan`` and the empirical audit all use this rule."""
+    lifetime = calibrate_noise_multiplier(epsilon_cap, delta, sample_rate, planned_steps, prior)
+    per_run = (lifetime if not prior and run_budget >= epsilon_cap else
+               calibrate_noise_multiplier(run_budget, delta, sample_rate, planned_steps))
+    return max(lifetime, per_run, min_noise_multiplier)
+
+
 def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
                                prior: Sequence[MechanismStep] = ()) -> float:
     """Smallest noise multiplier keeping ``prior`` plus ``steps`` new steps within ``epsilon``.

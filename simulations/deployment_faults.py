@@ -32,29 +32,20 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from privatune.common.audit import audit_path
 from privatune.common.base_model import BaseModelSpec, ensure_base_model
-from privatune.common.certs import make_ca, make_node_keys, make_server_cert
 from privatune.common.ledger import ADAPTER_UPDATE, SiteLedger, read_entries
+from privatune.simulations.loopback import DELTA, LoopbackFederation, Proc
 
-ROOT = Path(__file__).resolve().parents[1]
 SITES = ("alpha", "beta", "gamma")
 VICTIM = "gamma"  # the hospital killed in node-killed
 SCENARIOS = ("baseline", "node-killed", "coordinator-killed")
-DELTA = 1e-4
-EPSILON_CAP = 8.0
 NOTES_PER_SITE = 120  # with batch 16, 6 DP steps and lr 0.1 the held-out perplexity visibly falls
 
 TINY_MODEL = BaseModelSpec(vocab_size=384, hidden_size=32, layers=1, heads=2, intermediate_size=64,
@@ -74,88 +65,6 @@ def log(text: str) -> None:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (several people share this machine)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def privatune(*args: str) -> list[str]:
-    """The ``privatune`` deployment subcommands as run by a user of this checkout."""
-    return [sys.executable, "-m", "privatune.simulations.deploy_cli", *args]
-
-
-class Proc:
-    """A command in its own process group (so a kill takes its Flower children too), its
-    output kept in memory for waiting on and copied to a log file for post-mortems."""
-
-    def __init__(self, command: Sequence[str], name: str, log_dir: Path):
-        self.name = name
-        self.lines: list[str] = []
-        self.started = time.monotonic()
-        self.ended: float | None = None
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "a", encoding="utf-8")
-        self._log.write(f"$ {' '.join(command)}\n")
-        self.popen = subprocess.Popen(list(command), cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      text=True, start_new_session=True,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            stamp = time.monotonic() - self.started
-            self.lines.append(line.rstrip())
-            self._log.write(f"{stamp:7.1f}s {line}")
-            self._log.flush()
-
-    def seconds(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in list(self.lines))
-
-    def wait_for(self, text: str, timeout_s: float) -> None:
-        """Block until ``text`` appears; fail early if the process ends without it."""
-        deadline = time.monotonic() + timeout_s
-        while not self.has(text):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: no {text!r} (exit {self.popen.poll()}); "
-                                   f"see {self.log_path}")
-            time.sleep(0.2)
-
-    def wait(self, timeout_s: float) -> int | None:
-        """Exit code, or None if still running after ``timeout_s``."""
-        try:
-            code = self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-        self.ended = self.ended or time.monotonic()
-        self._reader.join(timeout=5)
-        return code
-
-    def kill_group(self, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
-        if sig == signal.SIGKILL:
-            self.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM first (our commands stop what they started), SIGKILL what is left."""
-        if self.popen.poll() is None:
-            self.kill_group(signal.SIGTERM)
-            self.wait(30)
-        self.kill_group(signal.SIGKILL)
-        self._log.close()
 
 
 def serverapp_pids(superlink_port: int) -> list[int]:
@@ -191,112 +100,27 @@ def clinical_notes(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-@dataclass
-class Federation:
-    """One scenario's coordinator and hospitals, all on this machine."""
-
-    root: Path
-    model_dir: Path
-    round_timeout_s: int
-    rounds: int
-    port: int = field(default_factory=free_port)
-    policies: dict[str, Path] = field(default_factory=dict)
-    node_keys: dict[str, Path] = field(default_factory=dict)
-    nodes: dict[str, Proc] = field(default_factory=dict)
-    processes: list[Proc] = field(default_factory=list)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def job(self) -> Path:
-        return self.root / "federation.yaml"
-
-    @property
-    def out(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def ca(self) -> Path:
-        return self.root / "certs" / "ca.pem"
-
-    def ledger(self, site: str) -> Path:
-        return self.policies[site].parent / "ledger.jsonl"
-
-
-def prepare(root: Path, model_dir: Path, round_timeout_s: int, rounds: int) -> Federation:
+def prepare(root: Path, model_dir: Path, round_timeout_s: int, rounds: int) -> LoopbackFederation:
     """Certificates, hospital keys, data, site policies, job and deployment files."""
     if root.exists():
         shutil.rmtree(root)  # fresh ledgers and SuperLink state: scenarios must not mix
-    fed = Federation(root=root, model_dir=model_dir, round_timeout_s=round_timeout_s,
-                     rounds=rounds)
-    certs = root / "certs"
-    make_server_cert(make_ca(certs), certs)
+    fed = LoopbackFederation(root=root, model_dir=model_dir)
+    fed.make_certs()
     for seed, name in enumerate(SITES, start=1):
-        fed.node_keys[name] = make_node_keys(certs / "nodes", name).private_key
-        data = clinical_notes(root / "data" / f"{name}.jsonl", NOTES_PER_SITE, seed)
-        site_dir = root / "sites" / name
-        site_dir.mkdir(parents=True)
-        fed.policies[name] = site_dir / "policy.yaml"
-        fed.policies[name].write_text(yaml.safe_dump({
-            "site": {"name": name, "data": str(data), "format": "jsonl", "model": str(model_dir),
-                     "state_dir": ".", "heldout_fraction": 0.2},
-            "privacy": {"epsilon_cap": EPSILON_CAP, "delta": DELTA,
-                        "min_noise_multiplier": 0.3}}))
-    central = clinical_notes(root / "data" / "central-heldout.jsonl", 48, 99)
-    fed.job.write_text(yaml.safe_dump({
-        "seed": 0, "model": {"base": str(model_dir), "max_length": 32},
-        "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"local_steps": 6, "batch_size": 16, "learning_rate": 0.1,
-                     "eval_batch_size": 16},
-        "privacy": {"epsilon": EPSILON_CAP, "delta": DELTA},
-        "federation": {"rounds": rounds, "min_nodes": 2, "min_replies": 2, "node_wait_s": 120,
-                       "round_timeout_s": round_timeout_s}}))
-    (root / "coordinator.yaml").write_text(yaml.safe_dump({
-        "state_dir": "state",
-        "superlink": {"address": fed.address, "bind": "127.0.0.1"},
-        "tls": {"ca_cert": "certs/ca.pem", "server_cert": "certs/superlink.pem",
-                "server_key": "certs/superlink.key"},
-        "nodes": {"public_keys": [f"certs/nodes/{name}.pub" for name in SITES]},
-        "run": {"model_dir": str(model_dir), "out_dir": "run", "central_eval": str(central)}}))
+        fed.add_site(name, clinical_notes(root / "data" / f"{name}.jsonl", NOTES_PER_SITE, seed))
+    fed.write_job(rounds=rounds, round_timeout_s=round_timeout_s, local_steps=6, batch_size=16,
+                  learning_rate=0.1)
+    fed.write_deployment(central_eval=clinical_notes(root / "data" / "central-heldout.jsonl", 48, 99))
     return fed
 
 
-def start_federation(fed: Federation) -> None:
+def start_federation(fed: LoopbackFederation) -> None:
     """SuperLink (long-lived, like under systemd) and the three hospital nodes, all online."""
-    from privatune.server.deploy import load_deployment, wait_for_online
-
-    link = Proc(privatune("coordinator", "--config", str(fed.job), "--serve"), "superlink",
-                fed.logs)
-    fed.processes.append(link)
-    link.wait_for("SuperLink ready", 120)
+    fed.start_superlink(120)
     for name in SITES:
-        node = Proc(privatune("node", "--site", str(fed.policies[name]), "--superlink",
-                              fed.address, "--root-cert", str(fed.ca), "--auth-key",
-                              str(fed.node_keys[name]), "--runtime-port", str(free_port())),
-                    name, fed.logs)
-        fed.processes.append(node)
-        fed.nodes[name] = node
-    wait_for_online(load_deployment(fed.root / "coordinator.yaml"), len(SITES), timeout_s=180)
+        fed.start_node(name)
+    fed.wait_online(len(SITES), timeout_s=180)
     log(f"federation up: SuperLink {fed.address}, nodes {', '.join(SITES)}")
-
-
-def stop_federation(fed: Federation) -> None:
-    for process in reversed(fed.processes):
-        process.stop()
-
-
-def start_coordinator(fed: Federation, name: str = "coordinator") -> Proc:
-    """``privatune coordinator --config ... --out ...``: submits the job and follows it."""
-    process = Proc(privatune("coordinator", "--config", str(fed.job), "--out", str(fed.out)),
-                   name, fed.logs)
-    fed.processes.append(process)
-    return process
 
 
 def finish(process: Proc, timeout_s: float) -> int:
@@ -312,12 +136,12 @@ def finish(process: Proc, timeout_s: float) -> int:
 # --------------------------------------------------------------------------- measurements
 
 
-def read_report(fed: Federation) -> dict[str, Any]:
+def read_report(fed: LoopbackFederation) -> dict[str, Any]:
     path = fed.out / "report.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def ledger_rounds(fed: Federation, site: str) -> list[list[Any]]:
+def ledger_rounds(fed: LoopbackFederation, site: str) -> list[list[Any]]:
     """(run id, round, first 12 hex digits of the update's SHA-256) of every adapter update
     the site's ledger holds, in order: a round sent twice shows whether the second release
     was a new one or a bit-identical copy. Read-only
@@ -328,7 +152,7 @@ def ledger_rounds(fed: Federation, site: str) -> list[list[Any]]:
             for e in entries if e["kind"] == ADAPTER_UPDATE]
 
 
-def site_figures(fed: Federation, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def site_figures(fed: LoopbackFederation, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per site: epsilon the report shows vs the ledger's own figure, releases, audit."""
     sites = report.get("sites", {})
     figures = {}
@@ -354,7 +178,7 @@ def site_figures(fed: Federation, report: dict[str, Any]) -> dict[str, dict[str,
     return figures
 
 
-def run_figures(fed: Federation, report: dict[str, Any]) -> dict[str, Any]:
+def run_figures(fed: LoopbackFederation, report: dict[str, Any]) -> dict[str, Any]:
     """Round-by-round perplexity and who took part, from report.json."""
     rounds = report.get("rounds", [])
     return {
@@ -385,9 +209,9 @@ def round_times(process: Proc) -> dict[str, float]:
 # --------------------------------------------------------------------------- scenarios
 
 
-def scenario_baseline(fed: Federation, budget_s: float) -> dict[str, Any]:
+def scenario_baseline(fed: LoopbackFederation, budget_s: float) -> dict[str, Any]:
     """Uninterrupted run: the reference for wall time, perplexity and epsilon."""
-    coordinator = start_coordinator(fed)
+    coordinator = fed.start_coordinator()
     code = finish(coordinator, budget_s)
     report = read_report(fed)
     return {"exit_code": code, "wall_s": coordinator.seconds(),
@@ -395,10 +219,10 @@ def scenario_baseline(fed: Federation, budget_s: float) -> dict[str, Any]:
             **run_figures(fed, report), "sites": site_figures(fed, report)}
 
 
-def scenario_node_killed(fed: Federation, budget_s: float) -> dict[str, Any]:
+def scenario_node_killed(fed: LoopbackFederation, budget_s: float) -> dict[str, Any]:
     """SIGKILL the victim hospital's process group (SuperNode, SuperExec, ClientApps) as
     soon as round 2's training requests go out: the machine is gone, mid-round."""
-    coordinator = start_coordinator(fed)
+    coordinator = fed.start_coordinator()
     coordinator.wait_for(f"[round 2/{fed.rounds}] training at", budget_s)
     fed.nodes[VICTIM].kill_group(signal.SIGKILL)
     killed_at = coordinator.seconds()
@@ -412,7 +236,7 @@ def scenario_node_killed(fed: Federation, budget_s: float) -> dict[str, Any]:
             **run_figures(fed, report), "sites": site_figures(fed, report)}
 
 
-def wait_for_release(fed: Federation, round_number: int, timeout_s: float) -> list[str]:
+def wait_for_release(fed: LoopbackFederation, round_number: int, timeout_s: float) -> list[str]:
     """Sites whose ledger holds a release for ``round_number``, once at least one does."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -422,11 +246,11 @@ def wait_for_release(fed: Federation, round_number: int, timeout_s: float) -> li
         time.sleep(0.5)
 
 
-def scenario_coordinator_killed(fed: Federation, budget_s: float) -> dict[str, Any]:
+def scenario_coordinator_killed(fed: LoopbackFederation, budget_s: float) -> dict[str, Any]:
     """SIGKILL the ServerApp running the job and the ``privatune coordinator`` following it
     in round 2, after a site has released its round-2 update (the release is spent but
     never aggregated); then start ``privatune coordinator`` again on the same out dir."""
-    first = start_coordinator(fed, "coordinator-1")
+    first = fed.start_coordinator("coordinator-1")
     first.wait_for(f"[round 2/{fed.rounds}] training at", budget_s)
     released = wait_for_release(fed, 2, fed.round_timeout_s)
     pids = serverapp_pids(fed.port)
@@ -447,7 +271,7 @@ def scenario_coordinator_killed(fed: Federation, budget_s: float) -> dict[str, A
         raise RuntimeError(f"no flwr-serverapp process found for port {fed.port}")
     releases_at_kill = {s: ledger_rounds(fed, s) for s in SITES}
 
-    second = start_coordinator(fed, "coordinator-2")
+    second = fed.start_coordinator("coordinator-2")
     code = finish(second, budget_s)
     resumed = [line for line in second.lines if "resuming run" in line]
     report = read_report(fed)
@@ -463,17 +287,17 @@ def scenario_coordinator_killed(fed: Federation, budget_s: float) -> dict[str, A
             **run_figures(fed, report), "sites": site_figures(fed, report)}
 
 
-def flower_run_status(fed: Federation, run_id: str) -> str:
+def flower_run_status(fed: LoopbackFederation, run_id: str) -> str:
     """Flower's final status of the killed run (it should not be 'running' forever)."""
-    from privatune.server.deploy import load_deployment, run_status
+    from privatune.server.runs import run_status
 
     try:
-        return run_status(load_deployment(fed.root / "coordinator.yaml"), int(run_id))
+        return run_status(fed.deployment(), int(run_id))
     except Exception as err:  # a measurement, not a check: record why it is unknown
         return f"unknown ({err})"
 
 
-SCENARIO_FUNCTIONS: dict[str, Callable[[Federation, float], dict[str, Any]]] = {
+SCENARIO_FUNCTIONS: dict[str, Callable[[LoopbackFederation, float], dict[str, Any]]] = {
     "baseline": scenario_baseline,
     "node-killed": scenario_node_killed,
     "coordinator-killed": scenario_coordinator_killed,
@@ -492,7 +316,7 @@ def run_scenario(name: str, out: Path, model_dir: Path, round_timeout_s: int, ro
         result = {"error": f"{type(err).__name__}: {err}"}
         log(f"scenario {name} FAILED: {err}")
     finally:
-        stop_federation(fed)
+        fed.stop()
     result.update({"scenario": name, "rounds_planned": rounds, "round_timeout_s": round_timeout_s,
                    "dir": str(fed.root)})
     if "sites" not in result and any(fed.ledger(s).is_file() for s in SITES):
@@ -582,7 +406,7 @@ def rescan(results: dict[str, Any], out: Path, model_dir: Path) -> None:
         root = out / name
         if not (root / "sites").is_dir():
             continue
-        fed = Federation(root=root, model_dir=model_dir, round_timeout_s=0, rounds=0, port=0)
+        fed = LoopbackFederation(root=root, model_dir=model_dir, port=0)
         fed.policies = {s: root / "sites" / s / "policy.yaml" for s in SITES}
         report = read_report(fed)
         result["sites"] = site_figures(fed, report)

@@ -35,7 +35,9 @@ def _handler(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from privatune.simulations.empirical_audit import empirical_audit, epsilon_text, strongest_attack
+    from privatune.simulations.audit_report import epsilon_text
+    from privatune.simulations.empirical_audit import empirical_audit
+    from privatune.simulations.membership import strongest_attack
 
     torch.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load

@@ -11,27 +11,36 @@ import pytest
 import torch
 
 from privatune.client.data import Record, load_records, split_records
+from privatune.client.trainer import DPRoundResult
+from privatune.common.privacy import poisson_sample_rate
 from privatune.common.config import load_job_config
-from privatune.simulations.empirical_audit import (
+from privatune.common.lora import LoraSettings, initial_adapter
+from privatune.simulations import audit_federation
+from privatune.simulations.audit_federation import train_federation
+from privatune.simulations.audit_sites import AuditSite, SiteSplit
+from privatune.simulations.canaries import (
     MRN_SPACE_SIZE,
-    AuditSite,
     Canary,
-    MembershipLosses,
     canary_text,
     exposure_from_scores,
     fit_skew_normal,
     format_mrn,
     make_canaries,
     measure_exposures,
-    membership_attacks,
-    min_k_loss,
     mrn_check_digit,
     plant_canaries,
-    roc_auc,
-    run_empirical_audit,
     sample_candidates,
 )
+from privatune.simulations.empirical_audit import run_empirical_audit
+from privatune.simulations import empirical_audit_cli
 from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
+from privatune.simulations.membership import (
+    MembershipLosses,
+    auc_standard_error,
+    membership_attacks,
+    min_k_loss,
+    roc_auc,
+)
 from tests.conftest import write_notes
 
 LOG2_SPACE = math.log2(MRN_SPACE_SIZE)
@@ -99,6 +108,19 @@ def test_auc_is_one_half_and_zero_on_constructed_scores():
         roc_auc([], [1.0])
 
 
+def test_auc_standard_error_follows_hanley_mcneil_on_hand_computed_cases():
+    # SE^2 = (A(1-A) + (m-1)(Q1-A^2) + (n-1)(Q2-A^2)) / (m n), Q1 = A/(2-A), Q2 = 2A^2/(1+A)
+    # A = 1/2, m = n = 2: Q1 = Q2 = 1/3, so SE^2 = (1/4 + 1/12 + 1/12) / 4 = 5/48
+    assert auc_standard_error(0.5, 2, 2) == pytest.approx(math.sqrt(5 / 48))
+    # A = 3/4, m = 3, n = 2: Q1 = 3/5, Q2 = 9/14, so SE^2 = (3/16 + 2*3/80 + 9/112) / 6 = 2/35
+    assert auc_standard_error(0.75, 3, 2) == pytest.approx(math.sqrt(2 / 35))
+    # more records, smaller error at the same AUC; a perfect attack leaves no variance
+    assert auc_standard_error(0.75, 30, 20) < auc_standard_error(0.75, 3, 2)
+    assert auc_standard_error(1.0, 5, 7) == 0.0
+    with pytest.raises(ValueError, match="at least one member"):
+        auc_standard_error(0.5, 0, 3)
+
+
 def test_min_k_loss_averages_the_hardest_tokens():
     losses = torch.tensor([0.1, 5.0, 0.2, 4.0, 3.0])
     assert min_k_loss(losses, 0.4) == pytest.approx(4.5)
@@ -119,9 +141,11 @@ def test_attacks_separate_memorized_details_from_a_shared_template():
                                [record(d) for d in (3.0, 3.5, 4.0, 4.5)])
     attacks = membership_attacks(trained, base)
     assert {k: a["auc"] for k, a in attacks.items()} == {"loss": 1.0, "loss_vs_base": 1.0, "min_k": 1.0}
-    assert all(a["standard_error"] >= 0 for a in attacks.values())
+    assert all(a["standard_error"] == 0.0 for a in attacks.values())  # perfect separation
     alike = MembershipLosses(trained.members, list(reversed(trained.members)))
-    assert membership_attacks(alike, base)["min_k"]["auc"] == 0.5
+    # chance with 4 members and 4 non-members: Q1 = Q2 = 1/3, SE^2 = (1/4 + 3/12 + 3/12) / 16
+    assert membership_attacks(alike, base)["min_k"] == {
+        "auc": 0.5, "standard_error": pytest.approx(math.sqrt(3 / 64))}
 
 
 def test_canaries_are_planted_the_requested_times_and_only_in_training(tmp_path):
@@ -171,6 +195,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_each_site_draws_its_own_noise_seed_every_round(tmp_path, tiny_model_dir, monkeypatch):
+    """As at the node, no two releases may share their noise: not two sites in one round, not
+    one site in two rounds."""
+    (tmp_path / "job.yaml").write_text(JOB)
+    job = load_job_config(tmp_path / "job.yaml")
+    template = initial_adapter(tiny_model_dir, LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj")),
+                               job.seed)
+    units = [("", f"note {i}") for i in range(40)]
+    sites = [SiteSplit(name, units, [], units, train=torch.utils.data.TensorDataset(torch.zeros(40)))
+             for name in ("north", "south")]
+    site_of = {id(site.train): site.name for site in sites}
+    calls: list[tuple[str, int]] = []  # (site, seed) in call order: north, south, north, south
+
+    def fake_round(model, dataset, settings):
+        calls.append((site_of[id(dataset)], settings.seed))
+        return DPRoundResult(steps=settings.steps, sample_rate=poisson_sample_rate(40, 16),
+                             noise_multiplier=settings.noise_multiplier, mean_loss=1.0, examples=40)
+
+    monkeypatch.setattr(audit_federation, "train_dp_round", fake_round)
+    # the noise calibration is not what this test is about, and it is the slow part
+    monkeypatch.setattr(audit_federation, "site_noise_multiplier", lambda job, examples: 1.0)
+    train_federation(job, template, sites, private=True, progress=lambda line: None)
+    assert [site for site, _ in calls] == ["north", "south"] * job.federation.rounds
+    seeds = [seed for _, seed in calls]
+    assert seeds[0] != seeds[1] and seeds[2] != seeds[3]  # two sites, same round
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_thread):
     (tmp_path / "job.yaml").write_text(JOB)
     job = load_job_config(tmp_path / "job.yaml")
@@ -181,7 +233,9 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
                                  canaries_per_count=1, candidates=200, progress=lines.append)
 
     written = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert written["canary_site"] == report["canary_site"] in ("north", "south")
+    # south has more records, so more held-out ones: the default canary site
+    assert written["canary_site"] == report["canary_site"] == "south"
+    copies = 1 + 4  # one canary per count, planted once and four times
     assert set(written["runs"]) == {"base", "dp", "non_dp"}
     dp, non_dp = written["runs"]["dp"], written["runs"]["non_dp"]
     assert 0 < dp["epsilon"] <= 8.0 + 1e-6 and dp["noise_multiplier"] > 0
@@ -191,9 +245,13 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
         assert all(0.0 <= c["exposure"] <= LOG2_SPACE for e in run["exposure"].values()
                    for c in e["canaries"])
         assert run["mia"]["sites"] == ["north", "south"]
-        assert set(run["mia"]["attacks"]) == {"loss", "loss_vs_base", "min_k"}
-        assert all(0.0 <= a["auc"] <= 1.0 and a["standard_error"] > 0
-                   for a in run["mia"]["attacks"].values())
+        mia = run["mia"]  # every site's training records but the canaries, and its held-out ones
+        assert mia["members"] == sum(s["train"] for s in written["sites"].values()) - copies
+        assert mia["nonmembers"] == sum(s["heldout"] for s in written["sites"].values())
+        assert set(mia["attacks"]) == {"loss", "loss_vs_base", "min_k"}
+        for attack in mia["attacks"].values():
+            assert attack["standard_error"] == pytest.approx(
+                auc_standard_error(attack["auc"], mia["members"], mia["nonmembers"]))
     assert written["runs"]["base"]["epsilon"] == 0.0
     # Against itself the base model's loss drop is 0 for every record: chance by construction.
     assert written["runs"]["base"]["mia"]["attacks"]["loss_vs_base"]["auc"] == 0.5
@@ -211,7 +269,7 @@ def test_command_parses_its_options(tmp_path):
     args = parser.parse_args(["empirical-audit", "--config", "configs/audit.yaml", "--out", str(tmp_path),
                               "--repetitions", "2,8", "--hospitals", "3", "--set", "seed=4"])
     assert args.repetitions == (2, 8) and args.hospitals == 3 and args.set == ["seed=4"]
-    assert callable(args.handler)
+    assert args.handler is empirical_audit_cli._handler
     with pytest.raises(SystemExit):
         parser.parse_args(["empirical-audit", "--config", "x", "--out", "y", "--repetitions", "4,0"])
 

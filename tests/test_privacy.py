@@ -35,3 +35,18 @@ def test_calibration_accounts_for_prior_releases():
     assert rdp_epsilon([*prior, MechanismStep(after_prior, 0.05, 60)], 1e-5) <= 8.0
     with pytest.raises(ValueError, match="already spent"):
         calibrate_noise_multiplier(0.5, 1e-5, 0.05, 60, prior)
+
+
+def test_one_noise_rule_for_node_plan_and_audit():
+    """The run's noise: the lifetime cap against prior spend, the per-run budget, the floor."""
+    from privatune.common.privacy import (calibrate_noise_multiplier, delta_problem,
+                                          run_noise_multiplier)
+
+    q, steps, delta = 0.1, 40, 1e-5
+    fresh = run_noise_multiplier(8.0, 8.0, delta, q, steps)
+    assert fresh == calibrate_noise_multiplier(8.0, delta, q, steps)
+    prior = [MechanismStep(fresh, q, steps)]
+    assert run_noise_multiplier(8.0, 8.0, delta, q, steps, prior) > fresh  # less budget left
+    assert run_noise_multiplier(8.0, 2.0, delta, q, steps) > fresh  # a tighter run budget binds
+    assert run_noise_multiplier(8.0, 8.0, delta, q, steps, min_noise_multiplier=50.0) == 50.0
+    assert delta_problem(1e-3, 999) is None and "not below 1/1000" in delta_problem(1e-3, 1000)

@@ -16,10 +16,11 @@ from opacus import PrivacyEngine
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.client.trainer import (DPNotAppliedError, DPTrainSettings, _check_noise_added,
-                                      poisson_sample_rate, train_dp_round)
+                                      train_dp_round)
 from privatune.common.examples import encode_pairs
 from privatune.common.ledger import SiteLedger
 from privatune.common.lora import attach_lora, load_base_model
+from privatune.common.privacy import poisson_sample_rate
 from tests.test_node import LORA, start_state
 from tests.test_node import request as train_request
 

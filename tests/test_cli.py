@@ -1,0 +1,135 @@
+"""The ``privatune`` front door: every command is reachable from it, each side's commands
+live with that side's code, and ``--help`` stays light (no torch, no Flower)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from privatune.common.certs import make_ca, make_server_cert
+from privatune.simulations.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "flwr", "transformers", "opacus", "peft", "matplotlib", "dp_accounting")
+COMMANDS = ("simulate", "empirical-audit", "plan", "audit", "coordinator", "certs", "export",
+            "node", "keys")
+
+
+def test_help_lists_every_command_and_loads_nothing_heavy():
+    code = f"""
+import json, sys
+from privatune.simulations.cli import main
+for argv in (["--help"], ["node", "--help"], ["coordinator", "--help"], ["keys", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, argv
+print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}} & set({HEAVY!r}))))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    pages, loaded = done.stdout.rstrip().rsplit("\n", 1)
+    assert json.loads(loaded) == []
+    top, node, coordinator, keys = pages.split("usage: privatune")[1:]
+    for command in COMMANDS:
+        assert command in top.split("who runs what")[0]
+    assert "a hospital:          node, keys" in top
+    for option in ("--site", "--check", "--superlink", "--root-cert", "--auth-key", "--runtime-port"):
+        assert option in node
+    for option in ("--config", "--deployment", "--serve", "--register", "--out"):
+        assert option in coordinator
+    assert "--hospital" in keys
+
+
+def test_each_side_imports_only_what_it_may():
+    """common imports neither client nor server; client and server never import each other,
+    nor simulations: a hospital's or a coordinator's installation runs without the other."""
+    forbidden = {"common": ("client", "server", "simulations"), "client": ("server", "simulations"),
+                 "server": ("client", "simulations")}
+    problems = []
+    for package, others in forbidden.items():
+        for file in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                problems += [f"{file.relative_to(ROOT)}:{node.lineno} imports {name}"
+                             for name in names for other in others
+                             if name == f"privatune.{other}" or name.startswith(f"privatune.{other}.")]
+    assert problems == []
+
+
+def test_node_without_connection_flags_names_them(make_site, capsys):
+    assert main(["node", "--site", str(make_site())]) == 2
+    err = capsys.readouterr().err
+    assert "--superlink, --root-cert, --auth-key required" in err and "--check" in err
+
+
+def test_node_check_states_what_leaves_and_starts_nothing(make_site, capsys):
+    assert main(["node", "--site", str(make_site("st-mary")), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "Site 'st-mary'" in out and "What leaves this site" in out
+    assert "check only" in out and "starting the SuperNode" not in out
+
+
+def test_keys_makes_a_private_key_only_its_owner_reads(tmp_path, capsys):
+    assert main(["keys", "--hospital", "st-mary", "--out", str(tmp_path / "keys")]) == 0
+    private = tmp_path / "keys" / "st-mary.key"
+    assert private.stat().st_mode & 0o077 == 0 and (tmp_path / "keys" / "st-mary.pub").is_file()
+    assert str(private) in capsys.readouterr().out
+    assert main(["keys", "--hospital", "st-mary", "--out", str(tmp_path / "keys")]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_certs_makes_ca_server_certificate_and_keys(tmp_path, capsys):
+    out = tmp_path / "certs"
+    assert main(["certs", "--out", str(out), "--host", "fl.example.org", "--hospital", "alpha"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"ca.pem", "ca.key", "superlink.pem", "superlink.key"}
+    assert (out / "nodes" / "alpha.pub").is_file()
+    assert "CA fingerprint" in capsys.readouterr().out
+    # a host the certificate lacks needs --overwrite; the CA is reused, never replaced
+    ca = (out / "ca.pem").read_bytes()
+    assert main(["certs", "--out", str(out), "--host", "fl2.example.org"]) == 1
+    assert main(["certs", "--out", str(out), "--host", "fl2.example.org", "--overwrite"]) == 0
+    assert (out / "ca.pem").read_bytes() == ca
+    # the hospital's form, as the README had it before `privatune keys`
+    assert main(["certs", "--keys-only", "--out", str(tmp_path / "keys"), "--hospital", "beta"]) == 0
+    assert (tmp_path / "keys" / "beta.key").is_file()
+
+
+def test_coordinator_stops_on_a_bad_job_before_starting_anything(tmp_path, capsys):
+    make_server_cert(make_ca(tmp_path / "certs"), tmp_path / "certs")
+    (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump({
+        "state_dir": "state", "tls": {"ca_cert": "certs/ca.pem", "server_cert": "certs/superlink.pem",
+                                      "server_key": "certs/superlink.key"}}))
+    job = tmp_path / "federation.yaml"
+    job.write_text("lora:\n  rank: 4\n")
+    assert main(["coordinator", "--config", str(job)]) == 2
+    assert "line 2: lora.rank: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
+
+
+def test_coordinator_names_a_bad_deployment_key(tmp_path, capsys):
+    (tmp_path / "coordinator.yaml").write_text("superlink:\n  adress: 127.0.0.1:9092\n")
+    (tmp_path / "federation.yaml").write_text("seed: 0\n")
+    assert main(["coordinator", "--config", str(tmp_path / "federation.yaml")]) == 2
+    assert "superlink.adress: unknown key" in capsys.readouterr().err
+
+
+def test_forced_export_needs_a_reason(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "release"), "--force"]) == 2
+    assert "--force needs --reason" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["plan", "audit", "empirical-audit", "simulate"])
+def test_other_commands_still_parse(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--help"])
+    assert exit.value.code == 0
+    assert f"usage: privatune {command}" in capsys.readouterr().out

@@ -1,0 +1,47 @@
+"""The wheel installs one namespace, ``privatune``, and its command runs from a fresh environment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GENERIC_NAMES = ("common", "client", "server", "simulations")
+
+
+def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_wheel_installs_only_the_privatune_namespace(tmp_path):
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", tmp_path / "dist", REPO, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("privatune-*.whl")
+    top_level = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert top_level == {"privatune", wheel.name.split("-py3")[0] + ".dist-info"}
+
+    # A fresh environment with the wheel; the project's own environment only lends the
+    # dependencies (a bare path line in a .pth: its editable install of privatune stays off).
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    _run(venv / "bin" / "pip", "install", "--quiet", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    site_packages = Path(_run(venv / "bin" / "python", "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                              cwd=tmp_path).stdout.strip())
+    installed = {p.name for p in site_packages.iterdir()}
+    assert not installed & set(GENERIC_NAMES), installed
+    (site_packages / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    probe = ("import importlib.util, privatune.server.app, privatune.client.app, privatune.common;"
+             "import privatune.common.ledger as ledger;"
+             f"assert ledger.__file__.startswith({str(site_packages)!r}), ledger.__file__;"
+             f"assert all(importlib.util.find_spec(n) is None for n in {GENERIC_NAMES!r})")
+    _run(venv / "bin" / "python", "-c", probe, cwd=tmp_path)
+    help_text = _run(venv / "bin" / "privatune", "--help", cwd=tmp_path).stdout
+    assert "node" in help_text and "coordinator" in help_text and "simulate" in help_text
