@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
-from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, REQUEST_KEY, STATUS_KEY, EvaluateRequest,
-                             TrainRequest)
+from privatune.common.protocol import ADAPTER_KEY, REQUEST_KEY, EvaluateRequest, TrainRequest
 
 PolicyResolver = Callable[[Context], Path]
 
@@ -28,10 +27,6 @@ def policy_from_node_config(context: Context) -> Path:
     except KeyError as err:
         raise ValueError("this SuperNode was started without node config 'site-policy' "
                          "(the path of the hospital's site policy file)") from err
-
-
-def _metrics(values: dict[str, float | int | None]) -> MetricRecord:
-    return MetricRecord({k: v for k, v in values.items() if v is not None})
 
 
 def make_client_app(resolve_policy: PolicyResolver = policy_from_node_config) -> ClientApp:
@@ -50,16 +45,8 @@ def make_client_app(resolve_policy: PolicyResolver = policy_from_node_config) ->
         node = node_for(context)
         request = TrainRequest.from_record(message.content[REQUEST_KEY])
         outcome = node.train(request, arrayrecord_to_state(message.content[ADAPTER_KEY]))
-        reply = outcome.reply
-        content = RecordDict({
-            STATUS_KEY: ConfigRecord({"site": reply.site, "accepted": reply.accepted,
-                                      "reason": reply.reason}),
-            METRICS_KEY: _metrics({"num_examples": reply.num_examples, "epsilon": reply.epsilon,
-                                   "delta": reply.delta, "epsilon_budget": reply.epsilon_budget,
-                                   "noise_multiplier": reply.noise_multiplier,
-                                   "train_loss": reply.train_loss}),
-        })
-        if reply.accepted:
+        content = outcome.reply.to_record()
+        if outcome.reply.accepted:
             content[ADAPTER_KEY] = state_to_arrayrecord(outcome.state)
         return Message(content=content, reply_to=message)
 
@@ -68,12 +55,7 @@ def make_client_app(resolve_policy: PolicyResolver = policy_from_node_config) ->
         node = node_for(context)
         request = EvaluateRequest.from_record(message.content[REQUEST_KEY])
         reply = node.evaluate(request, arrayrecord_to_state(message.content[ADAPTER_KEY]))
-        content = RecordDict({
-            STATUS_KEY: ConfigRecord({"site": reply.site}),
-            METRICS_KEY: _metrics({"num_examples": reply.num_examples,
-                                   "eval_loss": reply.eval_loss}),
-        })
-        return Message(content=content, reply_to=message)
+        return Message(content=reply.to_record(), reply_to=message)
 
     return app
 

@@ -56,11 +56,6 @@ def update_hash(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def lora_settings(request: TrainRequest | EvaluateRequest) -> LoraSettings:
-    return LoraSettings(r=request.lora_r, alpha=request.lora_alpha,
-                        target_modules=tuple(request.lora_targets.split(",")))
-
-
 @dataclass(frozen=True)
 class RoundPlan:
     """The node's answer to a train request before training: a decline reason, or the noise."""
@@ -178,7 +173,7 @@ class SiteNode:
             self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
                                              "release": "decline", "reason": plan.reason})
             return self._decline(plan.reason)
-        model, tokenizer = self._model(lora_settings(request))
+        model, tokenizer = self._model(LoraSettings.from_request(request))
         load_lora_state(model, global_state)
         dataset = self._dataset("train", tokenizer, request.max_length)
         result = train_dp_round(model, dataset, DPTrainSettings(
@@ -263,7 +258,7 @@ class SiteNode:
     def evaluate(self, request: EvaluateRequest,
                  global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
         """Held-out loss of the global adapter on this site's data (a non-private release)."""
-        model, tokenizer = self._model(lora_settings(request))
+        model, tokenizer = self._model(LoraSettings.from_request(request))
         load_lora_state(model, global_state)
         dataset = self._dataset("heldout", tokenizer, request.max_length)
         loss, _ = evaluate_loss(model, dataset, request.batch_size)

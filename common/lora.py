@@ -13,9 +13,10 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -26,6 +27,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+if TYPE_CHECKING:
+    from privatune.common.config import JobConfig
+    from privatune.common.protocol import EvaluateRequest, TrainRequest
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,6 +60,17 @@ class LoraSettings:
             raise ValueError(f"LoraSettings.alpha must be positive, got {self.alpha}")
         if not self.target_modules:
             raise ValueError("LoraSettings.target_modules must name at least one module")
+
+    @classmethod
+    def from_job(cls, job: JobConfig) -> LoraSettings:
+        """The adapter a job trains (its ``lora`` section)."""
+        return cls(r=job.lora.r, alpha=job.lora.alpha, target_modules=tuple(job.lora.target_modules))
+
+    @classmethod
+    def from_request(cls, request: TrainRequest | EvaluateRequest) -> LoraSettings:
+        """The adapter a node is asked to train or evaluate (the request's ``lora_*`` fields)."""
+        return cls(r=request.lora_r, alpha=request.lora_alpha,
+                   target_modules=tuple(request.lora_targets.split(",")))
 
 
 def load_base_model(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -228,24 +244,27 @@ def load_adapter(base_model_dir: str | Path, adapter_dir: str | Path) -> PeftMod
 
 def state_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Encode LoRA tensors for a Flower message, as float32 (ArrayRecord has no bf16), same order."""
-    return ArrayRecord(
-        array_dict={
-            name: Array.from_numpy_ndarray(tensor.detach().to(device="cpu", dtype=torch.float32).numpy())
-            for name, tensor in state.items()
-        }
-    )
+    return ArrayRecord(torch_state_dict={
+        name: tensor.detach().to(device="cpu", dtype=torch.float32) for name, tensor in state.items()
+    })
 
 
 def arrayrecord_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Decode a Flower ArrayRecord into tensors, same names, order and dtype as sent."""
-    state: dict[str, torch.Tensor] = {}
+    try:
+        return dict(record.to_torch_state_dict())
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"adapter array {_undecodable(record)!r} cannot be decoded: {error}") from error
+
+
+def _undecodable(record: ArrayRecord) -> str:
+    """The name of the first array in ``record`` that does not decode (for error messages)."""
     for name, array in record.items():
         try:
-            values = array.numpy()
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"adapter array {name!r} cannot be decoded: {error}") from error
-        state[name] = torch.from_numpy(values.copy())
-    return state
+            array.numpy()
+        except (TypeError, ValueError):
+            return name
+    return "?"
 
 
 def _lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:

@@ -3,14 +3,22 @@
 A train request names the run, the round and the plan; the node answers with an accepted
 update (LoRA tensors plus its privacy spend) or a decline with a reason. Keeping these as
 plain dataclasses lets the node and coordinator logic be tested without Flower.
+
+Each message type has one symmetric codec here, ``to_record`` / ``from_record``: a request
+is the flat ``REQUEST_KEY`` ConfigRecord; a reply is a RecordDict whose ``STATUS_KEY``
+ConfigRecord holds the fields marked ``_status`` and whose ``METRICS_KEY`` MetricRecord holds
+those marked ``_metric``. A new field is declared once, on its dataclass. The adapter
+(``ADAPTER_KEY``) travels beside them, encoded by ``common.lora``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from privatune.common.config import JobConfig
 
@@ -21,9 +29,58 @@ REQUEST_KEY = "request"
 STATUS_KEY = "status"
 METRICS_KEY = "metrics"
 
+T = TypeVar("T")
+_KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "float | None": float}
+
+
+def _status(default: Any = dataclasses.MISSING) -> Any:
+    """A reply field that travels in the ``STATUS_KEY`` ConfigRecord (text and flags)."""
+    return field(default=default, metadata={"record": STATUS_KEY})
+
+
+def _metric(default: Any = dataclasses.MISSING) -> Any:
+    """A reply field that travels in the ``METRICS_KEY`` MetricRecord (numbers; None is left out)."""
+    return field(default=default, metadata={"record": METRICS_KEY})
+
+
+def _decode(owner: str, fld: dataclasses.Field, raw: Any, finite: bool) -> Any:
+    """One received value as its field's type; a wrong type (or NaN/infinity if ``finite``) fails."""
+    kind = _KINDS[str(fld.type)]
+    if kind is bool:
+        if not isinstance(raw, bool):
+            raise ValueError(f"{owner}.{fld.name} is {raw!r}, not true or false")
+        return raw
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{owner}.{fld.name} is {raw!r}, not a {kind.__name__}") from err
+    if finite and kind is float and not math.isfinite(value):
+        raise ValueError(f"{owner}.{fld.name} is {value!r}, not a finite number")
+    return value
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+class _Request:
+    """Codec of a request: every field is required and every float finite."""
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_record(cls: type[T], record: Any) -> T:
+        """Rebuild a request from a ConfigRecord-like mapping; a missing field is an error."""
+        values: dict[str, Any] = {}
+        for fld in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if fld.name not in record:
+                raise ValueError(f"{cls.__name__} lacks field {fld.name!r}")
+            values[fld.name] = _decode(cls.__name__, fld, record[fld.name], finite=True)
+        return cls(**values)
+
 
 @dataclass(frozen=True)
-class TrainRequest:
+class TrainRequest(_Request):
     run_id: str
     round: int
     planned_rounds: int
@@ -34,18 +91,11 @@ class TrainRequest:
     max_length: int
     lora_r: int
     lora_alpha: int
-    lora_targets: str  # comma-separated module names
-
-    def to_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_record(cls, record: Any) -> TrainRequest:
-        return _from_record(cls, record)
+    lora_targets: str  # comma-separated module names (LoraSettings.from_request reads them)
 
 
 @dataclass(frozen=True)
-class EvaluateRequest:
+class EvaluateRequest(_Request):
     run_id: str
     round: int
     max_length: int
@@ -54,56 +104,68 @@ class EvaluateRequest:
     lora_alpha: int
     lora_targets: str
 
-    def to_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+# ------------------------------------------------------------------------------- replies
+
+
+class _Reply:
+    """Codec of a reply: status fields in a ConfigRecord, numbers in a MetricRecord.
+
+    A field the sender left out (a metric its site policy withholds, None) decodes to the
+    field's default; one without a default is an error, as is a value of the wrong type.
+    """
+
+    def to_record(self) -> RecordDict:
+        parts: dict[str, dict[str, Any]] = {STATUS_KEY: {}, METRICS_KEY: {}}
+        for fld in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, fld.name)
+            if value is not None:
+                parts[fld.metadata["record"]][fld.name] = value
+        return RecordDict({STATUS_KEY: ConfigRecord(parts[STATUS_KEY]),
+                           METRICS_KEY: MetricRecord(parts[METRICS_KEY])})
 
     @classmethod
-    def from_record(cls, record: Any) -> EvaluateRequest:
-        return _from_record(cls, record)
-
-
-T = TypeVar("T")
-
-
-def _from_record(cls: type[T], record: Any) -> T:
-    """Rebuild a request from a ConfigRecord-like mapping; a missing field is an error."""
-    values: dict[str, Any] = {}
-    for fld in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if fld.name not in record:
-            raise ValueError(f"{cls.__name__} lacks field {fld.name!r}")
-        kind = {"int": int, "float": float, "str": str}[str(fld.type)]
-        value = kind(record[fld.name])
-        if kind is float and not math.isfinite(value):
-            raise ValueError(f"{cls.__name__}.{fld.name} is {value!r}, not a finite number")
-        values[fld.name] = value
-    return cls(**values)
+    def from_record(cls: type[T], content: RecordDict) -> T:
+        values: dict[str, Any] = {}
+        for fld in dataclasses.fields(cls):  # type: ignore[arg-type]
+            key = fld.metadata["record"]
+            if key not in content:
+                raise ValueError(f"{cls.__name__}: the reply has no {key!r} record")
+            record = content[key]
+            if fld.name in record:
+                values[fld.name] = _decode(cls.__name__, fld, record[fld.name], finite=False)
+            elif fld.default is dataclasses.MISSING:
+                raise ValueError(f"{cls.__name__} lacks field {fld.name!r}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
-class TrainReply:
+class TrainReply(_Reply):
     """What one site reports after a round: an update, or a decline with its reason."""
 
-    site: str
-    accepted: bool
-    reason: str = ""
-    num_examples: int = 0
-    epsilon: float = 0.0
-    delta: float = 0.0
-    epsilon_budget: float = 0.0
-    noise_multiplier: float = 0.0
-    train_loss: float | None = None
+    site: str = _status()
+    accepted: bool = _status()
+    reason: str = _status("")
+    num_examples: int = _metric(0)
+    epsilon: float = _metric(0.0)
+    delta: float = _metric(0.0)
+    epsilon_budget: float = _metric(0.0)
+    noise_multiplier: float = _metric(0.0)
+    train_loss: float | None = _metric(None)
 
 
 @dataclass(frozen=True)
-class EvaluateReply:
-    site: str
-    num_examples: int
-    eval_loss: float | None
+class EvaluateReply(_Reply):
+    """A site's held-out loss of the global adapter (``eval_loss`` None when withheld)."""
+
+    site: str = _status()
+    num_examples: int = _metric(0)
+    eval_loss: float | None = _metric(None)
 
 
-def round_seed(job: JobConfig, round_number: int) -> int:
-    """A reproducible per-round seed for experiments run outside the nodes (never DP noise)."""
-    return job.seed * 100_003 + round_number
+def _lora_fields(job: JobConfig) -> dict[str, Any]:
+    return {"lora_r": job.lora.r, "lora_alpha": job.lora.alpha,
+            "lora_targets": ",".join(job.lora.target_modules)}
 
 
 def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainRequest:
@@ -112,11 +174,9 @@ def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainReques
         run_id=run_id, round=round_number, planned_rounds=job.federation.rounds,
         local_steps=job.training.local_steps, batch_size=job.training.batch_size,
         learning_rate=job.training.learning_rate, max_grad_norm=job.training.max_grad_norm,
-        max_length=job.model.max_length, lora_r=job.lora.r, lora_alpha=job.lora.alpha,
-        lora_targets=",".join(job.lora.target_modules))
+        max_length=job.model.max_length, **_lora_fields(job))
 
 
 def evaluate_request(job: JobConfig, run_id: str, round_number: int) -> EvaluateRequest:
     return EvaluateRequest(run_id=run_id, round=round_number, max_length=job.model.max_length,
-                           batch_size=job.training.eval_batch_size, lora_r=job.lora.r,
-                           lora_alpha=job.lora.alpha, lora_targets=",".join(job.lora.target_modules))
+                           batch_size=job.training.eval_batch_size, **_lora_fields(job))

@@ -20,11 +20,13 @@ import torch
 
 from privatune.common.config import JobConfig, to_dict
 from privatune.common.lora import (LoraSettings, initial_adapter, load_adapter, load_lora_state, lora_state,
-                         save_adapter)
+                                   save_adapter)
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
-                             evaluate_request, train_request)
+                                       evaluate_request, train_request)
 from privatune.server.aggregation import InvalidUpdateError, fedavg, validate_update
 from privatune.server.evaluation import CentralEvaluator
+from privatune.server.report import (CentralSummary, RoundEvaluation, RoundRecord, RoundTraining,
+                                     RunReport, SiteSummary)
 
 
 class NodesUnavailableError(RuntimeError):
@@ -60,8 +62,65 @@ class CoordinatorSettings:
     resume: bool = True
 
 
-def lora_settings(job: JobConfig) -> LoraSettings:
-    return LoraSettings(r=job.lora.r, alpha=job.lora.alpha, target_modules=job.lora.target_modules)
+@dataclass
+class SiteTally:
+    """What the coordinator knows of one site so far: rounds, perplexity by round, privacy spend."""
+
+    rounds: list[int] = field(default_factory=list)  # rounds whose update was accepted
+    perplexity: dict[int, float | None] = field(default_factory=dict)  # round -> held-out ppl
+    epsilon: float = 0.0  # cumulative, as the site last reported it
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    noise_multiplier: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"rounds": list(self.rounds),
+                                "perplexity": {str(k): v for k, v in self.perplexity.items()},
+                                "epsilon": self.epsilon}
+        for name in ("delta", "epsilon_budget", "noise_multiplier"):  # absent until reported
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SiteTally:
+        # JSON turned the integer round keys into text
+        return cls(rounds=[int(r) for r in data.get("rounds", [])],
+                   perplexity={int(k): v for k, v in data.get("perplexity", {}).items()},
+                   epsilon=float(data.get("epsilon", 0.0)), delta=data.get("delta"),
+                   epsilon_budget=data.get("epsilon_budget"),
+                   noise_multiplier=data.get("noise_multiplier"))
+
+
+@dataclass
+class CheckpointState:
+    """A checkpoint's state.json: the run, its last completed round, history and site tallies."""
+
+    run_id: str
+    round: int
+    rounds: list[RoundRecord]
+    sites: dict[str, SiteTally]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "round": self.round,
+                "rounds": [r.to_json() for r in self.rounds],
+                "sites": {name: site.to_json() for name, site in self.sites.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CheckpointState:
+        return cls(run_id=str(data["run_id"]), round=int(data["round"]),
+                   rounds=[RoundRecord.from_json(r) for r in data["rounds"]],
+                   sites={name: SiteTally.from_json(site) for name, site in data["sites"].items()})
+
+    @classmethod
+    def read(cls, directory: Path) -> CheckpointState:
+        return cls.from_json(json.loads((directory / "state.json").read_text(encoding="utf-8")))
+
+    def write(self, directory: Path) -> None:
+        """state.json, replaced atomically (it marks the checkpoint complete, so it goes last)."""
+        tmp = directory / "state.json.tmp"
+        tmp.write_text(json.dumps(self.to_json(), indent=2, default=str), encoding="utf-8")
+        tmp.replace(directory / "state.json")
 
 
 def wait_for_nodes(transport: Transport, minimum: int, timeout_s: float,
@@ -95,15 +154,15 @@ class Coordinator:
                  progress: Callable[[str], None] = print):
         self.settings, self.transport, self.progress = settings, transport, progress
         job = settings.job
-        self.lora = lora_settings(job)
+        self.lora = LoraSettings.from_job(job)
         self.model = initial_adapter(settings.model_dir, self.lora, job.seed)
         self.global_state = lora_state(self.model)
         self.evaluator = (CentralEvaluator(settings.model_dir, self.lora, settings.central_eval,
                                            job.model.max_length, job.training.eval_batch_size)
                           if settings.central_eval else None)
         self.run_id = settings.run_id
-        self.rounds: list[dict[str, Any]] = []
-        self.sites: dict[str, dict[str, Any]] = {}
+        self.rounds: list[RoundRecord] = []
+        self.sites: dict[str, SiteTally] = {}
         self.rng = random.Random(job.seed)
         latest = latest_checkpoint(settings.out_dir)
         if settings.resume and latest is not None:
@@ -111,15 +170,11 @@ class Coordinator:
 
     def _restore(self, directory: Path) -> None:
         """Continue after a crash: adapter, round number, history and per-site totals."""
-        state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-        self.run_id = state["run_id"]
-        self.rounds = state["rounds"]
-        self.sites = state["sites"]
-        for info in self.sites.values():  # JSON turned the integer round keys into text
-            info["perplexity"] = {int(k): v for k, v in info["perplexity"].items()}
+        state = CheckpointState.read(directory)
+        self.run_id, self.rounds, self.sites = state.run_id, state.rounds, state.sites
         self.global_state = lora_state(load_adapter(self.settings.model_dir, directory / "adapter"))
-        self.rng = random.Random(f"{self.settings.job.seed}-{state['round']}")
-        self.progress(f"resuming run {self.run_id} after round {state['round']} from {directory}")
+        self.rng = random.Random(f"{self.settings.job.seed}-{state.round}")
+        self.progress(f"resuming run {self.run_id} after round {state.round} from {directory}")
 
     # -- one round -------------------------------------------------------------------------
     def _sample(self, ids: list[int]) -> list[int]:
@@ -127,7 +182,7 @@ class Coordinator:
         count = max(fed.min_replies, math.ceil(fed.fraction_train * len(ids)))
         return sorted(self.rng.sample(ids, min(count, len(ids))))
 
-    def train_round(self, round_number: int) -> dict[str, Any]:
+    def train_round(self, round_number: int) -> RoundTraining:
         fed = self.settings.job.federation
         ids = wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
         chosen = self._sample(ids)
@@ -135,39 +190,41 @@ class Coordinator:
         request = train_request(self.settings.job, self.run_id, round_number)
         results, failures = self.transport.train(chosen, request, self.global_state,
                                                  fed.round_timeout_s)
-        accepted, declined = [], {}
+        accepted: list[TrainResult] = []
+        outcome = RoundTraining(failures=list(failures))
         for result in results:
             reply = result.reply
-            self._site(reply.site).update(epsilon=reply.epsilon, delta=reply.delta,
-                                          epsilon_budget=reply.epsilon_budget)
+            site = self._site(reply.site)
+            site.epsilon, site.delta, site.epsilon_budget = (reply.epsilon, reply.delta,
+                                                             reply.epsilon_budget)
             if not reply.accepted:
-                declined[reply.site] = reply.reason
+                outcome.declined[reply.site] = reply.reason
                 self.progress(f"  {reply.site} declined: {reply.reason}")
                 continue
             try:
                 validate_update(result.state, self.global_state)
             except InvalidUpdateError as err:
-                failures.append(f"{reply.site}: update rejected: {err}")
+                outcome.failures.append(f"{reply.site}: update rejected: {err}")
                 continue
             accepted.append(result)
-            self._site(reply.site).update(noise_multiplier=reply.noise_multiplier)
-            self._site(reply.site)["rounds"].append(round_number)
+            site.noise_multiplier = reply.noise_multiplier
+            site.rounds.append(round_number)
             loss = f"{reply.train_loss:.3f}" if reply.train_loss is not None else "withheld"
             self.progress(f"  {reply.site}: {reply.num_examples} examples, train loss {loss}, "
                           f"epsilon {reply.epsilon:.3f} / {reply.epsilon_budget:g}")
-        for failure in failures:
+        for failure in outcome.failures:
             self.progress(f"  no usable reply: {failure}")
-        aggregated = len(accepted) >= fed.min_replies
-        if aggregated:
+        outcome.participants = sorted(r.reply.site for r in accepted)
+        outcome.aggregated = len(accepted) >= fed.min_replies
+        if outcome.aggregated:
             self.global_state = fedavg([r.state for r in accepted],
                                        [r.reply.num_examples for r in accepted])
         else:
             self.progress(f"  only {len(accepted)} usable updates (< min_replies={fed.min_replies}): "
                           "the global adapter is kept unchanged this round")
-        return {"round": round_number, "participants": sorted(r.reply.site for r in accepted),
-                "declined": declined, "failures": failures, "aggregated": aggregated}
+        return outcome
 
-    def evaluate(self, round_number: int) -> dict[str, Any]:
+    def evaluate(self, round_number: int) -> RoundEvaluation:
         """Central and federated perplexity of the current global adapter."""
         job = self.settings.job
         ids = sorted(self.transport.node_ids())
@@ -176,7 +233,7 @@ class Coordinator:
                                                     job.federation.round_timeout_s)
         site_ppl = {r.site: _perplexity(r.eval_loss) for r in replies}
         for reply in replies:
-            self._site(reply.site)["perplexity"][round_number] = site_ppl[reply.site]
+            self._site(reply.site).perplexity[round_number] = site_ppl[reply.site]
         weighted = [(r.eval_loss, r.num_examples) for r in replies if r.eval_loss is not None]
         federated = (math.exp(sum(l * n for l, n in weighted) / sum(n for _, n in weighted))
                      if weighted else None)
@@ -184,24 +241,25 @@ class Coordinator:
         shown = ", ".join(f"{s} {p:.1f}" for s, p in sorted(site_ppl.items()) if p is not None)
         central_text = f"{central:.2f}" if central is not None else "n/a"
         self.progress(f"[round {round_number}] global perplexity {central_text}; at sites: {shown}")
-        return {"global_perplexity": central, "federated_perplexity": federated,
-                "site_perplexity": site_ppl, "evaluation_failures": failures}
+        return RoundEvaluation(global_perplexity=central, federated_perplexity=federated,
+                               site_perplexity=site_ppl, evaluation_failures=list(failures))
 
-    def _site(self, name: str) -> dict[str, Any]:
-        return self.sites.setdefault(name, {"rounds": [], "perplexity": {}, "epsilon": 0.0})
+    def _site(self, name: str) -> SiteTally:
+        return self.sites.setdefault(name, SiteTally())
 
     # -- the whole run ------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunReport:
         fed = self.settings.job.federation
         wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
         if not self.rounds:
             self.progress(f"run {self.run_id}: {fed.rounds} rounds; evaluating the base model")
-            self.rounds.append({"round": 0, "participants": [], **self.evaluate(0)})
+            self.rounds.append(RoundRecord(round=0, evaluation=self.evaluate(0)))
         for round_number in range(len(self.rounds), fed.rounds + 1):
-            record = self.train_round(round_number)
-            record.update(self.evaluate(round_number))
-            record["epsilon"] = {s: v["epsilon"] for s, v in sorted(self.sites.items())}
-            self.rounds.append(record)
+            training = self.train_round(round_number)
+            evaluation = self.evaluate(round_number)
+            self.rounds.append(RoundRecord(
+                round=round_number, evaluation=evaluation, training=training,
+                epsilon={s: v.epsilon for s, v in sorted(self.sites.items())}))
             self.checkpoint(round_number)
         save_adapter(self._model_with(self.global_state), self.settings.out_dir / "adapter")
         return self.summary()
@@ -214,28 +272,23 @@ class Coordinator:
         """Adapter (PEFT format) and coordinator state after a completed round."""
         directory = self.settings.out_dir / "checkpoints" / f"round_{round_number:03d}"
         save_adapter(self._model_with(self.global_state), directory / "adapter")
-        state = {"run_id": self.run_id, "round": round_number,
-                 "rounds": self.rounds, "sites": self.sites}
-        tmp = directory / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
-        tmp.replace(directory / "state.json")
+        CheckpointState(run_id=self.run_id, round=round_number, rounds=self.rounds,
+                        sites=self.sites).write(directory)
         return directory
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RunReport:
         """The run's results, as the report is built from them."""
         first, last = self.rounds[0], self.rounds[-1]
-        sites = {}
-        for name, info in sorted(self.sites.items()):
-            ppl = info["perplexity"]
-            sites[name] = {
-                "base_perplexity": ppl.get(0), "final_perplexity": ppl.get(last["round"]),
-                "epsilon": info["epsilon"], "delta": info.get("delta"),
-                "epsilon_budget": info.get("epsilon_budget"),
-                "noise_multiplier": info.get("noise_multiplier"),
-                "rounds_participated": info["rounds"],
-            }
-        return {"run_id": self.run_id, "config": to_dict(self.settings.job),
-                "base_model": str(self.settings.model_dir),
-                "central": {"base_perplexity": first["global_perplexity"],
-                            "final_perplexity": last["global_perplexity"]},
-                "rounds": self.rounds, "sites": sites}
+        sites = {
+            name: SiteSummary(base_perplexity=tally.perplexity.get(0),
+                              final_perplexity=tally.perplexity.get(last.round),
+                              epsilon=tally.epsilon, delta=tally.delta,
+                              epsilon_budget=tally.epsilon_budget,
+                              noise_multiplier=tally.noise_multiplier,
+                              rounds_participated=list(tally.rounds))
+            for name, tally in sorted(self.sites.items())}
+        return RunReport(run_id=self.run_id, config=to_dict(self.settings.job),
+                         base_model=str(self.settings.model_dir),
+                         central=CentralSummary(base_perplexity=first.evaluation.global_perplexity,
+                                                final_perplexity=last.evaluation.global_perplexity),
+                         rounds=list(self.rounds), sites=sites)

@@ -42,8 +42,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     report = simulate(Path(args.config), Path(args.out), args.set, overwrite=args.overwrite,
                       progress=progress)
-    worst = max((s["epsilon"] / s["epsilon_budget"] for s in report["sites"].values()
-                 if s.get("epsilon_budget")), default=0.0)
+    worst = max((s.epsilon / s.epsilon_budget for s in report.sites.values() if s.epsilon_budget),
+                default=0.0)
     print(f"report: {Path(args.out) / 'report.md'} (highest share of a site budget spent: "
           f"{100 * worst:.0f}%)")
     return 0

@@ -25,26 +25,14 @@ from privatune.client.app import make_client_app
 from privatune.client.data import load_records
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.common.base_model import BaseModelSpec, ensure_base_model
+from privatune.common.base_model import resolve_base_model
 from privatune.common.config import ConfigError, JobConfig, load_job_config
-from privatune.common.lora import initial_adapter, lora_state
+from privatune.common.lora import LoraSettings, initial_adapter, lora_state
 from privatune.common.protocol import evaluate_request, train_request
 from privatune.server.app import make_server_app
-from privatune.server.coordinator import CoordinatorSettings, lora_settings
-from privatune.server.report import write_report
+from privatune.server.coordinator import CoordinatorSettings
+from privatune.server.report import RunReport, SiteSummary, write_report
 from privatune.simulations.hospitals import default_hospitals, generate_federation
-
-
-def resolve_base_model(job: JobConfig, progress: Callable[[str], None]) -> Path:
-    """The builtin demo model (built once, cached) or a local Hugging Face model directory."""
-    if job.model.base == "builtin":
-        spec = BaseModelSpec(pretrain_steps=job.model.builtin_pretrain_steps, seed=job.seed)
-        return ensure_base_model(Path(job.model.cache_dir) / "models", spec, progress)
-    path = Path(job.model.base)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.base: {path} is not a local model directory (no config.json); "
-                          "use 'builtin' or the path of a Hugging Face causal LM")
-    return path
 
 
 def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, job: JobConfig) -> Path:
@@ -82,7 +70,7 @@ def local_only_perplexity(policy_path: Path, scratch: Path, job: JobConfig, mode
     """
     policy = load_site_policy(policy_path)
     node = SiteNode(replace(policy, site=replace(policy.site, state_dir=str(scratch.resolve()))))
-    state = lora_state(initial_adapter(model_dir, lora_settings(job), job.seed))
+    state = lora_state(initial_adapter(model_dir, LoraSettings.from_job(job), job.seed))
     for round_number in range(1, job.federation.rounds + 1):
         outcome = node.train(train_request(job, run_id, round_number), state)
         if not outcome.reply.accepted:
@@ -103,7 +91,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwrite: bool = False,
-             progress: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: Callable[[str], None] = print) -> RunReport:
     """Run the whole simulated federation and write ``report.json``, ``report.md``, ``report.png``."""
     started = time.monotonic()
     job = load_job_config(config_path, overrides)
@@ -111,7 +99,7 @@ def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwr
         raise ConfigError(f"{config_path}: federation.min_nodes ({job.federation.min_nodes}) exceeds "
                           f"data.hospitals ({job.data.hospitals})")
     _prepare_out_dir(out, overwrite)
-    model_dir = resolve_base_model(job, progress)
+    model_dir = resolve_base_model(job.model, job.seed, progress)
     progress(f"base model: {model_dir}")
 
     cache = Path(job.model.cache_dir) / "hospitals"
@@ -125,14 +113,14 @@ def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwr
                 for s in sites]
 
     report = simulate_sites(job, model_dir, policies, central_eval, out, progress, started)
-    progress(f"done in {report['elapsed_s']:.0f} s: {out / 'report.md'}")
+    progress(f"done in {report.elapsed_s:.0f} s: {out / 'report.md'}")
     return report
 
 
 def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
                    central_eval: Path | None, out: Path,
                    progress: Callable[[str], None] = print,
-                   started: float | None = None) -> dict[str, Any]:
+                   started: float | None = None) -> RunReport:
     """Run the federation over existing site policy files on Flower's simulation engine.
 
     Writes and returns the report: the run summary plus each site's local-only baseline.
@@ -141,7 +129,7 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
     run_id = f"sim-{job.seed}-{int(time.time())}"
     settings = CoordinatorSettings(job=job, model_dir=model_dir, out_dir=out, run_id=run_id,
                                    central_eval=central_eval)
-    summaries: list[dict[str, Any]] = []
+    summaries: list[RunReport] = []
     server_app = make_server_app(lambda _context: settings, on_summary=summaries.append,
                                  progress=progress)
     client_app = make_client_app(lambda context: policies[int(context.node_config["partition-id"])])
@@ -154,9 +142,9 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
         for policy_path in policies:
             name = load_site_policy(policy_path).site.name
             progress(f"local-only baseline: {name} trains alone with the same budget")
-            report["sites"].setdefault(name, {})["local_only_perplexity"] = local_only_perplexity(
+            report.sites.setdefault(name, SiteSummary()).local_only_perplexity = local_only_perplexity(
                 policy_path, out / "baselines" / name, job, model_dir, run_id)
-    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report.elapsed_s = round(time.monotonic() - started, 1)
     write_report(report, out)
     return report
 

@@ -229,3 +229,15 @@ def test_settings_are_validated(model_dir: Path) -> None:
         LoraSettings(target_modules=())
     with pytest.raises(ValueError, match="c_attn"):
         attach_lora(load_base_model(model_dir)[0], LoraSettings(target_modules=("c_attn",)))
+
+
+def test_one_settings_type_from_the_job_and_back_from_requests() -> None:
+    from privatune.common.config import JobConfig, LoraConfig
+    from privatune.common.protocol import EvaluateRequest, TrainRequest, evaluate_request, train_request
+
+    job = JobConfig(lora=LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
+    settings = LoraSettings.from_job(job)
+    assert settings == LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    train = TrainRequest.from_record(train_request(job, "run", 1).to_record())
+    evaluate = EvaluateRequest.from_record(evaluate_request(job, "run", 1).to_record())
+    assert LoraSettings.from_request(train) == LoraSettings.from_request(evaluate) == settings

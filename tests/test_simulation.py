@@ -13,6 +13,7 @@ from privatune.common.config import load_job_config
 from privatune.common.ledger import SiteLedger
 from privatune.common.lora import LoraSettings, initial_adapter, load_adapter, lora_state
 from privatune.common.plan import plan_site
+from privatune.server.report import RunReport
 from privatune.simulations.runner import simulate_sites
 from tests.conftest import write_notes
 
@@ -59,20 +60,20 @@ def test_global_adapter_changed_and_is_loadable(simulated_run, tiny_model_dir):
 def test_epsilon_grows_each_round_and_stays_within_budget(simulated_run):
     _, _, report, policies = simulated_run
     for name in ("north", "south"):
-        per_round = [r["epsilon"][name] for r in report["rounds"][1:]]
+        per_round = [r.epsilon[name] for r in report.rounds[1:]]
         assert 0 < per_round[0] < per_round[1] <= 8.0
-        site = report["sites"][name]
-        assert site["epsilon"] == per_round[-1] and site["epsilon_budget"] == 8.0
-        assert site["delta"] == 1e-4
-    assert [r["participants"] for r in report["rounds"][1:]] == [["north", "south"]] * 2
+        site = report.sites[name]
+        assert site.epsilon == per_round[-1] and site.epsilon_budget == 8.0
+        assert site.delta == 1e-4
+    assert [r.participants for r in report.rounds[1:]] == [["north", "south"]] * 2
 
 
 def test_heldout_loss_fell_at_every_site_and_centrally(simulated_run):
     _, _, report, _ = simulated_run
-    for name, site in report["sites"].items():
-        assert site["final_perplexity"] < site["base_perplexity"], name
-        assert site["local_only_perplexity"] is not None
-    assert report["central"]["final_perplexity"] < report["central"]["base_perplexity"]
+    for name, site in report.sites.items():
+        assert site.final_perplexity < site.base_perplexity, name
+        assert site.local_only_perplexity is not None
+    assert report.central.final_perplexity < report.central.base_perplexity
 
 
 def test_plan_matches_what_the_run_spent(simulated_run):
@@ -88,7 +89,7 @@ def test_plan_matches_what_the_run_spent(simulated_run):
 
 
 def test_report_files_written(simulated_run):
-    _, root, _, _ = simulated_run
+    _, root, report, _ = simulated_run
     run = root / "run"
     for name in ("report.json", "report.md", "report.png"):
         assert (run / name).stat().st_size > 0
@@ -96,3 +97,4 @@ def test_report_files_written(simulated_run):
     for field in ("base_perplexity", "final_perplexity", "local_only_perplexity", "epsilon",
                   "delta", "epsilon_budget"):
         assert field in saved["sites"]["north"]
+    assert RunReport.from_json(saved) == report  # report.json reads back as the same records

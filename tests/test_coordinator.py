@@ -1,0 +1,396 @@
+"""The coordinator's round loop through a fake transport: no Flower runtime, no training, seconds.
+
+Each fake node answers a train request with a behaviour chosen by the test (an update of given
+tensors and example count, a decline, silence, a malformed update); evaluation answers with a
+fixed loss per site. The real parts are the Coordinator, FedAvg, validation, checkpoints and the
+report records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from privatune.common.config import FederationConfig, JobConfig, LoraConfig
+from privatune.common.lora import LoraSettings, load_adapter, lora_state
+from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, EvaluateReply,
+                                       EvaluateRequest, TrainReply, TrainRequest, evaluate_request,
+                                       train_request)
+from privatune.server.app import FlowerTransport
+from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings, SiteTally,
+                                          TrainResult, latest_checkpoint)
+from privatune.server.report import RoundRecord, RunReport, render_markdown, write_report
+
+SITES = {1: "alpha", 2: "beta", 3: "gamma"}
+EVAL_LOSS = {"alpha": 2.0, "beta": 3.0, "gamma": 4.0}
+State = dict[str, torch.Tensor]
+# a node's answer to a train request: a reply with its update, or a failure text
+Behaviour = Callable[[int, TrainRequest, Mapping[str, torch.Tensor]], "TrainResult | str"]
+
+
+def job(rounds: int = 1, min_replies: int = 2, nodes: int = 3) -> JobConfig:
+    return JobConfig(seed=5, lora=LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")),
+                     federation=FederationConfig(rounds=rounds, min_nodes=nodes, min_replies=min_replies,
+                                                 node_wait_s=1.0, round_timeout_s=5.0))
+
+
+def random_state(like: Mapping[str, torch.Tensor], seed: int) -> State:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(t.shape, generator=generator) for name, t in like.items()}
+
+
+def update(state_seed: int, examples: int) -> Behaviour:
+    def answer(node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]) -> TrainResult:
+        reply = TrainReply(site=SITES[node], accepted=True, num_examples=examples,
+                           epsilon=0.5 * request.round, delta=1e-5, epsilon_budget=8.0,
+                           noise_multiplier=1.1, train_loss=2.5)
+        return TrainResult(node, reply, random_state(state, state_seed))
+    return answer
+
+
+def tampered(defect: str) -> Behaviour:
+    """An accepted reply whose update does not fit: a wrong shape, or NaN."""
+    def answer(node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]) -> TrainResult:
+        result = update(7, 50)(node, request, state)
+        name = next(iter(result.state))
+        tensor = result.state[name]
+        result.state[name] = (torch.zeros(tensor.shape[0] + 1, *tensor.shape[1:]) if defect == "shape"
+                              else tensor.clone().fill_(math.nan))
+        return result
+    return answer
+
+
+def decline(reason: str) -> Behaviour:
+    def answer(node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]) -> TrainResult:
+        return TrainResult(node, TrainReply(site=SITES[node], accepted=False, reason=reason,
+                                            epsilon=7.9, delta=1e-5, epsilon_budget=8.0))
+    return answer
+
+
+def silent(node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]) -> str:
+    return f"node {node}: no reply within 5 s"
+
+
+class FakeTransport:
+    """Answers train requests with each node's behaviour; evaluation with a fixed loss per site."""
+
+    def __init__(self, behaviours: Mapping[int, Behaviour]):
+        self.behaviours = dict(behaviours)
+        self.train_requests: list[TrainRequest] = []
+        self.evaluate_requests: list[EvaluateRequest] = []
+
+    def node_ids(self) -> list[int]:
+        return list(self.behaviours)
+
+    def train(self, node_ids: Sequence[int], request: TrainRequest, state: Mapping[str, torch.Tensor],
+              timeout_s: float) -> tuple[list[TrainResult], list[str]]:
+        self.train_requests.append(request)
+        results, failures = [], []
+        for node in node_ids:
+            answer = self.behaviours[node](node, request, state)
+            (failures if isinstance(answer, str) else results).append(answer)
+        return results, failures
+
+    def evaluate(self, node_ids: Sequence[int], request: EvaluateRequest, state: Mapping[str, torch.Tensor],
+                 timeout_s: float) -> tuple[list[EvaluateReply], list[str]]:
+        self.evaluate_requests.append(request)
+        return [EvaluateReply(site=SITES[n], num_examples=10, eval_loss=EVAL_LOSS[SITES[n]])
+                for n in node_ids], []
+
+
+def coordinator(tmp_path: Path, model_dir: Path, transport: FakeTransport, **job_args) -> Coordinator:
+    settings = CoordinatorSettings(job=job(**job_args), model_dir=model_dir, out_dir=tmp_path / "run",
+                                   run_id="test-run")
+    return Coordinator(settings, transport, progress=lambda _line: None)
+
+
+def assert_same_state(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+# ------------------------------------------------------------------------------------ FedAvg
+
+
+def test_global_adapter_is_the_example_weighted_average(tmp_path, tiny_model_dir):
+    transport = FakeTransport({1: update(1, 100), 2: update(2, 300), 3: update(3, 600)})
+    coord = coordinator(tmp_path, tiny_model_dir, transport)
+    start = dict(coord.global_state)
+    report = coord.run()
+
+    states = [random_state(start, seed) for seed in (1, 2, 3)]
+    expected = {n: (100 * states[0][n] + 300 * states[1][n] + 600 * states[2][n]) / 1000 for n in start}
+    assert_same_state(coord.global_state, expected)
+    # the final adapter on disk (PEFT format) and the checkpoint hold the same tensors
+    assert_same_state(lora_state(load_adapter(tiny_model_dir, tmp_path / "run" / "adapter")), expected)
+    assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "round_001"
+
+    assert [r.round for r in report.rounds] == [0, 1]
+    first = report.rounds[1]
+    assert first.participants == ["alpha", "beta", "gamma"] and first.training.aggregated
+    assert first.epsilon == {"alpha": 0.5, "beta": 0.5, "gamma": 0.5}
+    assert report.rounds[0].training is None and report.rounds[0].epsilon is None
+    # the request carried the job's plan and LoRA shape
+    request = transport.train_requests[0]
+    assert request.round == 1 and LoraSettings.from_request(request) == LoraSettings.from_job(coord.settings.job)
+    # federated perplexity is example-weighted over the sites (10 examples each here)
+    assert first.evaluation.federated_perplexity == pytest.approx(math.exp(3.0))
+    alpha = report.sites["alpha"]
+    assert alpha.rounds_participated == [1] and alpha.epsilon == 0.5 and alpha.epsilon_budget == 8.0
+    assert alpha.base_perplexity == alpha.final_perplexity == pytest.approx(math.exp(2.0))
+
+
+# ------------------------------------------------------------------------ too few, declines, failures
+
+
+def test_too_few_usable_updates_keep_the_adapter_unchanged(tmp_path, tiny_model_dir):
+    transport = FakeTransport({1: update(1, 100), 2: silent, 3: decline("over budget")})
+    coord = coordinator(tmp_path, tiny_model_dir, transport)
+    start = dict(coord.global_state)
+    report = coord.run()
+
+    assert_same_state(coord.global_state, start)
+    training = report.rounds[1].training
+    assert not training.aggregated and training.participants == ["alpha"]
+    assert training.failures == ["node 2: no reply within 5 s"]
+    assert training.declined == {"gamma": "over budget"}
+
+
+def test_decline_is_recorded_with_its_reason_and_the_sites_spend(tmp_path, tiny_model_dir):
+    reason = "round 1 would raise this site's epsilon to 8.2, over its cap of 8"
+    transport = FakeTransport({1: update(1, 100), 2: update(2, 100), 3: decline(reason)})
+    report = coordinator(tmp_path, tiny_model_dir, transport).run()
+
+    training = report.rounds[1].training
+    assert training.aggregated and training.participants == ["alpha", "beta"]
+    assert training.declined == {"gamma": reason} and training.failures == []
+    gamma = report.sites["gamma"]
+    assert gamma.rounds_participated == [] and gamma.epsilon == 7.9 and gamma.noise_multiplier is None
+    assert f"gamma: {reason}" in render_markdown(report)
+
+
+def test_silent_node_is_a_failure_and_the_round_goes_on(tmp_path, tiny_model_dir):
+    transport = FakeTransport({1: update(1, 100), 2: update(2, 300), 3: silent})
+    coord = coordinator(tmp_path, tiny_model_dir, transport)
+    start = dict(coord.global_state)
+    report = coord.run()
+
+    training = report.rounds[1].training
+    assert training.aggregated and training.participants == ["alpha", "beta"]
+    assert training.failures == ["node 3: no reply within 5 s"]
+    states = [random_state(start, seed) for seed in (1, 2)]
+    assert_same_state(coord.global_state, {n: (states[0][n] + 3 * states[1][n]) / 4 for n in start})
+
+
+@pytest.mark.parametrize("defect, message", [("shape", "shape"), ("nan", "NaN")])
+def test_update_that_does_not_fit_is_rejected_with_its_reason(tmp_path, tiny_model_dir, defect, message):
+    transport = FakeTransport({1: update(1, 100), 2: tampered(defect), 3: update(3, 100)})
+    coord = coordinator(tmp_path, tiny_model_dir, transport)
+    start = dict(coord.global_state)
+    report = coord.run()
+
+    training = report.rounds[1].training
+    assert training.participants == ["alpha", "gamma"] and training.aggregated
+    assert len(training.failures) == 1
+    assert training.failures[0].startswith("beta: update rejected:") and message in training.failures[0]
+    assert report.sites["beta"].rounds_participated == []
+    states = [random_state(start, seed) for seed in (1, 3)]
+    assert_same_state(coord.global_state, {n: (states[0][n] + states[1][n]) / 2 for n in start})
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_new_coordinator_resumes_at_the_next_round_with_the_same_adapter_and_history(
+        tmp_path, tiny_model_dir):
+    behaviours = {1: update(1, 100), 2: update(2, 300), 3: decline("not today")}
+    transport = FakeTransport(behaviours)
+    crashing = transport.train
+
+    def train_then_crash(node_ids, request, state, timeout_s):
+        if request.round == 2:
+            raise Crash("coordinator killed during round 2")
+        return crashing(node_ids, request, state, timeout_s)
+
+    transport.train = train_then_crash  # type: ignore[method-assign]
+    first = coordinator(tmp_path, tiny_model_dir, transport, rounds=3)
+    with pytest.raises(Crash):
+        first.run()
+
+    again = FakeTransport(behaviours)
+    second = coordinator(tmp_path, tiny_model_dir, again, rounds=3)
+    assert second.run_id == first.run_id
+    assert_same_state(second.global_state, first.global_state)
+    assert second.rounds == first.rounds and [r.round for r in second.rounds] == [0, 1]
+    assert second.sites == first.sites
+    assert set(second.sites["alpha"].perplexity) == {0, 1}  # integer round keys again
+
+    report = second.run()
+    assert [r.round for r in again.train_requests] == [2, 3]
+    assert [r.round for r in report.rounds] == [0, 1, 2, 3]
+    assert report.sites["alpha"].rounds_participated == [1, 2, 3]
+    assert report.rounds[1] == first.rounds[1]
+
+
+def test_checkpoint_state_reads_old_checkpoints_and_writes_the_same_json():
+    """state.json as written before the records were typed: integer round keys as text,
+    round 0 without training keys, a site that never trained without delta or budget."""
+    old = {
+        "run_id": "sim-3-1700000000", "round": 1,
+        "rounds": [
+            {"round": 0, "participants": [], "global_perplexity": 40.5, "federated_perplexity": 41.0,
+             "site_perplexity": {"north": 39.0, "south": None}, "evaluation_failures": []},
+            {"round": 1, "participants": ["north"], "declined": {"south": "over budget"},
+             "failures": ["node 9: no reply within 5 s"], "aggregated": False,
+             "global_perplexity": 40.5, "federated_perplexity": 41.0,
+             "site_perplexity": {"north": 38.0, "south": None}, "evaluation_failures": [],
+             "epsilon": {"north": 1.25, "south": 0.0}},
+        ],
+        "sites": {
+            "north": {"rounds": [1], "perplexity": {"0": 39.0, "1": 38.0}, "epsilon": 1.25,
+                      "delta": 1e-4, "epsilon_budget": 8.0, "noise_multiplier": 1.3},
+            "south": {"rounds": [], "perplexity": {"0": None, "1": None}, "epsilon": 0.0},
+        },
+    }
+    state = CheckpointState.from_json(json.loads(json.dumps(old)))
+    assert state.sites["north"] == SiteTally(rounds=[1], perplexity={0: 39.0, 1: 38.0}, epsilon=1.25,
+                                             delta=1e-4, epsilon_budget=8.0, noise_multiplier=1.3)
+    assert state.sites["south"].delta is None and state.rounds[0].training is None
+    assert state.rounds[1].training.declined == {"south": "over budget"}
+    assert json.loads(json.dumps(state.to_json())) == old
+
+
+def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
+    transport = FakeTransport({1: update(1, 100), 2: update(2, 300), 3: decline("no")})
+    report = coordinator(tmp_path, tiny_model_dir, transport).run()
+    report.sites["alpha"].local_only_perplexity = 12.5
+    write_report(report, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert RunReport.read(tmp_path / "out" / "report.json") == report
+    assert set(saved) == {"run_id", "config", "base_model", "central", "rounds", "sites"}
+    assert set(saved["rounds"][0]) == {"round", "participants", "global_perplexity",
+                                       "federated_perplexity", "site_perplexity", "evaluation_failures"}
+    assert set(saved["rounds"][1]) == set(saved["rounds"][0]) | {"declined", "failures", "aggregated",
+                                                                 "epsilon"}
+    assert set(saved["sites"]["beta"]) == {"base_perplexity", "final_perplexity", "epsilon", "delta",
+                                           "epsilon_budget", "noise_multiplier", "rounds_participated"}
+    assert saved["sites"]["alpha"]["local_only_perplexity"] == 12.5
+    assert RoundRecord.from_json(saved["rounds"][1]).training.declined == {"gamma": "no"}
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.png").is_file()
+
+
+# ------------------------------------------------------------------- replies over a Flower grid
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """The identity Flower gives a ServerApp process (Message() reads it); set as a test stand-in."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", FakeGrid.SUPERLINK), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class FakeGrid:
+    """Flower's Grid contract without a SuperLink: ids are assigned on send, replies come back
+    by ``reply_to_message_id``; the SuperLink itself answers for an unavailable node."""
+
+    SUPERLINK = 0
+
+    def __init__(self, answers: Mapping[int, Callable[[Message], Message | None]]):
+        self.answers = answers
+        self.timeouts: list[float | None] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.answers)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Grid.push_messages does
+            reply = self.answers[message.metadata.dst_node_id](message)
+            if reply is not None:
+                replies.append(reply)
+        return list(reversed(replies))  # in no particular order
+
+
+def train_reply(site: str, accepted: bool = True) -> Callable[[Message], Message]:
+    def answer(message: Message) -> Message:
+        content = TrainReply(site=site, accepted=accepted, num_examples=20, epsilon=1.0,
+                             delta=1e-5, epsilon_budget=8.0, noise_multiplier=1.2).to_record()
+        if accepted:
+            content[ADAPTER_KEY] = message.content[ADAPTER_KEY]
+        return Message(content, reply_to=message)
+    return answer
+
+
+def unavailable(message: Message) -> Message:
+    reply = Message(Error(code=0, reason="node is unavailable"), reply_to=message)
+    reply.metadata.__dict__["_src_node_id"] = FakeGrid.SUPERLINK  # sent by the SuperLink
+    return reply
+
+
+def malformed(message: Message) -> Message:
+    return Message(RecordDict({STATUS_KEY: ConfigRecord({"site": "delta", "accepted": True}),
+                               METRICS_KEY: MetricRecord({"num_examples": 3})}), reply_to=message)
+
+
+def test_flower_transport_attributes_every_reply_to_the_node_it_asked(flower_task):
+    state = {"layer.lora_A.weight": torch.randn(2, 4), "layer.lora_B.weight": torch.zeros(4, 2)}
+    grid = FakeGrid({11: train_reply("alpha"), 12: unavailable, 13: lambda _m: None,
+                     14: malformed, 15: train_reply("epsilon", accepted=False)})
+    request = train_request(job(), "run", 1)
+    results, failures = FlowerTransport(grid).train([11, 12, 13, 14, 15], request, state, 2.5)
+
+    assert grid.timeouts == [2.5]
+    assert sorted((r.node_id, r.reply.site, r.reply.accepted) for r in results) == [
+        (11, "alpha", True), (15, "epsilon", False)]
+    alpha = next(r for r in results if r.node_id == 11)
+    assert alpha.reply.noise_multiplier == 1.2 and alpha.reply.train_loss is None
+    assert_same_state(alpha.state, state)
+    assert sorted(failures) == ["node 12: node is unavailable", "node 13: no reply within 2.5 s",
+                                "node 14: malformed reply: an accepted update without its adapter "
+                                "(no ArrayRecord 'adapter')"]
+
+
+def test_evaluate_replies_decode_with_the_shared_codec(flower_task):
+    def answer(message: Message) -> Message:
+        return Message(EvaluateReply(site="alpha", num_examples=9, eval_loss=None).to_record(),
+                       reply_to=message)
+
+    grid = FakeGrid({21: answer})
+    replies, failures = FlowerTransport(grid).evaluate(
+        [21], evaluate_request(job(), "run", 0), {"x.lora_A.weight": torch.ones(1, 1)}, 1.0)
+    assert replies == [EvaluateReply(site="alpha", num_examples=9, eval_loss=None)] and failures == []
+
+
+def test_reply_codec_round_trips_and_names_what_is_missing():
+    reply = TrainReply(site="north", accepted=True, num_examples=7, epsilon=0.4, delta=1e-5,
+                       epsilon_budget=8.0, noise_multiplier=0.9, train_loss=1.5)
+    content = reply.to_record()
+    assert dict(content[STATUS_KEY]) == {"site": "north", "accepted": True, "reason": ""}
+    assert TrainReply.from_record(content) == reply
+    withheld = TrainReply(site="north", accepted=False, reason="no").to_record()
+    assert "train_loss" not in withheld[METRICS_KEY]  # None is left out, decodes to None
+    assert TrainReply.from_record(withheld).train_loss is None
+    with pytest.raises(ValueError, match="lacks field 'site'"):
+        TrainReply.from_record(RecordDict({STATUS_KEY: ConfigRecord({"accepted": True}),
+                                           METRICS_KEY: MetricRecord({})}))
+    with pytest.raises(ValueError, match="no 'metrics' record"):
+        EvaluateReply.from_record(RecordDict({STATUS_KEY: ConfigRecord({"site": "x"})}))
+    with pytest.raises(ValueError, match="accepted is 'yes', not true or false"):
+        TrainReply.from_record(RecordDict({STATUS_KEY: ConfigRecord({"site": "x", "accepted": "yes"}),
+                                           METRICS_KEY: MetricRecord({})}))
