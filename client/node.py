@@ -8,7 +8,6 @@ between the ledger write and the send therefore over-counts, never under-counts.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -23,11 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 from privatune.client.data import DataError, Record, collapse_duplicates, load_records, split_records
+from privatune.client.engine import adapter_model
 from privatune.client.policy import SitePolicy, check_delta, request_violation
 from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.examples import encode_pairs, evaluate_loss
+from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
-from privatune.common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state, lora_state
+from privatune.common.lora import LoraSettings, load_lora_state, lora_state
 from privatune.common.privacy import (ACCOUNTANT_NAME, MechanismStep, poisson_sample_rate, rdp_epsilon,
                                       run_noise_multiplier)
 from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
@@ -87,7 +88,7 @@ class SiteNode:
         self.heldout_units = privacy_units(heldout, policy.privacy.unit)
         check_delta(policy, len(self.train_units))
         self.ledger = SiteLedger(policy.ledger_path)
-        self._base = None
+        self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
         self._encoded: dict[tuple[str, int], TensorDataset] = {}
 
     @property
@@ -95,10 +96,8 @@ class SiteNode:
         return self.policy.site.name
 
     def _model(self, request_lora: LoraSettings):
-        if self._base is None:
-            self._base = load_base_model(self.policy.model_dir)
-        model, tokenizer = self._base
-        return attach_lora(copy.deepcopy(model), request_lora), tokenizer
+        """The process's shared base model on this site's hardware, with the adapter attached."""
+        return adapter_model(self.policy.model_dir, self.hardware, request_lora)
 
     def _dataset(self, split: str, tokenizer, max_length: int) -> TensorDataset:
         key = (split, max_length)

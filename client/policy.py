@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privatune.common.config import ConfigError, bounded, build, choice, read_yaml
+from privatune.common.config import ConfigError, bounded, build, choice, device_choice, read_yaml
 from privatune.common.privacy import delta_problem
 from privatune.common.protocol import TrainRequest
 
@@ -29,6 +29,9 @@ class SiteSection:
     # exact duplicates (same text and patient) would each count as a privacy unit and so
     # weaken the guarantee for that person: collapse them to one, or refuse the data
     duplicates: str = field(default="collapse", metadata=choice("collapse", "refuse"))
+    # the site's hardware, never the coordinator's choice: auto takes a GPU when there is one
+    device: str = field(default="auto", metadata=device_choice())
+    dtype: str = field(default="auto", metadata=choice("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
                    settings: DPTrainSettings) -> DPRoundResult:
     """Run ``settings.steps`` DP-SGD steps on ``model``'s LoRA parameters, in place."""
     trainable = _trainable(model)
+    device = next(iter(trainable.values())).device
     before = {n: p.detach().clone() for n, p in trainable.items()}
     frozen_before = _frozen_fingerprint(model)
     torch.manual_seed(settings.seed)
@@ -99,7 +100,8 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
                     break
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(input_ids) > 0:
-                    logits = dp_model(input_ids=input_ids, attention_mask=mask).logits
+                    input_ids, labels, mask = (t.to(device) for t in (input_ids, labels, mask))
+                    logits = dp_model(input_ids=input_ids, attention_mask=mask).logits.float()
                     loss = per_example_loss(logits, labels).mean()
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message="Full backward hook")
@@ -108,7 +110,8 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
                     _check_per_sample_gradients(trainable, len(input_ids))
                 else:
                     for param in trainable.values():  # an empty Poisson batch: noise only
-                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype,
+                                                        device=param.device)
                 dp_optimizer.step()
                 _check_noise_added(trainable, _noise_divisor(dp_optimizer), settings, steps)
                 steps += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,11 @@ def choice(*options: str) -> dict[str, Any]:
     return {"choices": options}
 
 
+def device_choice() -> dict[str, Any]:
+    """Field metadata for a torch device a user may name: auto, cpu, cuda, cuda:N or mps."""
+    return {"pattern": r"auto|cpu|cuda(:\d+)?|mps", "expected": "auto, cpu, cuda, cuda:N or mps"}
+
+
 # --------------------------------------------------------------------------- job config
 
 
@@ -44,6 +50,10 @@ class ModelConfig:
     cache_dir: str = ".cache/privatune"
     max_length: int = field(default=128, metadata=bounded(8, 4096))
     builtin_pretrain_steps: int = field(default=600, metadata=bounded(0, 100_000))
+    # the coordinator's own hardware for its copy of the model (central evaluation, export);
+    # each hospital picks its own in its site policy
+    device: str = field(default="auto", metadata=device_choice())
+    dtype: str = field(default="auto", metadata=choice("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)
@@ -258,6 +268,8 @@ def _convert(hint: Any, value: Any, meta: Mapping[str, Any], where: _Where, key:
         options = meta.get("choices")
         if options and value not in options:
             raise ConfigError(f"{where(key)}: {value!r} is not one of {', '.join(options)}")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+            raise ConfigError(f"{where(key)}: {value!r} is not one of {meta['expected']}")
         return value
     raise ConfigError(f"{where(key)}: unsupported config type {hint!r}")
 

@@ -65,11 +65,13 @@ def evaluate_loss(model: torch.nn.Module, dataset: TensorDataset, batch_size: in
     """Token-weighted mean next-token loss over the labelled positions, and the token count."""
     model.eval()
     total, tokens = 0.0, 0
+    device = next(model.parameters()).device
     input_ids, labels, mask = dataset.tensors
     for start in range(0, len(input_ids), batch_size):
-        ids = input_ids[start:start + batch_size]
-        labs = labels[start:start + batch_size]
-        logits = model(input_ids=ids, attention_mask=mask[start:start + batch_size]).logits
+        ids = input_ids[start:start + batch_size].to(device)
+        labs = labels[start:start + batch_size].to(device)
+        batch_mask = mask[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, attention_mask=batch_mask).logits.float()
         shift_labels = labs[:, 1:]
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1, :].reshape(-1, logits.size(-1)), shift_labels.reshape(-1),

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _LORA_FACTORS = ("lora_A", "lora_B")
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,14 @@ class LoraSettings:
                    target_modules=tuple(request.lora_targets.split(",")))
 
 
-def load_base_model(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, float32 on CPU, without touching the network.
+def load_base_model(model_dir: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer on ``device`` in ``dtype``, without touching the network.
 
     `model_dir` is a local model directory, or a hub id already in the local Hugging Face
-    cache. float32 is forced because transformers 5 otherwise keeps the checkpoint's dtype
-    and DP-SGD's per-sample clipping and noise are meant to run in full precision. A missing
-    pad token is set to the eos token so batches can be padded.
+    cache. The precision is always explicit because transformers 5 otherwise keeps the
+    checkpoint's dtype; the LoRA factors attached later are float32 whatever the base's
+    precision. A missing pad token is set to the eos token so batches can be padded.
     """
     location = str(model_dir)
     try:
@@ -91,8 +93,8 @@ def load_base_model(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedT
         ) from error
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, config=config, dtype=torch.float32, local_files_only=True
-        )
+            location, config=config, dtype=dtype, local_files_only=True
+        ).to(device)
     except ValueError as error:
         raise ValueError(
             f"base model {location!r} is not a causal language model ({type(config).__name__}): {error}"
@@ -117,10 +119,12 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     function of the parameters, and it keeps fine-tuning deterministic given the noise.
     Note that PEFT injects the adapter layers into `model` itself.
     """
+    targets = settings.target_modules
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
-        target_modules=list(settings.target_modules),
+        # PEFT resolves "all-linear" to every linear layer but the output head
+        target_modules=ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets),
         lora_dropout=0.0,
         bias="none",
         task_type=TaskType.CAUSAL_LM,
@@ -131,7 +135,11 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
         raise ValueError(
             f"LoRA target_modules {list(settings.target_modules)} do not fit the model: {error}"
         ) from error
-    lora_parameter_ids = {id(parameter) for parameter in _lora_parameters(peft_model).values()}
+    lora_parameters = _lora_parameters(peft_model)
+    for parameter in lora_parameters.values():
+        # DP-SGD's per-sample gradients, clipping and noise run in the factors' precision
+        parameter.data = parameter.data.to(torch.float32)
+    lora_parameter_ids = {id(parameter) for parameter in lora_parameters.values()}
     for name, parameter in peft_model.named_parameters():
         if parameter.requires_grad and id(parameter) not in lora_parameter_ids:
             raise RuntimeError(f"attach_lora: non-LoRA parameter {name!r} is trainable")
@@ -145,9 +153,14 @@ def initial_adapter(model_dir: str | Path, settings: LoraSettings, seed: int) ->
     scope makes the start reproducible without disturbing the caller's random state.
     """
     base_model, _tokenizer = load_base_model(model_dir)
+    return attach_seeded_lora(base_model, settings, seed)
+
+
+def attach_seeded_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:
+    """``attach_lora`` with the run's seeded initialisation (see ``initial_adapter``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return attach_lora(base_model, settings)
+        return attach_lora(model, settings)
 
 
 def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -216,12 +229,8 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
         shutil.rmtree(previous)
 
 
-def load_adapter(base_model_dir: str | Path, adapter_dir: str | Path) -> PeftModel:
-    """Load the base model with a saved adapter on top, checking the adapter fits exactly.
-
-    PEFT itself only warns about adapter tensors that do not fit the model; here the saved
-    tensors are re-applied strictly, so a mismatched checkpoint is an error naming the tensor.
-    """
+def read_adapter_state(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of an adapter saved in PEFT format (checked to be a LoRA adapter)."""
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / ADAPTER_CONFIG_FILE
     weights_file = adapter_dir / ADAPTER_WEIGHTS_FILE
@@ -231,10 +240,20 @@ def load_adapter(base_model_dir: str | Path, adapter_dir: str | Path) -> PeftMod
     adapter_type = json.loads(config_file.read_text()).get("peft_type")
     if adapter_type != "LORA":
         raise ValueError(f"adapter at {adapter_dir} is of type {adapter_type!r}, expected 'LORA'")
+    return load_file(weights_file)
+
+
+def load_adapter(base_model_dir: str | Path, adapter_dir: str | Path) -> PeftModel:
+    """Load the base model with a saved adapter on top, checking the adapter fits exactly.
+
+    PEFT itself only warns about adapter tensors that do not fit the model; here the saved
+    tensors are re-applied strictly, so a mismatched checkpoint is an error naming the tensor.
+    """
+    state = read_adapter_state(adapter_dir)
     base_model, _tokenizer = load_base_model(base_model_dir)
     peft_model = PeftModel.from_pretrained(base_model, adapter_dir)
     try:
-        load_lora_state(peft_model, load_file(weights_file))
+        load_lora_state(peft_model, state)
     except ValueError as error:
         raise ValueError(
             f"adapter at {adapter_dir} does not fit base model {str(base_model_dir)!r}: {error}"

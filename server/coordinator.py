@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import torch
 
 from privatune.common.config import JobConfig, to_dict
-from privatune.common.lora import (LoraSettings, initial_adapter, load_adapter, load_lora_state, lora_state,
-                                   save_adapter)
+from privatune.common.hardware import resolve_hardware
+from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model, load_lora_state,
+                                   lora_state, read_adapter_state, save_adapter)
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        evaluate_request, train_request)
 from privatune.server.aggregation import InvalidUpdateError, fedavg, validate_update
@@ -155,9 +156,11 @@ class Coordinator:
         self.settings, self.transport, self.progress = settings, transport, progress
         job = settings.job
         self.lora = LoraSettings.from_job(job)
-        self.model = initial_adapter(settings.model_dir, self.lora, job.seed)
+        hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
+        base, tokenizer = load_base_model(settings.model_dir, hardware.device, hardware.dtype)
+        self.model = attach_seeded_lora(base, self.lora, job.seed)
         self.global_state = lora_state(self.model)
-        self.evaluator = (CentralEvaluator(settings.model_dir, self.lora, settings.central_eval,
+        self.evaluator = (CentralEvaluator(self.model, tokenizer, settings.central_eval,
                                            job.model.max_length, job.training.eval_batch_size)
                           if settings.central_eval else None)
         self.run_id = settings.run_id
@@ -172,7 +175,8 @@ class Coordinator:
         """Continue after a crash: adapter, round number, history and per-site totals."""
         state = CheckpointState.read(directory)
         self.run_id, self.rounds, self.sites = state.run_id, state.rounds, state.sites
-        self.global_state = lora_state(load_adapter(self.settings.model_dir, directory / "adapter"))
+        load_lora_state(self.model, read_adapter_state(directory / "adapter"))
+        self.global_state = lora_state(self.model)
         self.rng = random.Random(f"{self.settings.job.seed}-{state.round}")
         self.progress(f"resuming run {self.run_id} after round {state.round} from {directory}")
 

@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from privatune.common.examples import encode_pairs, evaluate_loss
-from privatune.common.lora import LoraSettings, attach_lora, load_base_model, load_lora_state
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from privatune.common.lora import load_lora_state
 
 
 def read_eval_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -47,10 +50,9 @@ def read_eval_pairs(path: str | Path) -> list[tuple[str, str]]:
 class CentralEvaluator:
     """Perplexity of a global adapter state on the coordinator's held-out set."""
 
-    def __init__(self, model_dir: Path, lora: LoraSettings, eval_path: Path, max_length: int,
-                 batch_size: int):
-        base, tokenizer = load_base_model(model_dir)
-        self.model = attach_lora(base, lora)
+    def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_path: Path,
+                 max_length: int, batch_size: int):
+        self.model = model  # the coordinator's own model: one copy of the base weights
         self.dataset = encode_pairs(tokenizer, read_eval_pairs(eval_path), max_length)
         self.batch_size = batch_size
 

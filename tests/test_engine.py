@@ -1,0 +1,81 @@
+"""The site's hardware choice and one copy of the base weights per process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from privatune.client.engine import adapter_model, shared_base_models
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.common.config import ConfigError
+from privatune.common.hardware import resolve_hardware
+from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+from privatune.common.protocol import TrainRequest
+
+LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+
+
+def test_auto_hardware_on_a_machine_without_gpu_is_cpu_float32():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    hardware = resolve_hardware("auto", "auto")
+    assert hardware.device.type == "cpu" and hardware.dtype == torch.float32
+    assert resolve_hardware("cpu", "bfloat16").dtype == torch.bfloat16
+
+
+def test_a_device_the_machine_lacks_is_an_error_naming_the_key():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=r"site.device: 'cuda:1', but this machine has no CUDA"):
+        resolve_hardware("cuda:1", "auto")
+
+
+def test_policy_refuses_an_unknown_device(make_site):
+    path = make_site()
+    data = yaml.safe_load(path.read_text())
+    data["site"]["device"] = "gpu0"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"site.device: 'gpu0' is not one of auto, cpu, cuda"):
+        load_site_policy(path)
+
+
+def test_one_base_model_per_process_whatever_the_lora_settings(tiny_model_dir):
+    hardware = resolve_hardware("cpu", "float32")
+    first, _ = adapter_model(tiny_model_dir, hardware, LORA)
+    weights = first.get_base_model().model.embed_tokens.weight
+    again, _ = adapter_model(tiny_model_dir, hardware, LORA)
+    assert again is first
+    other, _ = adapter_model(tiny_model_dir, hardware, LoraSettings(r=4, alpha=8,
+                                                                     target_modules=("q_proj",)))
+    assert other.get_base_model().model.embed_tokens.weight is weights  # same base weights
+    assert {t.shape for n, t in lora_state(other).items() if "lora_A" in n} == {(4, 32)}
+
+
+def test_half_precision_base_keeps_lora_in_float32(tiny_model_dir):
+    model, _ = adapter_model(tiny_model_dir, resolve_hardware("cpu", "bfloat16"), LORA)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+
+
+def test_sites_served_by_one_process_share_one_base_model(make_site, tiny_model_dir):
+    before = shared_base_models()
+    state = lora_state(initial_adapter(tiny_model_dir, LORA, seed=0))
+    request = TrainRequest(run_id="r", round=1, planned_rounds=2, local_steps=2, batch_size=8,
+                           learning_rate=0.02, max_grad_norm=1.0, max_length=48, lora_r=2,
+                           lora_alpha=4, lora_targets="q_proj,v_proj")
+    replies = [SiteNode(load_site_policy(make_site(f"site-{i}", seed=i))).train(request, state)
+               for i in range(4)]
+    assert all(r.reply.accepted for r in replies)
+    assert shared_base_models() - before <= 1  # at most the CPU float32 model, once
+    # each request starts from the global state it brings, not from what the last one left
+    from privatune.common.protocol import EvaluateRequest
+
+    evaluate = EvaluateRequest(run_id="r", round=1, max_length=48, batch_size=8, lora_r=2,
+                               lora_alpha=4, lora_targets="q_proj,v_proj")
+    node = SiteNode(load_site_policy(make_site("site-0", seed=0)))
+    before_training = node.evaluate(evaluate, state).eval_loss
+    node.train(TrainRequest(**{**request.to_record(), "round": 2}), state)
+    assert node.evaluate(evaluate, state).eval_loss == pytest.approx(before_training, rel=1e-6)
