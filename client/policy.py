@@ -61,6 +61,11 @@ class RequestLimits:
     max_length: int = field(default=2048, metadata=bounded(8, 1_000_000))
     max_grad_norm: float = field(default=100.0, metadata=bounded(0, 1e6, low_open=True))
     max_lora_r: int = field(default=64, metadata=bounded(1, 4096))
+    # module names a coordinator may put LoRA on; empty: any the model has ("all-linear" too)
+    lora_target_modules: tuple[str, ...] = ()
+
+
+MAX_RUN_ID_LENGTH = 128
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ class ReleaseSection:
     example_count: bool = True
     train_loss: bool = True
     eval_loss: bool = True
+    # ROUGE-L, BLEU and chrF of the global model's completions of this site's held-out notes
+    generation_scores: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,14 @@ def request_violation(limits: RequestLimits, request: TrainRequest) -> str:
         ("lora_r", request.lora_r, 1, limits.max_lora_r, False),
         ("planned_rounds", request.planned_rounds, 1, 1_000_000, False),
     )
+    if not (0 < len(request.run_id) <= MAX_RUN_ID_LENGTH and request.run_id.isprintable()):
+        return (f"request run_id must be 1 to {MAX_RUN_ID_LENGTH} printable characters "
+                f"(got {len(request.run_id)} characters)")
+    if limits.lora_target_modules:
+        outside = sorted(set(request.lora_targets.split(",")) - set(limits.lora_target_modules))
+        if outside:
+            return (f"request lora_targets {', '.join(outside)} are outside this site's limits "
+                    f"(limits.lora_target_modules allows {', '.join(limits.lora_target_modules)})")
     for name, value, low, high, low_open in checks:
         above_low = value > low if low_open else value >= low
         if not (above_low and value <= high and math.isfinite(value)):

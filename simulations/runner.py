@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from privatune.client.app import make_client_app
@@ -80,6 +83,30 @@ def local_only_perplexity(policy_path: Path, scratch: Path, job: JobConfig, mode
     return math.exp(reply.eval_loss) if reply.eval_loss is not None else None
 
 
+def _use_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, model_dir: Path,
+                         run_id: str, progress: Callable[[str], None] = print) -> dict[str, float | None]:
+    """Every site's local-only baseline, as many at once as the machine has room for.
+
+    Like the virtual nodes, each worker process gets ``simulation.cpus_per_node`` threads, so
+    small models run as several single-threaded trainings side by side rather than one
+    multi-threaded training that leaves cores idle.
+    """
+    threads = max(int(job.simulation.cpus_per_node), 1)
+    workers = max(1, min(len(policies), (os.cpu_count() or 1) // threads))
+    names = [load_site_policy(path).site.name for path in policies]
+    progress(f"local-only baselines: {', '.join(names)} each train alone with the same budget "
+             f"({workers} at a time)")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_use_threads, initargs=(threads,)) as pool:
+        futures = {name: pool.submit(local_only_perplexity, path, out / "baselines" / name, job,
+                                     model_dir, run_id) for name, path in zip(names, policies)}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Never mix a new simulation into old site ledgers unless asked to wipe them."""
     if out.exists() and any(out.glob("sites/*/ledger.jsonl")):
@@ -139,11 +166,9 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
         raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
     report = summaries[0]
     if job.simulation.local_only_baseline:
-        for policy_path in policies:
-            name = load_site_policy(policy_path).site.name
-            progress(f"local-only baseline: {name} trains alone with the same budget")
-            report.sites.setdefault(name, SiteSummary()).local_only_perplexity = local_only_perplexity(
-                policy_path, out / "baselines" / name, job, model_dir, run_id)
+        for name, perplexity in local_only_baselines(policies, out, job, model_dir, run_id,
+                                                     progress).items():
+            report.sites.setdefault(name, SiteSummary()).local_only_perplexity = perplexity
     report.elapsed_s = round(time.monotonic() - started, 1)
     write_report(report, out)
     return report

@@ -102,6 +102,18 @@ def test_request_outside_site_limits_is_declined_before_training(make_site, star
     assert [e.get("release") for e in node.ledger.entries] == ["decline"]
 
 
+@pytest.mark.parametrize("run_id", ["", "r" * 129, "run\n1"])
+def test_run_ids_are_bounded(make_site, start_state, run_id):
+    outcome = SiteNode(load_site_policy(make_site())).train(request(run=run_id), start_state)
+    assert not outcome.reply.accepted and "run_id must be 1 to 128 printable" in outcome.reply.reason
+
+
+def test_lora_targets_within_the_sites_list(make_site, start_state):
+    path = edit_policy(make_site(), "limits", lora_target_modules=["q_proj"])
+    outcome = SiteNode(load_site_policy(path)).train(request(), start_state)
+    assert not outcome.reply.accepted and "lora_targets v_proj are outside" in outcome.reply.reason
+
+
 def test_site_limits_are_the_sites_to_set(make_site, start_state):
     path = edit_policy(make_site(), "limits", max_learning_rate=0.01)
     outcome = SiteNode(load_site_policy(path)).train(request(learning_rate=0.02), start_state)
