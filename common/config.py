@@ -89,6 +89,12 @@ class FederationConfig:
     fraction_train: float = field(default=1.0, metadata=bounded(0, 1, low_open=True))
     node_wait_s: float = field(default=120.0, metadata=bounded(0, 86_400, low_open=True))
     round_timeout_s: float = field(default=1800.0, metadata=bounded(0, 86_400, low_open=True))
+    # Defences against a site that tries to take over the global model (server/aggregation.py)
+    max_update_norm: float = field(default=0.0, metadata=bounded(0, 1e12))  # 0: derived per round
+    update_norm_multiple: float = field(default=10.0, metadata=bounded(1, 1e6))
+    max_site_examples: int = field(default=1_000_000, metadata=bounded(1, 10**12))
+    weighting: str = field(default="examples", metadata=choice("examples", "equal"))
+    robust: str = field(default="none", metadata=choice("none", "median", "trimmed_mean"))
 
 
 @dataclass(frozen=True)

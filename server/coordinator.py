@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,9 @@ from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_m
                                    lora_state, read_adapter_state, save_adapter)
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        evaluate_request, train_request)
-from privatune.server.aggregation import InvalidUpdateError, fedavg, validate_update
+from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggregate,
+                                         optimizer_move_bound, round_norm_bound, update_norm,
+                                         validate_update, weight_problem)
 from privatune.server.evaluation import CentralEvaluator
 from privatune.server.report import (CentralSummary, RoundEvaluation, RoundRecord, RoundTraining,
                                      RunReport, SiteSummary)
@@ -194,23 +197,11 @@ class Coordinator:
         request = train_request(self.settings.job, self.run_id, round_number)
         results, failures = self.transport.train(chosen, request, self.global_state,
                                                  fed.round_timeout_s)
-        accepted: list[TrainResult] = []
         outcome = RoundTraining(failures=list(failures))
-        for result in results:
-            reply = result.reply
-            site = self._site(reply.site)
-            site.epsilon, site.delta, site.epsilon_budget = (reply.epsilon, reply.delta,
-                                                             reply.epsilon_budget)
-            if not reply.accepted:
-                outcome.declined[reply.site] = reply.reason
-                self.progress(f"  {reply.site} declined: {reply.reason}")
-                continue
-            try:
-                validate_update(result.state, self.global_state)
-            except InvalidUpdateError as err:
-                outcome.failures.append(f"{reply.site}: update rejected: {err}")
-                continue
-            accepted.append(result)
+        fitting = self._fitting_updates(results, outcome)
+        accepted = self._within_norm_bound(fitting, request, outcome)
+        for result in accepted:
+            reply, site = result.reply, self._site(result.reply.site)
             site.noise_multiplier = reply.noise_multiplier
             site.rounds.append(round_number)
             loss = f"{reply.train_loss:.3f}" if reply.train_loss is not None else "withheld"
@@ -221,12 +212,63 @@ class Coordinator:
         outcome.participants = sorted(r.reply.site for r in accepted)
         outcome.aggregated = len(accepted) >= fed.min_replies
         if outcome.aggregated:
-            self.global_state = fedavg([r.state for r in accepted],
-                                       [r.reply.num_examples for r in accepted])
+            self.global_state = aggregate(
+                [Contribution(r.reply.site, r.state, r.reply.num_examples) for r in accepted], fed)
         else:
             self.progress(f"  only {len(accepted)} usable updates (< min_replies={fed.min_replies}): "
                           "the global adapter is kept unchanged this round")
         return outcome
+
+    def _fitting_updates(self, results: Sequence[TrainResult],
+                         outcome: RoundTraining) -> list[TrainResult]:
+        """Accepted replies whose update fits the adapter and whose weight is sane.
+
+        A site is known by the node that answered: two nodes claiming one site name in a round
+        are both left out, since the coordinator cannot tell which one is that site.
+        """
+        fed = self.settings.job.federation
+        claims = Counter(r.reply.site for r in results)
+        fitting = []
+        for result in results:
+            reply = result.reply
+            if claims[reply.site] > 1:
+                outcome.failures.append(f"node {result.node_id}: claims site {reply.site!r}, as "
+                                        "another node did this round; both replies left out")
+                continue
+            site = self._site(reply.site)
+            site.epsilon, site.delta, site.epsilon_budget = (reply.epsilon, reply.delta,
+                                                             reply.epsilon_budget)
+            if not reply.accepted:
+                outcome.declined[reply.site] = reply.reason
+                self.progress(f"  {reply.site} declined: {reply.reason}")
+                continue
+            problem = weight_problem(reply.num_examples, fed)
+            if problem:
+                outcome.failures.append(f"{reply.site}: update rejected: {problem}")
+                continue
+            try:
+                validate_update(result.state, self.global_state)
+            except InvalidUpdateError as err:
+                outcome.failures.append(f"{reply.site}: update rejected: {err}")
+                continue
+            fitting.append(result)
+        return fitting
+
+    def _within_norm_bound(self, results: Sequence[TrainResult], request: TrainRequest,
+                           outcome: RoundTraining) -> list[TrainResult]:
+        """The updates that move the adapter no more than the round's norm bound."""
+        norms = [update_norm(r.state, self.global_state) for r in results]
+        bound = round_norm_bound(norms, self.settings.job.federation, optimizer_move_bound(
+            self.global_state, request.learning_rate, request.local_steps))
+        kept = []
+        for result, norm in zip(results, norms):
+            if norm > bound:
+                outcome.failures.append(f"{result.reply.site}: update rejected: it moves the "
+                                        f"adapter by {norm:.3g}, over the round's bound of "
+                                        f"{bound:.3g}")
+            else:
+                kept.append(result)
+        return kept
 
     def evaluate(self, round_number: int) -> RoundEvaluation:
         """Central and federated perplexity of the current global adapter."""

@@ -18,7 +18,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from privatune.common.config import FederationConfig, JobConfig, LoraConfig
+from privatune.common.config import FederationConfig, JobConfig, LoraConfig, TrainingConfig
 from privatune.common.lora import LoraSettings, load_adapter, lora_state
 from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, EvaluateReply,
                                        EvaluateRequest, TrainReply, TrainRequest, evaluate_request,
@@ -35,10 +35,12 @@ State = dict[str, torch.Tensor]
 Behaviour = Callable[[int, TrainRequest, Mapping[str, torch.Tensor]], "TrainResult | str"]
 
 
-def job(rounds: int = 1, min_replies: int = 2, nodes: int = 3) -> JobConfig:
+def job(rounds: int = 1, min_replies: int = 2, nodes: int = 3, **federation) -> JobConfig:
+    # learning rate 1: the fake nodes' random updates stay within what Adam could move
     return JobConfig(seed=5, lora=LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")),
+                     training=TrainingConfig(learning_rate=1.0),
                      federation=FederationConfig(rounds=rounds, min_nodes=nodes, min_replies=min_replies,
-                                                 node_wait_s=1.0, round_timeout_s=5.0))
+                                                 node_wait_s=1.0, round_timeout_s=5.0, **federation))
 
 
 def random_state(like: Mapping[str, torch.Tensor], seed: int) -> State:
@@ -394,3 +396,55 @@ def test_reply_codec_round_trips_and_names_what_is_missing():
     with pytest.raises(ValueError, match="accepted is 'yes', not true or false"):
         TrainReply.from_record(RecordDict({STATUS_KEY: ConfigRecord({"site": "x", "accepted": "yes"}),
                                            METRICS_KEY: MetricRecord({})}))
+
+
+# ------------------------------------------------------------------------------ poisoned sites
+
+
+def scaled(factor: float, examples: int = 50) -> Behaviour:
+    """An honest-looking update whose move from the global adapter is ``factor`` times larger."""
+    def answer(node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]) -> TrainResult:
+        result = update(node, examples)(node, request, state)
+        moved = {n: state[n] + factor * 0.01 * (t - state[n]) for n, t in result.state.items()}
+        return TrainResult(node, result.reply, moved)
+    return answer
+
+
+@pytest.mark.parametrize("poison", [scaled(1e6), scaled(1.0, examples=10**9),
+                                    scaled(1.0, examples=-150)])
+def test_one_poisoned_site_does_not_move_the_global_adapter(tmp_path, tiny_model_dir, poison):
+    honest = {1: scaled(1.0), 2: scaled(1.0)}
+    clean = coordinator(tmp_path / "clean", tiny_model_dir, FakeTransport(honest), nodes=2)
+    clean.train_round(1)
+    attacked = coordinator(tmp_path / "attacked", tiny_model_dir,
+                           FakeTransport({**honest, 3: poison}), nodes=3)
+    outcome = attacked.train_round(1)
+    assert outcome.participants == ["alpha", "beta"]
+    assert any(f.startswith("gamma: update rejected") for f in outcome.failures)
+    assert_same_state(attacked.global_state, clean.global_state)
+
+
+def test_two_nodes_claiming_one_site_are_both_left_out(tmp_path, tiny_model_dir):
+    def impostor(node, request, state):
+        result = scaled(1.0)(node, request, state)
+        return TrainResult(node, TrainReply(**{**result.reply.__dict__, "site": "alpha"}), result.state)
+
+    chosen = coordinator(tmp_path, tiny_model_dir,
+                         FakeTransport({1: scaled(1.0), 2: scaled(1.0), 3: impostor}), min_replies=1)
+    outcome = chosen.train_round(1)
+    assert outcome.participants == ["beta"]
+    assert sum("claims site 'alpha'" in f for f in outcome.failures) == 2
+
+
+def test_robust_median_and_equal_weights(tmp_path, tiny_model_dir):
+    behaviours = {1: update(1, 10), 2: update(2, 30), 3: update(3, 1000)}
+    by_median = coordinator(tmp_path / "median", tiny_model_dir, FakeTransport(behaviours),
+                            robust="median")
+    by_median.train_round(1)
+    states = [random_state(by_median.global_state, seed) for seed in (1, 2, 3)]
+    assert_same_state(by_median.global_state,
+                      {n: torch.stack([s[n] for s in states]).median(dim=0).values for n in states[0]})
+    equal = coordinator(tmp_path / "equal", tiny_model_dir, FakeTransport(behaviours),
+                        weighting="equal")
+    equal.train_round(1)
+    assert_same_state(equal.global_state, {n: sum(s[n] for s in states) / 3 for n in states[0]})
