@@ -1,17 +1,20 @@
 """Reading a hospital's private records into training text, and splitting them.
 
 Two inputs are supported: JSONL files the site prepared itself, and FHIR R4 Bulk Data
-exports (NDJSON), which is what an EHR hands out. Every bad input raises `DataError`
-naming the file and line, so a data steward can fix the record without guessing.
+exports (NDJSON, plain or gzip-compressed ``.ndjson.gz`` as bulk-data clients save them), which
+is what an EHR hands out. Every bad input raises `DataError` naming the file and line, so a
+data steward can fix the record without guessing.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
+import errno
+import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -26,6 +29,9 @@ _PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_hist
 _BLOCK_TAGS = frozenset({"br", "div", "p", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6",
                          "table", "ul", "ol", "pre", "blockquote"})
 _MARKUP_CONTENT_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+# XHTML elements whose content is code or styling, never narrative text.
+_HIDDEN_TAGS = frozenset({"script", "style"})
+_NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz")
 
 
 class DataError(ValueError):
@@ -47,8 +53,7 @@ def load_records(path: str | Path, fmt: str = "auto") -> list[Record]:
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown data format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
+    _check_exists(path)
     if fmt == "auto":
         fmt = _detect_format(path)
     if fmt == "jsonl":
@@ -100,8 +105,26 @@ def _canonical(keyed: list[tuple[bytes, Record]]) -> list[Record]:
     return [record for _, record in sorted(keyed, key=lambda item: (item[0], item[1].source))]
 
 
+def _check_exists(path: Path) -> None:
+    """DataError unless ``path`` exists; a symbolic link loop is named as one, not as missing."""
+    try:
+        path.stat()
+    except FileNotFoundError as err:
+        dangling = " (a symbolic link to nothing)" if path.is_symlink() else ""
+        raise DataError(f"{path}: no such file or directory{dangling}") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({_os_reason(err)})") from err
+
+
+def _os_reason(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return ("a symbolic link loop: following its links leads back to a link already "
+                "followed (ELOOP); point the path at the real file")
+    return err.strerror or str(err)
+
+
 def _detect_format(path: Path) -> str:
-    if path.is_dir() or path.suffix == ".ndjson":
+    if path.is_dir() or path.name.endswith(_NDJSON_SUFFIXES):
         return "fhir"
     if path.suffix == ".jsonl":
         return "jsonl"
@@ -110,9 +133,14 @@ def _detect_format(path: Path) -> str:
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed JSON) for each non-blank line, raising DataError on bad lines."""
+    """Yield (line number, parsed JSON) for each non-blank line, raising DataError on bad lines.
+
+    A ``.gz`` file is decompressed as it is read; a corrupt or truncated one is named.
+    """
+    compressed = path.name.endswith(".gz")
+    line_number = 0
     try:
-        with path.open("rb") as handle:
+        with (gzip.open(path, "rb") if compressed else path.open("rb")) as handle:
             for line_number, raw in enumerate(handle, start=1):
                 try:
                     line = raw.decode("utf-8")
@@ -127,8 +155,15 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}, line {line_number}: malformed JSON ({err.msg} at column "
                                     f"{err.colno})") from err
+                except (ValueError, RecursionError) as err:  # a 5,000-digit number, deep nesting
+                    raise DataError(f"{path}, line {line_number}: JSON that cannot be read "
+                                    f"({str(err) or type(err).__name__})") from err
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        after = f" after line {line_number}" if line_number else ""
+        raise DataError(f"{path}: not a valid gzip file ({err or 'truncated'}){after}; "
+                        "re-download or re-compress it") from err
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from err
+        raise DataError(f"{path}: cannot read ({_os_reason(err)})") from err
 
 
 def _load_jsonl(path: Path) -> list[Record]:
@@ -172,16 +207,19 @@ def _string_field(value: dict[str, Any], name: str, where: str, allow_empty: boo
 
 def _load_fhir(path: Path) -> list[Record]:
     if path.is_dir():
-        files = sorted(path.glob("*.ndjson"))
+        files = sorted(file for file in path.iterdir() if file.name.endswith(_NDJSON_SUFFIXES))
         if not files:
-            raise DataError(f"{path}: no .ndjson files in this FHIR export directory")
+            raise DataError(f"{path}: no .ndjson or .ndjson.gz files in this FHIR export directory")
     else:
         files = [path]
     records: list[Record] = []
     for file in files:
         for line_number, resource in _json_lines(file):
             where = f"{file}, line {line_number}"
-            note = _fhir_note(resource, where)
+            try:
+                note = _fhir_note(resource, where)
+            except RecursionError as err:
+                raise DataError(f"{where}: sections nested too deeply") from err
             if note is not None:
                 text, patient_id = note
                 records.append(Record(prompt="", completion=text, patient_id=patient_id,
@@ -241,7 +279,7 @@ def _decode_attachment(attachment: dict[str, Any], where: str) -> str:
         raise DataError(f"{where}: attachment 'data' must be a base64 string")
     try:
         text = base64.b64decode("".join(data.split()), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as err:
+    except ValueError as err:  # binascii.Error, UnicodeDecodeError, a non-ASCII string
         raise DataError(f"{where}: attachment 'data' is not base64-encoded UTF-8 text ({err})") from err
     if _media_type(attachment) in _MARKUP_CONTENT_TYPES:
         return _xhtml_to_text(text)
@@ -306,22 +344,36 @@ def _object(value: Any, name: str, where: str) -> dict[str, Any]:
 
 
 class _NarrativeText(HTMLParser):
-    """Collects the text of an XHTML narrative; entities are unescaped by the parser."""
+    """Collects the text of an XHTML narrative; entities are unescaped by the parser.
+
+    The content of ``<script>`` and ``<style>`` is code, not narrative: it is dropped.
+    """
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
+        self.hidden = 0  # depth inside script/style elements
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _BLOCK_TAGS:
+        if tag in _HIDDEN_TAGS:
+            self.hidden += 1
+        elif tag in _BLOCK_TAGS:
             self.parts.append("\n")
 
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _HIDDEN_TAGS:  # <script/> holds nothing and closes itself
+            self.handle_starttag(tag, attrs)
+            self.handle_endtag(tag)
+
     def handle_endtag(self, tag: str) -> None:
-        if tag in _BLOCK_TAGS:
+        if tag in _HIDDEN_TAGS:
+            self.hidden = max(self.hidden - 1, 0)
+        elif tag in _BLOCK_TAGS:
             self.parts.append("\n")
 
     def handle_data(self, data: str) -> None:
-        self.parts.append(data)
+        if not self.hidden:
+            self.parts.append(data)
 
 
 def _xhtml_to_text(markup: str) -> str:

@@ -16,8 +16,10 @@ that runs is the one in the run's FAB, installed under ``$FLWR_HOME/apps``.
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from privatune.client.node import SiteNode
 from privatune.client.policy import SitePolicy, load_site_policy
 from privatune.common.flower_process import flower_env, flower_tool
 from privatune.common.certs import CertError, check_certificate, check_node_private_key
-from privatune.common.config import ConfigError
+from privatune.common.config import ConfigError, read_yaml
 
 Progress = Callable[[str], None]
 
@@ -65,9 +67,17 @@ class CheckedSite:
 
 
 def check_site(policy_path: Path) -> CheckedSite:
-    """Validate policy, data, delta and base model exactly as the ClientApp will use them."""
-    policy_path = policy_path.resolve()
+    """Validate policy, state directory, data, delta and base model exactly as the ClientApp
+    will use them."""
+    try:
+        policy_path = policy_path.resolve()
+    except (OSError, RuntimeError) as err:  # Python 3.11 says RuntimeError for a link loop
+        loop = isinstance(err, RuntimeError) or err.errno == errno.ELOOP
+        reason = "a symbolic link loop (ELOOP)" if loop else (err.strerror or str(err))
+        raise ConfigError(f"{policy_path}: cannot read the site policy ({reason}); point --site "
+                          "at the real file") from err
     policy = load_site_policy(policy_path)
+    check_state_dir(policy, policy_path)
     node = SiteNode(policy)  # loads and splits the data, checks delta, opens the ledger
     if not (policy.model_dir / "config.json").is_file():
         raise ConfigError(f"{policy_path}: site.model: {policy.model_dir.resolve()} is not a model "
@@ -75,6 +85,55 @@ def check_site(policy_path: Path) -> CheckedSite:
     set_aside = node.ledger.set_aside.message if node.ledger.set_aside else ""
     return CheckedSite(policy_path, policy, len(node.train_units), len(node.heldout_units),
                        len(node.duplicates), node.epsilon(), set_aside)
+
+
+def check_state_dir(policy: SitePolicy, policy_path: Path) -> None:
+    """The node appends to its ledger (and Flower keeps its apps) in ``site.state_dir`` after a
+    round of training: a directory it cannot write must fail here, not after the round.
+
+    Nothing is created: the directory, or the nearest existing folder above it that the node
+    would create it in, is probed with an anonymous temporary file; an existing ledger must
+    open for appending (opened, not written).
+    """
+    state_dir = policy.resolve(policy.site.state_dir)
+
+    def fail(reason: str) -> ConfigError:
+        line = read_yaml(policy_path)[1].get("site.state_dir")
+        where = f"{policy_path}, line {line}" if line else str(policy_path)
+        return ConfigError(f"{where}: site.state_dir: {state_dir} {reason}; the node writes its "
+                           "privacy ledger there after each round, so it must be a directory this "
+                           "user can write")
+
+    probe = state_dir  # the directory, else the nearest existing folder it would be made in
+    while True:
+        try:
+            probe.stat()
+            break
+        except FileNotFoundError as err:
+            if probe.is_symlink():
+                raise fail(f"is a symbolic link to nothing ({probe} is dangling)") from err
+            probe = probe.parent
+        except OSError as err:
+            reason = ("a symbolic link loop (ELOOP)" if err.errno == errno.ELOOP
+                      else err.strerror or str(err))
+            raise fail(f"cannot be used ({reason} at {err.filename or probe})") from err
+    if not probe.is_dir():
+        raise fail("is not a directory" if probe == state_dir
+                   else f"cannot be created: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        verb = "is not writable" if probe == state_dir else f"cannot be created in {probe}"
+        raise fail(f"{verb} ({err.strerror or err})") from err
+    ledger = policy.ledger_path
+    if ledger.exists() or ledger.is_symlink():
+        try:
+            with open(ledger, "ab"):
+                pass
+        except OSError as err:
+            raise fail(f"holds a ledger {ledger} that cannot be appended to "
+                       f"({err.strerror or err})") from err
 
 
 def check_connection(connection: NodeConnection) -> None:

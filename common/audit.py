@@ -6,6 +6,15 @@ accountant (``dp-accounting``'s RDP for Opacus' RDP) and flag disagreements over
 tighter PLD bound of the same history (never above the RDP figure), and list every
 non-private release.
 
+The audit is linear in the ledger's length. RDP composes by adding curves over the orders, so
+the independent RDP curve of every prefix is a running sum: ``dp-accounting`` computes the
+curve of each distinct (noise multiplier, sampling rate) once, each release adds ``steps``
+times it, and its own RDP-to-epsilon conversion gives every release's epsilon. The same
+arithmetic in the same order as composing the whole prefix anew, so the figures are the same.
+PLD is a side figure: it is computed for the whole history with the steps summed per distinct
+mechanism (composition allows it, see ``MechanismTotals``) and, for a ledger of at most
+``PLD_PER_RELEASE_LIMIT`` releases, for every prefix too.
+
 A ledger audits "ok" only when all of it is accounted: a torn last line (no newline, and it
 does not parse or chain; a complete one that chains is counted), a ``<ledger>.torn-*`` side file
 the node set aside, an adapter update whose mechanism or epsilon is missing, NaN, infinite or
@@ -17,17 +26,100 @@ from __future__ import annotations
 import glob
 import html
 import json
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from privatune.common.config import read_yaml
 from privatune.common.ledger import (ADAPTER_UPDATE, LedgerError, mechanism_problem,
                                      mechanism_step, read_entries)
 from privatune.common.plots import report_figure
-from privatune.common.privacy import MechanismStep, independent_rdp_epsilon, pld_epsilon
+from privatune.common.privacy import MechanismStep, pld_epsilon
 
 TOLERANCE = 0.01
+# Up to this many adapter updates, PLD epsilon is given for every release (each costs a PLD
+# composition, tens of milliseconds); above it, for the whole history only.
+PLD_PER_RELEASE_LIMIT = 64
+
+
+@contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """dp-accounting logs through absl for each order whose series does not converge (it is
+    skipped); that is expected, not news for the privacy officer."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+class IndependentRdp:
+    """The running RDP curve of a mechanism history, by ``dp-accounting`` (independent of the
+    node's Opacus accountant) at Opacus' orders, so that like is compared with like.
+
+    ``add`` costs one RDP computation per distinct (noise multiplier, sampling rate) and a
+    vector addition otherwise; ``epsilon`` is dp-accounting's own conversion of the curve. The
+    curve is accumulated exactly as ``RdpAccountant`` composes a whole history (``steps`` times
+    the per-step curve, added in order), so ``epsilon`` equals
+    ``privacy.independent_rdp_epsilon`` of the same prefix.
+    """
+
+    def __init__(self) -> None:
+        from opacus.accountants import RDPAccountant
+
+        self.orders = list(RDPAccountant.DEFAULT_ALPHAS)
+        self.rdp = np.zeros(len(self.orders), dtype=np.float64)
+        self.empty = True
+        self._per_step: dict[tuple[float, float], np.ndarray] = {}
+
+    def _curve(self, noise_multiplier: float, sample_rate: float) -> np.ndarray:
+        key = (noise_multiplier, sample_rate)
+        if key not in self._per_step:
+            import dp_accounting
+            from dp_accounting.rdp import RdpAccountant
+
+            accountant = RdpAccountant(orders=self.orders)
+            accountant.compose(dp_accounting.PoissonSampledDpEvent(
+                sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)))
+            self._per_step[key] = accountant.rdp
+        return self._per_step[key]
+
+    def add(self, step: MechanismStep) -> None:
+        self.rdp += step.steps * self._curve(step.noise_multiplier, step.sample_rate)
+        self.empty = False
+
+    def epsilon(self, delta: float) -> float:
+        from dp_accounting.rdp import compute_epsilon
+
+        return 0.0 if self.empty else float(compute_epsilon(self.orders, self.rdp, delta)[0])
+
+
+class MechanismTotals:
+    """The steps of a history summed per distinct mechanism (noise multiplier, sampling rate).
+
+    Composition does not depend on the order of the mechanisms (privacy loss distributions
+    compose by convolution), and k then m steps of one subsampled Gaussian are k + m steps of
+    it, so the totals have the history's PLD: one composition per distinct mechanism, however
+    long the ledger.
+    """
+
+    def __init__(self) -> None:
+        self._steps: dict[tuple[float, float], int] = {}
+
+    def add(self, step: MechanismStep) -> None:
+        key = (step.noise_multiplier, step.sample_rate)
+        self._steps[key] = self._steps.get(key, 0) + step.steps
+
+    def history(self) -> list[MechanismStep]:
+        return [MechanismStep(sigma, q, steps) for (sigma, q), steps in self._steps.items()]
 
 
 @dataclass
@@ -95,39 +187,50 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
         return result
     entries, result.chain_error, torn = _entries_until_break(path)
     result.problems += _tail_problems(path, torn)
-    history: list[MechanismStep] = []
-    for entry in entries:
-        if entry.get("kind") != ADAPTER_UPDATE:
-            result.non_private.append(entry)
-            continue
-        problem = mechanism_problem(entry)
-        if problem:
-            result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot account "
-                                   "this release, and stops here")
-            break
-        history.append(mechanism_step(entry))
-        delta = float(entry["delta"])
-        if result.delta is not None and delta != result.delta:
-            result.problems.append(f"line {entry['seq']}: delta changed from {result.delta:g} "
-                                   f"to {delta:g}")
-        result.delta = delta
-        recomputed = independent_rdp_epsilon(history, delta)
-        recorded = float(entry["epsilon"])
-        row = {"seq": entry["seq"], "run_id": entry.get("run_id"), "round": entry.get("round"),
-               "time": entry.get("time"), "unit": entry.get("privacy_unit"),
-               "noise_multiplier": entry["noise_multiplier"], "sample_rate": entry["sample_rate"],
-               "steps": entry["steps"], "max_grad_norm": entry.get("max_grad_norm"),
-               "accountant": entry.get("accountant"), "recorded_epsilon": recorded,
-               "recomputed_epsilon": recomputed, "pld_epsilon": pld_epsilon(history, delta),
-               "update_sha256": entry.get("update_sha256")}
-        if abs(recorded - recomputed) > TOLERANCE * max(recomputed, 1e-12):
-            result.problems.append(f"line {entry['seq']}: recorded epsilon {recorded:.4f} differs "
-                                   f"from the recomputed {recomputed:.4f} by more than 1%")
-        if row["pld_epsilon"] > recomputed * (1 + 1e-9):
-            result.problems.append(f"line {entry['seq']}: PLD epsilon above RDP epsilon")
-        result.rounds.append(row)
+    per_release_pld = sum(e.get("kind") == ADAPTER_UPDATE for e in entries) <= PLD_PER_RELEASE_LIMIT
+    rdp = IndependentRdp()
+    totals = MechanismTotals()
+    with _quiet_absl():
+        for entry in entries:
+            if entry.get("kind") != ADAPTER_UPDATE:
+                result.non_private.append(entry)
+                continue
+            problem = mechanism_problem(entry)
+            if problem:
+                result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot account "
+                                       "this release, and stops here")
+                break
+            step = mechanism_step(entry)
+            rdp.add(step)
+            totals.add(step)
+            delta = float(entry["delta"])
+            if result.delta is not None and delta != result.delta:
+                result.problems.append(f"line {entry['seq']}: delta changed from "
+                                       f"{result.delta:g} to {delta:g}")
+            result.delta = delta
+            recomputed = rdp.epsilon(delta)
+            recorded = float(entry["epsilon"])
+            row = {"seq": entry["seq"], "run_id": entry.get("run_id"), "round": entry.get("round"),
+                   "time": entry.get("time"), "unit": entry.get("privacy_unit"),
+                   "noise_multiplier": entry["noise_multiplier"],
+                   "sample_rate": entry["sample_rate"], "steps": entry["steps"],
+                   "max_grad_norm": entry.get("max_grad_norm"),
+                   "accountant": entry.get("accountant"), "recorded_epsilon": recorded,
+                   "recomputed_epsilon": recomputed,
+                   "pld_epsilon": (pld_epsilon(totals.history(), delta) if per_release_pld
+                                   else None),
+                   "update_sha256": entry.get("update_sha256")}
+            if abs(recorded - recomputed) > TOLERANCE * max(recomputed, 1e-12):
+                result.problems.append(f"line {entry['seq']}: recorded epsilon {recorded:.4f} "
+                                       f"differs from the recomputed {recomputed:.4f} by more "
+                                       "than 1%")
+            _check_pld(result, row)
+            result.rounds.append(row)
     if result.rounds:
         last = result.rounds[-1]
+        if last["pld_epsilon"] is None:  # PLD of the whole history only
+            last["pld_epsilon"] = pld_epsilon(totals.history(), float(result.delta))
+            _check_pld(result, last)
         result.recorded_epsilon = last["recorded_epsilon"]
         result.recomputed_epsilon = last["recomputed_epsilon"]
         result.pld_epsilon = last["pld_epsilon"]
@@ -137,15 +240,27 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     return result
 
 
+def _check_pld(result: SiteAudit, row: dict[str, Any]) -> None:
+    if row["pld_epsilon"] is not None and row["pld_epsilon"] > row["recomputed_epsilon"] * (1 + 1e-9):
+        result.problems.append(f"line {row['seq']}: PLD epsilon above RDP epsilon")
+
+
 def _site_budget(site_dir: Path) -> float | None:
-    """The epsilon cap from the site's own policy file, when it sits next to the ledger."""
+    """The epsilon cap from the site's own policy file, when it sits next to the ledger.
+
+    Read with the config reader (no YAML alias expansion); any fault is a ValueError naming
+    the file, which the audit reports as a problem.
+    """
     policy = site_dir / "policy.yaml"
     if not policy.is_file():
         return None
-    import yaml
-
-    data = yaml.safe_load(policy.read_text(encoding="utf-8")) or {}
-    cap = (data.get("privacy") or {}).get("epsilon_cap")
+    data, _ = read_yaml(policy)
+    privacy = data.get("privacy")
+    if privacy is None:
+        return None
+    if not isinstance(privacy, dict):
+        raise ValueError(f"{policy}: privacy is {type(privacy).__name__}, not a section of keys")
+    cap = privacy.get("epsilon_cap")
     if cap is None:
         return None
     try:
@@ -176,6 +291,8 @@ def audit_path(path: Path) -> list[SiteAudit]:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -185,7 +302,9 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
     lines = [f"# Privacy audit: {verdict}", "",
              "Epsilon is recomputed from each site's recorded mechanism history with Google's "
              "`dp-accounting` RDP accountant (an implementation independent of the node's Opacus "
-             "accountant, same orders); PLD is a tighter bound for the same history.", "",
+             "accountant, same orders); PLD is a tighter bound for the same history (given for every "
+             f"release of a ledger of at most {PLD_PER_RELEASE_LIMIT} releases, else for the whole "
+             "history only).", "",
              "| site | chain | releases | delta | budget | recorded eps | recomputed eps (RDP) | "
              "PLD eps | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for a in audits:
@@ -241,7 +360,9 @@ def plot_audit(audits: list[SiteAudit], path: Path) -> None:
         for a in audits:
             xs = list(range(1, len(a.rounds) + 1))
             axis.plot(xs, [r["recomputed_epsilon"] for r in a.rounds], "-o", label=f"{a.name} RDP")
-            axis.plot(xs, [r["pld_epsilon"] for r in a.rounds], ":", label=f"{a.name} PLD")
+            pld = [(x, r["pld_epsilon"]) for x, r in zip(xs, a.rounds) if r["pld_epsilon"] is not None]
+            if pld:
+                axis.plot(*zip(*pld), ":" if len(pld) > 1 else "s", label=f"{a.name} PLD")
         for budget in {a.budget for a in audits if a.budget}:
             axis.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
         axis.set(xlabel="adapter release", ylabel="cumulative epsilon", title="epsilon per site")

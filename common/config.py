@@ -7,6 +7,7 @@ hospital IT team editing a policy file by hand must be told exactly what to fix.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import re
 import types
@@ -139,25 +140,95 @@ def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, alias: str, mark: yaml.Mark):
+        super().__init__(alias)
+        self.alias, self.problem_mark = alias, mark
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses YAML aliases (``*name``).
+
+    An alias repeats a node by reference, so nine lines of nested aliases ("billion laughs")
+    stand for a billion values, and anything that walks the tree (key lines, validation, an
+    error message) expands them. A config file has no need for them; writing the value out is
+    always possible.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(event.anchor, event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML lets Python's own errors through for some values (an integer of 5,000 digits,
+        # a timestamp with month 13): make them YAML errors at the value's line
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as err:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value {str(node.value)[:40]!r} ({err})",
+                node.start_mark) from err
+
+
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The document in ``text`` and its node tree, parsed once; aliases are refused."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
+    except (ValueError, OverflowError) as err:  # the scanner's own: "\U0011ffff" in quotes
+        raise yaml.MarkedYAMLError(problem=str(err), problem_mark=loader.get_mark()) from err
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, _AliasRefused):
+        return (f"YAML alias *{err.alias} is not allowed in a config file (aliases can expand a "
+                "small file into an enormous one); write the value out instead")
+    return f"invalid YAML: {getattr(err, 'problem', None) or err}"
+
+
+def _yaml_value_problem(err: yaml.YAMLError) -> str:
+    return "not valid YAML: " + _yaml_problem(err).removeprefix("invalid YAML: ")
+
+
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a YAML mapping and the line of every key; errors name the file."""
+    """Read a YAML mapping and the line of every key; errors name the file (and the line)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from err
+        raise ConfigError(f"{path}: cannot read config file ({_os_reason(err)})") from err
     try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not valid UTF-8 text ({err.reason})") from err
+    try:
+        data, node = _load_yaml(text)
+        lines = _key_lines(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from err
+        raise ConfigError(f"{path}{where}: {_yaml_problem(err)}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to be a config file") from err
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data, lines
+
+
+def _os_reason(err: OSError) -> str:
+    """Why a path could not be read, in words; a symbolic link loop is said to be one."""
+    if err.errno == errno.ELOOP:
+        return ("a symbolic link loop: following its links leads back to a link already "
+                "followed (ELOOP); point the path at the real file")
+    return err.strerror or str(err)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -166,9 +237,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set lora.r=16")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw)[0] if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from err
+        raise ConfigError(f"--set {text!r}: value is {_yaml_value_problem(err)}") from err
+    except RecursionError as err:
+        raise ConfigError(f"--set {text!r}: value is nested too deeply") from err
     return key.strip(), value
 
 

@@ -2,10 +2,16 @@
 
 The loss is computed on the completion only; prompt and padding positions get label -100.
 One pair is exactly one example (never split into chunks), so one record stays one DP unit.
+
+When a pair is longer than ``max_length`` the completion keeps its place: a long prompt is cut
+from its start (the end, nearest the completion, is kept), and a completion that is itself too
+long gets at least half of the room. Text is cut to a window of characters before it is
+tokenized, so a huge record costs what ``max_length`` tokens cost, not what the record does.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -13,36 +19,119 @@ from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+# Characters tokenized per token wanted: a first window of WINDOW_CHARS_PER_TOKEN (tokens of
+# natural text average 3 to 5 characters), doubled while it yields too few tokens, up to
+# MAX_CHARS_PER_TOKEN (beyond which what is kept is cut at that bound instead).
+WINDOW_CHARS_PER_TOKEN = 8
+MAX_CHARS_PER_TOKEN = 256
+
+log = logging.getLogger(__name__)
+
+
+class EncodedPairs(TensorDataset):
+    """(input_ids, labels, attention_mask) of encoded pairs, one row per pair, and what had to
+    be cut to fit ``max_length``.
+
+    ``skipped``: pairs whose completion could not keep a single learnable token; their row has
+    no labels, so it adds nothing to the loss, but stays, so that the dataset keeps one row per
+    privacy unit (the node's sampling rate is the batch size over the number of units).
+    ``cut_prompts`` / ``cut_completions``: pairs whose prompt lost its start / whose completion
+    lost its end.
+    """
+
+    def __init__(self, *tensors: torch.Tensor, skipped: int = 0, cut_prompts: int = 0,
+                 cut_completions: int = 0):
+        super().__init__(*tensors)
+        self.skipped, self.cut_prompts, self.cut_completions = skipped, cut_prompts, cut_completions
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    if not text:
+        return []
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _window(text: str, chars: int, from_end: bool) -> str:
+    """At most ``chars`` characters of the start (or end) of ``text``, cut at whitespace when
+    there is some in the outer half, so that the word at the cut is not split."""
+    if chars >= len(text):
+        return text
+    if from_end:
+        part = text[len(text) - chars:]
+        space = next((i for i, c in enumerate(part[: chars // 2]) if c.isspace()), None)
+        return part if space is None else part[space:]
+    part = text[:chars]
+    space = next((i for i in range(len(part) - 1, chars // 2, -1) if part[i].isspace()), None)
+    return part if space is None else part[:space]
+
+
+def head_ids(tokenizer: PreTrainedTokenizerBase, text: str, count: int,
+             from_end: bool = False) -> tuple[list[int], bool]:
+    """The first (``from_end``: last) ``count`` token ids of ``text`` and whether any were left
+    out, tokenizing only a window of characters around that end of the text."""
+    chars = count * WINDOW_CHARS_PER_TOKEN
+    while True:
+        part = _window(text, chars, from_end)
+        ids = _ids(tokenizer, part)
+        whole = len(part) == len(text)
+        # one token more than needed: the token at the cut may be a piece of a longer one
+        if whole or len(ids) > count or chars >= count * MAX_CHARS_PER_TOKEN:
+            break
+        chars *= 2
+    cut = not whole or len(ids) > count
+    if len(ids) > count:
+        ids = ids[len(ids) - count:] if from_end else ids[:count]
+    return ids, cut
 
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]],
-                 max_length: int) -> TensorDataset:
-    """Tokenize pairs into a TensorDataset of (input_ids, labels, attention_mask)."""
+                 max_length: int) -> EncodedPairs:
+    """Tokenize pairs into a dataset of (input_ids, labels, attention_mask); see EncodedPairs
+    for what is cut or skipped to fit ``max_length`` tokens."""
     if not pairs:
         raise ValueError("no examples to encode")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
     rows: list[tuple[list[int], list[int]]] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    def token_ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False, truncation=True,
-                         max_length=max_length)["input_ids"] if text else []
-
+    room = max_length - len(bos)  # for prompt and completion tokens
+    skipped = cut_prompts = cut_completions = 0
     for prompt, completion in pairs:
-        prompt_ids = bos + token_ids(prompt)
-        completion_ids = token_ids(completion) + eos
-        ids = (prompt_ids + completion_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
-        rows.append((ids, labels))
-    length = max(len(ids) for ids, _ in rows)
+        prompt_ids, prompt_cut = head_ids(tokenizer, prompt, room, from_end=True)
+        completion_ids, completion_cut = head_ids(tokenizer, completion, room)
+        completion_ids += eos
+        if len(prompt_ids) + len(completion_ids) <= room:
+            keep_completion = len(completion_ids)
+        else:  # the completion keeps what the whole prompt leaves, and at least half the room
+            keep_completion = min(len(completion_ids), max(room - len(prompt_ids), (room + 1) // 2))
+        keep_prompt = min(len(prompt_ids), room - keep_completion)
+        cut_prompts += prompt_cut or keep_prompt < len(prompt_ids)
+        cut_completions += completion_cut or keep_completion < len(completion_ids)
+        context = bos + prompt_ids[len(prompt_ids) - keep_prompt:]
+        completion_ids = completion_ids[:keep_completion]
+        # the loss predicts each token from the ones before it: a token at position 0 teaches nothing
+        learnable = keep_completion - (0 if context else 1)
+        if learnable < 1:
+            skipped += 1
+            labels = [IGNORE_INDEX] * (len(context) + len(completion_ids))
+        else:
+            labels = [IGNORE_INDEX] * len(context) + completion_ids
+        rows.append((context + completion_ids, labels))
+    if skipped:
+        log.warning("%d of %d examples have no completion token to learn from within max_length=%d;"
+                    " they add nothing to the loss", skipped, len(pairs), max_length)
+    length = max(max(len(ids) for ids, _ in rows), 1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, (ids, labs) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(labs)] = torch.tensor(labs)
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(labs)] = torch.tensor(labs, dtype=torch.long)
         mask[i, : len(ids)] = 1
-    return TensorDataset(input_ids, labels, mask)
+    return EncodedPairs(input_ids, labels, mask, skipped=skipped, cut_prompts=cut_prompts,
+                        cut_completions=cut_completions)
 
 
 def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Config validation: every error names the file, the key and (where known) the line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,133 @@ def test_cross_field_check(tmp_path):
     path = write(tmp_path, "federation:\n  min_nodes: 2\n  min_replies: 3\n")
     with pytest.raises(ConfigError, match="min_replies .3. cannot exceed federation.min_nodes"):
         load_job_config(path)
+
+
+# --- YAML that must not be expanded, paths that loop ------------------------------------------
+
+def alias_bomb(levels=9):
+    """The "billion laughs": each line repeats the previous one nine times by alias."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_naming_file_and_line(tmp_path):
+    path = write(tmp_path, "seed: 1\n" + alias_bomb())
+    with pytest.raises(ConfigError) as err:
+        load_job_config(path)
+    assert str(err.value).startswith(f"{path}, line 3: YAML alias *l0 is not allowed")
+
+
+def test_yaml_aliases_are_refused_in_site_policies_and_overrides(tmp_path):
+    from privatune.client.policy import load_site_policy
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("site:\n  name: &n a\n  data: *n\n  model: m\n")
+    with pytest.raises(ConfigError, match=r"policy.yaml, line 3: YAML alias \*n is not allowed"):
+        load_site_policy(policy)
+    with pytest.raises(ConfigError, match=r"--set 'lora.r=\*x'.*alias \*x is not allowed"):
+        load_job_config(write(tmp_path, "seed: 0\n"), ["lora.r=*x"])
+
+
+def test_yaml_that_is_not_utf8_or_nested_too_deeply(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"seed: 1\nlora:\n  r: \xff\n")
+    with pytest.raises(ConfigError, match=r"job.yaml, line 3: not valid UTF-8"):
+        load_job_config(path)
+    path.write_text("lora: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_job_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('seed: 0\nlora:\n  r: "\\U0011ffff"\n', r"line 3: invalid YAML: chr\(\) arg not in range"),
+    ("seed: 0\nlora:\n  r: " + "1" * 5000 + "\n", "line 3: invalid YAML: cannot read the value '1111"),
+    ("seed: 0\nlora:\n  target_modules: [q, 2001-13-45]\n", "line 3: invalid YAML: cannot read the "
+                                                            "value '2001-13-45' .month must be"),
+])
+def test_yaml_values_python_cannot_convert_name_the_line(tmp_path, text, message):
+    """Found by tests/test_fuzz_inputs.py: PyYAML lets these through as a bare ValueError."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}, {message}"):
+        load_job_config(path)
+
+
+def test_symlink_loop_config_path_is_named(tmp_path):
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    for path in (tmp_path / "a.yaml", tmp_path / "a.yaml" / "job.yaml"):
+        with pytest.raises(ConfigError, match=r"cannot read config file \(a symbolic link loop.*ELOOP"):
+            load_job_config(path)
+
+
+# --- the site's state directory is checked before any training -------------------------------
+
+def checkable_site(tmp_path, state_dir):
+    """A site that passes ``privatune node --check`` except, perhaps, for its state_dir."""
+    import json
+
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note {i}", "patient_id": f"p{i}"}) + "\n"
+                            for i in range(40)))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"site:\n  name: a\n  data: {data}\n  format: jsonl\n  model: {model}\n"
+                      f"  state_dir: {state_dir}\nprivacy:\n  delta: 1.0e-4\n")
+    return policy
+
+
+def test_check_site_accepts_a_state_dir_it_can_create(tmp_path):
+    from privatune.client.deploy import check_site
+
+    site = check_site(checkable_site(tmp_path, "state/new"))
+    assert site.train_units + site.heldout_units == 40
+    assert not (tmp_path / "state").exists()  # the check creates nothing
+
+
+@pytest.mark.parametrize("state_dir, reason", [
+    ("notes.jsonl", "is not a directory"),
+    ("notes.jsonl/state", "cannot be used (Not a directory"),
+    ("loop/state", "cannot be used (a symbolic link loop (ELOOP)"),
+    ("dangling", "is a symbolic link to nothing"),
+])
+def test_check_site_refuses_a_state_dir_it_cannot_write(tmp_path, state_dir, reason):
+    from privatune.client.deploy import check_site
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "absent")
+    policy = checkable_site(tmp_path, state_dir)
+    with pytest.raises(ConfigError) as err:
+        check_site(policy)
+    assert str(err.value).startswith(f"{policy}, line 6: site.state_dir: {tmp_path / state_dir} "
+                                     f"{reason}")
+
+
+def test_check_site_refuses_a_read_only_state_dir(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from privatune.client.deploy import check_site
+
+    (tmp_path / "state").mkdir()
+    policy = checkable_site(tmp_path, "state")
+    if os.geteuid() == 0:  # root writes anywhere: stand in for the refusal a site user gets
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    else:
+        (tmp_path / "state").chmod(0o555)
+    with pytest.raises(ConfigError, match=r"line 6: site.state_dir: .*state is not writable "
+                                          r"\(Permission denied\)"):
+        check_site(policy)
+
+
+def test_check_site_names_a_policy_path_that_loops(tmp_path):
+    from privatune.client.deploy import check_site
+
+    (tmp_path / "policy.yaml").symlink_to(tmp_path / "policy.yaml")
+    with pytest.raises(ConfigError, match=r"policy.yaml: cannot read the site policy \(a symbolic "
+                                          r"link loop \(ELOOP\)\)"):
+        check_site(tmp_path / "policy.yaml")

@@ -1,6 +1,7 @@
 """Hospital data ingestion: JSONL and FHIR Bulk NDJSON, errors that say where, and the split."""
 
 import base64
+import gzip
 import json
 import random
 import re
@@ -232,8 +233,92 @@ def test_fhir_export_without_notes(tmp_path):
 
 
 def test_fhir_directory_without_ndjson_files(tmp_path):
-    with pytest.raises(DataError, match=starts(tmp_path, ": no .ndjson files")):
+    with pytest.raises(DataError, match=starts(tmp_path, ": no .ndjson or .ndjson.gz files")):
         load_records(tmp_path)
+
+
+def gzipped(path, *resources):
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in resources).encode()))
+    return path
+
+
+def test_fhir_export_with_gzipped_and_plain_ndjson(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    gzipped(export / "DocumentReference.ndjson.gz", document_reference("Zipped note", "Patient/1"),
+            document_reference("Second zipped note", "Patient/2"))
+    ndjson(export / "Composition.ndjson", composition([("Plan", "<div>Plain note</div>")]))
+    records = load_records(export)
+    assert [(r.completion, r.patient_id) for r in records] == [
+        ("Discharge summary\nPlan: Plain note", "p-7"), ("Zipped note", "1"),
+        ("Second zipped note", "2")]
+    assert records[2].source == f"{export / 'DocumentReference.ndjson.gz'}:2"
+
+
+def test_fhir_gzip_only_export_and_single_gzipped_file(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    path = gzipped(export / "DocumentReference.ndjson.gz", document_reference("Only zipped"))
+    assert [r.completion for r in load_records(export)] == ["Only zipped"]
+    assert [r.completion for r in load_records(path)] == ["Only zipped"]
+
+
+def test_fhir_gzip_errors_name_the_file(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    good = gzipped(export / "a.ndjson.gz", document_reference("fine"))
+    corrupt = export / "b.ndjson.gz"
+    corrupt.write_bytes(b"this is not gzip data\n")
+    with pytest.raises(DataError, match=starts(corrupt, ": not a valid gzip file")):
+        load_records(export)
+    corrupt.write_bytes(good.read_bytes()[:-12])  # truncated: the last bytes never arrived
+    with pytest.raises(DataError, match=starts(corrupt, ": not a valid gzip file")):
+        load_records(export)
+    corrupt.write_bytes(gzip.compress(b'{"resourceType": "DocumentReference"}\n{oops\n'))
+    with pytest.raises(DataError, match=starts(corrupt, ", line 1: missing DocumentReference.content")):
+        load_records(export)
+
+
+def test_fhir_narrative_drops_script_and_style(tmp_path):
+    path = ndjson(tmp_path / "c.ndjson", composition([
+        ("Course", "<div xmlns='http://www.w3.org/1999/xhtml'><style>p { color: red }</style>"
+                   "<p>Improved.</p><script type='text/javascript'>if (a < b) { steal(); }</script>"
+                   "<script/><p>Home <b>today</b>.</p><STYLE>.x{}</STYLE></div>")]))
+    html = document_reference("<html><head><style>body{}</style><script>x()</script></head>"
+                              "<body><p>Seen.</p></body></html>", content_type="text/html")
+    [record, note] = load_records(ndjson(path, *[json.loads(path.read_text()), html]))
+    assert record.completion == "Discharge summary\nCourse: Improved.\nHome today."
+    assert note.completion == "Seen."
+
+
+def test_symlink_loop_is_named_not_missing(tmp_path):
+    (tmp_path / "a.jsonl").symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
+    for path in (tmp_path / "a.jsonl", tmp_path / "a.jsonl" / "notes.ndjson"):
+        with pytest.raises(DataError, match=starts(path, ": cannot read (a symbolic link loop")) as err:
+            load_records(path)
+        assert "ELOOP" in str(err.value)
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "absent.jsonl")
+    with pytest.raises(DataError, match="no such file or directory .a symbolic link to nothing"):
+        load_records(tmp_path / "dangling.jsonl")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": ' + "1" * 5000 + "}", "line 1: JSON that cannot be read"),
+    ("[" * 100_000 + "]" * 100_000, "line 1: JSON that cannot be read"),
+])
+def test_jsonl_unreadable_json_names_the_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "site.jsonl", [line])
+    with pytest.raises(DataError, match=starts(path, ", " + message)):
+        load_records(path)
+
+
+def test_fhir_attachment_with_non_ascii_base64(tmp_path):
+    resource = document_reference("x")
+    resource["content"][0]["attachment"]["data"] = "aGk=é"
+    path = ndjson(tmp_path / "d.ndjson", resource)
+    with pytest.raises(DataError, match=starts(path, ", line 1: attachment 'data' is not base64")):
+        load_records(path)
 
 
 # --- split ----------------------------------------------------------------------------------
@@ -274,3 +359,107 @@ def test_split_errors_when_a_side_would_be_empty():
         split_records(make_records(patients=1), 0.5, seed=0)
     with pytest.raises(ValueError, match="heldout_fraction must be between 0 and 1"):
         split_records(make_records(), 1.0, seed=0)
+
+
+# --- encoding pairs for training: what is cut when a pair is too long -----------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from privatune.common.base_model import train_tokenizer
+
+    notes = [f"Patient admitted with pneumonia. Heart rate {i}. Plan: antibiotics, review in "
+             f"{i % 9} days. Summarise: likely angina." for i in range(200)]
+    return train_tokenizer(notes, 320, 128)
+
+
+def token_ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def labelled(dataset, row):
+    labels = dataset.tensors[1][row]
+    return labels[labels != -100].tolist()
+
+
+def test_pairs_that_fit_are_encoded_whole(tokenizer):
+    from privatune.common.examples import encode_pairs
+
+    prompt, completion = "Summarise: chest pain", "Likely angina."
+    dataset = encode_pairs(tokenizer, [(prompt, completion), ("", "Plan: antibiotics")], 64)
+    p, c = token_ids(tokenizer, prompt), token_ids(tokenizer, completion)
+    bos, eos = [tokenizer.bos_token_id], [tokenizer.eos_token_id]
+    ids, _, mask = dataset.tensors
+    assert ids[0, : mask[0].sum()].tolist() == bos + p + c + eos
+    assert labelled(dataset, 0) == c + eos
+    assert labelled(dataset, 1) == token_ids(tokenizer, "Plan: antibiotics") + eos
+    assert (dataset.skipped, dataset.cut_prompts, dataset.cut_completions) == (0, 0, 0)
+
+
+def test_a_long_prompt_is_cut_from_its_start_so_the_completion_survives(tokenizer):
+    from privatune.common.examples import encode_pairs
+
+    prompt = "Summarise: " + " ".join(f"heart rate {i}." for i in range(400))
+    completion = "Likely angina."
+    dataset = encode_pairs(tokenizer, [(prompt, completion)], 32)
+    ids, _, mask = dataset.tensors
+    c = token_ids(tokenizer, completion) + [tokenizer.eos_token_id]
+    kept = 32 - 1 - len(c)
+    assert mask[0].sum() == 32 and labelled(dataset, 0) == c
+    assert ids[0].tolist() == [tokenizer.bos_token_id] + token_ids(tokenizer, prompt)[-kept:] + c
+    assert (dataset.skipped, dataset.cut_prompts, dataset.cut_completions) == (0, 1, 0)
+
+
+def test_a_long_prompt_and_completion_share_the_room(tokenizer):
+    from privatune.common.examples import encode_pairs
+
+    prompt = " ".join(f"heart rate {i}." for i in range(300))
+    completion = " ".join(f"Plan: antibiotics {i}." for i in range(300))
+    dataset = encode_pairs(tokenizer, [(prompt, completion)], 33)  # room for 32 after bos
+    ids, _, _ = dataset.tensors
+    assert labelled(dataset, 0) == token_ids(tokenizer, completion)[:16]
+    assert ids[0, 1:17].tolist() == token_ids(tokenizer, prompt)[-16:]
+    assert (dataset.cut_prompts, dataset.cut_completions) == (1, 1)
+
+
+def test_a_huge_record_is_cut_before_it_is_tokenized(tokenizer):
+    from privatune.common.examples import MAX_CHARS_PER_TOKEN, encode_pairs
+
+    seen = []
+
+    class Recording:
+        bos_token_id, eos_token_id, pad_token_id = (tokenizer.bos_token_id,
+                                                    tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return tokenizer(text, **kwargs)
+
+    words = " ".join(f"heart rate {i % 97} plan antibiotics" for i in range(650_000))  # 20 M chars
+    dataset = encode_pairs(Recording(), [("Summarise: " + words, "Likely angina."), ("", words)], 64)
+    assert len(words) > 20_000_000 and max(seen) <= 64 * MAX_CHARS_PER_TOKEN
+    completion = token_ids(tokenizer, "Likely angina.") + [tokenizer.eos_token_id]
+    assert labelled(dataset, 0) == completion
+    kept = 63 - len(completion)  # the same tokens as if the whole text had been tokenized:
+    assert dataset.tensors[0][0, 1:1 + kept].tolist() == token_ids(tokenizer, words[-20_000:])[-kept:]
+    assert labelled(dataset, 1) == token_ids(tokenizer, words[:20_000])[:63]
+
+
+class CharTokenizer:
+    """One token per character, no special tokens: the smallest tokenizer encode_pairs accepts."""
+
+    bos_token_id = eos_token_id = pad_token_id = None
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_a_pair_with_nothing_to_learn_is_counted_and_adds_no_loss():
+    from privatune.common.examples import encode_pairs
+
+    dataset = encode_pairs(CharTokenizer(), [("", "a"), ("q", ""), ("", "ab"), ("long prompt", "xy")],
+                           4)
+    assert len(dataset) == 4  # one row per privacy unit, always
+    assert [labelled(dataset, row) for row in range(4)] == [[], [], [ord("a"), ord("b")],
+                                                             [ord("x"), ord("y")]]
+    assert dataset.tensors[0][3].tolist() == [ord("p"), ord("t"), ord("x"), ord("y")]
+    assert (dataset.skipped, dataset.cut_prompts, dataset.cut_completions) == (2, 1, 0)

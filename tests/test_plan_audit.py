@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from privatune.common.audit import audit_path, write_audit
-from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
+from privatune.common.audit import (PLD_PER_RELEASE_LIMIT, IndependentRdp, audit_ledger, audit_path,
+                                    write_audit)
+from privatune.common.ledger import ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE, SiteLedger, entry_hash
 from privatune.common.plan import plan_site
-from privatune.common.privacy import MechanismStep, rdp_epsilon
+from privatune.common.privacy import MechanismStep, independent_rdp_epsilon, rdp_epsilon
 from tests.test_ledger import forge
 
 
@@ -183,3 +184,122 @@ def test_audit_fails_a_cap_that_is_not_a_finite_positive_number(tmp_path, cap):
         (audit,) = audits
         assert not audit.ok and any("epsilon_cap" in p for p in audit.problems)
     assert "FAIL" in write_audit(audits, tmp_path / "out").read_text()
+
+
+# --- long ledgers: the audit is linear in the ledger's length ----------------------------------
+
+MECHANISMS = [(0.8, 0.002), (1.0, 0.002), (1.3, 0.004)]  # (noise multiplier, sampling rate)
+
+
+def chained_ledger(path, releases, rounds_per_run=40, steps=5, delta=1e-5, lie_at=None):
+    """A ledger of ``releases`` adapter updates (runs of ``rounds_per_run`` rounds cycling through
+    MECHANISMS, a non-private release every 10th round), written as chained lines the way
+    ``SiteLedger.append`` writes them, minus an fsync per line. Each epsilon is what the node's
+    own accountant (Opacus' RDP analysis) records; the release at index ``lie_at`` records 2%
+    less. Returns the seq of every adapter update."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    per_step = {m: np.array(compute_rdp(q=m[1], noise_multiplier=m[0], steps=1, orders=orders))
+                for m in MECHANISMS}
+    rdp = np.zeros(len(orders))
+    previous, seqs, lines = GENESIS_HASH, [], []
+
+    def write(kind, release, fields):
+        nonlocal previous
+        entry = {"seq": len(lines) + 1, "kind": kind, "private": kind == ADAPTER_UPDATE,
+                 "time": "2026-01-01T00:00:00Z", "run_id": f"run-{release // rounds_per_run}",
+                 "round": release % rounds_per_run + 1, **fields, "prev_hash": previous}
+        entry["hash"] = previous = entry_hash(entry)
+        lines.append(json.dumps(entry, sort_keys=True) + "\n")
+
+    for release in range(releases):
+        sigma, q = MECHANISMS[release // rounds_per_run % len(MECHANISMS)]
+        rdp += steps * per_step[(sigma, q)]
+        epsilon = float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+        write(ADAPTER_UPDATE, release, {
+            "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "delta": delta,
+            "epsilon": epsilon * (0.98 if release == lie_at else 1.0), "max_grad_norm": 1.0,
+            "accountant": "opacus-rdp", "privacy_unit": "record", "update_sha256": "x"})
+        seqs.append(len(lines))
+        if release % 10 == 9:
+            write(NON_PRIVATE, release, {"release": "train_metrics", "values": {"num_examples": 500}})
+    path.write_text("".join(lines))
+    return seqs
+
+
+def test_audit_of_a_long_ledger_checks_every_release(tmp_path):
+    """10,000 adapter updates: every release recomputed and checked, the one misreported epsilon
+    found by its line (about 1 s here; the quadratic audit took 39 s for 50 releases)."""
+    path = tmp_path / "ledger.jsonl"
+    releases, liar = 10_000, 6_543
+    seqs = chained_ledger(path, releases, lie_at=liar)
+    audit = audit_ledger(path, "long")
+    assert audit.chain_error is None and len(audit.rounds) == releases
+    assert len(audit.non_private) == releases // 10
+    assert audit.problems == [f"line {seqs[liar]}: recorded epsilon "
+                              f"{audit.rounds[liar]['recorded_epsilon']:.4f} differs from the "
+                              f"recomputed {audit.rounds[liar]['recomputed_epsilon']:.4f} by more "
+                              "than 1%"]
+    # spot checks against the whole-history recomputation (order-free, so one merged step per
+    # mechanism; a prefix of 10,000 unmerged steps would take ~10 s to compose)
+    for index in (0, 39, 40, 4_321, releases - 1):
+        totals = {}
+        for release in range(index + 1):
+            mechanism = MECHANISMS[release // 40 % len(MECHANISMS)]
+            totals[mechanism] = totals.get(mechanism, 0) + 5
+        history = [MechanismStep(sigma, q, steps) for (sigma, q), steps in totals.items()]
+        assert audit.rounds[index]["recomputed_epsilon"] == pytest.approx(
+            independent_rdp_epsilon(history, 1e-5), rel=1e-9)
+    assert audit.rounds[0]["pld_epsilon"] is None  # over PLD_PER_RELEASE_LIMIT: final PLD only
+    assert audit.rounds[-1]["pld_epsilon"] == audit.pld_epsilon
+    assert 0 < audit.pld_epsilon <= audit.recomputed_epsilon
+    assert audit.recorded_epsilon == audit.rounds[-1]["recorded_epsilon"]
+    report = write_audit([audit], tmp_path / "out").read_text()
+    assert "FAIL" in report and f"| {seqs[0]} | run-0 | 1 |" in report
+
+
+def test_audit_composes_each_distinct_mechanism_once(tmp_path, monkeypatch):
+    """The RDP curve of a mechanism is computed once, not once per release per prefix (the
+    quadratic audit computed 30 * 31 / 2 = 465 curves for this ledger)."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    curves = []
+    original = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian
+
+    def counted(*args, **kwargs):
+        curves.append(kwargs.get("noise_multiplier"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rdp_privacy_accountant, "_compute_rdp_poisson_subsampled_gaussian", counted)
+    path = tmp_path / "ledger.jsonl"
+    chained_ledger(path, 30, rounds_per_run=10)
+    audit = audit_ledger(path, "short")
+    assert audit.ok and len(audit.rounds) == 30 <= PLD_PER_RELEASE_LIMIT
+    assert len(curves) == len(MECHANISMS)
+    assert all(row["pld_epsilon"] <= row["recomputed_epsilon"] for row in audit.rounds)
+
+
+def test_running_rdp_equals_composing_the_whole_history():
+    history = [MechanismStep(0.9, 0.05, 20), MechanismStep(1.1, 0.01, 7),
+               MechanismStep(0.9, 0.05, 3), MechanismStep(2.0, 1.0, 1)]
+    running = IndependentRdp()
+    assert running.epsilon(1e-5) == 0.0
+    for length, step in enumerate(history, start=1):
+        running.add(step)
+        assert running.epsilon(1e-5) == independent_rdp_epsilon(history[:length], 1e-5)
+
+
+def test_audit_reads_the_cap_without_expanding_yaml_aliases(tmp_path):
+    path = write_site(tmp_path, "a")
+    levels = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 4)]
+    (path.parent / "policy.yaml").write_text("\n".join(levels) + "\nprivacy:\n  epsilon_cap: *l3\n")
+    (audit,) = audit_path(tmp_path)
+    assert not audit.ok and any(p.startswith(f"{path.parent / 'policy.yaml'}, line 2: YAML alias *l0")
+                                for p in audit.problems)
+    (path.parent / "policy.yaml").write_text("privacy: [1, 2]\n")
+    (audit,) = audit_path(tmp_path)
+    assert not audit.ok and any("privacy is list" in p for p in audit.problems)
