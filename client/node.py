@@ -29,7 +29,7 @@ from privatune.common.examples import encode_pairs, evaluate_loss
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
 from privatune.common.lora import LoraSettings, load_lora_state, lora_state
-from privatune.common.privacy import (ACCOUNTANT_NAME, MechanismStep, poisson_sample_rate, rdp_epsilon,
+from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
                                       run_noise_multiplier)
 from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
 
@@ -107,7 +107,8 @@ class SiteNode:
         return self._encoded[key]
 
     def epsilon(self) -> float:
-        return self.ledger.epsilon(self.policy.privacy.delta)
+        """Everything this site has released, by its accountant over the whole history."""
+        return self.ledger.epsilon(self.policy.privacy.delta, self.policy.privacy.accountant_name)
 
     def _run_entries(self, run_id: str) -> list[dict]:
         return [e for e in self.ledger.adapter_updates() if e["run_id"] == run_id]
@@ -124,7 +125,8 @@ class SiteNode:
         privacy = self.policy.privacy
         return run_noise_multiplier(privacy.epsilon_cap, privacy.run_budget, privacy.delta,
                                     sample_rate, request.planned_rounds * request.local_steps,
-                                    self.ledger.mechanism_history(), privacy.min_noise_multiplier)
+                                    self.ledger.mechanism_history(), privacy.min_noise_multiplier,
+                                    privacy.accountant_name)
 
     def check_request(self, request: TrainRequest) -> RoundPlan:
         """Decide a train request against the site policy and the ledger, before training."""
@@ -147,14 +149,15 @@ class SiteNode:
         except ValueError as err:
             return RoundPlan(f"privacy budget: {err}", 0.0, spent)
         this_round = MechanismStep(noise, sample_rate, request.local_steps)
-        after = rdp_epsilon([*self.ledger.mechanism_history(), this_round], privacy.delta)
+        accountant = privacy.accountant_name
+        after = epsilon_of([*self.ledger.mechanism_history(), this_round], privacy.delta, accountant)
         if after > privacy.epsilon_cap:
             return RoundPlan(f"round {request.round} would raise this site's epsilon to {after:.3f}, "
                              f"over its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
                              f"spent so far {spent:.3f}", noise, after)
         run_history = [MechanismStep(float(e["noise_multiplier"]), float(e["sample_rate"]),
                                      int(e["steps"])) for e in run_entries]
-        run_after = rdp_epsilon([*run_history, this_round], privacy.delta)
+        run_after = epsilon_of([*run_history, this_round], privacy.delta, accountant)
         if run_after > privacy.run_budget:
             return RoundPlan(f"round {request.round} would raise this run's epsilon to "
                              f"{run_after:.3f}, over the site's per-run budget of "
@@ -186,12 +189,12 @@ class SiteNode:
         privacy = self.policy.privacy
         history = [*self.ledger.mechanism_history(),
                    MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)]
-        epsilon = rdp_epsilon(history, privacy.delta)
+        epsilon = epsilon_of(history, privacy.delta, privacy.accountant_name)
         mechanism = {
             "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
             "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
             "steps": result.steps, "max_grad_norm": request.max_grad_norm,
-            "accountant": ACCOUNTANT_NAME, "epsilon": epsilon, "delta": privacy.delta}
+            "accountant": privacy.accountant_name, "epsilon": epsilon, "delta": privacy.delta}
         non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
         if non_finite:
             # The training ran, so its epsilon is spent whether or not the result leaves: the

@@ -44,6 +44,14 @@ class PrivacySection:
     # the most one run (one coordinator's job) may spend; unset means the lifetime cap
     epsilon_per_run: float | None = field(default=None, metadata=bounded(0, 1e4, low_open=True))
     max_runs: int = field(default=20, metadata=bounded(1, 1_000_000))
+    # prv: Opacus' PRV accountant, the tightest sound bound (less noise for the same epsilon);
+    # rdp: the looser RDP bound
+    accountant: str = field(default="prv", metadata=choice("prv", "rdp"))
+
+    @property
+    def accountant_name(self) -> str:
+        """The accountant's name as the ledger records it (``opacus-prv`` or ``opacus-rdp``)."""
+        return f"opacus-{self.accountant}"
 
     @property
     def run_budget(self) -> float:

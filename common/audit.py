@@ -1,10 +1,11 @@
 """``privatune audit``: check, from files alone, what every site released and what it cost.
 
 For each site ledger: verify the hash chain (naming the first broken entry), recompute epsilon
-from the recorded mechanism history with an independent implementation of the node's
-accountant (``dp-accounting``'s RDP for Opacus' RDP) and flag disagreements over 1%, give the
-tighter PLD bound of the same history (never above the RDP figure), and list every
-non-private release.
+from the recorded mechanism history with an independent implementation of the method each
+entry names (``dp-accounting``'s RDP for Opacus' RDP, ``dp-accounting``'s PLD for Opacus' PRV)
+and flag disagreements over 1%, show the looser RDP bound of the same history beside it (never
+below the PRV figure), and list every non-private release. An entry keeps the accountant it
+was written with: a ledger whose site changed accountant is never reinterpreted.
 
 The audit is linear in the ledger's length. RDP composes by adding curves over the orders, so
 the independent RDP curve of every prefix is a running sum: ``dp-accounting`` computes the
@@ -40,7 +41,8 @@ from privatune.common.config import read_yaml
 from privatune.common.ledger import (ADAPTER_UPDATE, LedgerError, mechanism_problem,
                                      mechanism_step, read_entries)
 from privatune.common.plots import report_figure
-from privatune.common.privacy import MechanismStep, pld_epsilon
+from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
+                                      accountant_note, pld_epsilon)
 
 TOLERANCE = 0.01
 # Up to this many adapter updates, PLD epsilon is given for every release (each costs a PLD
@@ -132,8 +134,10 @@ class SiteAudit:
     problems: list[str] = field(default_factory=list)
     delta: float | None = None
     budget: float | None = None
-    recorded_epsilon: float = 0.0
-    recomputed_epsilon: float = 0.0
+    accountant: str = PRV
+    recorded_epsilon: float = 0.0  # by the node's accountant (the headline)
+    recomputed_epsilon: float = 0.0  # the independent figure of the same method
+    rdp_epsilon: float = 0.0  # the looser RDP bound of the same history, beside it
     pld_epsilon: float = 0.0
 
     @property
@@ -187,7 +191,8 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
         return result
     entries, result.chain_error, torn = _entries_until_break(path)
     result.problems += _tail_problems(path, torn)
-    per_release_pld = sum(e.get("kind") == ADAPTER_UPDATE for e in entries) <= PLD_PER_RELEASE_LIMIT
+    releases = sum(e.get("kind") == ADAPTER_UPDATE for e in entries)
+    per_release_pld = releases <= PLD_PER_RELEASE_LIMIT
     rdp = IndependentRdp()
     totals = MechanismTotals()
     with _quiet_absl():
@@ -208,31 +213,37 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                 result.problems.append(f"line {entry['seq']}: delta changed from "
                                        f"{result.delta:g} to {delta:g}")
             result.delta = delta
-            recomputed = rdp.epsilon(delta)
             recorded = float(entry["epsilon"])
+            accountant = entry.get("accountant", RDP)
+            if accountant not in ACCOUNTANTS:
+                result.problems.append(f"line {entry['seq']}: unknown accountant {accountant!r}; "
+                                       "the audit cannot check this release, and stops here")
+                break
+            rdp_eps = rdp.epsilon(delta)
+            final = len(result.rounds) + 1 == releases
+            pld_eps = pld_epsilon(totals.history(), delta) if per_release_pld or final else None
             row = {"seq": entry["seq"], "run_id": entry.get("run_id"), "round": entry.get("round"),
                    "time": entry.get("time"), "unit": entry.get("privacy_unit"),
                    "noise_multiplier": entry["noise_multiplier"],
                    "sample_rate": entry["sample_rate"], "steps": entry["steps"],
-                   "max_grad_norm": entry.get("max_grad_norm"),
-                   "accountant": entry.get("accountant"), "recorded_epsilon": recorded,
-                   "recomputed_epsilon": recomputed,
-                   "pld_epsilon": (pld_epsilon(totals.history(), delta) if per_release_pld
-                                   else None),
-                   "update_sha256": entry.get("update_sha256")}
-            if abs(recorded - recomputed) > TOLERANCE * max(recomputed, 1e-12):
-                result.problems.append(f"line {entry['seq']}: recorded epsilon {recorded:.4f} "
-                                       f"differs from the recomputed {recomputed:.4f} by more "
-                                       "than 1%")
-            _check_pld(result, row)
+                   "max_grad_norm": entry.get("max_grad_norm"), "accountant": accountant,
+                   "recorded_epsilon": recorded,
+                   "recomputed_epsilon": rdp_eps if accountant == RDP else pld_eps,
+                   "rdp_epsilon": rdp_eps, "pld_epsilon": pld_eps,
+                   "withheld": entry.get("withheld"), "update_sha256": entry.get("update_sha256")}
+            _check_row(result, row)
             result.rounds.append(row)
     if result.rounds:
         last = result.rounds[-1]
         if last["pld_epsilon"] is None:  # PLD of the whole history only
             last["pld_epsilon"] = pld_epsilon(totals.history(), float(result.delta))
-            _check_pld(result, last)
+            if last["accountant"] == PRV:
+                last["recomputed_epsilon"] = last["pld_epsilon"]
+            _check_row(result, last)
+        result.accountant = last["accountant"]
         result.recorded_epsilon = last["recorded_epsilon"]
         result.recomputed_epsilon = last["recomputed_epsilon"]
+        result.rdp_epsilon = last["rdp_epsilon"]
         result.pld_epsilon = last["pld_epsilon"]
     budget_problem = _budget_problem(result)
     if budget_problem:
@@ -240,9 +251,20 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     return result
 
 
-def _check_pld(result: SiteAudit, row: dict[str, Any]) -> None:
-    if row["pld_epsilon"] is not None and row["pld_epsilon"] > row["recomputed_epsilon"] * (1 + 1e-9):
-        result.problems.append(f"line {row['seq']}: PLD epsilon above RDP epsilon")
+def _check_row(result: SiteAudit, row: dict[str, Any]) -> None:
+    """The recorded figure against the independent one of its own method (RDP against
+    dp-accounting's RDP, PRV against dp-accounting's PLD: like with like, 1%), and the looser
+    bounds never below the tighter ones."""
+    seq, recorded, recomputed = row["seq"], row["recorded_epsilon"], row["recomputed_epsilon"]
+    if recomputed is not None and abs(recorded - recomputed) > TOLERANCE * max(recomputed, 1e-12):
+        method = "" if row["accountant"] == RDP else " (PRV, recomputed as dp-accounting's PLD)"
+        result.problems.append(f"line {seq}: recorded epsilon {recorded:.4f} differs from the "
+                               f"recomputed {recomputed:.4f} by more than 1%{method}")
+    if row["accountant"] == PRV and row["rdp_epsilon"] < recorded - PRV_EPS_ERROR - 1e-9:
+        result.problems.append(f"line {seq}: the RDP bound {row['rdp_epsilon']:.4f} is below the "
+                               f"recorded PRV epsilon {recorded:.4f}")
+    if row["pld_epsilon"] is not None and row["pld_epsilon"] > row["rdp_epsilon"] * (1 + 1e-9):
+        result.problems.append(f"line {seq}: PLD epsilon above RDP epsilon")
 
 
 def _site_budget(site_dir: Path) -> float | None:
@@ -300,18 +322,21 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
     """The audit report a privacy officer reads."""
     verdict = "PASS" if all(a.ok for a in audits) else "FAIL"
     lines = [f"# Privacy audit: {verdict}", "",
-             "Epsilon is recomputed from each site's recorded mechanism history with Google's "
-             "`dp-accounting` RDP accountant (an implementation independent of the node's Opacus "
-             "accountant, same orders); PLD is a tighter bound for the same history (given for every "
-             f"release of a ledger of at most {PLD_PER_RELEASE_LIMIT} releases, else for the whole "
-             "history only).", "",
-             "| site | chain | releases | delta | budget | recorded eps | recomputed eps (RDP) | "
-             "PLD eps | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+             "The headline is the epsilon each node recorded by its own accountant. It is "
+             "recomputed from the site's recorded mechanism history by an implementation "
+             "independent of the node's Opacus (Google's `dp-accounting`), like with like: its RDP "
+             "for an RDP entry, its PLD (privacy loss distributions, as tight as PRV) for a PRV "
+             "entry, with disagreements over 1% flagged. The looser RDP bound of the same history "
+             "stands beside it. PLD is given for every release of a ledger of at most "
+             f"{PLD_PER_RELEASE_LIMIT} releases, else for the last one (the cumulative figure).", "",
+             *[f"- {accountant_note(name)}." for name in sorted({a.accountant for a in audits})], "",
+             "| site | chain | releases | delta | budget | recorded eps | accountant | "
+             "recomputed eps | RDP eps | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in audits:
         lines.append(f"| {a.name} | {'ok' if a.chain_error is None else 'BROKEN'} | "
                      f"{len(a.rounds)} | {_fmt(a.delta, 8) if a.delta else 'n/a'} | "
                      f"{_fmt(a.budget, 2) if a.budget else 'n/a'} | {_fmt(a.recorded_epsilon)} | "
-                     f"{_fmt(a.recomputed_epsilon)} | {_fmt(a.pld_epsilon)} | "
+                     f"{a.accountant} | {_fmt(a.recomputed_epsilon)} | {_fmt(a.rdp_epsilon)} | "
                      f"{'ok' if a.ok else 'PROBLEM'} |")
     if plot_name:
         lines += ["", f"![epsilon per release]({plot_name})"]
@@ -322,12 +347,15 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
         for problem in a.problems:
             lines.append(f"- **problem**: {problem}")
         lines += ["", "| # | run | round | unit | noise | sampling rate | steps | clip | recorded eps "
-                  "| recomputed eps | PLD eps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| accountant | recomputed eps | RDP eps | PLD eps |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in a.rounds:
-            lines.append(f"| {r['seq']} | {r['run_id']} | {r['round']} | {r['unit']} | "
+            withheld = " (withheld, counted)" if r.get("withheld") else ""
+            lines.append(f"| {r['seq']} | {r['run_id']} | {r['round']}{withheld} | {r['unit']} | "
                          f"{_fmt(r['noise_multiplier'])} | {_fmt(r['sample_rate'])} | {r['steps']} | "
-                         f"{r['max_grad_norm']} | {_fmt(r['recorded_epsilon'])} | "
-                         f"{_fmt(r['recomputed_epsilon'])} | {_fmt(r['pld_epsilon'])} |")
+                         f"{r['max_grad_norm']} | {_fmt(r['recorded_epsilon'])} | {r['accountant']} | "
+                         f"{_fmt(r['recomputed_epsilon'])} | {_fmt(r['rdp_epsilon'])} | "
+                         f"{_fmt(r['pld_epsilon'])} |")
         lines += ["", "Non-private releases (not covered by DP-SGD):", ""]
         if not a.non_private:
             lines.append("- none")
@@ -355,11 +383,13 @@ def render_html(markdown_text: str) -> str:
 
 
 def plot_audit(audits: list[SiteAudit], path: Path) -> None:
-    """Recomputed RDP and PLD epsilon per site against the adapter release."""
+    """Recorded, RDP and PLD epsilon per site against the adapter release."""
     with report_figure(path) as (axis,):
         for a in audits:
             xs = list(range(1, len(a.rounds) + 1))
-            axis.plot(xs, [r["recomputed_epsilon"] for r in a.rounds], "-o", label=f"{a.name} RDP")
+            axis.plot(xs, [r["recorded_epsilon"] for r in a.rounds], "-o",
+                      label=f"{a.name} recorded ({a.accountant})")
+            axis.plot(xs, [r["rdp_epsilon"] for r in a.rounds], "--", label=f"{a.name} RDP")
             pld = [(x, r["pld_epsilon"]) for x, r in zip(xs, a.rounds) if r["pld_epsilon"] is not None]
             if pld:
                 axis.plot(*zip(*pld), ":" if len(pld) > 1 else "s", label=f"{a.name} PLD")

@@ -50,7 +50,8 @@ def _plan(args: argparse.Namespace) -> int:
                                job.federation.rounds, job.privacy.delta,
                                epsilon=None if args.noise_multiplier else job.privacy.epsilon,
                                noise_multiplier=args.noise_multiplier,
-                               min_noise_multiplier=job.privacy.min_noise_multiplier))
+                               min_noise_multiplier=job.privacy.min_noise_multiplier,
+                               accountant=job.privacy.accountant_name))
     print(render_table(plans))
     if args.out:
         plot_plans(plans, Path(args.out) / "plan.png", job.privacy.epsilon)
@@ -67,8 +68,9 @@ def _audit(args: argparse.Namespace) -> int:
     report = write_audit(audits, out, args.format)
     for audit in audits:
         state = "ok" if audit.ok else "PROBLEM"
-        print(f"{audit.name}: {state}; epsilon {audit.recomputed_epsilon:.4f} (RDP, recomputed), "
-              f"{audit.pld_epsilon:.4f} (PLD), {len(audit.non_private)} non-private releases")
+        print(f"{audit.name}: {state}; epsilon {audit.recorded_epsilon:.4f} ({audit.accountant}), "
+              f"recomputed {audit.recomputed_epsilon:.4f}, RDP {audit.rdp_epsilon:.4f}, "
+              f"{len(audit.non_private)} non-private releases")
         if audit.chain_error:
             print(f"  hash chain: {audit.chain_error}")
         for problem in audit.problems:

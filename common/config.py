@@ -80,6 +80,13 @@ class PrivacyConfig:
     delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True))
     unit: str = field(default="record", metadata=choice("record", "patient"))
     min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))
+    # prv: Opacus' PRV accountant (tightest sound bound); rdp: the looser RDP bound
+    accountant: str = field(default="prv", metadata=choice("prv", "rdp"))
+
+    @property
+    def accountant_name(self) -> str:
+        """The accountant's name as ledgers record it (``opacus-prv`` or ``opacus-rdp``)."""
+        return f"opacus-{self.accountant}"
 
 
 @dataclass(frozen=True)

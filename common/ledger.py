@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from privatune.common.privacy import MechanismStep, rdp_epsilon
+from privatune.common.privacy import PRV, MechanismStep, epsilon_of
 
 GENESIS_HASH = "0" * 64
 ADAPTER_UPDATE = "adapter_update"
@@ -283,9 +283,11 @@ class SiteLedger:
         """Every DP mechanism this site has released, in order (each checked when read)."""
         return [mechanism_step(e) for e in self.adapter_updates()]
 
-    def epsilon(self, delta: float) -> float:
-        """Epsilon of everything this site has released so far, recomputed from history."""
-        return rdp_epsilon(self.mechanism_history(), delta)
+    def epsilon(self, delta: float, accountant: str = PRV) -> float:
+        """Epsilon of everything this site has released so far, recomputed from the whole
+        mechanism history by ``accountant`` (entries written under another accountant keep
+        their recorded figures; their mechanisms are composed like any other)."""
+        return epsilon_of(self.mechanism_history(), delta, accountant)
 
 
 def _sync(handle: BinaryIO) -> None:

@@ -23,7 +23,7 @@ import torch
 from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.config import ConfigError, JobConfig
 from privatune.common.lora import load_lora_state, lora_state
-from privatune.common.privacy import (MechanismStep, delta_problem, poisson_sample_rate, rdp_epsilon,
+from privatune.common.privacy import (MechanismStep, delta_problem, epsilon_of, poisson_sample_rate,
                                       run_noise_multiplier)
 from privatune.server.aggregation import fedavg
 from privatune.simulations.audit_sites import SiteSplit
@@ -53,7 +53,8 @@ def site_noise_multiplier(job: JobConfig, examples: int) -> float:
     return run_noise_multiplier(privacy.epsilon, privacy.epsilon, privacy.delta,
                                 poisson_sample_rate(examples, job.training.batch_size),
                                 job.federation.rounds * job.training.local_steps,
-                                min_noise_multiplier=privacy.min_noise_multiplier)
+                                min_noise_multiplier=privacy.min_noise_multiplier,
+                                accountant=privacy.accountant_name)
 
 
 def train_federation(job: JobConfig, template: torch.nn.Module, sites: Sequence[SiteSplit],
@@ -100,5 +101,6 @@ def train_federation(job: JobConfig, template: torch.nn.Module, sites: Sequence[
             "examples": len(site.train_units), "noise_multiplier": noise[site.name],
             "sample_rate": poisson_sample_rate(len(site.train_units), job.training.batch_size),
             "steps": sum(h.steps for h in history[site.name]),
-            "epsilon": rdp_epsilon(history[site.name], job.privacy.delta) if private else math.inf}
+            "epsilon": (epsilon_of(history[site.name], job.privacy.delta, job.privacy.accountant_name)
+                        if private else math.inf)}
     return outcome

@@ -48,7 +48,7 @@ def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, jo
         "privacy": {"unit": job.privacy.unit, "epsilon_cap": job.privacy.epsilon,
                     "delta": job.privacy.delta,
                     "min_noise_multiplier": job.privacy.min_noise_multiplier,
-                    "max_rounds": job.federation.rounds},
+                    "max_rounds": job.federation.rounds, "accountant": job.privacy.accountant},
         "release": {"example_count": True, "train_loss": True, "eval_loss": True},
     }
     path = site_dir / "policy.yaml"

@@ -7,7 +7,7 @@ import pytest
 
 from privatune.common.ledger import (ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE, LedgerError,
                                      SiteLedger, entry_hash, read_entries)
-from privatune.common.privacy import MechanismStep, rdp_epsilon
+from privatune.common.privacy import MechanismStep, prv_epsilon
 
 
 def make_ledger(path, rounds=3):
@@ -30,7 +30,7 @@ def test_reopened_ledger_recomputes_the_same_epsilon(tmp_path):
     ledger = make_ledger(path)
     reopened = SiteLedger(path)
     assert len(reopened.entries) == 6
-    expected = rdp_epsilon([MechanismStep(0.9, 0.05, 20)] * 3, 1e-5)
+    expected = prv_epsilon([MechanismStep(0.9, 0.05, 20)] * 3, 1e-5)  # the default accountant
     assert reopened.epsilon(1e-5) == pytest.approx(expected)
     assert ledger.epsilon(1e-5) == pytest.approx(expected)
     assert [e["private"] for e in reopened.entries] == [True, False] * 3
@@ -108,7 +108,7 @@ def test_complete_last_line_without_newline_is_kept(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         ledger = SiteLedger(path)
     assert len(ledger.entries) == 5 and ledger.set_aside is None and not caplog.records
-    expected = rdp_epsilon([MechanismStep(0.9, 0.05, 20)] * 3, 1e-5)
+    expected = prv_epsilon([MechanismStep(0.9, 0.05, 20)] * 3, 1e-5)  # the default accountant
     assert ledger.epsilon(1e-5) == pytest.approx(expected)
     assert path.read_bytes().endswith(b"}\n") and not list(tmp_path.glob("ledger.jsonl.torn-*"))
     ledger.append(NON_PRIVATE, {"release": "after-repair"})

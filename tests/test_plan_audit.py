@@ -303,3 +303,57 @@ def test_audit_reads_the_cap_without_expanding_yaml_aliases(tmp_path):
     (path.parent / "policy.yaml").write_text("privacy: [1, 2]\n")
     (audit,) = audit_path(tmp_path)
     assert not audit.ok and any("privacy is list" in p for p in audit.problems)
+
+
+# ------------------------------------------------------------------------- PRV, the headline
+
+
+def write_mixed_site(run_dir, name, prv_misreport=1.0):
+    """Two RDP-era releases, then the site switched to PRV: two more, by PRV over the history."""
+    from privatune.common.privacy import PRV, RDP, epsilon_of
+
+    site = run_dir / "sites" / name
+    site.mkdir(parents=True)
+    (site / "policy.yaml").write_text("privacy:\n  epsilon_cap: 8.0\n")
+    ledger = SiteLedger(site / "ledger.jsonl")
+    history = []
+    for r, accountant in enumerate([RDP, RDP, PRV, PRV], start=1):
+        history.append(MechanismStep(1.1, 0.05, 20))
+        eps = epsilon_of(history, 1e-5, accountant) * (prv_misreport if r == 4 else 1.0)
+        ledger.append(ADAPTER_UPDATE, {"run_id": "r", "round": r, "privacy_unit": "record",
+                                       "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 20,
+                                       "max_grad_norm": 1.0, "accountant": accountant,
+                                       "epsilon": eps, "delta": 1e-5, "update_sha256": "x"})
+    return ledger
+
+
+def test_mixed_history_is_audited_entry_by_entry_with_its_own_accountant(tmp_path):
+    ledger = write_mixed_site(tmp_path, "mixed")
+    (audit,) = audit_path(tmp_path)
+    assert audit.ok, audit.problems
+    assert [r["accountant"] for r in audit.rounds] == ["opacus-rdp"] * 2 + ["opacus-prv"] * 2
+    # the RDP-era entries keep their recorded meaning; the PRV ones are checked against PLD
+    assert audit.rounds[1]["recomputed_epsilon"] == audit.rounds[1]["rdp_epsilon"]
+    assert audit.rounds[3]["recomputed_epsilon"] == audit.rounds[3]["pld_epsilon"]
+    assert audit.accountant == "opacus-prv" and audit.rdp_epsilon > audit.recorded_epsilon
+    # PRV is tighter than RDP for the same history: the switch spent less of the budget
+    assert audit.rounds[2]["recorded_epsilon"] < audit.rounds[1]["rdp_epsilon"] * 1.5
+    assert ledger.epsilon(1e-5) == pytest.approx(audit.recorded_epsilon)
+
+
+def test_audit_flags_a_prv_figure_that_disagrees_with_pld(tmp_path):
+    write_mixed_site(tmp_path, "liar", prv_misreport=0.97)
+    (audit,) = audit_path(tmp_path)
+    assert not audit.ok
+    assert any(p.startswith("line 4: recorded epsilon") and "PLD" in p for p in audit.problems)
+
+
+def test_plan_forecasts_with_prv_and_shows_rdp_beside():
+    plan = plan_site("a", records=320, batch_size=16, local_steps=20, rounds=3, delta=1e-5,
+                     epsilon=8.0)
+    rdp_plan = plan_site("a", records=320, batch_size=16, local_steps=20, rounds=3, delta=1e-5,
+                         epsilon=8.0, accountant="opacus-rdp")
+    assert plan.accountant == "opacus-prv" and 7.8 < plan.epsilon_per_round[-1] <= 8.0
+    assert plan.noise_multiplier < rdp_plan.noise_multiplier  # less noise for the same epsilon
+    assert plan.rdp_epsilon_final > plan.epsilon_per_round[-1]
+    assert abs(plan.pld_epsilon_final - plan.epsilon_per_round[-1]) <= 0.01 * 8.0

@@ -50,3 +50,20 @@ def test_one_noise_rule_for_node_plan_and_audit():
     assert run_noise_multiplier(8.0, 2.0, delta, q, steps) > fresh  # a tighter run budget binds
     assert run_noise_multiplier(8.0, 8.0, delta, q, steps, min_noise_multiplier=50.0) == 50.0
     assert delta_problem(1e-3, 999) is None and "not below 1/1000" in delta_problem(1e-3, 1000)
+
+
+def test_prv_calibration_against_prior_spend():
+    """PRV needs less noise than RDP for the same budget, and calibrates against prior spend."""
+    from privatune.common.privacy import PRV, RDP, epsilon_of, pld_epsilon
+
+    q, steps, delta = 1 / 12, 90, 1e-5
+    rdp_sigma = calibrate_noise_multiplier(8.0, delta, q, steps, accountant=RDP)
+    prv_sigma = calibrate_noise_multiplier(8.0, delta, q, steps, accountant=PRV)
+    assert prv_sigma < 0.97 * rdp_sigma
+    spent = epsilon_of([MechanismStep(prv_sigma, q, steps)], delta, PRV)
+    assert 7.9 < spent <= 8.0
+    assert abs(pld_epsilon([MechanismStep(prv_sigma, q, steps)], delta) - spent) <= 0.01 * spent
+    prior = [MechanismStep(prv_sigma, q, 30)]
+    again = calibrate_noise_multiplier(8.0, delta, q, steps, prior, accountant=PRV)
+    assert again > prv_sigma
+    assert epsilon_of([*prior, MechanismStep(again, q, steps)], delta, PRV) <= 8.0
