@@ -182,6 +182,9 @@ def release_statement(site: CheckedSite) -> str:
         "     - training loss of each round: " + ("sent" if release.train_loss else "withheld"),
         "     - loss of the global adapter on this site's held-out "
         f"{unit}: " + ("sent" if release.eval_loss else "withheld"),
+        "     - generation scores of the global adapter (ROUGE-L, BLEU and chrF of its "
+        "completions of this site's held-out notes, averaged; never the text itself), when the "
+        "coordinator asks: " + ("sent" if release.generation_scores else "withheld"),
         "  3. With every reply: the site name, whether the round was accepted (with the reason "
         "if declined), epsilon spent, delta, the epsilon cap and the noise multiplier. The "
         "noise multiplier is calibrated from the sampling rate (batch size / number of "

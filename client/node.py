@@ -26,6 +26,7 @@ from privatune.client.engine import adapter_model
 from privatune.client.policy import SitePolicy, check_delta, request_violation
 from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.examples import encode_pairs, evaluate_loss
+from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
 from privatune.common.lora import LoraSettings, load_lora_state, lora_state
@@ -86,6 +87,9 @@ class SiteNode:
         train, heldout = split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
         self.train_units = privacy_units(train, policy.privacy.unit)
         self.heldout_units = privacy_units(heldout, policy.privacy.unit)
+        # generation is scored per held-out record, whatever the privacy unit
+        self.heldout_pairs = [(r.prompt, r.completion) for r in heldout]
+        self._tasks: dict[str, GenerationTasks] = {}
         check_delta(policy, len(self.train_units))
         self.ledger = SiteLedger(policy.ledger_path)
         self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
@@ -265,13 +269,36 @@ class SiteNode:
         dataset = self._dataset("heldout", tokenizer, request.max_length)
         loss, _ = evaluate_loss(model, dataset, request.batch_size)
         release = self.policy.release
+        scores: dict[str, float | int | None] = {}
+        # withheld by the policy: not even computed, so nothing of it can leave
+        if request.generation and release.generation_scores:
+            scores = self._generation_scores(request, model, tokenizer)
+            if not release.example_count:
+                scores.pop("generation_examples", None)
         reply = EvaluateReply(site=self.name,
                               num_examples=len(self.heldout_units) if release.example_count else 1,
-                              eval_loss=loss if release.eval_loss else None)
+                              eval_loss=loss if release.eval_loss else None, **scores)
         self._record_metrics(request.run_id, request.round, "evaluate",
                              {"num_examples": reply.num_examples if release.example_count else None,
-                              "eval_loss": reply.eval_loss})
+                              "eval_loss": reply.eval_loss, **scores})
         return reply
+
+    def generation_tasks(self, marker: str) -> GenerationTasks:
+        """This site's held-out records as generation tasks (notes split at ``marker``)."""
+        if marker not in self._tasks:
+            self._tasks[marker] = generation_tasks(self.heldout_pairs, marker)
+        return self._tasks[marker]
+
+    def _generation_scores(self, request: EvaluateRequest, model, tokenizer) -> dict[str, float | int]:
+        """ROUGE-L, BLEU and chrF of the adapter's greedy completions of the first
+        ``max_examples`` held-out tasks: aggregates only, never a completion or a record."""
+        tasks = self.generation_tasks(request.marker).tasks[:request.max_examples]
+        if not tasks:
+            return {}
+        scores, _ = evaluate_generation(model, tokenizer, tasks, request.max_length,
+                                        request.max_new_tokens, request.batch_size)
+        return {"rouge_l": scores.rouge_l, "bleu": scores.bleu, "chrf": scores.chrf,
+                "generation_examples": len(tasks)}
 
     def _record_metrics(self, run_id: str, round_number: int, phase: str,
                         values: Mapping[str, object]) -> None:

@@ -120,6 +120,19 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """The model as a generative model: held-out notes split at ``marker`` into a prompt (up to
+    and including it) and a reference; greedy completions scored with ROUGE-L, BLEU and chrF."""
+
+    marker: str = "Assessment:"  # the section heading a note without a prompt is split at
+    max_new_tokens: int = field(default=32, metadata=bounded(1, 4096))
+    # centrally and at the sites: round 0 (the base model), every k-th round and the final
+    # round; 0 turns generation off
+    every_k_rounds: int = field(default=1, metadata=bounded(0, 10_000))
+    max_examples: int = field(default=32, metadata=bounded(1, 1_000_000))  # per held-out set
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One federated fine-tuning job (simulated or deployed)."""
 
@@ -129,8 +142,12 @@ class JobConfig:
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     data: SimulatedDataConfig = SimulatedDataConfig()
     simulation: SimulationConfig = SimulationConfig()
+    # where each round's figures go as the run goes (server/tracking.py): TensorBoard event files
+    # under <run dir>/tensorboard, a local MLflow store (the optional extra 'mlflow'), or nowhere
+    tracking: str = field(default="tensorboard", metadata=choice("tensorboard", "mlflow", "none"))
 
 
 # --------------------------------------------------------------------------- loading
@@ -386,6 +403,12 @@ def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfi
 
 def _check_job(job: JobConfig, source: str) -> None:
     """Cross-field checks that a single range cannot express."""
+    if not job.evaluation.marker.strip():
+        raise ConfigError(f"{source}: evaluation.marker must not be empty")
+    if job.evaluation.every_k_rounds and job.evaluation.max_new_tokens >= job.model.max_length - 1:
+        raise ConfigError(f"{source}: evaluation.max_new_tokens ({job.evaluation.max_new_tokens}) "
+                          f"leaves no room for a prompt within model.max_length "
+                          f"({job.model.max_length}); make it smaller")
     if job.federation.min_replies > job.federation.min_nodes:
         raise ConfigError(f"{source}: federation.min_replies ({job.federation.min_replies}) "
                           f"cannot exceed federation.min_nodes ({job.federation.min_nodes})")

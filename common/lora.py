@@ -261,6 +261,32 @@ def load_adapter(base_model_dir: str | Path, adapter_dir: str | Path) -> PeftMod
     return peft_model
 
 
+def merged_model(base_model_dir: str | Path, adapter_dir: str | Path
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model with a saved adapter merged into its weights, and the base's tokenizer.
+
+    The adapter is checked to fit exactly (as in ``load_adapter``), merged in float32 with
+    PEFT's ``merge_and_unload`` and the result cast back to the precision the base checkpoint
+    is stored in. What comes back is a plain transformers model: saved with
+    ``save_pretrained`` it loads with ``AutoModelForCausalLM.from_pretrained``, no PEFT needed.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), local_files_only=True)
+    merged = load_adapter(base_model_dir, adapter_dir).merge_and_unload()
+    stored = _stored_dtype(base_model_dir)
+    if stored is not None and stored != torch.float32:
+        merged = merged.to(stored)
+    return merged, tokenizer
+
+
+def _stored_dtype(model_dir: str | Path) -> torch.dtype | None:
+    """The precision a model checkpoint declares in its config (None if it declares none)."""
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
 def state_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Encode LoRA tensors for a Flower message, as float32 (ArrayRecord has no bf16), same order."""
     return ArrayRecord(torch_state_dict={

@@ -30,7 +30,8 @@ STATUS_KEY = "status"
 METRICS_KEY = "metrics"
 
 T = TypeVar("T")
-_KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "float | None": float}
+_KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "float | None": float,
+                           "int | None": int}
 
 
 def _status(default: Any = dataclasses.MISSING) -> Any:
@@ -103,6 +104,12 @@ class EvaluateRequest(_Request):
     lora_r: int
     lora_alpha: int
     lora_targets: str
+    # generation scores (common.generation) on the site's held-out notes, when ``generation``;
+    # the defaults ask for none (a received request must still carry every field)
+    generation: bool = False
+    marker: str = ""
+    max_new_tokens: int = 0
+    max_examples: int = 0
 
 
 # ------------------------------------------------------------------------------- replies
@@ -156,11 +163,16 @@ class TrainReply(_Reply):
 
 @dataclass(frozen=True)
 class EvaluateReply(_Reply):
-    """A site's held-out loss of the global adapter (``eval_loss`` None when withheld)."""
+    """A site's held-out loss of the global adapter (``eval_loss`` None when withheld), and its
+    aggregate generation scores when asked for and released (None otherwise)."""
 
     site: str = _status()
     num_examples: int = _metric(0)
     eval_loss: float | None = _metric(None)
+    rouge_l: float | None = _metric(None)
+    bleu: float | None = _metric(None)
+    chrf: float | None = _metric(None)
+    generation_examples: int | None = _metric(None)  # None: not generated, or the count withheld
 
 
 def _lora_fields(job: JobConfig) -> dict[str, Any]:
@@ -177,6 +189,12 @@ def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainReques
         max_length=job.model.max_length, **_lora_fields(job))
 
 
-def evaluate_request(job: JobConfig, run_id: str, round_number: int) -> EvaluateRequest:
+def evaluate_request(job: JobConfig, run_id: str, round_number: int,
+                     generation: bool = False) -> EvaluateRequest:
+    """The evaluate request of a round; ``generation`` asks for generation scores too."""
+    evaluation = job.evaluation
     return EvaluateRequest(run_id=run_id, round=round_number, max_length=job.model.max_length,
-                           batch_size=job.training.eval_batch_size, **_lora_fields(job))
+                           batch_size=job.training.eval_batch_size, **_lora_fields(job),
+                           generation=generation, marker=evaluation.marker,
+                           max_new_tokens=evaluation.max_new_tokens,
+                           max_examples=evaluation.max_examples)

@@ -23,6 +23,7 @@ def coordinator_command(args: argparse.Namespace) -> int:
     from privatune.server.deploy import coordinate, serve
     from privatune.server.deployment import DeploymentError, load_deployment, say
     from privatune.server.run_inputs import base_model_dir, run_inputs
+    from privatune.server.tracking import check_tracking
 
     job_path = Path(args.config).resolve()
     deployment_path = Path(args.deployment) if args.deployment else job_path.parent / DEFAULT_DEPLOYMENT
@@ -31,6 +32,7 @@ def coordinator_command(args: argparse.Namespace) -> int:
     interrupt_on_sigterm()
     try:
         job = load_job_config(job_path)  # fail here, not inside the ServerApp
+        check_tracking(job.tracking)
         model_dir = base_model_dir(deployment, job)
         say(f"base model: {model_dir} (every hospital needs a copy; set it as site.model)")
         if args.serve:
@@ -84,16 +86,31 @@ def certs_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from privatune.server.export import ReleaseRefused, export_adapter
+    from privatune.server.export import ReleaseRefused, export_adapter, export_merged, select_adapter
 
     if args.force and not args.reason:
         raise ConfigError("--force needs --reason '...' (it is recorded in releases.jsonl)")
+    if args.base_model and not args.merged:
+        raise ConfigError("--base-model is used only with --merged")
+    run, out, reason = Path(args.run), Path(args.out), args.reason if args.force else None
+    source = select_adapter(run, args.round)
     try:
-        findings = export_adapter(Path(args.run), Path(args.out), args.reason if args.force else None)
+        if args.merged:
+            import warnings
+
+            from transformers.utils import logging as transformers_logging
+
+            warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices
+            transformers_logging.disable_progress_bar()
+            findings = export_merged(run, out, reason, args.round, args.overwrite,
+                                     Path(args.base_model) if args.base_model else None)
+        else:
+            findings = export_adapter(run, out, reason, args.round, args.overwrite)
     except ReleaseRefused as err:
         print(f"privatune: {err}", file=sys.stderr)
         return 3
-    print(f"exported {Path(args.run) / 'adapter'} to {args.out}"
+    what = "merged model" if args.merged else "adapter"
+    print(f"exported the {what} of {source.label} ({source.adapter}) to {out}"
           + (f" (FORCED over {len(findings)} findings; reason recorded)" if findings else ""))
     return 0
 
@@ -134,10 +151,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        "(a replaced key must be registered again); the CA is never replaced")
     certs.set_defaults(handler=certs_command)
 
-    export = commands.add_parser("export", help="release a run's final adapter through the "
-                                 "privacy audit gate")
+    export = commands.add_parser("export", help="release a run's adapter, or the model with it "
+                                 "merged in, through the privacy audit gate")
     export.add_argument("run", help="run directory")
-    export.add_argument("--out", required=True, help="new directory for the exported adapter")
+    export.add_argument("--out", required=True, help="new directory for the exported adapter "
+                        "(or merged model)")
+    export.add_argument("--round", default="final", metavar="final|best|N",
+                        help="which round's adapter: the final one (default), the best one (lowest "
+                        "central held-out perplexity, see report.md) or round N's checkpoint")
+    export.add_argument("--merged", action="store_true",
+                        help="write a standalone Hugging Face model: the adapter merged into the "
+                        "base weights, the tokenizer and a model card (README.md)")
+    export.add_argument("--base-model", default="", metavar="DIR",
+                        help="with --merged: the base model directory, if not where the run had "
+                        "it (report.json's base_model)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out directory (only once the new export is "
+                        "complete)")
     export.add_argument("--force", action="store_true", help="export despite audit findings")
     export.add_argument("--reason", help="why the export is forced (recorded)")
     export.set_defaults(handler=export_command)

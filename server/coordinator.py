@@ -2,7 +2,9 @@
 
 Each round: sample available nodes (bounded wait), send the global adapter and the plan,
 validate and FedAvg the accepted updates (if at least ``min_replies`` came back in time),
-evaluate the merged adapter centrally and at every node, and checkpoint adapter + state.
+evaluate the merged adapter centrally and at every node (perplexity; and, at round 0, every
+``evaluation.every_k_rounds`` and the last round, generation scores), and checkpoint adapter +
+state.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from privatune.common.config import JobConfig, to_dict
+from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
 from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model, load_lora_state,
                                    lora_state, read_adapter_state, save_adapter)
@@ -29,8 +32,11 @@ from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggr
                                          optimizer_move_bound, round_norm_bound, update_norm,
                                          validate_update, weight_problem)
 from privatune.server.evaluation import CentralEvaluator
+from privatune.server.tracking import open_tracker
 from privatune.server.report import (CentralSummary, RoundEvaluation, RoundRecord, RoundTraining,
-                                     RunReport, SiteSummary)
+                                     RunReport, SampleCompletions, SiteSummary)
+
+SAMPLE_COMPLETIONS = 3  # from the coordinator's own held-out set, shown in the report
 
 
 class NodesUnavailableError(RuntimeError):
@@ -151,6 +157,26 @@ def _perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(loss)
 
 
+def site_generation_scores(reply: EvaluateReply) -> GenerationScores | None:
+    """The generation scores a site released, or None (not asked, withheld, no task)."""
+    if reply.rouge_l is None or reply.bleu is None or reply.chrf is None:
+        return None
+    return GenerationScores(reply.rouge_l, reply.bleu, reply.chrf,
+                            reply.generation_examples)
+
+
+def _mean_train_loss(accepted: Sequence[TrainResult]) -> float | None:
+    """Example-weighted mean of the training losses the participants released."""
+    told = [(r.reply.train_loss, max(r.reply.num_examples, 1)) for r in accepted
+            if r.reply.train_loss is not None]
+    return sum(l * n for l, n in told) / sum(n for _, n in told) if told else None
+
+
+def adapter_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of one adapter on the wire (ArrayRecord carries float32)."""
+    return sum(4 * tensor.numel() for tensor in state.values())
+
+
 class Coordinator:
     """Runs the rounds of one federated job and keeps the run's history."""
 
@@ -164,7 +190,8 @@ class Coordinator:
         self.model = attach_seeded_lora(base, self.lora, job.seed)
         self.global_state = lora_state(self.model)
         self.evaluator = (CentralEvaluator(self.model, tokenizer, settings.central_eval,
-                                           job.model.max_length, job.training.eval_batch_size)
+                                           job.model.max_length, job.training.eval_batch_size,
+                                           job.evaluation.marker)
                           if settings.central_eval else None)
         self.run_id = settings.run_id
         self.rounds: list[RoundRecord] = []
@@ -173,6 +200,9 @@ class Coordinator:
         latest = latest_checkpoint(settings.out_dir)
         if settings.resume and latest is not None:
             self._restore(latest)
+        # the run's figures after each round (TensorBoard, MLflow or none); opened at first use
+        self.tracker = open_tracker(job.tracking, settings.out_dir, self.run_id, to_dict(job),
+                                    progress)
 
     def _restore(self, directory: Path) -> None:
         """Continue after a crash: adapter, round number, history and per-site totals."""
@@ -210,6 +240,10 @@ class Coordinator:
         for failure in outcome.failures:
             self.progress(f"  no usable reply: {failure}")
         outcome.participants = sorted(r.reply.site for r in accepted)
+        outcome.train_loss = _mean_train_loss(accepted)
+        wire = adapter_bytes(self.global_state)
+        outcome.bytes_sent = wire * len(chosen)
+        outcome.bytes_received = wire * sum(1 for r in results if r.reply.accepted)
         outcome.aggregated = len(accepted) >= fed.min_replies
         if outcome.aggregated:
             self.global_state = aggregate(
@@ -274,7 +308,9 @@ class Coordinator:
         """Central and federated perplexity of the current global adapter."""
         job = self.settings.job
         ids = sorted(self.transport.node_ids())
-        request = evaluate_request(job, self.run_id, round_number)
+        generation = is_generation_round(round_number, job.federation.rounds,
+                                         job.evaluation.every_k_rounds)
+        request = evaluate_request(job, self.run_id, round_number, generation=generation)
         replies, failures = self.transport.evaluate(ids, request, self.global_state,
                                                     job.federation.round_timeout_s)
         site_ppl = {r.site: _perplexity(r.eval_loss) for r in replies}
@@ -287,8 +323,33 @@ class Coordinator:
         shown = ", ".join(f"{s} {p:.1f}" for s, p in sorted(site_ppl.items()) if p is not None)
         central_text = f"{central:.2f}" if central is not None else "n/a"
         self.progress(f"[round {round_number}] global perplexity {central_text}; at sites: {shown}")
-        return RoundEvaluation(global_perplexity=central, federated_perplexity=federated,
-                               site_perplexity=site_ppl, evaluation_failures=list(failures))
+        evaluation = RoundEvaluation(global_perplexity=central, federated_perplexity=federated,
+                                     site_perplexity=site_ppl, evaluation_failures=list(failures))
+        if generation:
+            self._evaluate_generation(round_number, replies, evaluation)
+        return evaluation
+
+    def _evaluate_generation(self, round_number: int, replies: Sequence[EvaluateReply],
+                             evaluation: RoundEvaluation) -> None:
+        """Generation scores: centrally on the coordinator's held-out set (with sample
+        completions), and what each site released."""
+        settings = self.settings.job.evaluation
+        evaluation.site_generation = {r.site: scores for r in sorted(replies, key=lambda r: r.site)
+                                      if (scores := site_generation_scores(r)) is not None}
+        started = time.monotonic()
+        result = (self.evaluator.generation(self.global_state, settings.max_new_tokens,
+                                            settings.max_examples) if self.evaluator else None)
+        seconds = time.monotonic() - started
+        if result is not None:
+            evaluation.global_generation, samples = result
+            evaluation.samples = samples[:SAMPLE_COMPLETIONS]
+        central = evaluation.global_generation
+        shown = ", ".join(f"{s} {g.rouge_l:.3f}" for s, g in evaluation.site_generation.items())
+        self.progress(f"[round {round_number}] generation: "
+                      + (f"ROUGE-L {central.rouge_l:.3f}, BLEU {central.bleu:.1f}, "
+                         f"chrF {central.chrf:.1f} on {central.examples} held-out notes "
+                         f"({seconds:.1f} s)" if central else "no central score")
+                      + f"; ROUGE-L at sites: {shown or 'none released'}")
 
     def _site(self, name: str) -> SiteTally:
         return self.sites.setdefault(name, SiteTally())
@@ -307,6 +368,8 @@ class Coordinator:
                 round=round_number, evaluation=evaluation, training=training,
                 epsilon={s: v.epsilon for s, v in sorted(self.sites.items())}))
             self.checkpoint(round_number)
+            self.tracker.log(self.rounds)
+        self.tracker.close()
         save_adapter(self._model_with(self.global_state), self.settings.out_dir / "adapter")
         return self.summary()
 
@@ -331,10 +394,25 @@ class Coordinator:
                               epsilon=tally.epsilon, delta=tally.delta,
                               epsilon_budget=tally.epsilon_budget,
                               noise_multiplier=tally.noise_multiplier,
-                              rounds_participated=list(tally.rounds))
+                              rounds_participated=list(tally.rounds),
+                              base_generation=first.evaluation.site_generation.get(name),
+                              final_generation=last.evaluation.site_generation.get(name))
             for name, tally in sorted(self.sites.items())}
         return RunReport(run_id=self.run_id, config=to_dict(self.settings.job),
                          base_model=str(self.settings.model_dir),
-                         central=CentralSummary(base_perplexity=first.evaluation.global_perplexity,
-                                                final_perplexity=last.evaluation.global_perplexity),
+                         central=self._central_summary(first, last),
                          rounds=list(self.rounds), sites=sites)
+
+    def _central_summary(self, first: RoundRecord, last: RoundRecord) -> CentralSummary:
+        """The global model on the coordinator's held-out set: base (round 0) and final."""
+        central = CentralSummary(base_perplexity=first.evaluation.global_perplexity,
+                                 final_perplexity=last.evaluation.global_perplexity,
+                                 base_generation=first.evaluation.global_generation,
+                                 final_generation=last.evaluation.global_generation)
+        if self.evaluator is not None and self.settings.job.evaluation.every_k_rounds > 0:
+            central.generation_tasks = len(self.evaluator.tasks.tasks)
+            central.generation_skipped = dict(self.evaluator.tasks.skipped)
+        central.samples = [SampleCompletions(base.prompt, base.reference, base.completion,
+                                             final.completion)
+                           for base, final in zip(first.evaluation.samples, last.evaluation.samples)]
+        return central

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from privatune.common.examples import encode_pairs, evaluate_loss
+from privatune.common.generation import (DEFAULT_MARKER, GenerationSample, GenerationScores,
+                                         GenerationTasks, evaluate_generation, generation_tasks)
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -48,15 +50,29 @@ def read_eval_pairs(path: str | Path) -> list[tuple[str, str]]:
 
 
 class CentralEvaluator:
-    """Perplexity of a global adapter state on the coordinator's held-out set."""
+    """Perplexity and generation scores of a global adapter state on the coordinator's
+    held-out set."""
 
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_path: Path,
-                 max_length: int, batch_size: int):
+                 max_length: int, batch_size: int, marker: str = DEFAULT_MARKER):
         self.model = model  # the coordinator's own model: one copy of the base weights
-        self.dataset = encode_pairs(tokenizer, read_eval_pairs(eval_path), max_length)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        pairs = read_eval_pairs(eval_path)
+        self.dataset = encode_pairs(tokenizer, pairs, max_length)
         self.batch_size = batch_size
+        self.tasks: GenerationTasks = generation_tasks(pairs, marker)
 
     def perplexity(self, state: Mapping[str, torch.Tensor]) -> float:
         load_lora_state(self.model, state)
         loss, _ = evaluate_loss(self.model, self.dataset, self.batch_size)
         return math.exp(loss)
+
+    def generation(self, state: Mapping[str, torch.Tensor], max_new_tokens: int,
+                   max_examples: int) -> tuple[GenerationScores, list[GenerationSample]] | None:
+        """Greedy completions of the first ``max_examples`` tasks, scored; None without tasks."""
+        tasks = self.tasks.tasks[:max_examples]
+        if not tasks:
+            return None
+        load_lora_state(self.model, state)
+        return evaluate_generation(self.model, self.tokenizer, tasks, self.max_length,
+                                   max_new_tokens, self.batch_size)

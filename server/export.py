@@ -1,40 +1,351 @@
 """The release gate: a model leaves the coordinator only if every site's audit passes.
 
 Exporting a run with a site over budget or a broken ledger is refused unless forced with a
-reason; the forced export, its reason and the audit findings are recorded in the run's
-hash-chained ``releases.jsonl``.
+reason; every export, forced or not, with its reason and the audit findings, is recorded in the
+run's hash-chained ``releases.jsonl`` before it is put in place.
+
+Two forms leave through the gate: the LoRA adapter in PEFT format (``export_adapter``), and a
+standalone Hugging Face model with the adapter merged into the base weights, the tokenizer and
+a model card (``export_merged``). Either is the final round's adapter (default), the best
+round's (``which="best"``: lowest central held-out perplexity, see ``server.overfitting``) or a
+given round's checkpoint. The export is assembled in a staging directory beside the
+destination and renamed into place, so the destination is either absent or complete; an
+existing destination is replaced only when asked to.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from privatune.common.audit import audit_path
+from privatune.common.audit import SiteAudit, audit_path
 from privatune.common.ledger import SiteLedger
+from privatune.server.overfitting import METRIC_NAMES, best_round, overfitting_flags
+from privatune.server.report import RoundRecord, RunReport
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REPORT = "report.json"
 
 
 class ReleaseRefused(RuntimeError):
     """The run failed its privacy audit and the export was not forced."""
 
 
-def export_adapter(run_dir: Path, out_dir: Path, force_reason: str | None = None) -> list[str]:
-    """Copy the run's final adapter to ``out_dir`` after the audit gate; return the findings."""
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no final adapter (expected {adapter}/adapter_config.json)")
+@dataclass(frozen=True)
+class ExportSource:
+    """The adapter an export takes: its directory, its round and how it was chosen."""
+
+    adapter: Path
+    round: int | None  # None: a final adapter of a run without report or checkpoints
+    label: str  # e.g. "final round 3", "best round 2 (central held-out perplexity 12.31)"
+
+
+def _checkpoint_adapter(run_dir: Path, number: int) -> Path:
+    return run_dir / "checkpoints" / f"round_{number:03d}" / "adapter"
+
+
+def _round_history(run_dir: Path) -> list[RoundRecord]:
+    """The run's rounds: from report.json, else from the newest checkpoint (an unfinished run)."""
+    if (run_dir / REPORT).is_file():
+        return RunReport.read(run_dir / REPORT).rounds
+    from privatune.server.coordinator import CheckpointState, latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    return CheckpointState.read(latest).rounds if latest is not None else []
+
+
+def select_adapter(run_dir: Path, which: str = "final") -> ExportSource:
+    """The adapter ``which`` names: ``final``, ``best`` or a round number."""
+    run_dir = Path(run_dir)
+    if which == "final":
+        adapter = run_dir / "adapter"
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"{run_dir}: no final adapter (expected {adapter}/{ADAPTER_CONFIG}; "
+                                    "an unfinished run has only checkpoints: use --round N)")
+        rounds = _round_history(run_dir) if (run_dir / REPORT).is_file() else []
+        number = rounds[-1].round if rounds else None
+        return ExportSource(adapter, number, "final round" + (f" {number}" if number is not None else ""))
+    if which == "best":
+        rounds = _round_history(run_dir)
+        best = best_round(rounds)
+        if best is None:
+            raise ValueError(f"{run_dir}: no trained round was evaluated on held-out data, so there "
+                             "is no best round; export the final round or --round N")
+        source = ExportSource(_checkpoint_adapter(run_dir, best.round), best.round,
+                              f"best round {best.round} ({METRIC_NAMES[best.metric]} "
+                              f"{best.perplexity:.2f})")
+    else:
+        try:
+            number = int(which)
+        except ValueError:
+            raise ValueError(f"--round {which!r}: expected final, best or a round number") from None
+        source = ExportSource(_checkpoint_adapter(run_dir, number), number, f"round {number}")
+    if not (source.adapter / ADAPTER_CONFIG).is_file():
+        saved = sorted(p.parent.parent.name.removeprefix("round_").lstrip("0") or "0"
+                       for p in (run_dir / "checkpoints").glob(f"round_*/adapter/{ADAPTER_CONFIG}"))
+        raise FileNotFoundError(f"{run_dir}: no checkpoint adapter of round {source.round} "
+                                f"({source.adapter}); rounds with a checkpoint: "
+                                f"{', '.join(saved) or 'none'}")
+    return source
+
+
+def release_findings(run_dir: Path) -> tuple[list[str], list[SiteAudit]]:
+    """Every site's audit of the run and what is wrong in them (empty: the gate is open)."""
+    audits = audit_path(Path(run_dir))
     findings = []
-    for audit in audit_path(run_dir):
+    for audit in audits:
         if audit.chain_error:
             findings.append(f"{audit.name}: {audit.chain_error}")
         findings += [f"{audit.name}: {problem}" for problem in audit.problems]
+    return findings, audits
+
+
+def _gate(run_dir: Path, force_reason: str | None) -> tuple[list[str], list[SiteAudit]]:
+    findings, audits = release_findings(run_dir)
     if findings and not force_reason:
         raise ReleaseRefused("export refused: " + "; ".join(findings)
                              + " (use --force --reason '...' to override; the reason is recorded)")
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; choose a new export directory")
-    shutil.copytree(adapter, out_dir)
-    SiteLedger(run_dir / "releases.jsonl").append("model_export", {
-        "destination": str(out_dir.resolve()), "forced": bool(findings),
-        "reason": force_reason or "", "findings": findings})
+    return findings, audits
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose a new export directory "
+                              "(or pass --overwrite to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _release(run_dir: Path, out_dir: Path, overwrite: bool, source: ExportSource, which: str,
+             merged: bool, findings: list[str], force_reason: str | None, build) -> None:
+    """Build the export in a staging directory, record it, then rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        build(staging)
+        # recorded before it is put in place: a crash can over-count a release, never hide one
+        SiteLedger(run_dir / "releases.jsonl").append("model_export", {
+            "destination": str(out_dir.resolve()), "forced": bool(findings),
+            "reason": force_reason or "", "findings": findings, "round": source.round,
+            "which": which, "merged": merged, "adapter": str(source.adapter.resolve()),
+            "adapter_sha256": _sha256(source.adapter / ADAPTER_WEIGHTS)
+            if (source.adapter / ADAPTER_WEIGHTS).is_file() else None})
+        previous = None
+        if out_dir.exists():  # only with overwrite (checked before)
+            previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.previous-"))
+            previous.rmdir()
+            out_dir.rename(previous)
+        staging.rename(out_dir)
+        if previous is not None:
+            shutil.rmtree(previous)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def export_adapter(run_dir: Path, out_dir: Path, force_reason: str | None = None,
+                   which: str = "final", overwrite: bool = False) -> list[str]:
+    """Copy the run's adapter (final, best or a round's) to ``out_dir`` after the audit gate;
+    return the findings (non-empty only for a forced export)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    source = select_adapter(run_dir, which)
+    findings, _audits = _gate(run_dir, force_reason)
+    _check_destination(out_dir, overwrite)
+
+    def build(staging: Path) -> None:
+        shutil.copytree(source.adapter, staging, dirs_exist_ok=True)
+
+    _release(run_dir, out_dir, overwrite, source, which, False, findings, force_reason, build)
     return findings
+
+
+def export_merged(run_dir: Path, out_dir: Path, force_reason: str | None = None,
+                  which: str = "final", overwrite: bool = False,
+                  base_model: Path | None = None) -> list[str]:
+    """Write a standalone Hugging Face model to ``out_dir`` after the audit gate: the run's
+    adapter (final, best or a round's) merged into the base weights, the tokenizer and a model
+    card (README.md) with the privacy and evaluation figures. Return the findings."""
+    from privatune.common.lora import merged_model
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / REPORT).is_file():
+        raise FileNotFoundError(f"{run_dir}: no {REPORT}; a merged export needs the run's report "
+                                "(the base model, the job and the evaluation figures for its card)")
+    report = RunReport.read(run_dir / REPORT)
+    base = Path(base_model) if base_model else Path(report.base_model)
+    _check_base_model(base, report.base_model)
+    source = select_adapter(run_dir, which)
+    findings, audits = _gate(run_dir, force_reason)
+    _check_destination(out_dir, overwrite)
+
+    def build(staging: Path) -> None:
+        model, tokenizer = merged_model(base, source.adapter)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        card = model_card(report, audits, source, base, findings, force_reason)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+
+    _release(run_dir, out_dir, overwrite, source, which, True, findings, force_reason, build)
+    return findings
+
+
+def _check_base_model(base: Path, used: str) -> None:
+    """The base model must be readable here (a directory, or a hub id in the local cache)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"base model {str(base)!r} cannot be read here (the run used "
+                                f"{used!r}); point --base-model at a copy of it ({err})") from err
+
+
+# ------------------------------------------------------------------------------ model card
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _round(report: RunReport, number: int | None) -> RoundRecord | None:
+    return next((r for r in report.rounds if r.round == number), None)
+
+
+def model_card(report: RunReport, audits: list[SiteAudit], source: ExportSource, base: Path,
+               findings: list[str], force_reason: str | None) -> str:
+    """The README.md of a merged export: what the model is, what it cost each site, how it did."""
+    config = report.config
+    privacy, federation = config.get("privacy", {}), config.get("federation", {})
+    lora, training = config.get("lora", {}), config.get("training", {})
+    trained = [r for r in report.rounds if r.round >= 1]
+    sites = sorted(set(report.sites) | {a.name for a in audits})
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [privatune, federated-learning, differential-privacy, dp-sgd, lora]", "---", "",
+             f"# privatune run {report.run_id}: {source.label}, merged", "",
+             f"A causal language model: the base model `{report.base_model}` with the LoRA adapter "
+             f"of {source.label} of a federated, differentially private fine-tuning run merged "
+             "into its weights. It loads with `AutoModelForCausalLM.from_pretrained(<this "
+             "directory>)` and `AutoTokenizer.from_pretrained(<this directory>)`; PEFT is not "
+             "needed.", ""]
+    if findings:
+        lines += [f"**Released despite failed privacy audit findings** (forced; recorded reason: "
+                  f"{force_reason}):", ""] + [f"- {finding}" for finding in findings] + [""]
+    lines += ["## Training", "",
+              f"- base model: `{report.base_model}`" + (f" (merged from `{base}`)"
+                                                       if str(base) != report.base_model else ""),
+              f"- rounds: {len(trained)} completed of {federation.get('rounds', 'n/a')} planned; "
+              f"this model is {source.label}",
+              f"- sites: {len(sites)} ({', '.join(sites) or 'none'})",
+              f"- LoRA: rank {lora.get('r', 'n/a')}, alpha {lora.get('alpha', 'n/a')}, "
+              f"target modules {', '.join(lora.get('target_modules', [])) or 'n/a'}",
+              f"- DP-SGD at each site: {training.get('local_steps', 'n/a')} local steps per round, "
+              f"expected batch size {training.get('batch_size', 'n/a')}, learning rate "
+              f"{training.get('learning_rate', 'n/a')}, clipping norm "
+              f"{training.get('max_grad_norm', 'n/a')}", ""]
+    lines += _privacy_section(report, audits, privacy)
+    lines += _evaluation_section(report, source)
+    return "\n".join(lines)
+
+
+def _privacy_section(report: RunReport, audits: list[SiteAudit], privacy: dict) -> list[str]:
+    units = sorted({str(row["unit"]) for a in audits for row in a.rounds if row.get("unit")})
+    unit = ", ".join(units) or str(privacy.get("unit", "record"))
+    lines = ["## Privacy", "",
+             f"Privacy unit: **{unit}** ("
+             + ("all records of one patient form one DP example" if unit == "patient"
+                else "each record is one DP example" if unit == "record" else "per site")
+             + "). Each site trained with DP-SGD (Opacus: Poisson sampling, per-sample clipping, "
+             "Gaussian noise) and its (ε, δ) covers every adapter update it sent; this model is "
+             "post-processing of those updates. ε is cumulative over everything the site's "
+             "ledger records (this run, and earlier runs on the same ledger), whichever round "
+             "is exported.", "",
+             "| site | ε (the site's accountant) | accountant | ε recomputed (dp-accounting, "
+             "same method) | ε (RDP, a looser bound) | δ | ε budget | rounds taken part | audit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for audit in audits:
+        accountants = sorted({str(r["accountant"]) for r in audit.rounds if r.get("accountant")}
+                             or ({str(audit.accountant)} if getattr(audit, "accountant", None) else set()))
+        summary = report.sites.get(audit.name)
+        taken = ", ".join(map(str, summary.rounds_participated)) if summary else ""
+        verdict = "pass" if audit.ok else "FAILED: " + "; ".join(
+            ([audit.chain_error] if audit.chain_error else []) + audit.problems)
+        lines.append(f"| {audit.name} | {_fmt(audit.recorded_epsilon, 3)} | "
+                     f"{', '.join(accountants) or 'n/a'} | {_fmt(audit.recomputed_epsilon, 3)} | "
+                     f"{_fmt(getattr(audit, 'rdp_epsilon', None), 3)} | "
+                     f"{'n/a' if audit.delta is None else f'{audit.delta:g}'} | "
+                     f"{'n/a' if audit.budget is None else f'{audit.budget:g}'} | "
+                     f"{taken or '-'} | {verdict} |")
+    lines += ["", "Not covered by DP: the example counts, training losses and held-out losses the "
+              "sites' policies let out (listed in each site's ledger as non-private releases). "
+              "The tokenizer is the base model's, never trained on private data.", ""]
+    return lines
+
+
+def _evaluation_section(report: RunReport, source: ExportSource) -> list[str]:
+    base, chosen = _round(report, 0), _round(report, source.round)
+    final = report.rounds[-1] if report.rounds else None
+    columns = [("base model (round 0)", base), (f"this model (round {source.round})", chosen)]
+    if final is not None and final is not chosen:
+        columns.append((f"final round ({final.round})", final))
+    lines = ["## Evaluation", "",
+             "Perplexity (lower is better) on held-out data: the coordinator's own held-out set "
+             "(central), pooled over the sites' held-out splits (federated), and each site's.", "",
+             "| | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+
+    def row(label: str, get, shown=_fmt) -> None:
+        lines.append(f"| {label} | " + " | ".join(
+            shown(get(record)) if record is not None else "n/a" for _, record in columns) + " |")
+
+    row("central held-out perplexity", lambda r: r.evaluation.global_perplexity)
+    row("federated held-out perplexity", lambda r: r.evaluation.federated_perplexity)
+    for site in sorted(report.sites):
+        row(f"{site} held-out perplexity", lambda r, s=site: r.evaluation.site_perplexity.get(s))
+    # any other numeric figure of the rounds' evaluation (e.g. generation scores), as recorded
+    extra = sorted({key for _, r in columns if r is not None
+                    for key in _numeric_figures(r.evaluation.to_json())})
+    for key in extra:
+        label = key.replace("global_generation.", "central generation ").replace(
+            "site_generation.", "generation at ").replace(".", " ")
+        row(label, lambda r, k=key: _numeric_figures(r.evaluation.to_json()).get(k),
+            lambda value: "n/a" if value is None else
+            str(int(value)) if value.is_integer() else f"{value:.3f}")
+    local = {s: v.local_only_perplexity for s, v in report.sites.items()
+             if v.local_only_perplexity is not None}
+    if local:
+        lines += ["", "Local-only baseline (each site training alone with the same budget), "
+                  "held-out perplexity: " + ", ".join(f"{s} {v:.2f}" for s, v in local.items()) + "."]
+    best, flags = best_round(report.rounds), overfitting_flags(report.rounds)
+    if best is not None:
+        lines += ["", f"Best round of the run: {best.round} ({METRIC_NAMES[best.metric]} "
+                  f"{best.perplexity:.2f})."]
+    if flags:
+        lines += ["", "Possible overfitting flagged in the run:"] + [f"- {f.describe()}" for f in flags]
+    return lines + [""]
+
+
+_PERPLEXITY_KEYS = {"global_perplexity", "federated_perplexity", "site_perplexity"}
+
+
+def _numeric_figures(data: dict, prefix: str = "") -> dict[str, float]:
+    figures: dict[str, float] = {}
+    for key, value in data.items():
+        if not prefix and key in _PERPLEXITY_KEYS:
+            continue
+        if isinstance(value, dict):
+            figures.update(_numeric_figures(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            figures[f"{prefix}{key}"] = float(value)
+    return figures

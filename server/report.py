@@ -8,11 +8,14 @@ typed: a key that is absent there, such as the training keys of round 0, is left
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privatune.common.generation import GenerationSample, GenerationScores
 from privatune.common.plots import report_figure
+from privatune.server.overfitting import best_round, overfitting_flags, render_watch
 
 
 @dataclass
@@ -23,16 +26,29 @@ class RoundTraining:
     declined: dict[str, str] = field(default_factory=dict)  # site -> its reason
     failures: list[str] = field(default_factory=list)  # no reply, error replies, rejected updates
     aggregated: bool = False  # False: too few usable updates, the global adapter was kept
+    # example-weighted mean of the training losses the participants released (None: none did)
+    train_loss: float | None = None
+    # adapter bytes of the train exchange (float32 on the wire): the global adapter to every
+    # node asked, and the updates back from the sites that sent one
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"participants": list(self.participants), "declined": dict(self.declined),
-                "failures": list(self.failures), "aggregated": self.aggregated}
+        data: dict[str, Any] = {"participants": list(self.participants),
+                                "declined": dict(self.declined), "failures": list(self.failures),
+                                "aggregated": self.aggregated}
+        for name in ("train_loss", "bytes_sent", "bytes_received"):  # absent in old checkpoints
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RoundTraining:
         return cls(participants=list(data.get("participants", [])),
                    declined=dict(data.get("declined", {})), failures=list(data.get("failures", [])),
-                   aggregated=bool(data.get("aggregated", False)))
+                   aggregated=bool(data.get("aggregated", False)),
+                   train_loss=data.get("train_loss"), bytes_sent=data.get("bytes_sent"),
+                   bytes_received=data.get("bytes_received"))
 
 
 @dataclass
@@ -43,19 +59,36 @@ class RoundEvaluation:
     federated_perplexity: float | None = None  # example-weighted over the sites that told
     site_perplexity: dict[str, float | None] = field(default_factory=dict)
     evaluation_failures: list[str] = field(default_factory=list)
+    # generation rounds only (round 0, every k-th, the last): scores on the coordinator's
+    # held-out set, the scores each site released, and the first completions of the central set
+    global_generation: GenerationScores | None = None
+    site_generation: dict[str, GenerationScores] = field(default_factory=dict)
+    samples: list[GenerationSample] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"global_perplexity": self.global_perplexity,
-                "federated_perplexity": self.federated_perplexity,
-                "site_perplexity": dict(self.site_perplexity),
-                "evaluation_failures": list(self.evaluation_failures)}
+        data: dict[str, Any] = {"global_perplexity": self.global_perplexity,
+                                "federated_perplexity": self.federated_perplexity,
+                                "site_perplexity": dict(self.site_perplexity),
+                                "evaluation_failures": list(self.evaluation_failures)}
+        if self.global_generation is not None:  # absent in rounds without generation
+            data["global_generation"] = self.global_generation.to_json()
+        if self.site_generation:
+            data["site_generation"] = {s: g.to_json() for s, g in self.site_generation.items()}
+        if self.samples:
+            data["samples"] = [sample.to_json() for sample in self.samples]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RoundEvaluation:
+        central = data.get("global_generation")
         return cls(global_perplexity=data.get("global_perplexity"),
                    federated_perplexity=data.get("federated_perplexity"),
                    site_perplexity=dict(data.get("site_perplexity", {})),
-                   evaluation_failures=list(data.get("evaluation_failures", [])))
+                   evaluation_failures=list(data.get("evaluation_failures", [])),
+                   global_generation=GenerationScores.from_json(central) if central else None,
+                   site_generation={s: GenerationScores.from_json(g)
+                                    for s, g in data.get("site_generation", {}).items()},
+                   samples=[GenerationSample.from_json(x) for x in data.get("samples", [])])
 
 
 @dataclass
@@ -86,6 +119,9 @@ class RoundRecord:
                    epsilon=dict(data["epsilon"]) if data.get("epsilon") is not None else None)
 
 
+GENERATION_FIELDS = ("base_generation", "final_generation", "local_only_generation")
+
+
 @dataclass
 class SiteSummary:
     """One site's outcome: perplexity on its own held-out split and its privacy spend."""
@@ -98,18 +134,26 @@ class SiteSummary:
     noise_multiplier: float | None = None
     rounds_participated: list[int] = field(default_factory=list)
     local_only_perplexity: float | None = None  # the site training alone (simulations only)
+    # generation scores the site released on its held-out notes (None: not released / no task)
+    base_generation: GenerationScores | None = None
+    final_generation: GenerationScores | None = None
+    local_only_generation: GenerationScores | None = None
 
     @property
     def within_budget(self) -> bool | None:
         return None if self.epsilon_budget is None else self.epsilon <= self.epsilon_budget
 
     def to_json(self) -> dict[str, Any]:
-        data = {"base_perplexity": self.base_perplexity, "final_perplexity": self.final_perplexity,
-                "epsilon": self.epsilon, "delta": self.delta, "epsilon_budget": self.epsilon_budget,
-                "noise_multiplier": self.noise_multiplier,
-                "rounds_participated": list(self.rounds_participated)}
+        data: dict[str, Any] = {
+            "base_perplexity": self.base_perplexity, "final_perplexity": self.final_perplexity,
+            "epsilon": self.epsilon, "delta": self.delta, "epsilon_budget": self.epsilon_budget,
+            "noise_multiplier": self.noise_multiplier,
+            "rounds_participated": list(self.rounds_participated)}
         if self.local_only_perplexity is not None:
             data["local_only_perplexity"] = self.local_only_perplexity
+        for name in GENERATION_FIELDS:  # absent where the site released none
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name).to_json()
         return data
 
     @classmethod
@@ -120,7 +164,9 @@ class SiteSummary:
                    epsilon_budget=data.get("epsilon_budget"),
                    noise_multiplier=data.get("noise_multiplier"),
                    rounds_participated=[int(r) for r in data.get("rounds_participated", [])],
-                   local_only_perplexity=data.get("local_only_perplexity"))
+                   local_only_perplexity=data.get("local_only_perplexity"),
+                   **{name: GenerationScores.from_json(data[name])
+                      for name in GENERATION_FIELDS if data.get(name)})
 
 
 @dataclass
@@ -129,14 +175,54 @@ class CentralSummary:
 
     base_perplexity: float | None = None
     final_perplexity: float | None = None
+    base_generation: GenerationScores | None = None
+    final_generation: GenerationScores | None = None
+    # the generation task made from the held-out set: notes used, and skipped by reason
+    generation_tasks: int | None = None
+    generation_skipped: dict[str, int] = field(default_factory=dict)
+    samples: list[SampleCompletions] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"base_perplexity": self.base_perplexity, "final_perplexity": self.final_perplexity}
+        data: dict[str, Any] = {"base_perplexity": self.base_perplexity,
+                                "final_perplexity": self.final_perplexity}
+        for name in ("base_generation", "final_generation"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name).to_json()
+        if self.generation_tasks is not None:
+            data["generation_tasks"] = self.generation_tasks
+            data["generation_skipped"] = dict(self.generation_skipped)
+        if self.samples:
+            data["samples"] = [sample.to_json() for sample in self.samples]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CentralSummary:
         return cls(base_perplexity=data.get("base_perplexity"),
-                   final_perplexity=data.get("final_perplexity"))
+                   final_perplexity=data.get("final_perplexity"),
+                   **{name: GenerationScores.from_json(data[name])
+                      for name in ("base_generation", "final_generation") if data.get(name)},
+                   generation_tasks=data.get("generation_tasks"),
+                   generation_skipped=dict(data.get("generation_skipped", {})),
+                   samples=[SampleCompletions.from_json(x) for x in data.get("samples", [])])
+
+
+@dataclass(frozen=True)
+class SampleCompletions:
+    """One task of the coordinator's own held-out set with the base and final models' text."""
+
+    prompt: str
+    reference: str
+    base: str
+    final: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "reference": self.reference, "base": self.base,
+                "final": self.final}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SampleCompletions:
+        return cls(prompt=str(data["prompt"]), reference=str(data["reference"]),
+                   base=str(data["base"]), final=str(data["final"]))
 
 
 @dataclass
@@ -158,6 +244,10 @@ class RunReport:
             "sites": {name: site.to_json() for name, site in self.sites.items()}}
         if self.elapsed_s is not None:
             data["elapsed_s"] = self.elapsed_s
+        # derived from the rounds (recomputed on reading, never read back)
+        best = best_round(self.rounds)
+        data["best_round"] = best.to_json() if best is not None else None
+        data["overfitting"] = [flag.to_json() for flag in overfitting_flags(self.rounds)]
         return data
 
     @classmethod
@@ -221,10 +311,13 @@ def render_markdown(report: RunReport) -> str:
         lines.append(f"| {record.round} | {_fmt(record.evaluation.global_perplexity)} | "
                      f"{', '.join(training.participants) or '-'} | {declined} | "
                      f"{len(training.failures)} |")
-    lines += ["", "What left each site: the clipped, noised LoRA adapter updates (covered by DP), "
-              "and the non-private metrics its policy allows (example counts, losses), all listed "
-              "in the site's ledger (`sites/<site>/ledger.jsonl` in a simulation).", "",
+    lines += [""] + render_watch(report.rounds)
+    lines += ["What left each site: the clipped, noised LoRA adapter updates (covered by DP), "
+              "and the non-private metrics its policy allows (example counts, losses, generation "
+              "scores), all listed in the site's ledger (`sites/<site>/ledger.jsonl` in a "
+              "simulation).", "",
               "![perplexity and epsilon per round](report.png)", ""]
+    lines += generation_lines(report)
     return "\n".join(lines)
 
 
@@ -250,6 +343,110 @@ def plot_report(report: RunReport, path: Path) -> None:
             axis.set_xticks(xs)
 
 
+GENERATION_PLOT = "report_generation.png"
+SAMPLE_CHARS = 600  # of a prompt's end and a reference's start shown in report.md
+
+
+def _scores(scores: GenerationScores | None) -> str:
+    """ROUGE-L | BLEU | chrF cells of a table row."""
+    if scores is None:
+        return "n/a | n/a | n/a"
+    return f"{scores.rouge_l:.3f} | {scores.bleu:.1f} | {scores.chrf:.1f}"
+
+
+def _fenced(text: str) -> list[str]:
+    """``text`` as a fenced block whatever backticks it holds (the fence is longer than any run)."""
+    if not text.strip():
+        return ["*(no text: the model stopped at once or wrote only whitespace)*"]
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text, fence]
+
+
+def generation_lines(report: RunReport) -> list[str]:
+    """The generation section of report.md: per-site scores beside perplexity, the central
+    scores per round, and sample completions from the coordinator's own held-out set."""
+    central = report.central
+    rounds = [r for r in report.rounds if r.evaluation.global_generation is not None
+              or r.evaluation.site_generation]
+    sites_scored = any(getattr(site, name) is not None for site in report.sites.values()
+                       for name in GENERATION_FIELDS)
+    if not rounds and not sites_scored:
+        return []
+    settings = report.config.get("evaluation", {})
+    marker = settings.get("marker", "Assessment:")
+    lines = ["## Generation", "",
+             f"The model as a writer of notes: each held-out note is split at `{marker}` (the "
+             "prompt is the history and findings up to and including it, the reference is what "
+             "follows); a record with its own prompt and completion is used as it is. The model "
+             f"completes the first {settings.get('max_examples', 'n/a')} prompts of each held-out "
+             f"set by greedy decoding (at most {settings.get('max_new_tokens', 'n/a')} new tokens), "
+             "and its text is scored against the reference: ROUGE-L F1 (0 to 1, `rouge-score`), "
+             "BLEU and chrF (0 to 100, `sacrebleu`). Higher is better.", ""]
+    if central.generation_tasks is not None:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in central.generation_skipped.items() if n)
+        lines += [f"Coordinator's held-out set: {central.generation_tasks} notes make a task"
+                  + (f" (skipped: {skipped})" if skipped else "") + "."]
+    if central.base_generation is not None or central.final_generation is not None:
+        lines += ["", "| coordinator's held-out set | ppl | ROUGE-L | BLEU | chrF |",
+                  "|---|---|---|---|---|",
+                  f"| base model | {_fmt(central.base_perplexity)} | {_scores(central.base_generation)} |",
+                  f"| final global model | {_fmt(central.final_perplexity)} | "
+                  f"{_scores(central.final_generation)} |"]
+    if report.sites:
+        lines += ["", "Per site, on its own held-out notes (aggregates the site released; *n/a*: "
+                  "withheld by its policy, `release.generation_scores: false`, or no held-out note "
+                  "with the marker):", "",
+                  "| site | model | ppl | ROUGE-L | BLEU | chrF |", "|---|---|---|---|---|---|"]
+        for name, site in report.sites.items():
+            for label, ppl, scores in (
+                    ("base", site.base_perplexity, site.base_generation),
+                    ("final global", site.final_perplexity, site.final_generation),
+                    ("local only", site.local_only_perplexity, site.local_only_generation)):
+                if label != "local only" or ppl is not None or scores is not None:
+                    lines.append(f"| {name} | {label} | {_fmt(ppl)} | {_scores(scores)} |")
+    if rounds:
+        lines += ["", "Central scores per round:", "", "| round | ROUGE-L | BLEU | chrF |",
+                  "|---|---|---|---|"]
+        for record in rounds:
+            lines.append(f"| {record.round} | {_scores(record.evaluation.global_generation)} |")
+        lines += ["", f"![generation scores per round]({GENERATION_PLOT})"]
+    if central.samples:
+        lines += ["", "### Sample completions (the coordinator's own held-out set)", ""]
+        for number, sample in enumerate(central.samples, start=1):
+            prompt = sample.prompt if len(sample.prompt) <= SAMPLE_CHARS else \
+                "..." + sample.prompt[-SAMPLE_CHARS:]
+            reference = sample.reference if len(sample.reference) <= SAMPLE_CHARS else \
+                sample.reference[:SAMPLE_CHARS] + "..."
+            lines += [f"**Sample {number}.** Prompt:", "", *_fenced(prompt), "", "Reference:", "",
+                      *_fenced(reference), "", "Base model:", "", *_fenced(sample.base), "",
+                      "Final global model:", "", *_fenced(sample.final), ""]
+    return lines + [""]
+
+
+def plot_generation(report: RunReport, path: Path) -> None:
+    """The central ROUGE-L, BLEU and chrF per generation round (sites' ROUGE-L dashed)."""
+    rounds = [r for r in report.rounds if r.evaluation.global_generation is not None
+              or r.evaluation.site_generation]
+    xs = [r.round for r in rounds]
+    with report_figure(path, columns=2, size=(11, 4)) as (ax_rouge, ax_bleu):
+        central = [r.evaluation.global_generation for r in rounds]
+        if any(c is not None for c in central):
+            ax_rouge.plot(xs, [c.rouge_l if c else None for c in central], "k-o",
+                          label="global (central)")
+            ax_bleu.plot(xs, [c.bleu if c else None for c in central], "-o", label="BLEU (central)")
+            ax_bleu.plot(xs, [c.chrf if c else None for c in central], "-s", label="chrF (central)")
+        for name in report.sites:
+            values = [r.evaluation.site_generation.get(name) for r in rounds]
+            if any(v is not None for v in values):
+                ax_rouge.plot(xs, [v.rouge_l if v else None for v in values], "--.", label=name)
+        ax_rouge.set(title="ROUGE-L F1 of greedy completions", xlabel="round", ylabel="ROUGE-L")
+        ax_bleu.set(title="BLEU and chrF, coordinator's held-out set", xlabel="round",
+                    ylabel="score (0-100)")
+        for axis in (ax_rouge, ax_bleu):
+            axis.set_xticks(xs)
+
+
 def write_report(report: RunReport, out_dir: Path) -> None:
     """Write report.json, report.md and report.png into ``out_dir`` (each replaced atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,3 +456,5 @@ def write_report(report: RunReport, out_dir: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out_dir / name)
     plot_report(report, out_dir / "report.png")
+    if any(r.evaluation.global_generation or r.evaluation.site_generation for r in report.rounds):
+        plot_generation(report, out_dir / GENERATION_PLOT)

@@ -221,7 +221,8 @@ class LoopbackFederation:
                          "learning_rate": learning_rate, "eval_batch_size": 16},
             "privacy": {"epsilon": EPSILON_CAP, "delta": DELTA},
             "federation": {"rounds": rounds, "min_nodes": 2, "min_replies": 2,
-                           "node_wait_s": node_wait_s, "round_timeout_s": round_timeout_s}}))
+                           "node_wait_s": node_wait_s, "round_timeout_s": round_timeout_s},
+            "evaluation": {"max_new_tokens": 8, "max_examples": 8}}))
         return self.job
 
     def write_deployment(self, central_eval: Path | None = None) -> Path:

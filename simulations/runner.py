@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,13 @@ from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.base_model import resolve_base_model
 from privatune.common.config import ConfigError, JobConfig, load_job_config
+from privatune.common.generation import GenerationScores
 from privatune.common.lora import LoraSettings, initial_adapter, lora_state
 from privatune.common.protocol import evaluate_request, train_request
 from privatune.server.app import make_server_app
-from privatune.server.coordinator import CoordinatorSettings
+from privatune.server.coordinator import CoordinatorSettings, site_generation_scores
 from privatune.server.report import RunReport, SiteSummary, write_report
+from privatune.server.tracking import check_tracking
 from privatune.simulations.hospitals import default_hospitals, generate_federation
 
 
@@ -49,7 +51,8 @@ def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, jo
                     "delta": job.privacy.delta,
                     "min_noise_multiplier": job.privacy.min_noise_multiplier,
                     "max_rounds": job.federation.rounds, "accountant": job.privacy.accountant},
-        "release": {"example_count": True, "train_loss": True, "eval_loss": True},
+        "release": {"example_count": True, "train_loss": True, "eval_loss": True,
+                    "generation_scores": True},
     }
     path = site_dir / "policy.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False), encoding="utf-8")
@@ -65,9 +68,18 @@ def write_central_eval(export: Path, out: Path) -> Path:
     return out
 
 
-def local_only_perplexity(policy_path: Path, scratch: Path, job: JobConfig, model_dir: Path,
-                          run_id: str) -> float | None:
-    """The same site training alone: same rounds, steps and budget, never averaging.
+@dataclass(frozen=True)
+class LocalOnlyResult:
+    """A site's local-only model on its own held-out split: perplexity and generation scores."""
+
+    perplexity: float | None
+    generation: GenerationScores | None = None
+
+
+def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_dir: Path,
+                      run_id: str) -> LocalOnlyResult:
+    """The same site training alone: same rounds, steps and budget, never averaging; evaluated
+    like the final global model (perplexity, and generation scores when the job scores them).
 
     Uses a scratch ledger so the counterfactual does not touch the site's real ledger.
     """
@@ -79,8 +91,10 @@ def local_only_perplexity(policy_path: Path, scratch: Path, job: JobConfig, mode
         if not outcome.reply.accepted:
             break
         state = outcome.state
-    reply = node.evaluate(evaluate_request(job, run_id, job.federation.rounds), state)
-    return math.exp(reply.eval_loss) if reply.eval_loss is not None else None
+    reply = node.evaluate(evaluate_request(job, run_id, job.federation.rounds,
+                                           generation=job.evaluation.every_k_rounds > 0), state)
+    return LocalOnlyResult(math.exp(reply.eval_loss) if reply.eval_loss is not None else None,
+                           site_generation_scores(reply))
 
 
 def _use_threads(threads: int) -> None:
@@ -88,7 +102,8 @@ def _use_threads(threads: int) -> None:
 
 
 def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, model_dir: Path,
-                         run_id: str, progress: Callable[[str], None] = print) -> dict[str, float | None]:
+                         run_id: str, progress: Callable[[str], None] = print
+                         ) -> dict[str, LocalOnlyResult]:
     """Every site's local-only baseline, as many at once as the machine has room for.
 
     Like the virtual nodes, each worker process gets ``simulation.cpus_per_node`` threads, so
@@ -102,7 +117,7 @@ def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, mo
              f"({workers} at a time)")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_use_threads, initargs=(threads,)) as pool:
-        futures = {name: pool.submit(local_only_perplexity, path, out / "baselines" / name, job,
+        futures = {name: pool.submit(local_only_result, path, out / "baselines" / name, job,
                                      model_dir, run_id) for name, path in zip(names, policies)}
         return {name: future.result() for name, future in futures.items()}
 
@@ -122,6 +137,7 @@ def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwr
     """Run the whole simulated federation and write ``report.json``, ``report.md``, ``report.png``."""
     started = time.monotonic()
     job = load_job_config(config_path, overrides)
+    check_tracking(job.tracking)  # a missing tracking package stops here, not after the rounds
     if job.federation.min_nodes > job.data.hospitals:
         raise ConfigError(f"{config_path}: federation.min_nodes ({job.federation.min_nodes}) exceeds "
                           f"data.hospitals ({job.data.hospitals})")
@@ -166,9 +182,11 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
         raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
     report = summaries[0]
     if job.simulation.local_only_baseline:
-        for name, perplexity in local_only_baselines(policies, out, job, model_dir, run_id,
-                                                     progress).items():
-            report.sites.setdefault(name, SiteSummary()).local_only_perplexity = perplexity
+        for name, result in local_only_baselines(policies, out, job, model_dir, run_id,
+                                                 progress).items():
+            site = report.sites.setdefault(name, SiteSummary())
+            site.local_only_perplexity = result.perplexity
+            site.local_only_generation = result.generation
     report.elapsed_s = round(time.monotonic() - started, 1)
     write_report(report, out)
     return report

@@ -281,11 +281,13 @@ def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
     write_report(report, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert RunReport.read(tmp_path / "out" / "report.json") == report
-    assert set(saved) == {"run_id", "config", "base_model", "central", "rounds", "sites"}
+    assert set(saved) == {"run_id", "config", "base_model", "central", "rounds", "sites",
+                          "best_round", "overfitting"}  # the last two derived from the rounds
     assert set(saved["rounds"][0]) == {"round", "participants", "global_perplexity",
                                        "federated_perplexity", "site_perplexity", "evaluation_failures"}
     assert set(saved["rounds"][1]) == set(saved["rounds"][0]) | {"declined", "failures", "aggregated",
-                                                                 "epsilon"}
+                                                                 "epsilon", "train_loss", "bytes_sent",
+                                                                 "bytes_received"}
     assert set(saved["sites"]["beta"]) == {"base_perplexity", "final_perplexity", "epsilon", "delta",
                                            "epsilon_budget", "noise_multiplier", "rounds_participated"}
     assert saved["sites"]["alpha"]["local_only_perplexity"] == 12.5
@@ -448,3 +450,99 @@ def test_robust_median_and_equal_weights(tmp_path, tiny_model_dir):
                         weighting="equal")
     equal.train_round(1)
     assert_same_state(equal.global_state, {n: sum(s[n] for s in states) / 3 for n in states[0]})
+
+
+# -------------------------------------------------------------------------------- generation
+
+
+class ScoringTransport(FakeTransport):
+    """Sites answer a generation request with scores that grow by round; gamma withholds its."""
+
+    def evaluate(self, node_ids, request, state, timeout_s):
+        import dataclasses
+
+        replies, failures = super().evaluate(node_ids, request, state, timeout_s)
+        if request.generation:
+            replies = [r if r.site == "gamma" else dataclasses.replace(
+                r, rouge_l=0.05 + 0.1 * request.round, bleu=2.0 + request.round,
+                chrf=20.0 + request.round, generation_examples=4) for r in replies]
+        return replies, failures
+
+
+def test_generation_scores_and_samples_from_the_central_set_reach_the_report(tmp_path,
+                                                                              tiny_model_dir):
+    import dataclasses
+
+    from privatune.common.config import EvaluationConfig, ModelConfig
+    from privatune.common.generation import NO_MARKER, NOTHING_BEFORE
+    from tests.conftest import write_notes
+
+    central = write_notes(tmp_path / "central.jsonl", 12, 5)
+    with central.open("a") as handle:  # two notes that make no task, counted
+        handle.write(json.dumps({"text": "Discharged home, no heading here."}) + "\n")
+        handle.write(json.dumps({"text": "Assessment: stable."}) + "\n")
+    config = dataclasses.replace(job(rounds=3), model=ModelConfig(max_length=48),
+                                 evaluation=EvaluationConfig(max_new_tokens=4, every_k_rounds=2,
+                                                             max_examples=5))
+    transport = ScoringTransport({1: update(1, 100), 2: update(2, 300), 3: update(3, 600)})
+    settings = CoordinatorSettings(job=config, model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="test-run", central_eval=central)
+    report = Coordinator(settings, transport, progress=lambda _line: None).run()
+
+    # round 0 (the base model), every 2nd round and the final round; the sites were asked then
+    assert [(r.round, r.generation) for r in transport.evaluate_requests] == [
+        (0, True), (1, False), (2, True), (3, True)]
+    assert transport.evaluate_requests[0].max_new_tokens == 4
+    scored = [r.round for r in report.rounds if r.evaluation.global_generation is not None]
+    assert scored == [0, 2, 3]
+    assert report.rounds[2].evaluation.global_generation.examples == 5  # max_examples
+    central_summary = report.central
+    assert central_summary.base_generation == report.rounds[0].evaluation.global_generation
+    assert central_summary.final_generation == report.rounds[3].evaluation.global_generation
+    assert central_summary.generation_tasks == 12
+    assert central_summary.generation_skipped == {NO_MARKER: 1, NOTHING_BEFORE: 1}
+    # three samples of the coordinator's own notes: prompt up to the marker, the note's rest
+    assert len(central_summary.samples) == 3
+    for sample in central_summary.samples:
+        assert sample.prompt.startswith("Patient admitted with") and sample.prompt.endswith("Assessment:")
+        assert "Plan:" in sample.reference
+        assert isinstance(sample.base, str) and isinstance(sample.final, str)
+    # per site: base (round 0) and final scores as released; gamma withheld its
+    alpha = report.sites["alpha"]
+    assert alpha.base_generation.rouge_l == pytest.approx(0.05)
+    assert alpha.final_generation.rouge_l == pytest.approx(0.35) and alpha.final_generation.examples == 4
+    assert report.sites["gamma"].base_generation is None and report.sites["gamma"].final_generation is None
+
+    markdown = render_markdown(report)
+    assert "## Generation" in markdown
+    assert "| alpha | base | 7.39 | 0.050 | 2.0 | 20.0 |" in markdown
+    assert "| alpha | final global | 7.39 | 0.350 | 5.0 | 23.0 |" in markdown
+    assert "| gamma | final global | 54.60 | n/a | n/a | n/a |" in markdown
+    assert "12 notes make a task (skipped: 1 without the marker, 1 with nothing before the marker)" \
+        in markdown
+    assert "**Sample 3.** Prompt:" in markdown and "Final global model:" in markdown
+    assert central_summary.samples[0].prompt in markdown
+
+    write_report(report, tmp_path / "out")
+    assert (tmp_path / "out" / "report_generation.png").stat().st_size > 0
+    assert RunReport.read(tmp_path / "out" / "report.json") == report
+    # a resumed coordinator reads the scores and samples back from the checkpoint
+    state = CheckpointState.read(latest_checkpoint(tmp_path / "run"))
+    assert state.rounds == report.rounds
+
+
+def test_no_generation_when_every_k_rounds_is_0(tmp_path, tiny_model_dir):
+    import dataclasses
+
+    from privatune.common.config import EvaluationConfig
+    from tests.conftest import write_notes
+
+    config = dataclasses.replace(job(rounds=1), evaluation=EvaluationConfig(every_k_rounds=0))
+    transport = ScoringTransport({1: update(1, 100), 2: update(2, 300), 3: update(3, 600)})
+    settings = CoordinatorSettings(job=config, model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="test-run",
+                                   central_eval=write_notes(tmp_path / "central.jsonl", 6, 5))
+    report = Coordinator(settings, transport, progress=lambda _line: None).run()
+    assert not any(r.generation for r in transport.evaluate_requests)
+    assert all(r.evaluation.global_generation is None for r in report.rounds)
+    assert report.central.generation_tasks is None and "## Generation" not in render_markdown(report)

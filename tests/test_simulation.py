@@ -24,6 +24,7 @@ lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
 training: {local_steps: 8, batch_size: 32, learning_rate: 0.05, max_grad_norm: 1.0}
 privacy: {epsilon: 8.0, delta: 1.0e-4}
 federation: {rounds: 2, min_nodes: 2, min_replies: 2, node_wait_s: 60, round_timeout_s: 300}
+evaluation: {max_new_tokens: 8, every_k_rounds: 2, max_examples: 8}
 simulation: {cpus_per_node: 1, local_only_baseline: true}
 """
 
@@ -98,3 +99,27 @@ def test_report_files_written(simulated_run):
                   "delta", "epsilon_budget"):
         assert field in saved["sites"]["north"]
     assert RunReport.from_json(saved) == report  # report.json reads back as the same records
+
+
+def test_generation_scores_centrally_at_sites_and_local_only(simulated_run):
+    _, root, report, policies = simulated_run
+    # rounds 0 (the base model) and 2 (every 2nd, also the last); not round 1
+    assert [r.round for r in report.rounds if r.evaluation.global_generation] == [0, 2]
+    central = report.central
+    assert central.base_generation.examples == central.final_generation.examples == 8
+    assert central.generation_tasks == 40 and not central.generation_skipped
+    assert len(central.samples) == 3 and all(s.prompt.endswith("Assessment:") for s in central.samples)
+    for name, site in report.sites.items():
+        for scores in (site.base_generation, site.final_generation, site.local_only_generation):
+            assert scores is not None and scores.examples == 8, name
+            assert 0.0 <= scores.rouge_l <= 1.0 and 0.0 <= scores.chrf <= 100.0
+    # each site listed what it released as a non-private release, in the round it was asked
+    for policy_path in policies:
+        entries = [e for e in SiteLedger(load_site_policy(policy_path).ledger_path).entries
+                   if e.get("release") == "evaluate_metrics"]
+        scored = [e["round"] for e in entries if "rouge_l" in e["values"]]
+        assert scored == [0, 2] and all(e["private"] is False for e in entries)
+    markdown = (root / "run" / "report.md").read_text()
+    assert "## Generation" in markdown and "| north | local only |" in markdown
+    assert "**Sample 3.** Prompt:" in markdown
+    assert (root / "run" / "report_generation.png").stat().st_size > 0

@@ -1,0 +1,211 @@
+"""The model as a generative model: the task cut from a note, greedy decoding, the libraries'
+scores, and what a site releases of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.common.config import ConfigError, load_job_config
+from privatune.common.generation import (NO_MARKER, NOTHING_AFTER, NOTHING_BEFORE, GenerationTask,
+                                         generate_completions, generation_tasks, is_generation_round,
+                                         score_completions, split_at_marker)
+from privatune.common.ledger import NON_PRIVATE, SiteLedger
+from privatune.common.lora import (LoraSettings, attach_seeded_lora, initial_adapter, load_base_model,
+                                   lora_state)
+from privatune.common.protocol import EvaluateRequest
+
+NOTE = ("Subjective: 70-year-old with cough.\nObjective: T 38.9 C, HR 104.\n"
+        "Assessment: 1. Pneumonia.\nPlan: start antibiotics.")
+LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+
+
+# ------------------------------------------------------------------------------ the task
+
+
+def test_note_is_split_at_the_marker_which_ends_the_prompt():
+    split = split_at_marker(NOTE)
+    assert split.task == GenerationTask(
+        prompt="Subjective: 70-year-old with cough.\nObjective: T 38.9 C, HR 104.\nAssessment:",
+        reference="1. Pneumonia.\nPlan: start antibiotics.")
+    # only the first occurrence splits; the rest stays in the reference
+    twice = split_at_marker("History. Assessment: a. Assessment: b.")
+    assert twice.task == GenerationTask("History. Assessment:", "a. Assessment: b.")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("Subjective: cough.\nObjective: T 38.9 C.\nPlan: rest.", NO_MARKER),  # absent
+    ("Assessment: pneumonia. Plan: antibiotics.", NOTHING_BEFORE),  # at the very start
+    ("  \n Assessment: pneumonia.", NOTHING_BEFORE),  # only whitespace before it
+    ("Subjective: cough. Assessment:   \n", NOTHING_AFTER),  # nothing to predict
+    ("Subjective: cough. assessment: pneumonia.", NO_MARKER),  # the marker is case-sensitive
+])
+def test_note_without_a_usable_marker_is_skipped_with_its_reason(text, reason):
+    split = split_at_marker(text)
+    assert split.task is None and split.skipped == reason
+
+
+def test_records_become_tasks_and_the_skipped_are_counted():
+    pairs = [("", NOTE),  # a note: split
+             ("Summarise: chest pain.", " Likely angina. "),  # prompt + completion: as given
+             ("", "Discharge summary without any heading."),  # no marker
+             ("", "Assessment: only an assessment."),  # marker at the start
+             ("Question?", "   ")]  # a prompt with nothing to predict
+    tasks = generation_tasks(pairs, "Assessment:")
+    assert tasks.tasks == [split_at_marker(NOTE).task,
+                           GenerationTask("Summarise: chest pain.", "Likely angina.")]
+    assert tasks.skipped == {NO_MARKER: 1, NOTHING_BEFORE: 1, NOTHING_AFTER: 1}
+    assert tasks.records == 5
+    assert tasks.describe() == ("2 of 5 records; skipped 1 without the marker, 1 with nothing "
+                                "before the marker, 1 with nothing after the marker")
+    other = generation_tasks([("", "Findings: x. Impression: y.")], "Impression:")
+    assert other.tasks == [GenerationTask("Findings: x. Impression:", "y.")]
+
+
+def test_generation_rounds_are_round_0_every_kth_and_the_last():
+    assert [r for r in range(8) if is_generation_round(r, 7, 3)] == [0, 3, 6, 7]
+    assert [r for r in range(4) if is_generation_round(r, 3, 1)] == [0, 1, 2, 3]
+    assert not any(is_generation_round(r, 3, 0) for r in range(4))
+
+
+# ------------------------------------------------------------------------------ the scores
+
+
+def test_scores_come_from_the_libraries_on_hand_checkable_pairs():
+    same = score_completions(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same.rouge_l == pytest.approx(1.0)
+    assert same.bleu == pytest.approx(100.0) and same.chrf == pytest.approx(100.0)
+    assert same.examples == 1
+    # longest common subsequence 6 of 6 predicted and 7 reference words: F1 = 2*1*(6/7)/(1+6/7)
+    shorter = score_completions(["the cat sat on the mat"], ["the cat sat on the mat today"])
+    assert shorter.rouge_l == pytest.approx(12 / 13)
+    nothing = score_completions([""], ["the cat sat on the mat"])
+    assert nothing.rouge_l == 0.0 and nothing.bleu == 0.0 and nothing.chrf == 0.0
+    # ROUGE-L is the mean over examples
+    mixed = score_completions(["the cat sat on the mat", ""], ["the cat sat on the mat"] * 2)
+    assert mixed.rouge_l == pytest.approx(0.5) and mixed.examples == 2
+    with pytest.raises(ValueError, match="no completions"):
+        score_completions([], [])
+
+
+def test_greedy_completions_fit_the_length_and_leave_the_model_as_it_was(tiny_model_dir):
+    base, tokenizer = load_base_model(tiny_model_dir)
+    model = attach_seeded_lora(base, LORA, seed=0)
+    model.train()
+    long_prompt = "History of cough and fever. " * 400 + "Assessment:"
+    prompts = [long_prompt, "Patient admitted with asthma. Assessment:"]
+    calls = []
+    original = model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        assert not torch.is_grad_enabled() and not model.training
+        return original(**kwargs)
+
+    model.generate = spy  # type: ignore[method-assign]
+    first = generate_completions(model, tokenizer, prompts, max_length=48, max_new_tokens=8)
+    assert model.training  # restored
+    assert len(first) == 2 and all(isinstance(text, str) for text in first)
+    ids = calls[0]["input_ids"]
+    # the prompt is cut from its start to max_length - max_new_tokens (bos included)
+    assert ids.shape[1] == 48 - 8
+    assert calls[0]["generation_config"].max_new_tokens == 8
+    assert calls[0]["generation_config"].do_sample is False
+    # greedy: the same text again, one prompt at a time or batched
+    assert generate_completions(model, tokenizer, prompts, 48, 8, batch_size=1) == first
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        generate_completions(model, tokenizer, prompts, max_length=48, max_new_tokens=47)
+
+
+# ------------------------------------------------------------------------- at a site
+
+
+def evaluate_request(generation: bool = True, max_examples: int = 5) -> EvaluateRequest:
+    return EvaluateRequest(run_id="run-1", round=1, max_length=48, batch_size=8, lora_r=LORA.r,
+                           lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj",
+                           generation=generation, marker="Assessment:", max_new_tokens=6,
+                           max_examples=max_examples)
+
+
+def with_release(policy_path, **release):
+    policy = yaml.safe_load(policy_path.read_text())
+    policy["release"] = release
+    policy_path.write_text(yaml.safe_dump(policy))
+    return policy_path
+
+
+def metric_entries(node: SiteNode) -> list[dict]:
+    return [e for e in SiteLedger(node.policy.ledger_path).entries
+            if e["kind"] == NON_PRIVATE and e["release"] == "evaluate_metrics"]
+
+
+def test_site_releases_its_generation_scores_as_a_non_private_release(make_site, tiny_model_dir):
+    node = SiteNode(load_site_policy(make_site(records=60)))
+    state = lora_state(initial_adapter(tiny_model_dir, LORA, seed=0))
+    reply = node.evaluate(evaluate_request(max_examples=5), state)
+    assert reply.generation_examples == 5  # the first 5 held-out notes (all have the marker)
+    assert all(isinstance(v, float) for v in (reply.rouge_l, reply.bleu, reply.chrf))
+    [entry] = metric_entries(node)
+    assert entry["private"] is False
+    assert entry["values"] == {"num_examples": reply.num_examples, "eval_loss": reply.eval_loss,
+                               "rouge_l": reply.rouge_l, "bleu": reply.bleu, "chrf": reply.chrf,
+                               "generation_examples": 5}
+    # not asked for: nothing generated, nothing released
+    plain = node.evaluate(evaluate_request(generation=False), state)
+    assert plain.rouge_l is None and plain.generation_examples is None
+    assert "rouge_l" not in metric_entries(node)[-1]["values"]
+
+
+def test_site_policy_withholds_generation_scores(make_site, tiny_model_dir, monkeypatch):
+    node = SiteNode(load_site_policy(with_release(make_site(records=60), generation_scores=False)))
+    assert node.policy.release.generation_scores is False
+    import privatune.client.node as node_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("a withheld score is never even computed")
+
+    monkeypatch.setattr(node_module, "evaluate_generation", never)
+    state = lora_state(initial_adapter(tiny_model_dir, LORA, seed=0))
+    reply = node.evaluate(evaluate_request(), state)
+    assert reply.rouge_l is None and reply.bleu is None and reply.chrf is None
+    assert reply.generation_examples is None
+    assert not {"rouge_l", "bleu", "chrf", "generation_examples"} & set(reply.to_record()["metrics"])
+    [entry] = metric_entries(node)
+    assert set(entry["values"]) == {"num_examples", "eval_loss"}
+
+
+def test_withheld_example_count_also_withholds_the_generation_count(make_site, tiny_model_dir):
+    node = SiteNode(load_site_policy(with_release(make_site(records=60), example_count=False)))
+    state = lora_state(initial_adapter(tiny_model_dir, LORA, seed=0))
+    reply = node.evaluate(evaluate_request(max_examples=3), state)
+    assert reply.rouge_l is not None and reply.generation_examples is None
+    assert "generation_examples" not in metric_entries(node)[0]["values"]
+
+
+# --------------------------------------------------------------------- request and config
+
+
+def test_evaluate_request_carries_the_generation_settings():
+    request = evaluate_request(max_examples=7)
+    assert EvaluateRequest.from_record(request.to_record()) == request
+    missing = {k: v for k, v in request.to_record().items() if k != "max_new_tokens"}
+    with pytest.raises(ValueError, match="lacks field 'max_new_tokens'"):
+        EvaluateRequest.from_record(missing)
+
+
+def test_evaluation_section_is_validated(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {max_length: 48}\nevaluation: {marker: 'Impression:', max_new_tokens: 8,"
+                    " every_k_rounds: 2, max_examples: 4}\n")
+    evaluation = load_job_config(path).evaluation
+    assert (evaluation.marker, evaluation.max_new_tokens, evaluation.every_k_rounds,
+            evaluation.max_examples) == ("Impression:", 8, 2, 4)
+    with pytest.raises(ConfigError, match="evaluation.max_new_tokens .* no room for a prompt"):
+        load_job_config(path, ["evaluation.max_new_tokens=47"])
+    with pytest.raises(ConfigError, match="evaluation.marker must not be empty"):
+        load_job_config(path, ["evaluation.marker= "])
+    with pytest.raises(ConfigError, match="evaluation.max_examples"):
+        load_job_config(path, ["evaluation.max_examples=0"])
