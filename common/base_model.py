@@ -29,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from privatune.common.config import ConfigError, ModelConfig
+from privatune.common.progress import progress_bar
 
 # Bump when the build recipe changes, so cached models built by older code are not reused.
 BUILD_RECIPE_VERSION = 1
@@ -419,7 +420,7 @@ def _pretrain(
     offsets_range = len(tokens) - seq_len
     report_every = max(1, spec.pretrain_steps // 10)
     model.train()
-    for step in range(spec.pretrain_steps):
+    for step in progress_bar(range(spec.pretrain_steps), "base model: pretraining"):
         thread_governor.adjust()
         starts = torch.randint(0, offsets_range + 1, (spec.pretrain_batch_size,), generator=generator)
         batch = torch.stack([tokens[start : start + seq_len] for start in starts.tolist()])

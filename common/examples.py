@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
+from privatune.common.progress import progress_bar
+
 IGNORE_INDEX = -100
 # Characters tokenized per token wanted: a first window of WINDOW_CHARS_PER_TOKEN (tokens of
 # natural text average 3 to 5 characters), doubled while it yields too few tokens, up to
@@ -156,7 +158,7 @@ def evaluate_loss(model: torch.nn.Module, dataset: TensorDataset, batch_size: in
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     input_ids, labels, mask = dataset.tensors
-    for start in range(0, len(input_ids), batch_size):
+    for start in progress_bar(range(0, len(input_ids), batch_size), "evaluating held-out loss"):
         ids = input_ids[start:start + batch_size].to(device)
         labs = labels[start:start + batch_size].to(device)
         batch_mask = mask[start:start + batch_size].to(device)

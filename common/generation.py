@@ -28,6 +28,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from privatune.common.examples import head_ids
+from privatune.common.progress import progress_bar
 
 DEFAULT_MARKER = "Assessment:"
 # why a record gives no task (the counts are reported by these names)
@@ -177,7 +178,7 @@ def generate_completions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerB
     model.eval()
     completions: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in progress_bar(range(0, len(prompts), batch_size), "generating completions"):
             rows = [bos + head_ids(tokenizer, prompt, room, from_end=True)[0]
                     for prompt in prompts[start:start + batch_size]]
             width = max(max(len(row) for row in rows), 1)
