@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,15 +15,20 @@ GENERIC_NAMES = ("common", "client", "server", "simulations")
 
 
 def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    # a fresh environment sees only what is installed in it: no PYTHONPATH from the caller
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
 
 def test_wheel_installs_only_the_privatune_namespace(tmp_path):
+    source = tmp_path / "source"  # built from a copy: setuptools' build/ stays out of the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--wheel-dir", tmp_path / "dist", REPO, cwd=tmp_path)
+         "--wheel-dir", tmp_path / "dist", source, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("privatune-*.whl")
     top_level = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert top_level == {"privatune", wheel.name.split("-py3")[0] + ".dist-info"}
