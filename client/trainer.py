@@ -20,12 +20,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
+from privatune.client.lora_grad_sampler import LoraPrivacyEngine
 from privatune.common.examples import per_example_loss
 from privatune.common.privacy import poisson_sample_rate
+from privatune.common.progress import progress_bar
 
 
 class DPNotAppliedError(RuntimeError):
@@ -81,7 +82,7 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
     with warnings.catch_warnings():
         # Opacus' secure-RNG advice: the noise comes from torch's RNG under the site's secret seed.
         warnings.simplefilter("ignore")
-        engine = PrivacyEngine(accountant="rdp")
+        engine = LoraPrivacyEngine(accountant="rdp")
         dp_model, dp_optimizer, dp_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
@@ -93,6 +94,7 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
 
     losses: list[float] = []
     steps = 0
+    ticks = progress_bar(range(settings.steps), "local DP steps")
     try:
         while steps < settings.steps:
             for input_ids, labels, mask in dp_loader:
@@ -115,6 +117,7 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
                 dp_optimizer.step()
                 _check_noise_added(trainable, _noise_divisor(dp_optimizer), settings, steps)
                 steps += 1
+                next(ticks, None)
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         dp_model._close()  # remove Opacus hooks; the PEFT model keeps the trained tensors

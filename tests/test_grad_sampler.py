@@ -1,0 +1,379 @@
+"""Per-sample LoRA gradients of the LoRA engine (client/lora_grad_sampler.py), checked against
+examples run one at a time and against stock Opacus, for Llama and GPT-2 (Conv1D) layers, with
+padded batches and bfloat16 base weights; unsupported adapters are refused before training."""
+
+from __future__ import annotations
+
+import warnings
+
+import opacus.grad_sample.grad_sample_module as gsm
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import privatune.client.trainer as trainer
+from privatune.client.lora_grad_sampler import (LoraDPOptimizer, LoraGradSampleModule,
+                                                LoraPrivacyEngine, UnsupportedLoraError,
+                                                lora_sampler_registered, stock_opacus)
+from privatune.common.examples import IGNORE_INDEX, per_example_loss
+from privatune.common.lora import LoraSettings, attach_lora
+
+VOCAB, BATCH, LENGTH = 64, 4, 12
+LENGTHS = [12, 7, 12, 4]  # real tokens per example; the rest is padding
+RTOL = 1e-5               # float32: engine vs one-at-a-time and vs stock Opacus (max abs error)
+# bfloat16 base weights through a whole model (Frobenius error per tensor): the backward sums the
+# q/k/v gradients of a layer input in bf16, in an order that depends on the autograd graph, so
+# one-at-a-time runs and stock Opacus differ from each other by about 1-2% already.
+BF16_RTOL = 5e-2
+
+
+def llama(dtype: torch.dtype = torch.float32, dropout: float = 0.0):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0)
+    base = LlamaForCausalLM(config).to(dtype)
+    if dropout:
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                target_modules=list(LoraSettings().target_modules)))
+    else:
+        model = attach_lora(base, LoraSettings(r=4, alpha=8))  # the project's own LoRA (dropout 0)
+    return _nonzero_b(model)
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # deterministic
+    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
+        target_modules=["c_attn", "c_proj", "c_fc"]))
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(type(m.base_layer).__name__ == "Conv1D" and m.fan_in_fan_out
+                          for m in layers)  # the same LoRA layer class, on GPT-2's Conv1D
+    return _nonzero_b(model)
+
+
+def _nonzero_b(model):
+    """LoRA B starts at zero, which would make every lora_A gradient zero: use a later state."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    model.train()
+    return model
+
+
+BUILDERS = {"llama": llama, "gpt2": gpt2}
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=generator)
+    mask = torch.zeros_like(ids)
+    labels = ids.clone()
+    for i, length in enumerate(LENGTHS):
+        mask[i, :length] = 1
+        ids[i, length:] = 0
+        labels[i, length:] = IGNORE_INDEX
+    labels[0, :3] = IGNORE_INDEX  # a prompt: no loss on its tokens
+    return ids, mask, labels
+
+
+def lora_params(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def engine_grad_samples(model, wrap) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of one forward/backward of the padded batch, mean loss as the trainer."""
+    ids, mask, labels = batch()
+    wrapped = wrap(model)
+    try:
+        logits = wrapped(input_ids=ids, attention_mask=mask).logits.float()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            per_example_loss(logits, labels).mean().backward()
+        return {n: p.grad_sample.detach().clone() for n, p in lora_params(model).items()}
+    finally:
+        wrapped._close()
+
+
+def one_at_a_time(model) -> dict[str, torch.Tensor]:
+    """Each example alone, without its padding, through forward and backward (no Opacus)."""
+    ids, mask, labels = batch()
+    params = lora_params(model)
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+    for i, length in enumerate(LENGTHS):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids[i:i + 1, :length], attention_mask=mask[i:i + 1, :length]).logits
+        per_example_loss(logits.float(), labels[i:i + 1, :length]).sum().backward()
+        for name, param in params.items():
+            grads[name].append(param.grad.detach().clone())
+    model.zero_grad(set_to_none=True)
+    return {n: torch.stack(g) for n, g in grads.items()}
+
+
+def stock(model):
+    with stock_opacus():
+        return GradSampleModule(model)
+
+
+def assert_close(actual: dict, expected: dict, rtol: float, norm: str = "max") -> None:
+    """Per tensor: max |actual - expected| <= rtol * max |expected| (``norm="fro"``: the
+    Frobenius norms instead)."""
+    measure = (lambda t: t.abs().max()) if norm == "max" else (lambda t: t.norm())
+    assert actual.keys() == expected.keys()
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.shape == want.shape and got.dtype == torch.float32, name
+        scale = measure(want)
+        assert scale > 0, f"{name}: zero reference gradient, the comparison would be vacuous"
+        error = measure(got - want) / scale
+        assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol:g}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_sample_gradients_match_one_example_at_a_time(arch):
+    expected = one_at_a_time(BUILDERS[arch]())
+    actual = engine_grad_samples(BUILDERS[arch](), LoraGradSampleModule)
+    assert_close(actual, expected, RTOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_sample_gradients_match_stock_opacus(arch):
+    expected = engine_grad_samples(BUILDERS[arch](), stock)
+    actual = engine_grad_samples(BUILDERS[arch](), LoraGradSampleModule)
+    assert_close(actual, expected, RTOL)
+
+
+def test_padding_contributes_nothing():
+    """The padded tail gets no output gradient: changing its tokens changes no gradient."""
+    first = engine_grad_samples(llama(), LoraGradSampleModule)
+    ids, mask, labels = batch()
+    ids[mask == 0] = 5  # other pad tokens
+    model = llama()
+    wrapped = LoraGradSampleModule(model)
+    per_example_loss(wrapped(input_ids=ids, attention_mask=mask).logits, labels).mean().backward()
+    second = {n: p.grad_sample.clone() for n, p in lora_params(model).items()}
+    wrapped._close()
+    assert_close(second, first, RTOL)
+
+
+def test_bfloat16_base_weights():
+    """bf16 base, float32 LoRA: per-sample gradients in float32, within bf16 rounding of stock
+    Opacus' and of one-at-a-time runs."""
+    model = llama(torch.bfloat16)
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert {p.dtype for p in base} == {torch.bfloat16}
+    assert {p.dtype for p in lora_params(model).values()} == {torch.float32}
+    actual = engine_grad_samples(model, LoraGradSampleModule)
+    assert_close(actual, engine_grad_samples(llama(torch.bfloat16), stock), BF16_RTOL, "fro")
+    assert_close(actual, one_at_a_time(llama(torch.bfloat16)), BF16_RTOL, "fro")
+
+
+class TwoLayers(torch.nn.Module):
+    """x -> first -> second, bf16: no other gradient path, so the gradients reaching each LoRA
+    layer are bitwise the same whichever engine runs; the first layer's input needs no gradient
+    (Opacus' hook fires before autograd reaches its factors), the second's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(24, 40), torch.nn.Linear(40, 16)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision():
+    def build():
+        torch.manual_seed(0)
+        model = get_peft_model(TwoLayers().to(torch.bfloat16), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["first", "second"]))
+        return _nonzero_b(model)
+
+    x = torch.randn(BATCH, LENGTH, 24).to(torch.bfloat16)
+    target = torch.randn(BATCH, LENGTH, 16)
+
+    def grad_samples(wrap):
+        model = build()
+        wrapped = wrap(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            ((wrapped(x).float() - target) ** 2).mean().backward()
+        samples = {n: p.grad_sample.clone() for n, p in lora_params(model).items()}
+        wrapped._close()
+        return samples
+
+    assert_close(grad_samples(LoraGradSampleModule), grad_samples(stock), RTOL)
+
+
+def test_lora_dropout_uses_the_dropped_input():
+    """With lora_dropout > 0, lora_A's gradient uses the dropped-out input (same masks as stock)."""
+    torch.manual_seed(3)
+    expected = engine_grad_samples(llama(dropout=0.3), stock)
+    torch.manual_seed(3)
+    actual = engine_grad_samples(llama(dropout=0.3), LoraGradSampleModule)
+    assert_close(actual, expected, RTOL)
+
+
+def test_one_opacus_hook_per_lora_layer_and_none_on_the_factors():
+    model = llama()
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    wrapped = LoraGradSampleModule(model)
+    try:
+        assert list(wrapped.iterate_submodules(model)) == lora_layers
+        for layer in lora_layers:
+            assert len(layer._backward_hooks) == 1  # Opacus' full backward hook
+            for factor in (layer.lora_A.default, layer.lora_B.default):
+                assert not factor._backward_hooks
+        ids, mask, labels = batch()
+        per_example_loss(wrapped(input_ids=ids, attention_mask=mask).logits, labels).mean().backward()
+        for name, param in lora_params(model).items():
+            # no batch-summed gradient is computed (DPOptimizer replaces p.grad anyway)
+            assert param.grad is None and param.grad_sample.shape == (BATCH, *param.shape), name
+        assert not any(p.grad is not None for p in model.parameters())  # base frozen
+    finally:
+        wrapped._close()
+    with stock_opacus():
+        stock_wrapped = GradSampleModule(model)  # for contrast: stock hooks lora_A / lora_B
+        assert all(isinstance(m, torch.nn.Linear) for m in stock_wrapped.iterate_submodules(model))
+        stock_wrapped._close()
+
+
+def make_private(model, engine_class=LoraPrivacyEngine):
+    ids, mask, labels = batch()
+    optimizer = torch.optim.SGD(list(lora_params(model).values()), lr=0.1)
+    loader = DataLoader(TensorDataset(ids, labels, mask), batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return engine_class(accountant="rdp").make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=True)
+
+
+def test_privacy_engine_uses_the_lora_engine_and_stock_opacus_can_be_restored():
+    dp_model, dp_optimizer, _ = make_private(llama())
+    assert type(dp_model) is LoraGradSampleModule and type(dp_optimizer) is LoraDPOptimizer
+    dp_model._close()
+    with stock_opacus():
+        assert not lora_sampler_registered()
+        dp_model, dp_optimizer, _ = make_private(llama())
+        assert type(dp_model) is GradSampleModule and type(dp_optimizer) is DPOptimizer
+        dp_model._close()
+    assert lora_sampler_registered()
+
+
+def test_a_dp_step_matches_stock_opacus():
+    """Same per-sample gradients, same clipping, same noise draw: the same noised update."""
+    grads = {}
+    for name, engine in (("stock", PrivacyEngine), ("new", LoraPrivacyEngine)):
+        dp_model, dp_optimizer, _ = make_private(llama(), engine)
+        ids, mask, labels = batch()
+        per_example_loss(dp_model(input_ids=ids, attention_mask=mask).logits, labels).mean().backward()
+        torch.manual_seed(7)
+        dp_optimizer.step()
+        grads[name] = {n: p.grad.clone() for n, p in lora_params(dp_model._module).items()}
+        dp_model._close()
+    assert_close(grads["new"], grads["stock"], RTOL)
+
+
+def test_scale_grad_is_stock_opacus_arithmetic():
+    dp_model, dp_optimizer, _ = make_private(llama())
+    params = dp_optimizer.params
+    for p in params:
+        p.grad_sample = torch.zeros((2, *p.shape))
+        p.grad = torch.randn(p.shape)
+    expected = [p.grad / (dp_optimizer.expected_batch_size * dp_optimizer.accumulated_iterations)
+                for p in params]
+    dp_optimizer.scale_grad()
+    for p, want in zip(params, expected):
+        assert torch.equal(p.grad, want)
+    dp_model._close()
+
+
+def unsupported_models():
+    def dora():
+        torch.manual_seed(0)
+        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), LoraConfig(
+            r=4, target_modules=["q_proj"], use_dora=True))
+
+    def two_active_adapters():
+        model = llama()
+        model.add_adapter("other", LoraConfig(r=4, target_modules=list(LoraSettings().target_modules)))
+        model.base_model.set_adapter(["default", "other"])
+        return model
+
+    def lora_bias():
+        torch.manual_seed(0)
+        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), LoraConfig(
+            r=4, target_modules=["q_proj"], lora_bias=True))
+
+    def lora_on_embedding():
+        torch.manual_seed(0)
+        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), LoraConfig(
+            r=4, target_modules=["embed_tokens", "q_proj"]))
+
+    def trainable_base_weight():
+        model = llama()
+        model.base_model.model.model.norm.weight.requires_grad_(True)
+        return model
+
+    def merged():
+        model = llama()
+        model.merge_adapter()
+        return model
+
+    return {"LoRA variant": dora, "2 active adapters": two_active_adapters,
+            "LoRA bias": lora_bias, "only peft.tuners.lora.layer.Linear": lora_on_embedding,
+            "not LoRA factors": trainable_base_weight, "merged or disabled": merged}
+
+
+@pytest.mark.parametrize("expected", list(unsupported_models()))
+def test_unsupported_adapters_are_refused_before_training(expected):
+    model = unsupported_models()[expected]()
+    with pytest.raises(UnsupportedLoraError, match=expected):
+        make_private(model)
+    assert not any(hasattr(m, "autograd_grad_sample_hooks") for m in model.modules())
+
+
+def test_adapter_merged_after_wrapping_stops_the_forward_pass():
+    model = llama()
+    wrapped = LoraGradSampleModule(model)
+    ids, mask, _labels = batch()
+    model.merge_adapter()  # the LoRA path no longer runs, its factors are still trainable
+    try:
+        with pytest.raises(UnsupportedLoraError, match="did not run"):
+            wrapped(input_ids=ids, attention_mask=mask)
+    finally:
+        wrapped._close()
+
+
+def test_missing_per_sample_gradients_test_reaches_the_real_path():
+    """tests/test_trainer.py breaks GradSampleModule.capture_backprops_hook to simulate lost
+    per-sample gradients: the LoRA engine must run that very method, not an override."""
+    assert LoraGradSampleModule.capture_backprops_hook is gsm.GradSampleModule.capture_backprops_hook
+
+
+def test_trainer_trains_through_the_lora_engine(monkeypatch):
+    calls: list[type] = []
+    rearrange = LoraGradSampleModule.rearrange_grad_samples
+
+    def spy(self, *, module, **kwargs):
+        calls.append(type(module))
+        return rearrange(self, module=module, **kwargs)
+
+    monkeypatch.setattr(LoraGradSampleModule, "rearrange_grad_samples", spy)
+    ids, mask, labels = batch()
+    dataset = TensorDataset(ids.repeat(5, 1), labels.repeat(5, 1), mask.repeat(5, 1))
+    settings = trainer.DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0,
+                                       expected_batch_size=4, steps=3, learning_rate=0.02, seed=0)
+    result = trainer.train_dp_round(llama(), dataset, settings)
+    assert result.steps == 3
+    assert calls and set(calls) == {LoraLinear}
