@@ -215,18 +215,23 @@ class Crash(RuntimeError):
     pass
 
 
+def crash_in_round(transport: FakeTransport, round_number: int) -> FakeTransport:
+    """The coordinator dies (``Crash``) when it asks for ``round_number``'s training."""
+    train = transport.train
+
+    def train_then_crash(node_ids, request, state, timeout_s):
+        if request.round == round_number:
+            raise Crash(f"coordinator killed during round {round_number}")
+        return train(node_ids, request, state, timeout_s)
+
+    transport.train = train_then_crash  # type: ignore[method-assign]
+    return transport
+
+
 def test_new_coordinator_resumes_at_the_next_round_with_the_same_adapter_and_history(
         tmp_path, tiny_model_dir):
     behaviours = {1: update(1, 100), 2: update(2, 300), 3: decline("not today")}
-    transport = FakeTransport(behaviours)
-    crashing = transport.train
-
-    def train_then_crash(node_ids, request, state, timeout_s):
-        if request.round == 2:
-            raise Crash("coordinator killed during round 2")
-        return crashing(node_ids, request, state, timeout_s)
-
-    transport.train = train_then_crash  # type: ignore[method-assign]
+    transport = crash_in_round(FakeTransport(behaviours), 2)
     first = coordinator(tmp_path, tiny_model_dir, transport, rounds=3)
     with pytest.raises(Crash):
         first.run()

@@ -12,7 +12,8 @@ from privatune.common.config import ConfigError, load_job_config
 from privatune.server import tracking
 from privatune.server.report import RoundEvaluation, RoundRecord, RoundTraining
 from privatune.server.tracking import open_tracker, round_scalars
-from tests.test_coordinator import Crash, FakeTransport, coordinator, decline, update
+from tests.test_coordinator import (Crash, FakeTransport, coordinator, crash_in_round, decline,
+                                    update)
 
 
 def scalars(log_dir) -> EventAccumulator:
@@ -69,15 +70,7 @@ def test_coordinator_writes_tensorboard_events_every_round(tmp_path, tiny_model_
 
 def test_resumed_run_shows_each_round_once(tmp_path, tiny_model_dir):
     behaviours = {1: update(1, 100), 2: update(2, 300), 3: update(3, 50)}
-    transport = FakeTransport(behaviours)
-    crashing = transport.train
-
-    def train_then_crash(node_ids, request, state, timeout_s):
-        if request.round == 3:
-            raise Crash("coordinator killed during round 3")
-        return crashing(node_ids, request, state, timeout_s)
-
-    transport.train = train_then_crash
+    transport = crash_in_round(FakeTransport(behaviours), 3)
     with pytest.raises(Crash):
         coordinator(tmp_path, tiny_model_dir, transport, rounds=3).run()
     log_dir = tmp_path / "run" / "tensorboard"
