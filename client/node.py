@@ -28,7 +28,7 @@ from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.examples import encode_pairs, evaluate_loss
 from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
 from privatune.common.hardware import resolve_hardware
-from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger
+from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger, mechanism_step
 from privatune.common.lora import LoraSettings, load_lora_state, lora_state
 from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
                                       run_noise_multiplier)
@@ -159,8 +159,7 @@ class SiteNode:
             return RoundPlan(f"round {request.round} would raise this site's epsilon to {after:.3f}, "
                              f"over its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
                              f"spent so far {spent:.3f}", noise, after)
-        run_history = [MechanismStep(float(e["noise_multiplier"]), float(e["sample_rate"]),
-                                     int(e["steps"])) for e in run_entries]
+        run_history = [mechanism_step(e) for e in run_entries]
         run_after = epsilon_of([*run_history, this_round], privacy.delta, accountant)
         if run_after > privacy.run_budget:
             return RoundPlan(f"round {request.round} would raise this run's epsilon to "

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privatune.common.config import ConfigError, bounded, build, choice, device_choice, read_yaml
+from privatune.common.config import (ConfigError, accountant_name, bounded, build, choice,
+                                     device_choice, read_yaml)
 from privatune.common.privacy import delta_problem
 from privatune.common.protocol import TrainRequest
 
@@ -51,7 +52,7 @@ class PrivacySection:
     @property
     def accountant_name(self) -> str:
         """The accountant's name as the ledger records it (``opacus-prv`` or ``opacus-rdp``)."""
-        return f"opacus-{self.accountant}"
+        return accountant_name(self.accountant)
 
     @property
     def run_budget(self) -> float:

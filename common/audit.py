@@ -13,7 +13,7 @@ curve of each distinct (noise multiplier, sampling rate) once, each release adds
 times it, and its own RDP-to-epsilon conversion gives every release's epsilon. The same
 arithmetic in the same order as composing the whole prefix anew, so the figures are the same.
 PLD is a side figure: it is computed for the whole history with the steps summed per distinct
-mechanism (composition allows it, see ``MechanismTotals``) and, for a ledger of at most
+mechanism (composition allows it, see ``privacy.merged``) and, for a ledger of at most
 ``PLD_PER_RELEASE_LIMIT`` releases, for every prefix too.
 
 A ledger audits "ok" only when all of it is accounted: a torn last line (no newline, and it
@@ -104,26 +104,6 @@ class IndependentRdp:
         return 0.0 if self.empty else float(compute_epsilon(self.orders, self.rdp, delta)[0])
 
 
-class MechanismTotals:
-    """The steps of a history summed per distinct mechanism (noise multiplier, sampling rate).
-
-    Composition does not depend on the order of the mechanisms (privacy loss distributions
-    compose by convolution), and k then m steps of one subsampled Gaussian are k + m steps of
-    it, so the totals have the history's PLD: one composition per distinct mechanism, however
-    long the ledger.
-    """
-
-    def __init__(self) -> None:
-        self._steps: dict[tuple[float, float], int] = {}
-
-    def add(self, step: MechanismStep) -> None:
-        key = (step.noise_multiplier, step.sample_rate)
-        self._steps[key] = self._steps.get(key, 0) + step.steps
-
-    def history(self) -> list[MechanismStep]:
-        return [MechanismStep(sigma, q, steps) for (sigma, q), steps in self._steps.items()]
-
-
 @dataclass
 class SiteAudit:
     name: str
@@ -194,7 +174,7 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     releases = sum(e.get("kind") == ADAPTER_UPDATE for e in entries)
     per_release_pld = releases <= PLD_PER_RELEASE_LIMIT
     rdp = IndependentRdp()
-    totals = MechanismTotals()
+    history: list[MechanismStep] = []
     with _quiet_absl():
         for entry in entries:
             if entry.get("kind") != ADAPTER_UPDATE:
@@ -207,7 +187,7 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                 break
             step = mechanism_step(entry)
             rdp.add(step)
-            totals.add(step)
+            history.append(step)
             delta = float(entry["delta"])
             if result.delta is not None and delta != result.delta:
                 result.problems.append(f"line {entry['seq']}: delta changed from "
@@ -221,7 +201,7 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                 break
             rdp_eps = rdp.epsilon(delta)
             final = len(result.rounds) + 1 == releases
-            pld_eps = pld_epsilon(totals.history(), delta) if per_release_pld or final else None
+            pld_eps = pld_epsilon(history, delta) if per_release_pld or final else None
             row = {"seq": entry["seq"], "run_id": entry.get("run_id"), "round": entry.get("round"),
                    "time": entry.get("time"), "unit": entry.get("privacy_unit"),
                    "noise_multiplier": entry["noise_multiplier"],
@@ -236,7 +216,7 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     if result.rounds:
         last = result.rounds[-1]
         if last["pld_epsilon"] is None:  # PLD of the whole history only
-            last["pld_epsilon"] = pld_epsilon(totals.history(), float(result.delta))
+            last["pld_epsilon"] = pld_epsilon(history, float(result.delta))
             if last["accountant"] == PRV:
                 last["recomputed_epsilon"] = last["pld_epsilon"]
             _check_row(result, last)

@@ -42,6 +42,11 @@ def device_choice() -> dict[str, Any]:
     return {"pattern": r"auto|cpu|cuda(:\d+)?|mps", "expected": "auto, cpu, cuda, cuda:N or mps"}
 
 
+def accountant_name(choice: str) -> str:
+    """The name a ledger records for a config's ``accountant`` choice (``prv`` or ``rdp``)."""
+    return f"opacus-{choice}"
+
+
 # --------------------------------------------------------------------------- job config
 
 
@@ -86,7 +91,7 @@ class PrivacyConfig:
     @property
     def accountant_name(self) -> str:
         """The accountant's name as ledgers record it (``opacus-prv`` or ``opacus-rdp``)."""
-        return f"opacus-{self.accountant}"
+        return accountant_name(self.accountant)
 
 
 @dataclass(frozen=True)

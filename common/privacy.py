@@ -214,10 +214,14 @@ def independent_rdp_epsilon(history: Iterable[MechanismStep], delta: float) -> f
 
 
 def pld_epsilon(history: Iterable[MechanismStep], delta: float) -> float:
-    """A tighter bound for the same history (privacy loss distributions, ``dp-accounting``)."""
+    """A tighter bound for the same history (privacy loss distributions, ``dp-accounting``).
+
+    The history is merged first (see ``merged``): one composition per distinct mechanism,
+    however long the ledger.
+    """
     from dp_accounting.pld import PLDAccountant
 
-    events = _dp_events(history)
+    events = _dp_events(merged(history))
     if not events:
         return 0.0
     accountant = PLDAccountant(value_discretization_interval=1e-3)
