@@ -292,7 +292,7 @@ def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
                                        "federated_perplexity", "site_perplexity", "evaluation_failures"}
     assert set(saved["rounds"][1]) == set(saved["rounds"][0]) | {"declined", "failures", "aggregated",
                                                                  "epsilon", "train_loss", "bytes_sent",
-                                                                 "bytes_received"}
+                                                                 "bytes_received", "update_bytes"}
     assert set(saved["sites"]["beta"]) == {"base_perplexity", "final_perplexity", "epsilon", "delta",
                                            "epsilon_budget", "noise_multiplier", "rounds_participated"}
     assert saved["sites"]["alpha"]["local_only_perplexity"] == 12.5
