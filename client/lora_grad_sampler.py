@@ -28,6 +28,9 @@ was pure cost (as much as the per-sample products themselves). ``p.grad`` of a L
 therefore None after ``backward()`` until the DP optimizer's step sets it: a DP step that
 skipped clipping and noise cannot fall back on the raw gradient.
 
+A frozen ``lora_A`` (``requires_grad`` off, FFA-LoRA) gets no per-sample gradient: the sampler
+returns ``grad_B`` alone and never forms ``v``, so Opacus clips and noises B only.
+
 Supported: one active adapter of plain LoRA (any rank, alpha, rsLoRA scaling, dropout) on
 ``lora.Linear`` layers, batch-first inputs, frozen base weights. Anything else (several active
 adapters, DoRA or another LoRA variant, a LoRA bias, merged or disabled adapters, LoRA on other
@@ -110,7 +113,8 @@ class _InputGradOnly(torch.autograd.Function):
 @register_grad_sampler(LoraLinear)
 def compute_lora_linear_grad_sample(layer: LoraLinear, activations: list,
                                     backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of the active adapter's lora_A and lora_B weights of ``layer``.
+    """Per-sample gradients of the active adapter's lora_A and lora_B weights of ``layer``
+    (lora_B's alone when lora_A is frozen).
 
     ``activations`` is ``[capture, lora_A input]`` as stored by ``LoraGradSampleModule``;
     ``backprops`` is dL/dy for the layer's output, not rescaled (the capture holds the factor).
@@ -127,9 +131,13 @@ def compute_lora_linear_grad_sample(layer: LoraLinear, activations: list,
     scaling = float(layer.scaling[capture.adapter])
     g = backprops.reshape(n, -1, backprops.shape[-1]).to(dtype)  # [N, T, out]
     u = capture.u.reshape(n, -1, rank).to(dtype)                  # [N, T, r]
-    x = a_in.reshape(n, -1, a_in.shape[-1]).to(dtype)             # [N, T, in]
     grad_b = torch.bmm(g.transpose(1, 2), u)                      # [N, out, r]
     grad_b.mul_(scaling * capture.backprops_scale)
+    if not weight_a.requires_grad:
+        # lora_A frozen (ffa): only B is trained, so only B is clipped and noised. Nothing needs
+        # v: when u needs a gradient (the layer's input does), lora_B's backward computes it.
+        return {weight_b: grad_b}
+    x = a_in.reshape(n, -1, a_in.shape[-1]).to(dtype)             # [N, T, in]
     if capture.v is not None:
         v = capture.v.reshape(n, -1, rank).to(dtype)
     else:

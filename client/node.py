@@ -29,7 +29,8 @@ from privatune.common.examples import encode_pairs, evaluate_loss
 from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger, mechanism_step
-from privatune.common.lora import LoraSettings, load_lora_state, lora_state
+from privatune.common.lora import (LoraSettings, frozen_part, load_lora_state, lora_state,
+                                   train_factors, trained_part)
 from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
                                       run_noise_multiplier)
 from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
@@ -56,6 +57,47 @@ def update_hash(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(state[name].detach().to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+FROZEN_A_KEY = "frozen_a_sha256"  # in a run's adapter_update entries under ffa
+
+
+@dataclass(frozen=True)
+class FrozenFactors:
+    """A train request's frozen LoRA factors, checked against the run's first round here."""
+
+    reason: str  # why the node declines the request, or ""
+    sha256: str | None  # hash of the frozen factors received; None when the run freezes none
+
+
+def check_frozen_factors(request: TrainRequest, global_state: Mapping[str, torch.Tensor],
+                         run_entries: Sequence[Mapping]) -> FrozenFactors:
+    """Under ``ffa`` every site trains B against one shared A, or averaging B is meaningless.
+
+    The node pins the hash of the A it received in its first round of a run (``frozen_a_sha256``
+    of that ledger entry, fedavg entries have none) and declines a later request of the run whose
+    A differs, or whose aggregation differs from the run's first. The release would still be
+    DP (clipping bounds it whatever A is), but the global model would not be what ffa promises.
+    """
+    try:
+        frozen = frozen_part(global_state, request.aggregation)
+    except ValueError as err:
+        return FrozenFactors(f"aggregation: {err}", None)
+    received = update_hash(frozen) if frozen else None
+    pinned = run_entries[0].get(FROZEN_A_KEY) if run_entries else received
+    if received == pinned:
+        return FrozenFactors("", received)
+    if pinned is None:
+        reason = (f"this run trained both LoRA factors (aggregation fedavg) at this site in its "
+                  f"first round; a run's aggregation cannot change to {request.aggregation}")
+    elif received is None:
+        reason = ("this run keeps lora_A frozen (aggregation ffa) at this site since its first "
+                  f"round; a run's aggregation cannot change to {request.aggregation}")
+    else:
+        reason = (f"the frozen lora_A factors differ from those this site received in the run's "
+                  f"first round (sha256 {received[:12]}, pinned {pinned[:12]}): under ffa every "
+                  "site must train B against the same A")
+    return FrozenFactors(reason, received)
 
 
 @dataclass(frozen=True)
@@ -174,12 +216,15 @@ class SiteNode:
         if resent is not None:
             return resent
         plan = self.check_request(request)
-        if plan.reason:
+        frozen = check_frozen_factors(request, global_state, self._run_entries(request.run_id))
+        reason = plan.reason or frozen.reason
+        if reason:
             self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                             "release": "decline", "reason": plan.reason})
-            return self._decline(plan.reason)
+                                             "release": "decline", "reason": reason})
+            return self._decline(reason)
         model, tokenizer = self._model(LoraSettings.from_request(request))
         load_lora_state(model, global_state)
+        train_factors(model, request.aggregation)
         dataset = self._dataset("train", tokenizer, request.max_length)
         result = train_dp_round(model, dataset, DPTrainSettings(
             noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
@@ -188,7 +233,7 @@ class SiteNode:
             # the noise seed is the site's own secret: a coordinator-chosen seed could make two
             # releases share their noise and void the accounting
             seed=secrets.randbits(63)))
-        state = lora_state(model)
+        state = trained_part(lora_state(model), request.aggregation)  # ffa: never A
         privacy = self.policy.privacy
         history = [*self.ledger.mechanism_history(),
                    MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)]
@@ -197,7 +242,8 @@ class SiteNode:
             "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
             "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
             "steps": result.steps, "max_grad_norm": request.max_grad_norm,
-            "accountant": privacy.accountant_name, "epsilon": epsilon, "delta": privacy.delta}
+            "accountant": privacy.accountant_name, "epsilon": epsilon, "delta": privacy.delta,
+            **({FROZEN_A_KEY: frozen.sha256} if frozen.sha256 else {})}
         non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
         if non_finite:
             # The training ran, so its epsilon is spent whether or not the result leaves: the

@@ -4,8 +4,9 @@ Opacus combined with PEFT can fail silently (loss and epsilon look normal while 
 weights are not trained with per-sample clipping and noise; Opacus issue 820). The trainer
 therefore checks, at runtime, that every trainable tensor is a LoRA tensor, is handled by the
 DP optimizer, gets per-sample gradients and noise of the claimed scale on every step, and
-actually changes; and that no frozen base weight moves. Any failure stops the round with
-DPNotAppliedError.
+actually changes; and that no frozen weight moves (the base model's, and under ffa the lora_A
+factors: only what requires gradients is trained, clipped and noised). Any failure stops the
+round with DPNotAppliedError.
 
 The noise check compares each step's gradient with the clipped sum Opacus kept
 (``summed_grad``) divided by the divisor Opacus itself used, which is its own expected batch
@@ -202,4 +203,5 @@ def _check_parameters_changed(model: torch.nn.Module, before: dict[str, torch.Te
     if unchanged:
         raise DPNotAppliedError(f"DP training did not change LoRA tensors {unchanged[:3]}")
     if _frozen_fingerprint(model) != frozen_before:
-        raise DPNotAppliedError("frozen base-model weights changed during DP training")
+        raise DPNotAppliedError("frozen weights (base model, or LoRA factors kept frozen) changed "
+                                "during DP training")

@@ -42,6 +42,12 @@ def device_choice() -> dict[str, Any]:
     return {"pattern": r"auto|cpu|cuda(:\d+)?|mps", "expected": "auto, cpu, cuda, cuda:N or mps"}
 
 
+# How the coordinator combines the sites' LoRA updates (common/lora.py ``trained_factors``):
+# fedavg trains and averages both factors; ffa (FFA-LoRA, Sun et al., ICLR 2024) keeps A frozen
+# at the run's seeded initialisation and trains, sends and averages only B
+AGGREGATIONS = ("fedavg", "ffa")
+
+
 def accountant_name(choice: str) -> str:
     """The name a ledger records for a config's ``accountant`` choice (``prv`` or ``rdp``)."""
     return f"opacus-{choice}"
@@ -108,6 +114,7 @@ class FederationConfig:
     max_site_examples: int = field(default=1_000_000, metadata=bounded(1, 10**12))
     weighting: str = field(default="examples", metadata=choice("examples", "equal"))
     robust: str = field(default="none", metadata=choice("none", "median", "trimmed_mean"))
+    aggregation: str = field(default="fedavg", metadata=choice(*AGGREGATIONS))
 
 
 @dataclass(frozen=True)

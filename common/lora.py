@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from privatune.common.config import AGGREGATIONS
+
 if TYPE_CHECKING:
     from privatune.common.config import JobConfig
     from privatune.common.protocol import EvaluateRequest, TrainRequest
@@ -161,6 +163,54 @@ def attach_seeded_lora(model: PreTrainedModel, settings: LoraSettings, seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return attach_lora(model, settings)
+
+
+def trained_factors(aggregation: str) -> tuple[str, ...]:
+    """The LoRA factors a run trains, sends and averages under its ``federation.aggregation``.
+
+    ``fedavg``: both. ``ffa`` (FFA-LoRA, Sun et al., ICLR 2024): only ``lora_B``; ``lora_A``
+    stays at the run's seeded initialisation, the same at every site, so the average of the
+    sites' B·A is the averaged B times A, DP noise enters the product linearly, and an update
+    is half the size for square projections.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r} (expected one of "
+                         f"{', '.join(AGGREGATIONS)})")
+    return _LORA_FACTORS if aggregation == "fedavg" else ("lora_B",)
+
+
+def _factor(name: str) -> str:
+    """``lora_A`` or ``lora_B``: the factor a LoRA tensor name (``<module>.<factor>.weight``) is of."""
+    return name.rsplit(".", 2)[-2]
+
+
+def trained_part(state: Mapping[str, torch.Tensor], aggregation: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` that ``aggregation`` trains (what a node sends back), in order."""
+    factors = trained_factors(aggregation)
+    return {name: tensor for name, tensor in state.items() if _factor(name) in factors}
+
+
+def frozen_part(state: Mapping[str, torch.Tensor], aggregation: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` that ``aggregation`` keeps frozen (ffa: every lora_A), in order."""
+    factors = trained_factors(aggregation)
+    return {name: tensor for name, tensor in state.items() if _factor(name) not in factors}
+
+
+def with_update(state: Mapping[str, torch.Tensor],
+                update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the tensors of ``update`` (a trained part) put in, same names and order."""
+    unknown = sorted(set(update) - set(state))
+    if unknown:
+        raise ValueError(f"update has tensors the adapter does not: {unknown[:3]}")
+    return {name: update.get(name, tensor) for name, tensor in state.items()}
+
+
+def train_factors(model: PeftModel, aggregation: str) -> None:
+    """Make exactly the factors ``aggregation`` trains require gradients (ffa freezes lora_A),
+    so DP-SGD computes, clips and noises per-sample gradients of those alone."""
+    factors = trained_factors(aggregation)
+    for name, parameter in _lora_parameters(model).items():
+        parameter.requires_grad_(_factor(name) in factors)
 
 
 def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The coordinator's round loop, independent of Flower's transport.
 
 Each round: sample available nodes (bounded wait), send the global adapter and the plan,
-validate and FedAvg the accepted updates (if at least ``min_replies`` came back in time),
+validate and average the accepted updates (if at least ``min_replies`` came back in time; under
+``federation.aggregation: ffa`` the updates are B alone and A stays as initialised),
 evaluate the merged adapter centrally and at every node (perplexity; and, at round 0, every
 ``evaluation.every_k_rounds`` and the last round, generation scores), and checkpoint adapter +
 state.
@@ -25,7 +26,8 @@ from privatune.common.config import JobConfig, to_dict
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
 from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model, load_lora_state,
-                                   lora_state, read_adapter_state, save_adapter)
+                                   lora_state, read_adapter_state, save_adapter, trained_part,
+                                   with_update)
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        evaluate_request, train_request)
 from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggregate,
@@ -173,7 +175,7 @@ def _mean_train_loss(accepted: Sequence[TrainResult]) -> float | None:
 
 
 def adapter_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of one adapter on the wire (ArrayRecord carries float32)."""
+    """Bytes of LoRA tensors on the wire (ArrayRecord carries float32): an adapter or an update."""
     return sum(4 * tensor.numel() for tensor in state.values())
 
 
@@ -228,8 +230,10 @@ class Coordinator:
         results, failures = self.transport.train(chosen, request, self.global_state,
                                                  fed.round_timeout_s)
         outcome = RoundTraining(failures=list(failures))
-        fitting = self._fitting_updates(results, outcome)
-        accepted = self._within_norm_bound(fitting, request, outcome)
+        # what the sites train and send back: under ffa only B, A staying as initialised
+        trained = trained_part(self.global_state, fed.aggregation)
+        fitting = self._fitting_updates(results, trained, outcome)
+        accepted = self._within_norm_bound(fitting, trained, request, outcome)
         for result in accepted:
             reply, site = result.reply, self._site(result.reply.site)
             site.noise_multiplier = reply.noise_multiplier
@@ -241,21 +245,22 @@ class Coordinator:
             self.progress(f"  no usable reply: {failure}")
         outcome.participants = sorted(r.reply.site for r in accepted)
         outcome.train_loss = _mean_train_loss(accepted)
-        wire = adapter_bytes(self.global_state)
-        outcome.bytes_sent = wire * len(chosen)
-        outcome.bytes_received = wire * sum(1 for r in results if r.reply.accepted)
+        outcome.bytes_sent = adapter_bytes(self.global_state) * len(chosen)
+        received = [r for r in results if r.reply.accepted]
+        outcome.bytes_received = sum(adapter_bytes(r.state) for r in received)
+        outcome.update_bytes = {r.reply.site: adapter_bytes(r.state) for r in received}
         outcome.aggregated = len(accepted) >= fed.min_replies
         if outcome.aggregated:
-            self.global_state = aggregate(
-                [Contribution(r.reply.site, r.state, r.reply.num_examples) for r in accepted], fed)
+            self.global_state = with_update(self.global_state, aggregate(
+                [Contribution(r.reply.site, r.state, r.reply.num_examples) for r in accepted], fed))
         else:
             self.progress(f"  only {len(accepted)} usable updates (< min_replies={fed.min_replies}): "
                           "the global adapter is kept unchanged this round")
         return outcome
 
-    def _fitting_updates(self, results: Sequence[TrainResult],
+    def _fitting_updates(self, results: Sequence[TrainResult], trained: Mapping[str, torch.Tensor],
                          outcome: RoundTraining) -> list[TrainResult]:
-        """Accepted replies whose update fits the adapter and whose weight is sane.
+        """Accepted replies whose update fits the adapter's ``trained`` part and whose weight is sane.
 
         A site is known by the node that answered: two nodes claiming one site name in a round
         are both left out, since the coordinator cannot tell which one is that site.
@@ -281,19 +286,19 @@ class Coordinator:
                 outcome.failures.append(f"{reply.site}: update rejected: {problem}")
                 continue
             try:
-                validate_update(result.state, self.global_state)
+                validate_update(result.state, trained)
             except InvalidUpdateError as err:
                 outcome.failures.append(f"{reply.site}: update rejected: {err}")
                 continue
             fitting.append(result)
         return fitting
 
-    def _within_norm_bound(self, results: Sequence[TrainResult], request: TrainRequest,
-                           outcome: RoundTraining) -> list[TrainResult]:
-        """The updates that move the adapter no more than the round's norm bound."""
-        norms = [update_norm(r.state, self.global_state) for r in results]
+    def _within_norm_bound(self, results: Sequence[TrainResult], trained: Mapping[str, torch.Tensor],
+                           request: TrainRequest, outcome: RoundTraining) -> list[TrainResult]:
+        """The updates that move the adapter's ``trained`` part no more than the round's bound."""
+        norms = [update_norm(r.state, trained) for r in results]
         bound = round_norm_bound(norms, self.settings.job.federation, optimizer_move_bound(
-            self.global_state, request.learning_rate, request.local_steps))
+            trained, request.learning_rate, request.local_steps))
         kept = []
         for result, norm in zip(results, norms):
             if norm > bound:

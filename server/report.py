@@ -29,9 +29,11 @@ class RoundTraining:
     # example-weighted mean of the training losses the participants released (None: none did)
     train_loss: float | None = None
     # adapter bytes of the train exchange (float32 on the wire): the global adapter to every
-    # node asked, and the updates back from the sites that sent one
+    # node asked, and the updates back from the sites that sent one (in total and per site;
+    # under ffa an update is B alone)
     bytes_sent: int | None = None
     bytes_received: int | None = None
+    update_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"participants": list(self.participants),
@@ -40,6 +42,8 @@ class RoundTraining:
         for name in ("train_loss", "bytes_sent", "bytes_received"):  # absent in old checkpoints
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
+        if self.update_bytes:
+            data["update_bytes"] = dict(self.update_bytes)
         return data
 
     @classmethod
@@ -48,7 +52,8 @@ class RoundTraining:
                    declined=dict(data.get("declined", {})), failures=list(data.get("failures", [])),
                    aggregated=bool(data.get("aggregated", False)),
                    train_loss=data.get("train_loss"), bytes_sent=data.get("bytes_sent"),
-                   bytes_received=data.get("bytes_received"))
+                   bytes_received=data.get("bytes_received"),
+                   update_bytes={s: int(b) for s, b in data.get("update_bytes", {}).items()})
 
 
 @dataclass
@@ -311,7 +316,8 @@ def render_markdown(report: RunReport) -> str:
         lines.append(f"| {record.round} | {_fmt(record.evaluation.global_perplexity)} | "
                      f"{', '.join(training.participants) or '-'} | {declined} | "
                      f"{len(training.failures)} |")
-    lines += [""] + render_watch(report.rounds)
+    lines += [""] + traffic_lines(report)
+    lines += render_watch(report.rounds)
     lines += ["What left each site: the clipped, noised LoRA adapter updates (covered by DP), "
               "and the non-private metrics its policy allows (example counts, losses, generation "
               "scores), all listed in the site's ledger (`sites/<site>/ledger.jsonl` in a "
@@ -319,6 +325,27 @@ def render_markdown(report: RunReport) -> str:
               "![perplexity and epsilon per round](report.png)", ""]
     lines += generation_lines(report)
     return "\n".join(lines)
+
+
+def traffic_lines(report: RunReport) -> list[str]:
+    """The Traffic section of report.md: adapter bytes of each round's train exchange."""
+    rounds = [r for r in report.rounds if r.training is not None and r.training.bytes_sent is not None]
+    if not rounds:
+        return []
+    aggregation = report.config.get("federation", {}).get("aggregation", "fedavg")
+    sent = ("B only (lora_A stays frozen at the run's seeded initialisation)"
+            if aggregation == "ffa" else "both LoRA factors")
+    lines = ["## Traffic", "",
+             f"Aggregation `{aggregation}`: each site's update carries {sent}. Bytes of LoRA tensors "
+             "(float32 on the wire) per round: the global adapter (A and B) to every node asked, "
+             "and the updates back.", "",
+             "| round | to nodes | from sites | per site update |", "|---|---|---|---|"]
+    for record in rounds:
+        training = record.training
+        per_site = ", ".join(f"{s} {b}" for s, b in sorted(training.update_bytes.items())) or "-"
+        lines.append(f"| {record.round} | {_fmt(training.bytes_sent)} | "
+                     f"{_fmt(training.bytes_received)} | {per_site} |")
+    return lines + [""]
 
 
 def plot_report(report: RunReport, path: Path) -> None:

@@ -31,7 +31,7 @@ from privatune.client.policy import load_site_policy
 from privatune.common.base_model import resolve_base_model
 from privatune.common.config import ConfigError, JobConfig, load_job_config
 from privatune.common.generation import GenerationScores
-from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+from privatune.common.lora import LoraSettings, initial_adapter, lora_state, with_update
 from privatune.common.protocol import evaluate_request, train_request
 from privatune.server.app import make_server_app
 from privatune.server.coordinator import CoordinatorSettings, site_generation_scores
@@ -90,7 +90,7 @@ def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_di
         outcome = node.train(train_request(job, run_id, round_number), state)
         if not outcome.reply.accepted:
             break
-        state = outcome.state
+        state = with_update(state, outcome.state)  # under ffa the update is B alone
     reply = node.evaluate(evaluate_request(job, run_id, job.federation.rounds,
                                            generation=job.evaluation.every_k_rounds > 0), state)
     return LocalOnlyResult(math.exp(reply.eval_loss) if reply.eval_loss is not None else None,

@@ -51,6 +51,19 @@ def test_out_of_range_value(tmp_path):
         load_job_config(path)
 
 
+def test_aggregation_mode_is_validated_and_reaches_the_train_request(tmp_path):
+    from privatune.common.protocol import TrainRequest, train_request
+
+    path = write(tmp_path, "federation:\n  rounds: 2\n  aggregation: fedprox\n")
+    with pytest.raises(ConfigError, match=r"line 3: federation.aggregation: 'fedprox' is not one "
+                                          r"of fedavg, ffa"):
+        load_job_config(path)
+    assert load_job_config(write(tmp_path, "seed: 0\n")).federation.aggregation == "fedavg"
+    job = load_job_config(write(tmp_path, "seed: 0\n"), ["federation.aggregation=ffa"])
+    sent = TrainRequest.from_record(train_request(job, "run", 1).to_record())
+    assert sent.aggregation == "ffa"
+
+
 def test_bad_choice_and_bad_override(tmp_path):
     path = write(tmp_path, "privacy:\n  unit: hospital\n")
     with pytest.raises(ConfigError, match="privacy.unit: 'hospital' is not one of record, patient"):

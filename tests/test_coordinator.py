@@ -19,7 +19,8 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from privatune.common.config import FederationConfig, JobConfig, LoraConfig, TrainingConfig
-from privatune.common.lora import LoraSettings, load_adapter, lora_state
+from privatune.common.lora import (LoraSettings, frozen_part, load_adapter, load_base_model,
+                                   lora_state, merged_model, trained_part)
 from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, EvaluateReply,
                                        EvaluateRequest, TrainReply, TrainRequest, evaluate_request,
                                        train_request)
@@ -27,6 +28,7 @@ from privatune.server.app import FlowerTransport
 from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings, SiteTally,
                                           TrainResult, latest_checkpoint)
 from privatune.server.report import RoundRecord, RunReport, render_markdown, write_report
+from tests.conftest import write_notes
 
 SITES = {1: "alpha", 2: "beta", 3: "gamma"}
 EVAL_LOSS = {"alpha": 2.0, "beta": 3.0, "gamma": 4.0}
@@ -49,11 +51,13 @@ def random_state(like: Mapping[str, torch.Tensor], seed: int) -> State:
 
 
 def update(state_seed: int, examples: int) -> Behaviour:
+    """An update of random values for the tensors the request's aggregation trains (ffa: B)."""
     def answer(node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]) -> TrainResult:
         reply = TrainReply(site=SITES[node], accepted=True, num_examples=examples,
                            epsilon=0.5 * request.round, delta=1e-5, epsilon_budget=8.0,
                            noise_multiplier=1.1, train_loss=2.5)
-        return TrainResult(node, reply, random_state(state, state_seed))
+        return TrainResult(node, reply,
+                           random_state(trained_part(state, request.aggregation), state_seed))
     return answer
 
 
@@ -148,6 +152,88 @@ def test_global_adapter_is_the_example_weighted_average(tmp_path, tiny_model_dir
     alpha = report.sites["alpha"]
     assert alpha.rounds_participated == [1] and alpha.epsilon == 0.5 and alpha.epsilon_budget == 8.0
     assert alpha.base_perplexity == alpha.final_perplexity == pytest.approx(math.exp(2.0))
+
+
+# ------------------------------------------------------------------------ FFA-LoRA against FedAvg
+
+WEIGHTS = (100, 300, 600)
+
+
+def lora_products(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """B·A of every LoRA layer of an adapter state: what the adapter adds to that layer's weight."""
+    return {name.removesuffix(".lora_A.weight"): state[name.replace("lora_A", "lora_B")].double()
+            @ state[name].double() for name in state if name.endswith(".lora_A.weight")}
+
+
+def mean_products(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The example-weighted mean of the sites' B·A."""
+    products = [lora_products(s) for s in states]
+    return {layer: sum(w * p[layer] for w, p in zip(WEIGHTS, products)) / sum(WEIGHTS)
+            for layer in products[0]}
+
+
+def federate(tmp_path: Path, model_dir: Path, aggregation: str, **settings):
+    transport = FakeTransport({n: update(n, w) for n, w in zip(SITES, WEIGHTS)})
+    coord = Coordinator(CoordinatorSettings(job=job(aggregation=aggregation), model_dir=model_dir,
+                                            out_dir=tmp_path / aggregation, run_id="test-run",
+                                            **settings), transport, progress=lambda _line: None)
+    start = dict(coord.global_state)
+    report = coord.run()
+    # each site's adapter after its round: the global one with its update put in
+    sites = [{**start, **random_state(trained_part(start, aggregation), seed)} for seed in SITES]
+    return coord, start, sites, report
+
+
+def test_ffa_aggregation_is_exact_and_fedavg_is_not(tmp_path, tiny_model_dir):
+    """ffa: the sites share A, so the mean of their B·A is the averaged B times A, exactly;
+    fedavg averages A and B separately, which is not the mean of the sites' B·A."""
+    central = write_notes(tmp_path / "central.jsonl", 12, seed=9)
+    coord, start, sites, report = federate(tmp_path, tiny_model_dir, "ffa", central_eval=central)
+    frozen = frozen_part(start, "ffa")
+    assert frozen and all(".lora_A." in name for name in frozen)
+    assert_same_state(frozen_part(coord.global_state, "ffa"), frozen)  # A kept as initialised
+    merged, wanted = lora_products(coord.global_state), mean_products(sites)
+    for layer, product in merged.items():
+        torch.testing.assert_close(product, wanted[layer], rtol=1e-5, atol=1e-6, msg=layer)
+
+    fedavg_coord, _start, fedavg_sites, _report = federate(tmp_path, tiny_model_dir, "fedavg")
+    merged, wanted = lora_products(fedavg_coord.global_state), mean_products(fedavg_sites)
+    assert all(not torch.allclose(merged[layer], wanted[layer], rtol=0.1) for layer in merged)
+
+    # the saved adapter (PEFT format) is the ffa global state, A included; merged into the base
+    # weights (export --merged) it adds scaling * B A to each layer; central evaluation ran on it
+    out = tmp_path / "ffa" / "adapter"
+    assert_same_state(lora_state(load_adapter(tiny_model_dir, out)), coord.global_state)
+    release, _tokenizer = merged_model(tiny_model_dir, out)
+    base, _tokenizer = load_base_model(tiny_model_dir)
+    scaling = coord.settings.job.lora.alpha / coord.settings.job.lora.r
+    for layer, product in lora_products(coord.global_state).items():
+        module = layer.removeprefix("base_model.model.")
+        added = (release.get_submodule(module).weight.double()
+                 - base.get_submodule(module).weight.double())
+        torch.testing.assert_close(added, scaling * product, rtol=1e-4, atol=1e-6, msg=layer)
+    assert math.isfinite(report.central.final_perplexity)
+
+
+def test_ffa_sends_half_the_bytes_of_fedavg_at_the_same_rank(tmp_path, tiny_model_dir):
+    """An update under ffa is B alone: for a layer of d_in -> d_out at rank r, B is d_out x r and
+    A is r x d_in, so ffa sends d_out / (d_in + d_out) of fedavg's bytes; q_proj and v_proj of
+    the tiny model are 32 -> 32 (as many key/value heads as heads), so exactly half."""
+    _coord, start, _sites, ffa = federate(tmp_path, tiny_model_dir, "ffa")
+    _coord, _start, _sites, fedavg = federate(tmp_path, tiny_model_dir, "fedavg")
+    b_values = sum(t.numel() for n, t in start.items() if ".lora_B." in n)
+    a_values = sum(t.numel() for n, t in start.items() if ".lora_A." in n)
+    assert b_values == a_values  # square projections
+    ffa_round, fedavg_round = ffa.rounds[1].training, fedavg.rounds[1].training
+    assert ffa_round.update_bytes == {site: 4 * b_values for site in SITES.values()}
+    assert fedavg_round.update_bytes == {site: 4 * (a_values + b_values) for site in SITES.values()}
+    assert ffa_round.bytes_received * 2 == fedavg_round.bytes_received
+    # the global adapter still goes out whole (A and B): each node checks the A it trains against
+    assert ffa_round.bytes_sent == fedavg_round.bytes_sent == 3 * 4 * (a_values + b_values)
+    shown = render_markdown(ffa)
+    assert "## Traffic" in shown and "Aggregation `ffa`" in shown
+    assert f"| 1 | {3 * 4 * (a_values + b_values)} | {3 * 4 * b_values} | alpha {4 * b_values}, " \
+           in shown
 
 
 # ------------------------------------------------------------------------ too few, declines, failures
@@ -292,7 +378,7 @@ def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
                                        "federated_perplexity", "site_perplexity", "evaluation_failures"}
     assert set(saved["rounds"][1]) == set(saved["rounds"][0]) | {"declined", "failures", "aggregated",
                                                                  "epsilon", "train_loss", "bytes_sent",
-                                                                 "bytes_received"}
+                                                                 "bytes_received", "update_bytes"}
     assert set(saved["sites"]["beta"]) == {"base_perplexity", "final_perplexity", "epsilon", "delta",
                                            "epsilon_budget", "noise_multiplier", "rounds_participated"}
     assert saved["sites"]["alpha"]["local_only_perplexity"] == 12.5

@@ -153,6 +153,36 @@ def test_per_sample_gradients_match_stock_opacus(arch):
     assert_close(actual, expected, RTOL)
 
 
+def freeze_a(model):
+    """lora_A frozen as under ffa: only lora_B requires gradients."""
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_frozen_a_gets_no_per_sample_gradients_and_b_stays_exact(arch):
+    """ffa: B's per-sample gradients are still exact (one example at a time); A gets none."""
+    expected = one_at_a_time(freeze_a(BUILDERS[arch]()))
+    assert expected and all("lora_B" in name for name in expected)
+    model = freeze_a(BUILDERS[arch]())
+    frozen = [p for name, p in model.named_parameters() if "lora_A" in name]
+    wrapped = LoraGradSampleModule(model)
+    try:
+        ids, mask, labels = batch()
+        logits = wrapped(input_ids=ids, attention_mask=mask).logits.float()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            per_example_loss(logits, labels).mean().backward()
+        assert frozen and all(getattr(p, "grad_sample", None) is None and p.grad is None
+                              for p in frozen)
+        actual = {n: p.grad_sample.detach().clone() for n, p in lora_params(model).items()}
+    finally:
+        wrapped._close()
+    assert_close(actual, expected, RTOL)
+
+
 def test_padding_contributes_nothing():
     """The padded tail gets no output gradient: changing its tokens changes no gradient."""
     first = engine_grad_samples(llama(), LoraGradSampleModule)
@@ -191,12 +221,14 @@ class TwoLayers(torch.nn.Module):
         return self.second(torch.tanh(self.first(x)))
 
 
-def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision():
+@pytest.mark.parametrize("frozen_a", [False, True])
+def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision(frozen_a):
+    """Also with lora_A frozen (ffa), in both hook orders: B's per-sample gradients alone."""
     def build():
         torch.manual_seed(0)
-        model = get_peft_model(TwoLayers().to(torch.bfloat16), LoraConfig(
-            r=4, lora_alpha=8, target_modules=["first", "second"]))
-        return _nonzero_b(model)
+        model = _nonzero_b(get_peft_model(TwoLayers().to(torch.bfloat16), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["first", "second"])))
+        return freeze_a(model) if frozen_a else model
 
     x = torch.randn(BATCH, LENGTH, 24).to(torch.bfloat16)
     target = torch.randn(BATCH, LENGTH, 16)
@@ -211,7 +243,9 @@ def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision():
         wrapped._close()
         return samples
 
-    assert_close(grad_samples(LoraGradSampleModule), grad_samples(stock), RTOL)
+    actual = grad_samples(LoraGradSampleModule)
+    assert len(actual) == (2 if frozen_a else 4)
+    assert_close(actual, grad_samples(stock), RTOL)
 
 
 def test_lora_dropout_uses_the_dropped_input():

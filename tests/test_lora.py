@@ -25,6 +25,9 @@ from privatune.common.lora import (
     lora_state,
     save_adapter,
     state_to_arrayrecord,
+    train_factors,
+    trained_part,
+    with_update,
 )
 
 SETTINGS = LoraSettings(r=4, alpha=8)
@@ -82,6 +85,27 @@ def logits(model: torch.nn.Module, model_dir: Path) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(**batch).logits
+
+
+def test_aggregation_decides_which_factors_train_and_travel(model_dir: Path) -> None:
+    model = lora_model(model_dir, seed=1)
+    state = lora_state(model)
+    assert trained_part(state, "fedavg") == state
+    sent = trained_part(state, "ffa")
+    assert list(sent) == [name for name in state if ".lora_B." in name] and sent
+    train_factors(model, "ffa")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n.replace(".lora_B.", ".lora_B.default.") for n in sent}
+    train_factors(model, "fedavg")  # the node's one model serves either mode
+    assert sum(p.requires_grad for p in model.parameters()) == len(state)
+    update = {name: torch.zeros_like(t) for name, t in sent.items()}
+    merged = with_update(state, update)
+    assert list(merged) == list(state)
+    assert all(torch.equal(merged[n], update.get(n, state[n])) for n in state)
+    with pytest.raises(ValueError, match="unknown aggregation 'fedprox'"):
+        trained_part(state, "fedprox")
+    with pytest.raises(ValueError, match="update has tensors the adapter does not"):
+        with_update(sent, state)
 
 
 def test_load_base_model_is_float32_and_gets_a_pad_token(model_dir: Path) -> None:

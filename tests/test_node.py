@@ -7,24 +7,26 @@ import opacus.optimizers.optimizer as dp_opt
 import pytest
 import torch
 
-from privatune.client.node import SiteNode
+from privatune.client.node import SiteNode, update_hash
 from privatune.client.policy import load_site_policy
 from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
 from privatune.common.config import ConfigError
 from privatune.common.examples import encode_pairs
 from privatune.common.ledger import SiteLedger
-from privatune.common.lora import LoraSettings, attach_lora, initial_adapter, load_base_model, lora_state
+from privatune.common.lora import (LoraSettings, attach_lora, frozen_part, initial_adapter,
+                                   load_base_model, lora_state, with_update)
 from privatune.common.privacy import independent_rdp_epsilon, pld_epsilon
 
 LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
-def request(round_number=1, planned=2, steps=3, run="run-1"):
+def request(round_number=1, planned=2, steps=3, run="run-1", aggregation="fedavg"):
     from privatune.common.protocol import TrainRequest
 
     return TrainRequest(run_id=run, round=round_number, planned_rounds=planned, local_steps=steps,
                         batch_size=8, learning_rate=0.02, max_grad_norm=1.0, max_length=48,
-                        lora_r=LORA.r, lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj")
+                        lora_r=LORA.r, lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj",
+                        aggregation=aggregation)
 
 
 def start_state(model_dir):
@@ -144,3 +146,56 @@ def test_noise_seed_is_the_sites_own(make_site, tiny_model_dir):
     a = SiteNode(load_site_policy(make_site(name="one", seed=5))).train(request(1), state)
     b = SiteNode(load_site_policy(make_site(name="two", seed=5))).train(request(1), state)
     assert any(not torch.equal(a.state[n], b.state[n]) for n in a.state)
+
+
+# ------------------------------------------------------------------------------------ FFA-LoRA
+
+
+def test_ffa_trains_sends_and_noises_b_alone(make_site, tiny_model_dir, monkeypatch):
+    """Under ffa lora_A requires no gradient: Opacus gets no per-sample gradient of it and adds
+    no noise to it, it does not move, and the node sends B alone."""
+    sampled, noised = [], []
+    accumulate, add_noise = gsm.create_or_accumulate_grad_sample, dp_opt.DPOptimizer.add_noise
+    monkeypatch.setattr(gsm, "create_or_accumulate_grad_sample",
+                        lambda *, param, **kwargs: (sampled.append(id(param)),
+                                                    accumulate(param=param, **kwargs))[1])
+    monkeypatch.setattr(dp_opt.DPOptimizer, "add_noise",
+                        lambda self: (noised.extend(id(p) for p in self.params), add_noise(self))[1])
+    node = SiteNode(load_site_policy(make_site()))
+    state = start_state(tiny_model_dir)
+    outcome = node.train(request(aggregation="ffa"), state)
+    assert outcome.reply.accepted
+
+    model, _tokenizer = node._model(LORA)  # the node's one model, as it trained
+    factors = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    a_ids = {id(p) for name, p in factors.items() if "lora_A" in name}
+    b_ids = {id(p) for name, p in factors.items() if "lora_B" in name}
+    assert sampled and set(sampled) == b_ids and set(noised) == b_ids
+    trained = lora_state(model)
+    b_names = {name for name in state if ".lora_B." in name}
+    assert set(outcome.state) == b_names  # A never leaves the node
+    assert all(torch.equal(trained[n], state[n]) for n in state if ".lora_A." in n)
+    assert all(not torch.equal(outcome.state[n], state[n]) for n in b_names)
+    assert a_ids and not any(p.requires_grad for n, p in factors.items() if "lora_A" in n)
+
+
+def test_ffa_node_refuses_an_a_that_differs_from_the_runs_first(make_site, tiny_model_dir):
+    node = SiteNode(load_site_policy(make_site()))
+    state = start_state(tiny_model_dir)
+    first = node.train(request(1, aggregation="ffa"), state)
+    assert first.reply.accepted
+    pinned = SiteLedger(node.policy.ledger_path).adapter_updates()[0]["frozen_a_sha256"]
+    assert pinned == update_hash(frozen_part(state, "ffa"))
+    spent = node.epsilon()
+
+    after = with_update(state, first.state)  # the coordinator's next global adapter
+    other_a = {name: t + 0.01 if ".lora_A." in name else t for name, t in after.items()}
+    for asked, global_state, reason in (
+            ("ffa", other_a, "frozen lora_A factors differ from those this site received"),
+            ("fedavg", after, "a run's aggregation cannot change to fedavg"),
+            ("median", after, "unknown aggregation 'median'")):
+        declined = node.train(request(2, aggregation=asked), global_state)
+        assert not declined.reply.accepted and reason in declined.reply.reason, asked
+    assert node.epsilon() == spent  # nothing trained, nothing spent
+    assert SiteLedger(node.policy.ledger_path).entries[-1]["release"] == "decline"
+    assert node.train(request(2, aggregation="ffa"), after).reply.accepted  # the run's own A
