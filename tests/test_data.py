@@ -347,11 +347,31 @@ def test_split_never_puts_a_patient_on_both_sides():
 
 def test_split_without_patient_ids_uses_the_text():
     records = [Record("", f"note {i}", None, f"s:{i}") for i in range(50)]
-    train, heldout = split_records(records, 0.5, seed=0)
     twin = Record("", "note 7", None, "other:1")
-    train2, heldout2 = split_records([*records, twin], 0.5, seed=0)
-    same_side = heldout2 if any(r.completion == "note 7" for r in heldout) else train2
-    assert twin in same_side
+    for seed in range(20):
+        train, heldout = split_records([*records, twin], 0.5, seed=seed)
+        side = heldout if twin in heldout else train
+        assert records[7] in side  # the same text is one unit, on one side
+        assert abs(len(heldout) - 0.5 * 51) <= 1  # records without a patient are units of their own
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+def test_split_holds_out_the_share_asked_for_within_one_patient(fraction):
+    """Patients of very different sizes (1 to 60 notes): the held-out share still lands within
+    half of one patient's records of the target, for every seed (hashing patients to a side
+    held out 5% at one demo hospital and 39% at another)."""
+    rng = random.Random(0)
+    sizes = [60, 44, 30, *(rng.choice([1, 1, 1, 2, 3, 8]) for _ in range(50))]
+    records = [Record("", f"note {n} of patient {p}", f"p{p}", f"site.jsonl:{p}:{n}")
+               for p, size in enumerate(sizes) for n in range(size)]
+    target, largest = fraction * len(records), max(sizes)
+    assert largest > 0.1 * len(records)  # skewed: one patient is over a tenth of the records
+    for seed in range(30):
+        train, heldout = split_records(records, fraction, seed=seed)
+        assert abs(len(heldout) - target) <= largest / 2
+        assert {r.patient_id for r in train}.isdisjoint({r.patient_id for r in heldout})
+        assert split_records(records[::-1], fraction, seed=seed) == (train, heldout)
+    assert split_records(records, fraction, seed=1) != split_records(records, fraction, seed=2)
 
 
 def test_split_errors_when_a_side_would_be_empty():
