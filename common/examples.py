@@ -224,7 +224,8 @@ class SampledWindows(Dataset):
 
 def consecutive_windows(texts: TokenizedTexts, max_length: int) -> EncodedPairs:
     """Every unit's text cut into consecutive windows of ``max_length`` tokens, one row each:
-    for evaluation, where every token is scored exactly once."""
+    for evaluation, where every token is labelled exactly once (and scored, after bos; without
+    a bos token a window's first token has nothing to be predicted from)."""
     room = texts.room(max_length)
     rows = [texts.row(index, start, room) for index, sequence in enumerate(texts.sequences)
             for start in range(0, max(len(sequence), 1), room)]

@@ -43,6 +43,7 @@ def test_dp_round_changes_lora_and_ledger_recomputes(make_site, tiny_model_dir):
     # accountant (dp-accounting's PLD) within 1%, and the looser RDP bound is never below it
     ledger = SiteLedger(node.policy.ledger_path)
     assert ledger.entries[0]["accountant"] == "opacus-prv"
+    assert ledger.entries[0]["privacy_unit"] == "record" and "patient_sampling" not in ledger.entries[0]
     history, delta = ledger.mechanism_history(), node.policy.privacy.delta
     theirs = pld_epsilon(history, delta)
     assert abs(outcome.reply.epsilon - theirs) <= 0.01 * theirs
