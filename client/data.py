@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import zlib
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -79,21 +80,29 @@ def collapse_duplicates(records: Sequence[Record]) -> tuple[list[Record], list[R
 
 def split_records(records: Sequence[Record], heldout_fraction: float,
                   seed: int) -> tuple[list[Record], list[Record]]:
-    """Split into (train, held-out) by hashing, so the split survives reordering and reloading.
+    """Split into (train, held-out), whole patients, with ``heldout_fraction`` of the records
+    held out as nearly as whole patients allow.
 
-    The key is the patient id when there is one, so no patient is in both splits; otherwise it
-    is the record text. Both lists come back in a canonical order (by hash, then source).
+    The units are a patient's records, or, without a patient id, the records of one text. They
+    are taken in an order fixed by hashing the seed and the unit, so the split survives
+    reordering and reloading; a unit is held out when that brings the held-out record count
+    closer to the target (on a tie too), so the count ends within half of one unit's records
+    of it. Both lists come back in a canonical order (by hash, then source).
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be between 0 and 1 (exclusive), got {heldout_fraction}")
-    train: list[tuple[bytes, Record]] = []
-    heldout: list[tuple[bytes, Record]] = []
+    units: dict[bytes, list[Record]] = defaultdict(list)
     for record in records:
         key = (f"patient\0{record.patient_id}" if record.patient_id is not None
                else f"text\0{record.prompt}\0{record.completion}")
-        digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-        position = int.from_bytes(digest[:8], "big") / 2.0**64
-        (heldout if position < heldout_fraction else train).append((digest, record))
+        units[hashlib.sha256(f"{seed}\0{key}".encode()).digest()].append(record)
+    target = heldout_fraction * len(records)
+    train: list[tuple[bytes, Record]] = []
+    heldout: list[tuple[bytes, Record]] = []
+    for digest in sorted(units):
+        group = units[digest]
+        closer = len(heldout) + len(group) / 2 <= target
+        (heldout if closer else train).extend((digest, record) for record in group)
     for side, chosen in (("training", train), ("held-out", heldout)):
         if not chosen:
             raise ValueError(f"splitting {len(records)} records with heldout_fraction={heldout_fraction} "

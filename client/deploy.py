@@ -154,13 +154,16 @@ def release_statement(site: CheckedSite) -> str:
     policy = site.policy
     privacy, release = policy.privacy, policy.release
     unit = "patients" if privacy.unit == "patient" else "records"
+    sampling = ("" if privacy.unit != "patient" else
+                ", a fresh window of their text each time drawn" if privacy.patient_windows else
+                ", their text cut at max_length")
     count_text = ("the number of its training / held-out " + unit + f" ({site.train_units} / "
                   f"{site.heldout_units}); the coordinator weights averaging by it"
                   if release.example_count else "withheld (sent as 1)")
     lines = [
         f"Site {policy.site.name!r}: policy {site.policy_path}",
         f"  data: {policy.data_path.resolve()} -> {site.train_units} training and {site.heldout_units} "
-        f"held-out {unit} (privacy unit: one {privacy.unit}); {site.duplicates} exact "
+        f"held-out {unit} (privacy unit: one {privacy.unit}{sampling}); {site.duplicates} exact "
         "duplicate records collapsed",
         f"  base model: {policy.model_dir.resolve()}",
         f"  ledger: {policy.ledger_path.resolve()} (epsilon spent so far: {site.epsilon_spent:.3f})",

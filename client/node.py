@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from privatune.client.data import DataError, Record, collapse_duplicates, load_records, split_records
 from privatune.client.engine import adapter_model
 from privatune.client.policy import SitePolicy, check_delta, request_violation
 from privatune.client.trainer import DPTrainSettings, train_dp_round
-from privatune.common.examples import encode_pairs, evaluate_loss
+from privatune.common.examples import (SampledWindows, TokenizedTexts, consecutive_windows,
+                                       encode_pairs, evaluate_loss, tokenize_texts)
 from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger, mechanism_step
@@ -136,6 +137,7 @@ class SiteNode:
         self.ledger = SiteLedger(policy.ledger_path)
         self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
         self._encoded: dict[tuple[str, int], TensorDataset] = {}
+        self._tokenized: dict[str, TokenizedTexts] = {}
 
     @property
     def name(self) -> str:
@@ -145,11 +147,21 @@ class SiteNode:
         """The process's shared base model on this site's hardware, with the adapter attached."""
         return adapter_model(self.policy.model_dir, self.hardware, request_lora)
 
-    def _dataset(self, split: str, tokenizer, max_length: int) -> TensorDataset:
+    def _dataset(self, split: str, tokenizer, max_length: int, seed: int = 0) -> Dataset:
+        """A split as model inputs: one row per unit, cut at ``max_length``; with patient
+        windows, training draws a fresh window of a patient's text each time (under ``seed``)
+        and evaluation scores all of each held-out patient's consecutive windows."""
+        units = self.train_units if split == "train" else self.heldout_units
+        windows = self.policy.privacy.patient_windows
+        if windows and split not in self._tokenized:
+            self._tokenized[split] = tokenize_texts(tokenizer, [prompt + completion
+                                                                for prompt, completion in units])
+        if windows and split == "train":
+            return SampledWindows(self._tokenized[split], max_length, seed)
         key = (split, max_length)
         if key not in self._encoded:
-            units = self.train_units if split == "train" else self.heldout_units
-            self._encoded[key] = encode_pairs(tokenizer, units, max_length)
+            self._encoded[key] = (consecutive_windows(self._tokenized[split], max_length) if windows
+                                  else encode_pairs(tokenizer, units, max_length))
         return self._encoded[key]
 
     def epsilon(self) -> float:
@@ -225,7 +237,9 @@ class SiteNode:
         model, tokenizer = self._model(LoraSettings.from_request(request))
         load_lora_state(model, global_state)
         train_factors(model, request.aggregation)
-        dataset = self._dataset("train", tokenizer, request.max_length)
+        # which window of each patient is drawn comes from the site's own secret too, never the
+        # coordinator's choice
+        dataset = self._dataset("train", tokenizer, request.max_length, secrets.randbits(63))
         result = train_dp_round(model, dataset, DPTrainSettings(
             noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
             expected_batch_size=request.batch_size, steps=request.local_steps,
@@ -240,6 +254,7 @@ class SiteNode:
         epsilon = epsilon_of(history, privacy.delta, privacy.accountant_name)
         mechanism = {
             "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
+            **({"patient_sampling": privacy.patient_sampling} if privacy.unit == "patient" else {}),
             "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
             "steps": result.steps, "max_grad_norm": request.max_grad_norm,
             "accountant": privacy.accountant_name, "epsilon": epsilon, "delta": privacy.delta,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus.optimizers import DPOptimizer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.lora_grad_sampler import LoraPrivacyEngine
 from privatune.common.examples import per_example_loss
@@ -67,7 +67,7 @@ def _frozen_fingerprint(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters() if not p.requires_grad))
 
 
-def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
+def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                    settings: DPTrainSettings) -> DPRoundResult:
     """Run ``settings.steps`` DP-SGD steps on ``model``'s LoRA parameters, in place."""
     trainable = _trainable(model)

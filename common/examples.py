@@ -2,6 +2,8 @@
 
 The loss is computed on the completion only; prompt and padding positions get label -100.
 One pair is exactly one example (never split into chunks), so one record stays one DP unit.
+A patient's whole text can instead be sampled as windows (``SampledWindows``): still one
+example per patient each time the patient is drawn, but from anywhere in the text.
 
 When a pair is longer than ``max_length`` the completion keeps its place: a long prompt is cut
 from its start (the end, nearest the completion, is kept), and a completion that is itself too
@@ -11,11 +13,13 @@ tokenized, so a huge record costs what ``max_length`` tokens cost, not what the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from privatune.common.progress import progress_bar
@@ -124,7 +128,17 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
         log.warning("%d of %d examples have no completion token to learn from within max_length=%d;"
                     " they add nothing to the loss", skipped, len(pairs), max_length)
     length = max(max(len(ids) for ids, _ in rows), 1)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return EncodedPairs(*_padded(rows, length, _pad_id(tokenizer)), skipped=skipped,
+                        cut_prompts=cut_prompts, cut_completions=cut_completions)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _padded(rows: Sequence[tuple[list[int], list[int]]], length: int,
+            pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask) of (ids, labels) rows, right-padded to ``length``."""
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -132,8 +146,90 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[i, : len(labs)] = torch.tensor(labs, dtype=torch.long)
         mask[i, : len(ids)] = 1
-    return EncodedPairs(input_ids, labels, mask, skipped=skipped, cut_prompts=cut_prompts,
-                        cut_completions=cut_completions)
+    return input_ids, labels, mask
+
+
+# --------------------------------------------------------------------------- patient windows
+
+
+@dataclass(frozen=True)
+class TokenizedTexts:
+    """Each privacy unit's whole text as one token sequence (its tokens, then eos), and the
+    tokenizer's bos and pad: what windows of ``max_length`` tokens are cut from.
+
+    A window is encoded as ``encode_pairs`` encodes a pair with no prompt: bos, then the
+    window's tokens, all of them labelled.
+    """
+
+    sequences: tuple[torch.Tensor, ...]
+    bos: tuple[int, ...]
+    pad: int
+
+    def room(self, max_length: int) -> int:
+        """Tokens of text in one window of ``max_length`` (what bos leaves)."""
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        return max_length - len(self.bos)
+
+    def row(self, index: int, start: int, room: int) -> tuple[list[int], list[int]]:
+        """(ids, labels) of the window of unit ``index`` that starts at token ``start``."""
+        window = self.sequences[index][start:start + room].tolist()
+        return [*self.bos, *window], [IGNORE_INDEX] * len(self.bos) + window
+
+
+def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> TokenizedTexts:
+    """Tokenize every text whole (a window may come from anywhere in it)."""
+    if not texts:
+        raise ValueError("no examples to encode")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+    return TokenizedTexts(tuple(torch.tensor(_ids(tokenizer, text) + eos, dtype=torch.long)
+                                for text in texts), bos, _pad_id(tokenizer))
+
+
+class SampledWindows(Dataset):
+    """One item per privacy unit; each time an item is drawn it is a fresh window of
+    ``max_length`` tokens of that unit's text, so all of a long text is trained on while a unit
+    stays one example (Poisson sampling, and so the accounting, see units, not windows).
+
+    The window starts uniformly over the positions that keep it inside the text, so every
+    token is in some window. The ``k``-th draw of unit ``i`` is fixed by ``(seed, i, k)``,
+    whatever order items are drawn in: the node passes a secret it draws each round.
+    """
+
+    def __init__(self, texts: TokenizedTexts, max_length: int, seed: int):
+        self.texts, self.seed = texts, seed
+        self.room = texts.room(max_length)
+        self.width = len(texts.bos) + max(min(self.room, len(s)) for s in texts.sequences)
+        self.draws = [0] * len(texts.sequences)
+
+    def __len__(self) -> int:
+        return len(self.texts.sequences)
+
+    def start(self, index: int, draw: int) -> int:
+        """Where the ``draw``-th window of unit ``index`` starts (bias of the modulo: at most
+        span / 2**64)."""
+        span = len(self.texts.sequences[index]) - self.room
+        if span <= 0:
+            return 0
+        digest = hashlib.sha256(f"{self.seed}\0{index}\0{draw}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % (span + 1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        draw, self.draws[index] = self.draws[index], self.draws[index] + 1
+        row = self.texts.row(index, self.start(index, draw), self.room)
+        input_ids, labels, mask = _padded([row], self.width, self.texts.pad)
+        return input_ids[0], labels[0], mask[0]
+
+
+def consecutive_windows(texts: TokenizedTexts, max_length: int) -> EncodedPairs:
+    """Every unit's text cut into consecutive windows of ``max_length`` tokens, one row each:
+    for evaluation, where every token is labelled exactly once (and scored, after bos; without
+    a bos token a window's first token has nothing to be predicted from)."""
+    room = texts.room(max_length)
+    rows = [texts.row(index, start, room) for index, sequence in enumerate(texts.sequences)
+            for start in range(0, max(len(sequence), 1), room)]
+    return EncodedPairs(*_padded(rows, max(max(len(ids) for ids, _ in rows), 1), texts.pad))
 
 
 def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

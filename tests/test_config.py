@@ -74,6 +74,21 @@ def test_bad_choice_and_bad_override(tmp_path):
         load_job_config(write(tmp_path, "seed: 0\n"), ["lora.r=0"])
 
 
+def test_patient_sampling_reaches_the_simulated_sites_policies(tmp_path):
+    from privatune.client.policy import load_site_policy
+    from privatune.simulations.runner import write_site_policy
+
+    job = load_job_config(write(tmp_path, "privacy:\n  unit: patient\n"))
+    assert job.privacy.patient_sampling == "window"  # the default
+    job = load_job_config(write(tmp_path, "seed: 0\n"), ["privacy.patient_sampling=truncate"])
+    policy = load_site_policy(write_site_policy(tmp_path / "site", "h1", tmp_path / "notes.ndjson",
+                                                tmp_path / "model", job))
+    assert policy.privacy.patient_sampling == "truncate"
+    with pytest.raises(ConfigError, match="privacy.patient_sampling: 'all' is not one of window, "
+                                          "truncate"):
+        load_job_config(write(tmp_path, "privacy:\n  patient_sampling: all\n"))
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"line \d+: invalid YAML"):
         load_job_config(write(tmp_path, "lora: [unclosed\n"))

@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from privatune.client.data import DataError, Record, load_records, split_records
 
@@ -347,11 +348,31 @@ def test_split_never_puts_a_patient_on_both_sides():
 
 def test_split_without_patient_ids_uses_the_text():
     records = [Record("", f"note {i}", None, f"s:{i}") for i in range(50)]
-    train, heldout = split_records(records, 0.5, seed=0)
     twin = Record("", "note 7", None, "other:1")
-    train2, heldout2 = split_records([*records, twin], 0.5, seed=0)
-    same_side = heldout2 if any(r.completion == "note 7" for r in heldout) else train2
-    assert twin in same_side
+    for seed in range(20):
+        train, heldout = split_records([*records, twin], 0.5, seed=seed)
+        side = heldout if twin in heldout else train
+        assert records[7] in side  # the same text is one unit, on one side
+        assert abs(len(heldout) - 0.5 * 51) <= 1  # records without a patient are units of their own
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+def test_split_holds_out_the_share_asked_for_within_one_patient(fraction):
+    """Patients of very different sizes (1 to 60 notes): the held-out share still lands within
+    half of one patient's records of the target, for every seed (hashing patients to a side
+    held out 5% at one demo hospital and 39% at another)."""
+    rng = random.Random(0)
+    sizes = [60, 44, 30, *(rng.choice([1, 1, 1, 2, 3, 8]) for _ in range(50))]
+    records = [Record("", f"note {n} of patient {p}", f"p{p}", f"site.jsonl:{p}:{n}")
+               for p, size in enumerate(sizes) for n in range(size)]
+    target, largest = fraction * len(records), max(sizes)
+    assert largest > 0.1 * len(records)  # skewed: one patient is over a tenth of the records
+    for seed in range(30):
+        train, heldout = split_records(records, fraction, seed=seed)
+        assert abs(len(heldout) - target) <= largest / 2
+        assert {r.patient_id for r in train}.isdisjoint({r.patient_id for r in heldout})
+        assert split_records(records[::-1], fraction, seed=seed) == (train, heldout)
+    assert split_records(records, fraction, seed=1) != split_records(records, fraction, seed=2)
 
 
 def test_split_errors_when_a_side_would_be_empty():
@@ -463,3 +484,91 @@ def test_a_pair_with_nothing_to_learn_is_counted_and_adds_no_loss():
                                                              [ord("x"), ord("y")]]
     assert dataset.tensors[0][3].tolist() == [ord("p"), ord("t"), ord("x"), ord("y")]
     assert (dataset.skipped, dataset.cut_prompts, dataset.cut_completions) == (2, 1, 0)
+
+
+# --- patient windows: a fresh window of a patient's whole text each time they are drawn -----
+
+class WordTokenizer:
+    """Token ``10 + n`` for the word ``wn``; bos 1, eos 2, pad 0: a token's id is its position."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [10 + int(word[1:]) for word in text.split()]}
+
+
+def words(count, first=0):
+    return " ".join(f"w{n}" for n in range(first, first + count))
+
+
+def window_labels(item):
+    _, labels, mask = item
+    assert labels[mask == 0].eq(-100).all()  # padding is never labelled
+    return labels[labels != -100].tolist()
+
+
+def test_sampled_windows_reach_every_token_of_a_long_patient_text():
+    from privatune.common.examples import SampledWindows, tokenize_texts
+
+    texts = tokenize_texts(WordTokenizer(), [words(300), words(5, first=1000)])
+    dataset = SampledWindows(texts, max_length=33, seed=7)  # 32 tokens of text after bos
+    assert len(dataset) == 2  # one item per patient, however long the text
+    sequence = [*range(10, 310), 2]  # the words, then eos
+    starts = set()
+    for _ in range(3000):
+        labels = window_labels(dataset[0])
+        start = sequence.index(labels[0])
+        assert labels == sequence[start:start + 32]  # a whole window of the text
+        starts.add(start)
+    assert starts == set(range(len(sequence) - 31))  # so every token was trained on, eos too
+    assert window_labels(dataset[1]) == [*range(1010, 1015), 2]  # a short text is whole
+    ids, _, mask = dataset[1]
+    assert ids.tolist()[:7] == [1, *range(1010, 1015), 2] and mask.sum() == 7
+
+
+def test_sampled_windows_are_fixed_by_the_seed_whatever_the_order_of_draws():
+    from privatune.common.examples import SampledWindows, tokenize_texts
+
+    texts = tokenize_texts(WordTokenizer(), [words(200), words(200, first=500)])
+
+    def draws(seed, order):
+        dataset = SampledWindows(texts, 17, seed)
+        return {(i, k): window_labels(dataset[i]) for k in range(20) for i in order}
+
+    assert draws(3, [0, 1]) == draws(3, [1, 0])
+    assert draws(3, [0, 1]) != draws(4, [0, 1])
+    first = draws(3, [0, 1])
+    assert len({tuple(first[0, k]) for k in range(20)}) > 10  # each draw is a fresh window
+
+
+def test_each_patient_is_at_most_one_example_of_a_poisson_batch():
+    """Through Opacus' DP data loader (the trainer's): every batch draws a patient once or not at
+    all, so a patient still adds at most one clipped gradient to a step."""
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader
+
+    from privatune.common.examples import SampledWindows, tokenize_texts
+
+    texts = tokenize_texts(WordTokenizer(), [words(40 + 7 * n, first=1000 * n) for n in range(12)])
+    dataset = SampledWindows(texts, 9, seed=0)
+    loader = DPDataLoader.from_data_loader(DataLoader(dataset, batch_size=4))  # 3 steps a pass
+    sizes = []
+    for _ in range(20):
+        for _, labels, _ in loader:
+            patients = [label[label != -100][0].item() // 1000 for label in labels]
+            assert len(patients) == len(set(patients))
+            sizes.append(len(patients))
+    assert len(sizes) == 60 and max(sizes) >= 6 and sum(dataset.draws) > 3 * len(dataset)
+
+
+def test_consecutive_windows_score_every_token_exactly_once():
+    from privatune.common.examples import consecutive_windows, encode_pairs, tokenize_texts
+
+    texts = tokenize_texts(WordTokenizer(), [words(70), words(3, first=500), words(16, first=900)])
+    windows = consecutive_windows(texts, 17)
+    per_row = [window_labels(windows[row]) for row in range(len(windows))]
+    assert [len(labels) for labels in per_row] == [16, 16, 16, 16, 7, 4, 16, 1]
+    assert sum(per_row, []) == [*range(10, 80), 2, *range(510, 513), 2, *range(910, 926), 2]
+    # a window is encoded as encode_pairs encodes a pair without prompt: one rule
+    truncated = encode_pairs(WordTokenizer(), [("", words(70))], 17)
+    assert all(torch.equal(a, b[:17]) for a, b in zip(truncated[0], windows[0]))

@@ -15,7 +15,7 @@ from privatune.common.examples import encode_pairs
 from privatune.common.ledger import SiteLedger
 from privatune.common.lora import (LoraSettings, attach_lora, frozen_part, initial_adapter,
                                    load_base_model, lora_state, with_update)
-from privatune.common.privacy import independent_rdp_epsilon, pld_epsilon
+from privatune.common.privacy import independent_rdp_epsilon, pld_epsilon, poisson_sample_rate
 
 LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
@@ -45,6 +45,7 @@ def test_dp_round_changes_lora_and_ledger_recomputes(make_site, tiny_model_dir):
     # accountant (dp-accounting's PLD) within 1%, and the looser RDP bound is never below it
     ledger = SiteLedger(node.policy.ledger_path)
     assert ledger.entries[0]["accountant"] == "opacus-prv"
+    assert ledger.entries[0]["privacy_unit"] == "record" and "patient_sampling" not in ledger.entries[0]
     history, delta = ledger.mechanism_history(), node.policy.privacy.delta
     theirs = pld_epsilon(history, delta)
     assert abs(outcome.reply.epsilon - theirs) <= 0.01 * theirs
@@ -84,6 +85,46 @@ def test_patient_privacy_unit_groups_records(make_site):
     record_node = SiteNode(load_site_policy(make_site(name="by-record")))
     patient_node = SiteNode(load_site_policy(make_site(name="by-patient", unit="patient")))
     assert len(patient_node.train_units) < len(record_node.train_units)
+
+
+def evaluate_request():
+    from privatune.common.protocol import EvaluateRequest
+
+    return EvaluateRequest(run_id="run-1", round=1, max_length=48, batch_size=8, lora_r=LORA.r,
+                           lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj")
+
+
+def test_patient_windows_train_on_patients_and_evaluate_all_held_out_text(make_site, tiny_model_dir):
+    """The default patient sampling: DP training (its runtime checks included) on one fresh
+    window per drawn patient, accounted per patient; evaluation over every held-out token."""
+    policy = load_site_policy(make_site(name="windows", unit="patient"))
+    assert policy.privacy.patient_sampling == "window"
+    node = SiteNode(policy)
+    outcome = node.train(request(), start_state(tiny_model_dir))
+    assert outcome.reply.accepted
+    entry = SiteLedger(policy.ledger_path).adapter_updates()[0]
+    assert (entry["privacy_unit"], entry["patient_sampling"]) == ("patient", "window")
+    assert entry["sample_rate"] == poisson_sample_rate(len(node.train_units), 8)  # per patient
+    _, tokenizer = load_base_model(tiny_model_dir)
+    heldout = node._dataset("heldout", tokenizer, 48)
+    tokens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # and eos
+              for _, text in node.heldout_units]
+    assert max(tokens) > 47 and len(heldout) > len(node.heldout_units)  # some patients span windows
+    assert int((heldout.tensors[1] != -100).sum()) == sum(tokens)  # each token scored once
+    assert node.evaluate(evaluate_request(), outcome.state).eval_loss > 0
+
+
+def test_patient_truncate_keeps_one_cut_row_per_patient(make_site, tiny_model_dir):
+    policy = load_site_policy(make_site(name="truncate", unit="patient", patient_sampling="truncate"))
+    node = SiteNode(policy)
+    _, tokenizer = load_base_model(tiny_model_dir)
+    for split, units in (("train", node.train_units), ("heldout", node.heldout_units)):
+        dataset = node._dataset(split, tokenizer, 48)
+        expected = encode_pairs(tokenizer, units, 48)
+        assert all(torch.equal(a, b) for a, b in zip(dataset.tensors, expected.tensors))
+    assert node.train(request(), start_state(tiny_model_dir)).reply.accepted
+    entry = SiteLedger(policy.ledger_path).adapter_updates()[0]
+    assert (entry["privacy_unit"], entry["patient_sampling"]) == ("patient", "truncate")
 
 
 def _tiny_batch(model_dir):

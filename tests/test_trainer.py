@@ -54,7 +54,7 @@ def scaled_noise(monkeypatch, factor: float) -> None:
 def test_round_two_without_noise_is_refused_and_not_recorded(make_site, tiny_model_dir,
                                                              monkeypatch):
     """A later round (LoRA B non-zero, so gradients non-zero) with Opacus' noise off is refused."""
-    node = SiteNode(load_site_policy(make_site()))
+    node = SiteNode(load_site_policy(make_site(records=122)))  # 98 training records
     examples, batch = len(node.train_units), train_request().batch_size
     assert opacus_batch_size(examples, batch) != batch
     first = node.train(train_request(1), start_state(tiny_model_dir))
