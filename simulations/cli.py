@@ -2,7 +2,7 @@
 
 Each side keeps its own commands next to its code and this module only gathers them:
 
-- one machine (here): ``simulate``, ``empirical-audit``;
+- one machine (here): ``simulate``, ``experiment``, ``empirical-audit``;
 - the privacy officer, over shared code (``common.cli``): ``plan``, ``audit``;
 - the coordinator (``server.cli``): ``coordinator``, ``certs``, ``export``;
 - a hospital (``client.cli``): ``node``, ``keys``.
@@ -26,6 +26,7 @@ from privatune.common.cli import add_commands as add_officer_commands
 from privatune.common.config import ConfigError
 from privatune.server.cli import add_commands as add_coordinator_commands
 from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
+from privatune.simulations.experiment import VARIANTS, parse_variants
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -49,6 +50,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from privatune.simulations.experiment import run_experiment
+
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f}s] {line}", flush=True)
+
+    command = " ".join(["privatune", *sys.argv[1:]])
+    run_experiment(Path(args.config), Path(args.out), args.variants, args.repetitions, args.set,
+                   command, progress)
+    print(f"report: {Path(args.out) / 'experiment.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privatune", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  a hospital:          node, keys\n"
                "  the coordinator:     coordinator, certs, export\n"
                "  a privacy officer:   plan, audit\n"
-               "  a researcher:        simulate, empirical-audit (one machine)\n"
+               "  a researcher:        simulate, experiment, empirical-audit (one machine)\n"
                "'privatune COMMAND --help' shows a command's options.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -70,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--overwrite", action="store_true",
                           help="delete an earlier simulation in --out, its site ledgers included")
     simulate.set_defaults(handler=_simulate)
+
+    experiment = commands.add_parser(
+        "experiment", help="compare accountants, LoRA aggregation modes and patient sampling "
+        "on the same federation and budget (one simulation per variant and repetition)")
+    experiment.add_argument("--config", required=True, help="job config YAML, e.g. configs/demo.yaml")
+    experiment.add_argument("--out", required=True, help="directory for the runs and experiment.md")
+    experiment.add_argument("--repetitions", type=int, default=3,
+                            help="runs per variant, each with fresh DP noise and sampling (default 3)")
+    experiment.add_argument("--variants", type=parse_variants, default=VARIANTS,
+                            metavar="NAME,NAME,...",
+                            help="a subset of: " + ", ".join(v.name for v in VARIANTS))
+    experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value for every variant (repeatable)")
+    experiment.set_defaults(handler=_experiment)
 
     add_empirical_audit_command(commands)
     add_officer_commands(commands)
