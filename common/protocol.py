@@ -93,6 +93,8 @@ class TrainRequest(_Request):
     lora_r: int
     lora_alpha: int
     lora_targets: str  # comma-separated module names (LoraSettings.from_request reads them)
+    # physical micro-batch limit (0: none); the node takes the smaller of this and its policy's
+    max_physical_batch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,8 @@ def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainReques
         run_id=run_id, round=round_number, planned_rounds=job.federation.rounds,
         local_steps=job.training.local_steps, batch_size=job.training.batch_size,
         learning_rate=job.training.learning_rate, max_grad_norm=job.training.max_grad_norm,
-        max_length=job.model.max_length, **_lora_fields(job))
+        max_length=job.model.max_length,
+        max_physical_batch_size=job.training.max_physical_batch_size, **_lora_fields(job))
 
 
 def evaluate_request(job: JobConfig, run_id: str, round_number: int,
