@@ -187,6 +187,7 @@ class SiteNode:
             expected_batch_size=request.batch_size, steps=request.local_steps,
             learning_rate=request.learning_rate,
             max_physical_batch_size=physical_batch_size(self.policy.site, request),
+            gradient_checkpointing=request.gradient_checkpointing,
             # the noise seed is the site's own secret: a coordinator-chosen seed could make two
             # releases share their noise and void the accounting
             seed=secrets.randbits(63)))

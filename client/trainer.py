@@ -17,6 +17,9 @@ micro-batches (Opacus' BatchMemoryManager): each is clipped and added to ``summe
 only the last one of the logical batch adds noise and steps, so the steps, the sampling rate,
 the noise and the accountant's record are those of the logical batches. The checks on noise
 and the reported loss are per logical step.
+
+With ``gradient_checkpointing`` each decoder block's activations are recomputed in the
+backward pass instead of kept (reentrant checkpointing only, see ``_checkpointing``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class DPTrainSettings:
     # the most examples one forward/backward pass takes (0: no limit); larger logical batches
     # are split into physical micro-batches with unchanged accounting
     max_physical_batch_size: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
     loss_sum, loss_count = 0.0, 0
     steps = 0
     ticks = progress_bar(range(settings.steps), "local DP steps")
+    _checkpointing(model, settings.gradient_checkpointing)
     physical_loader = dp_loader
     if settings.max_physical_batch_size:  # what BatchMemoryManager's context hands out
         physical_loader = wrap_data_loader(data_loader=dp_loader, optimizer=dp_optimizer,
@@ -144,6 +149,7 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         dp_model._close()  # remove Opacus hooks; the PEFT model keeps the trained tensors
+        _checkpointing(model, False)  # the base model is shared with the process's other sites
 
     _check_parameters_changed(model, before, frozen_before)
     recorded = engine.accountant.history
@@ -155,6 +161,28 @@ def train_dp_round(model: torch.nn.Module, dataset: TensorDataset,
     return DPRoundResult(steps=steps, sample_rate=sample_rate,
                          noise_multiplier=settings.noise_multiplier,
                          mean_loss=sum(losses) / max(len(losses), 1), examples=len(dataset))
+
+
+def _checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn Hugging Face gradient checkpointing of the decoder blocks on or off.
+
+    Reentrant checkpointing only: its first forward pass runs without autograd, so Opacus'
+    hooks record nothing there and capture each LoRA layer once, in the recomputation whose
+    backward follows, and the per-sample gradients are exactly those without checkpointing
+    (tests/test_grad_sampler.py). Non-reentrant checkpointing loses them. Reentrant
+    checkpointing needs the blocks' input to require a gradient, hence the input hook.
+    """
+    if enabled == bool(getattr(model, "is_gradient_checkpointing", False)):
+        return
+    if not enabled:
+        model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"training.gradient_checkpointing: {type(model).__name__} does not "
+                         "support gradient checkpointing; turn it off for this model")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
 
 
 def _check_per_sample_gradients(trainable: dict[str, torch.nn.Parameter], batch: int) -> None:

@@ -80,6 +80,8 @@ class TrainingConfig:
     # the most examples a node puts through one forward/backward pass (0: no limit); a larger
     # Poisson batch is split into micro-batches, the same DP step (a site's policy may lower it)
     max_physical_batch_size: int = field(default=0, metadata=bounded(0, 4096))
+    # recompute activations in the backward pass instead of keeping them: less memory, more compute
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
