@@ -6,12 +6,12 @@ For each count N a fresh process (as a simulation worker is) builds N ``SiteNode
 with its own notes, policy and ledger, and has every site train one DP round and evaluate the
 result, as a worker serving those sites in a federation round does. Reported per count: the
 process's peak RSS (VmHWM) and its RSS after the last site, the number of base models it holds
-(``client.engine``), the size of one copy of the base weights and what loading one more copy
-(with its adapter) then adds to the RSS, and for each count after the first how much the peak
-and the final RSS grew per added site: to set against that copy. CPU, float32, one thread;
-the workers use the benchmark's tight allocator (TIGHT_MALLOC), so that RSS follows live
-memory rather than what glibc keeps for reuse (with glibc's defaults the RSS of one worker
-swings by some 50 MiB from one site's round to the next).
+(``client.engine``), the size of one copy of the base weights (what a base model per site
+would add per site), and for each count after the first how much the peak and the final RSS
+grew per added site. CPU, float32, one thread; the workers use the benchmark's tight
+allocator (TIGHT_MALLOC), so that RSS follows live memory rather than what glibc keeps for
+reuse (with glibc's defaults the RSS of one worker swings by some 50 MiB from one site's round
+to the next).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ class SiteMemory:
     start_rss_mib: float  # after the imports, before the first site
     base_models: int
     base_weights_mib: float  # one copy of the base weights (parameter bytes)
-    extra_base_rss_mib: float  # RSS added by loading one more base model with its adapter
     local_steps: int
     # growth per site over the previous count: of the peak, and of the RSS after the last site
     peak_per_added_site_mib: float | None = None
@@ -91,7 +90,7 @@ def _serve(policies: list[Path], local_steps: int, conn) -> None:
         from privatune.client.node import SiteNode
         from privatune.client.policy import load_site_policy
         from privatune.common.config import FederationConfig, JobConfig, TrainingConfig
-        from privatune.common.lora import LoraSettings, attach_lora, load_base_model, lora_state
+        from privatune.common.lora import LoraSettings, lora_state
         from privatune.common.protocol import evaluate_request, train_request
 
         start = _vm_mib("VmRSS")
@@ -111,16 +110,9 @@ def _serve(policies: list[Path], local_steps: int, conn) -> None:
             if not outcome.reply.accepted:
                 raise RuntimeError(f"{node.name} declined: {outcome.reply.reason}")
             node.evaluate(evaluate, outcome.state)
-        peak, end, models = _vm_mib("VmHWM"), _vm_mib("VmRSS"), shared_base_models()
-        # what a base model per site would have cost each added site: one more copy
-        extra = attach_lora(load_base_model(node.policy.model_dir, device=node.hardware.device,
-                                            dtype=node.hardware.dtype)[0],
-                            LoraSettings.from_request(request))
-        extra_rss = _vm_mib("VmRSS") - end
-        del extra
-        conn.send(SiteMemory(sites=len(policies), peak_rss_mib=peak, end_rss_mib=end,
-                             start_rss_mib=start, base_models=models,
-                             base_weights_mib=weights / 2**20, extra_base_rss_mib=extra_rss,
+        conn.send(SiteMemory(sites=len(policies), peak_rss_mib=_vm_mib("VmHWM"),
+                             end_rss_mib=_vm_mib("VmRSS"), start_rss_mib=start,
+                             base_models=shared_base_models(), base_weights_mib=weights / 2**20,
                              local_steps=local_steps))
     except Exception as error:  # report to the parent instead of hanging it
         conn.send(f"{type(error).__name__}: {error}")
@@ -158,9 +150,9 @@ def measure(counts: list[int], model_dir: Path, local_steps: int) -> list[SiteMe
 
 def format_table(results: list[SiteMemory]) -> str:
     """MiB throughout; 'per added site': growth over the previous row divided by the sites added;
-    'one more base': RSS added by loading one more base model with its adapter."""
+    'base weights': one copy's parameter bytes."""
     header = (f"{'sites':>5s} {'start RSS':>9s} {'peak RSS':>8s} {'end RSS':>8s} "
-              f"{'base models':>11s} {'base weights':>12s} {'one more base':>13s} "
+              f"{'base models':>11s} {'base weights':>12s} "
               f"{'peak per added site':>19s} {'end per added site':>18s}")
     lines = [header, "-" * len(header)]
     for r in results:
@@ -168,7 +160,7 @@ def format_table(results: list[SiteMemory]) -> str:
             return f"{value:.2f}" if value is not None else "-"
         lines.append(f"{r.sites:5d} {r.start_rss_mib:9.1f} {r.peak_rss_mib:8.1f} "
                      f"{r.end_rss_mib:8.1f} {r.base_models:11d} {r.base_weights_mib:12.2f} "
-                     f"{r.extra_base_rss_mib:13.1f} {per_site(r.peak_per_added_site_mib):>19s} "
+                     f"{per_site(r.peak_per_added_site_mib):>19s} "
                      f"{per_site(r.end_per_added_site_mib):>18s}")
     return "\n".join(lines)
 
