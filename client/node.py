@@ -23,7 +23,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from privatune.client.data import DataError, Record, collapse_duplicates, load_records, split_records
 from privatune.client.engine import adapter_model
-from privatune.client.policy import SitePolicy, check_delta, request_violation
+from privatune.client.policy import (SitePolicy, check_delta, physical_batch_size,
+                                     request_violation)
 from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.examples import (SampledWindows, TokenizedTexts, consecutive_windows,
                                        encode_pairs, evaluate_loss, tokenize_texts)
@@ -244,6 +245,8 @@ class SiteNode:
             noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
             expected_batch_size=request.batch_size, steps=request.local_steps,
             learning_rate=request.learning_rate,
+            max_physical_batch_size=physical_batch_size(self.policy.site, request),
+            gradient_checkpointing=request.gradient_checkpointing,
             # the noise seed is the site's own secret: a coordinator-chosen seed could make two
             # releases share their noise and void the accounting
             seed=secrets.randbits(63)))

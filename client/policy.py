@@ -33,6 +33,8 @@ class SiteSection:
     # the site's hardware, never the coordinator's choice: auto takes a GPU when there is one
     device: str = field(default="auto", metadata=device_choice())
     dtype: str = field(default="auto", metadata=choice("auto", "float32", "bfloat16", "float16"))
+    # the most examples one forward/backward pass may take on this hardware (0: no limit)
+    max_physical_batch_size: int = field(default=0, metadata=bounded(0, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,13 @@ def check_delta(policy: SitePolicy, privacy_units: int) -> None:
         raise ConfigError(f"{policy.source}: privacy.{problem}")
 
 
+def physical_batch_size(site: SiteSection, request: TrainRequest) -> int:
+    """The micro-batch limit a round trains with: the smaller of the site's (its memory) and the
+    request's, where 0 means no limit."""
+    limits = [n for n in (site.max_physical_batch_size, request.max_physical_batch_size) if n > 0]
+    return min(limits, default=0)
+
+
 def request_violation(limits: RequestLimits, request: TrainRequest) -> str:
     """Why a train request is outside this site's limits, or "" when it is within them.
 
@@ -158,6 +167,7 @@ def request_violation(limits: RequestLimits, request: TrainRequest) -> str:
         ("max_grad_norm", request.max_grad_norm, 0.0, limits.max_grad_norm, True),
         ("lora_r", request.lora_r, 1, limits.max_lora_r, False),
         ("planned_rounds", request.planned_rounds, 1, 1_000_000, False),
+        ("max_physical_batch_size", request.max_physical_batch_size, 0, 1_000_000, False),
     )
     if not (0 < len(request.run_id) <= MAX_RUN_ID_LENGTH and request.run_id.isprintable()):
         return (f"request run_id must be 1 to {MAX_RUN_ID_LENGTH} printable characters "

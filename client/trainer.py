@@ -12,6 +12,15 @@ The noise check compares each step's gradient with the clipped sum Opacus kept
 (``summed_grad``) divided by the divisor Opacus itself used, which is its own expected batch
 size ``int(len(dataset) * sample_rate)``, not the requested batch size. The residual must look
 like Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm / divisor``.
+
+A logical Poisson batch larger than ``max_physical_batch_size`` is split into physical
+micro-batches (Opacus' BatchMemoryManager): each is clipped and added to ``summed_grad``, and
+only the last one of the logical batch adds noise and steps, so the steps, the sampling rate,
+the noise and the accountant's record are those of the logical batches. The checks on noise
+and the reported loss are per logical step.
+
+With ``gradient_checkpointing`` each decoder block's activations are recomputed in the
+backward pass instead of kept (reentrant checkpointing only, see ``_checkpointing``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.lora_grad_sampler import LoraPrivacyEngine
@@ -42,6 +52,10 @@ class DPTrainSettings:
     steps: int
     learning_rate: float
     seed: int
+    # the most examples one forward/backward pass takes (0: no limit); larger logical batches
+    # are split into physical micro-batches with unchanged accounting
+    max_physical_batch_size: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,44 +107,83 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
     if missing:
         raise DPNotAppliedError(f"the DP optimizer does not handle LoRA tensors {missing[:3]}")
 
-    losses: list[float] = []
+    losses: list[float] = []  # one per logical step: the mean over its examples
+    loss_sum, loss_count = 0.0, 0
     steps = 0
     ticks = progress_bar(range(settings.steps), "local DP steps")
+    _checkpointing(model, settings.gradient_checkpointing)
+    physical_loader = dp_loader
+    if settings.max_physical_batch_size:  # what BatchMemoryManager's context hands out
+        physical_loader = wrap_data_loader(data_loader=dp_loader, optimizer=dp_optimizer,
+                                           max_batch_size=settings.max_physical_batch_size)
     try:
         while steps < settings.steps:
-            for input_ids, labels, mask in dp_loader:
+            for input_ids, labels, mask in physical_loader:
                 if steps >= settings.steps:
                     break
+                # after a skipped (accumulating) physical step this keeps summed_grad
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(input_ids) > 0:
                     input_ids, labels, mask = (t.to(device) for t in (input_ids, labels, mask))
                     logits = dp_model(input_ids=input_ids, attention_mask=mask).logits.float()
-                    loss = per_example_loss(logits, labels).mean()
+                    per_example = per_example_loss(logits, labels)
+                    loss = per_example.mean()
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message="Full backward hook")
                         loss.backward()
-                    losses.append(loss.detach().item())
+                    loss_sum += per_example.detach().sum().item()
+                    loss_count += len(input_ids)
                     _check_per_sample_gradients(trainable, len(input_ids))
                 else:
                     for param in trainable.values():  # an empty Poisson batch: noise only
                         param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype,
                                                         device=param.device)
                 dp_optimizer.step()
+                if dp_optimizer._is_last_step_skipped:
+                    continue  # a physical micro-batch clipped into summed_grad; no noise yet
                 _check_noise_added(trainable, _noise_divisor(dp_optimizer), settings, steps)
+                if loss_count:
+                    losses.append(loss_sum / loss_count)
+                loss_sum, loss_count = 0.0, 0
                 steps += 1
                 next(ticks, None)
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         dp_model._close()  # remove Opacus hooks; the PEFT model keeps the trained tensors
+        _checkpointing(model, False)  # the base model is shared with the process's other sites
 
     _check_parameters_changed(model, before, frozen_before)
     recorded = engine.accountant.history
     sample_rate = poisson_sample_rate(len(dataset), settings.expected_batch_size)
-    if not recorded or abs(recorded[0][1] - sample_rate) > 1e-12:
-        raise DPNotAppliedError(f"Opacus recorded {recorded!r}, expected sampling rate {sample_rate}")
+    if (any(abs(rate - sample_rate) > 1e-12 for _, rate, _ in recorded)
+            or sum(count for _, _, count in recorded) != steps):
+        raise DPNotAppliedError(f"Opacus recorded {recorded!r}, expected {steps} steps at "
+                                f"sampling rate {sample_rate}")
     return DPRoundResult(steps=steps, sample_rate=sample_rate,
                          noise_multiplier=settings.noise_multiplier,
                          mean_loss=sum(losses) / max(len(losses), 1), examples=len(dataset))
+
+
+def _checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn Hugging Face gradient checkpointing of the decoder blocks on or off.
+
+    Reentrant checkpointing only: its first forward pass runs without autograd, so Opacus'
+    hooks record nothing there and capture each LoRA layer once, in the recomputation whose
+    backward follows, and the per-sample gradients are exactly those without checkpointing
+    (tests/test_grad_sampler.py). Non-reentrant checkpointing loses them. Reentrant
+    checkpointing needs the blocks' input to require a gradient, hence the input hook.
+    """
+    if enabled == bool(getattr(model, "is_gradient_checkpointing", False)):
+        return
+    if not enabled:
+        model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"training.gradient_checkpointing: {type(model).__name__} does not "
+                         "support gradient checkpointing; turn it off for this model")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
 
 
 def _check_per_sample_gradients(trainable: dict[str, torch.nn.Parameter], batch: int) -> None:

@@ -83,6 +83,11 @@ class TrainingConfig:
     learning_rate: float = field(default=0.01, metadata=bounded(0, 10, low_open=True))
     max_grad_norm: float = field(default=1.0, metadata=bounded(0, 1e6, low_open=True))
     eval_batch_size: int = field(default=32, metadata=bounded(1, 4096))
+    # the most examples a node puts through one forward/backward pass (0: no limit); a larger
+    # Poisson batch is split into micro-batches, the same DP step (a site's policy may lower it)
+    max_physical_batch_size: int = field(default=0, metadata=bounded(0, 4096))
+    # recompute activations in the backward pass instead of keeping them: less memory, more compute
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ class TrainRequest(_Request):
     lora_targets: str  # comma-separated module names (LoraSettings.from_request reads them)
     # federation.aggregation: which LoRA factors the node trains and sends (lora.trained_factors)
     aggregation: str = "fedavg"
+    # physical micro-batch limit (0: none); the node takes the smaller of this and its policy's
+    max_physical_batch_size: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,9 @@ def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainReques
         run_id=run_id, round=round_number, planned_rounds=job.federation.rounds,
         local_steps=job.training.local_steps, batch_size=job.training.batch_size,
         learning_rate=job.training.learning_rate, max_grad_norm=job.training.max_grad_norm,
-        max_length=job.model.max_length, **_lora_fields(job),
+        max_length=job.model.max_length,
+        max_physical_batch_size=job.training.max_physical_batch_size,
+        gradient_checkpointing=job.training.gradient_checkpointing, **_lora_fields(job),
         aggregation=job.federation.aggregation)
 
 

@@ -31,6 +31,7 @@ Shapes 1.1b and 8b run on a GPU only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -41,6 +42,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -239,25 +241,32 @@ TIGHT_MALLOC = {"MALLOC_MMAP_MAX_": None, "MALLOC_MMAP_THRESHOLD_": "131072",
                 "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
+@contextlib.contextmanager
+def environment_for_children(environment: dict[str, str | None] | None) -> Iterator[None]:
+    """Within this block, processes started (spawned) get these variables (None: unset)."""
+    saved = {name: os.environ.get(name) for name in environment or {}}
+    for name, value in (environment or {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class _Worker:
     def __init__(self, context, job: Job, environment: dict[str, str | None] | None = None):
         self.job = job
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_worker, args=(job, child), daemon=True)
-        saved = {name: os.environ.get(name) for name in environment or {}}
-        for name, value in (environment or {}).items():  # None: unset
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        try:
+        with environment_for_children(environment):
             self.process.start()
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
         child.close()
         kind, self.facts = self._receive()
         if kind != "ready":

@@ -411,3 +411,28 @@ def test_trainer_trains_through_the_lora_engine(monkeypatch):
     result = trainer.train_dp_round(llama(), dataset, settings)
     assert result.steps == 3
     assert calls and set(calls) == {LoraLinear}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_keeps_per_sample_gradients_exact(arch):
+    """The trainer's (reentrant) checkpointing recomputes the blocks in the backward pass: each
+    LoRA layer is captured once, in the recomputation, and the gradients are those without it."""
+    expected = engine_grad_samples(BUILDERS[arch](), LoraGradSampleModule)
+    model = BUILDERS[arch]()
+    trainer._checkpointing(model, True)
+    assert model.is_gradient_checkpointing
+    actual = engine_grad_samples(model, LoraGradSampleModule)
+    trainer._checkpointing(model, False)
+    assert not model.is_gradient_checkpointing
+    assert_close(actual, expected, rtol=1e-5)
+
+
+def test_a_checkpointed_dp_round_passes_the_checks_and_leaves_the_shared_model_as_it_was():
+    ids, mask, labels = batch()
+    dataset = TensorDataset(ids.repeat(5, 1), labels.repeat(5, 1), mask.repeat(5, 1))
+    model = llama()
+    result = trainer.train_dp_round(model, dataset, trainer.DPTrainSettings(
+        noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, steps=3,
+        learning_rate=0.02, seed=0, gradient_checkpointing=True, max_physical_batch_size=2))
+    assert result.steps == 3
+    assert not model.is_gradient_checkpointing

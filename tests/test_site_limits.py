@@ -91,7 +91,7 @@ def test_request_with_non_finite_float_is_refused_by_the_codec():
     ({"learning_rate": 1e9}, "learning_rate"), ({"learning_rate": math.nan}, "learning_rate"),
     ({"local_steps": 10**6}, "local_steps"), ({"batch_size": 0}, "batch_size"),
     ({"max_length": 10**6}, "max_length"), ({"max_grad_norm": math.inf}, "max_grad_norm"),
-    ({"lora_r": 1024}, "lora_r"),
+    ({"lora_r": 1024}, "lora_r"), ({"max_physical_batch_size": -1}, "max_physical_batch_size"),
 ])
 def test_request_outside_site_limits_is_declined_before_training(make_site, start_state, change, field):
     node = SiteNode(load_site_policy(make_site()))

@@ -7,16 +7,22 @@ dataset size is not a multiple of it. The tests use such sizes on purpose.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import opacus.grad_sample.grad_sample_module as gsm
 import opacus.optimizers.optimizer as dp_opt
 import pytest
 import torch
+import yaml
 from opacus import PrivacyEngine
 
+import privatune.client.node as node_module
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.client.trainer import (DPNotAppliedError, DPTrainSettings, _check_noise_added,
                                       train_dp_round)
+from privatune.common.config import ConfigError, load_job_config
 from privatune.common.examples import encode_pairs
 from privatune.common.ledger import SiteLedger
 from privatune.common.lora import attach_lora, load_base_model
@@ -177,3 +183,101 @@ def test_diverged_training_is_left_to_the_node_not_called_missing_noise():
     first.summed_grad[0, 0] = 0.0  # a finite sum with a non-finite gradient is not DP noise
     with pytest.raises(DPNotAppliedError):
         _check_noise_added(trainable, 7.0, claimed, 0)
+
+
+# ------------------------------------------------------------------ physical micro-batches
+
+
+def spied_round(model, dataset, physical: int, monkeypatch) -> tuple[list, list[int], object]:
+    """Train a round; return each noised step's clipped sums and every forward's batch size."""
+    summed: list[list[torch.Tensor]] = []
+    add_noise = dp_opt.DPOptimizer.add_noise
+
+    def record_then_noise(self):
+        summed.append([p.summed_grad.detach().clone() for p in self.params])
+        add_noise(self)
+
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(len(kw["input_ids"])),
+                                           with_kwargs=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(dp_opt.DPOptimizer, "add_noise", record_then_noise)
+        try:
+            result = train_dp_round(model, dataset, DPTrainSettings(
+                noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8, steps=6,
+                learning_rate=0.02, seed=3, max_physical_batch_size=physical))
+        finally:
+            hook.remove()
+    return summed, sizes, result
+
+
+def test_micro_batches_give_the_logical_batch_step(tiny, monkeypatch):
+    """Micro-batches of at most 3 clip and sum to the logical batch's sum (float32), noise is
+    added once per logical step with the same draws, and the accounting is unchanged."""
+    model, dataset = tiny
+    twin = copy.deepcopy(model)
+    whole, whole_sizes, whole_result = spied_round(model, dataset, 0, monkeypatch)
+    split, split_sizes, split_result = spied_round(twin, dataset, 3, monkeypatch)
+    assert len(whole) == len(split) == whole_result.steps == split_result.steps == 6
+    assert max(whole_sizes) > 3 and max(split_sizes) <= 3
+    assert len(split_sizes) > len(whole_sizes)  # some logical batch was split
+    assert sum(split_sizes) == sum(whole_sizes)  # the same examples, in the same steps
+    for step_whole, step_split in zip(whole, split):
+        for a, b in zip(step_whole, step_split):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert split_result.sample_rate == whole_result.sample_rate
+    assert split_result.mean_loss == pytest.approx(whole_result.mean_loss, rel=1e-5)
+    trained = dict(twin.named_parameters())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(trained[name], param, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_still_catch_missing_noise(tiny, monkeypatch):
+    model, dataset = tiny
+    scaled_noise(monkeypatch, 0.0)
+    with pytest.raises(DPNotAppliedError, match="no noise was added at the claimed scale"):
+        train_dp_round(model, dataset, DPTrainSettings(
+            noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8, steps=3,
+            learning_rate=0.02, seed=0, max_physical_batch_size=2))
+
+
+def test_micro_batch_limit_of_site_and_request_keeps_the_ledger(make_site, tiny_model_dir,
+                                                                monkeypatch):
+    """The node takes the smaller of the site's and the request's limit; the ledger records the
+    same steps, sampling rate and noise as without micro-batches."""
+    sizes: list[int] = []
+    real_train = node_module.train_dp_round
+
+    def spy(model, dataset, settings):
+        sizes.append(settings.max_physical_batch_size)
+        return real_train(model, dataset, settings)
+
+    monkeypatch.setattr(node_module, "train_dp_round", spy)
+    entries = []
+    for name, site_cap, requested in (("plain", 0, 0), ("capped", 2, 5), ("asked", 0, 3)):
+        path = make_site(name)
+        policy = yaml.safe_load(path.read_text())
+        policy["site"]["max_physical_batch_size"] = site_cap
+        path.write_text(yaml.safe_dump(policy))
+        node = SiteNode(load_site_policy(path))
+        ask = dataclasses.replace(train_request(), max_physical_batch_size=requested)
+        assert node.train(ask, start_state(tiny_model_dir)).reply.accepted
+        entries.append(SiteLedger(node.policy.ledger_path).adapter_updates()[0])
+    assert sizes == [0, 2, 3]
+    for entry in entries[1:]:
+        for key in ("steps", "sample_rate", "noise_multiplier", "epsilon"):
+            assert entry[key] == entries[0][key]
+    assert entries[0]["steps"] == train_request().local_steps
+
+
+def test_bad_physical_batch_size_names_the_key(tmp_path, make_site):
+    job = tmp_path / "job.yaml"
+    job.write_text("training:\n  max_physical_batch_size: -1\n")
+    with pytest.raises(ConfigError, match=r"line 2: training.max_physical_batch_size: -1 is out of "
+                                          r"range"):
+        load_job_config(job)
+    path = make_site()
+    path.write_text(path.read_text().replace("site:\n", "site:\n  max_physical_batch_size: many\n"))
+    with pytest.raises(ConfigError, match=r"site.max_physical_batch_size: expected a whole number"):
+        load_site_policy(path)
