@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from privatune.common.config import read_yaml
-from privatune.common.ledger import (ADAPTER_UPDATE, LedgerError, mechanism_problem,
+from privatune.common.ledger import (ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED, LedgerError,
+                                     RollbackFloor, entry_problem, mechanism_problem,
                                      mechanism_step, read_entries)
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
@@ -119,6 +120,10 @@ class SiteAudit:
     recomputed_epsilon: float = 0.0  # the independent figure of the same method
     rdp_epsilon: float = 0.0  # the looser RDP bound of the same history, beside it
     pld_epsilon: float = 0.0
+    # acknowledged rollbacks: each carries a floor (the spend the site had reported) that the
+    # epsilon figures after it include, at delta plus the floor's delta
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    floor: RollbackFloor = field(default_factory=RollbackFloor)
 
     @property
     def ok(self) -> bool:
@@ -175,8 +180,19 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     per_release_pld = releases <= PLD_PER_RELEASE_LIMIT
     rdp = IndependentRdp()
     history: list[MechanismStep] = []
+    floor = RollbackFloor()
     with _quiet_absl():
         for entry in entries:
+            if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
+                problem = entry_problem(entry)
+                if problem:
+                    result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot "
+                                           "account this acknowledgement, and stops here")
+                    break
+                floor = RollbackFloor(float(entry["reported_epsilon"]),
+                                      float(entry["reported_delta"]))
+                result.rollbacks.append(entry)
+                continue
             if entry.get("kind") != ADAPTER_UPDATE:
                 result.non_private.append(entry)
                 continue
@@ -199,9 +215,10 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                 result.problems.append(f"line {entry['seq']}: unknown accountant {accountant!r}; "
                                        "the audit cannot check this release, and stops here")
                 break
-            rdp_eps = rdp.epsilon(delta)
+            rdp_eps = floor.epsilon + rdp.epsilon(delta)
             final = len(result.rounds) + 1 == releases
-            pld_eps = pld_epsilon(history, delta) if per_release_pld or final else None
+            pld_eps = (floor.epsilon + pld_epsilon(history, delta) if per_release_pld or final
+                       else None)
             row = {"seq": entry["seq"], "run_id": entry.get("run_id"), "round": entry.get("round"),
                    "time": entry.get("time"), "unit": entry.get("privacy_unit"),
                    "noise_multiplier": entry["noise_multiplier"],
@@ -210,13 +227,14 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                    "recorded_epsilon": recorded,
                    "recomputed_epsilon": rdp_eps if accountant == RDP else pld_eps,
                    "rdp_epsilon": rdp_eps, "pld_epsilon": pld_eps,
-                   "withheld": entry.get("withheld"), "update_sha256": entry.get("update_sha256")}
+                   "withheld": entry.get("withheld"), "update_sha256": entry.get("update_sha256"),
+                   "floor_epsilon": floor.epsilon}
             _check_row(result, row)
             result.rounds.append(row)
     if result.rounds:
         last = result.rounds[-1]
         if last["pld_epsilon"] is None:  # PLD of the whole history only
-            last["pld_epsilon"] = pld_epsilon(history, float(result.delta))
+            last["pld_epsilon"] = last["floor_epsilon"] + pld_epsilon(history, float(result.delta))
             if last["accountant"] == PRV:
                 last["recomputed_epsilon"] = last["pld_epsilon"]
             _check_row(result, last)
@@ -225,6 +243,13 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
         result.recomputed_epsilon = last["recomputed_epsilon"]
         result.rdp_epsilon = last["rdp_epsilon"]
         result.pld_epsilon = last["pld_epsilon"]
+    # an acknowledgement after the last release raises the site's figures by its floor too
+    later = floor.epsilon - (result.rounds[-1]["floor_epsilon"] if result.rounds else 0.0)
+    result.recorded_epsilon += later
+    result.recomputed_epsilon += later
+    result.rdp_epsilon += later
+    result.pld_epsilon += later
+    result.floor = floor
     budget_problem = _budget_problem(result)
     if budget_problem:
         result.problems.append(budget_problem)
