@@ -114,18 +114,6 @@ class LedgeredSite:
         return TrainResult(node, reply, result.state)
 
 
-def _rechain(path: Path, entries: list[dict]) -> None:
-    """Write ``entries`` as a ledger, numbered and hash-chained anew (a forger can do this)."""
-    from privatune.common.ledger import GENESIS_HASH, entry_hash
-
-    previous, lines = GENESIS_HASH, []
-    for number, entry in enumerate(entries, start=1):
-        entry = {**entry, "seq": number, "prev_hash": previous}
-        entry["hash"] = previous = entry_hash(entry)
-        lines.append(json.dumps(entry, sort_keys=True))
-    path.write_text("".join(line + "\n" for line in lines))
-
-
 class FakeTransport:
     """Answers train requests with each node's behaviour; evaluation with a fixed loss per site."""
 
