@@ -49,9 +49,9 @@ from privatune.common.ledger import (ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED, Ledg
                                      RollbackFloor, entry_problem, head_problem, mechanism_problem,
                                      mechanism_step, read_entries)
 from privatune.common.plots import report_figure
-from privatune.common.run_record import SiteRecord
 from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
                                       accountant_note, pld_epsilon)
+from privatune.common.run_record import SiteRecord
 
 TOLERANCE = 0.01
 # Up to this many adapter updates, PLD epsilon is given for every release (each costs a PLD

@@ -90,7 +90,7 @@ def test_release_gate_exports_a_clean_run_and_records_it(tmp_path):
     from privatune.server.export import export_adapter
 
     run = _fake_run(tmp_path)
-    assert export_adapter(run, tmp_path / "release") == []
+    assert export_adapter(run, tmp_path / "release").findings == []
     assert (tmp_path / "release" / "adapter_config.json").is_file()
     entries, _ = read_entries(run / "releases.jsonl")
     assert entries[-1]["kind"] == "model_export" and not entries[-1]["forced"]
@@ -104,7 +104,8 @@ def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path
     with pytest.raises(ReleaseRefused, match="over the budget"):
         export_adapter(run, tmp_path / "release")
     assert not (tmp_path / "release").exists()
-    findings = export_adapter(run, tmp_path / "release", force_reason="ethics board approved 2026-11")
+    findings = export_adapter(run, tmp_path / "release",
+                              force_reason="ethics board approved 2026-11").findings
     assert findings
     entry = read_entries(run / "releases.jsonl")[0][-1]
     assert entry["forced"] and entry["reason"] == "ethics board approved 2026-11"
