@@ -17,9 +17,34 @@ from privatune.common.cli import interrupt_on_sigterm, make_hospital_keys
 from privatune.common.config import ConfigError
 
 
+def acknowledge_command(policy_path: Path) -> int:
+    """Record an operator's acknowledgement of this site's ledger rollback (see README)."""
+    from privatune.client.node import acknowledge_rollback
+    from privatune.client.policy import load_site_policy
+    from privatune.common.ledger import SiteLedger
+
+    policy = load_site_policy(policy_path)
+    try:
+        entry = acknowledge_rollback(policy)
+    except ValueError as err:  # nothing pending, LedgerError: they name the file
+        print(f"privatune node: {err}", file=sys.stderr)
+        return 2
+    ledger = SiteLedger(policy.ledger_path)
+    privacy = policy.privacy
+    print(f"{policy.ledger_path}: rollback acknowledged (entry {entry['seq']}). The coordinator "
+          f"held ledger entry {entry['reported_seq']} and epsilon "
+          f"{entry['reported_epsilon']:.4f} for this site; that spend is counted as a floor "
+          f"under it: epsilon now {ledger.epsilon(privacy.delta, privacy.accountant_name):.4f} "
+          f"at delta {privacy.delta + ledger.floor().delta:g} (cap {privacy.epsilon_cap:g}). "
+          "The node trains again when the coordinator next asks.")
+    return 0
+
+
 def node_command(args: argparse.Namespace) -> int:
     from privatune.client.deploy import NodeConnection, run_node
 
+    if args.acknowledge_ledger_rollback:
+        return acknowledge_command(Path(args.site))
     connection = None
     if not args.check:
         missing = [flag for flag, value in (("--superlink", args.superlink),
@@ -71,6 +96,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                       help="give up reconnecting to the SuperLink after this long (default: never)")
     node.add_argument("--check", action="store_true",
                       help="only validate the site and print what would leave it")
+    node.add_argument("--acknowledge-ledger-rollback", action="store_true",
+                      help="after the node declined rounds because its ledger is behind what it "
+                      "reported (restored from a backup, say): record that an operator knows, "
+                      "counting the spend the coordinator held as a floor; then exit")
     node.set_defaults(handler=node_command)
 
     keys = commands.add_parser(

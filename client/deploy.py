@@ -189,7 +189,8 @@ def release_statement(site: CheckedSite) -> str:
         "completions of this site's held-out notes, averaged; never the text itself), when the "
         "coordinator asks: " + ("sent" if release.generation_scores else "withheld"),
         "  3. With every reply: the site name, whether the round was accepted (with the reason "
-        "if declined), epsilon spent, delta, the epsilon cap and the noise multiplier. The "
+        "if declined), epsilon spent, delta, the epsilon cap, the accountant, the noise "
+        "multiplier and the ledger's head (its number of entries and last hash). The "
         "noise multiplier is calibrated from the sampling rate (batch size / number of "
         f"{unit}), so it hints at the site's size even when the example count is withheld.",
         "  4. To Flower itself: the node's public key, heartbeats and message metadata.",

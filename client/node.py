@@ -4,6 +4,12 @@ Order of a train round: check the request against the site policy and the ledger
 cumulative epsilon (decline with a reason if it would go over), train with DP-SGD, write the
 release to the ledger (fsync'ed) and only then hand the update back for sending. A crash
 between the ledger write and the send therefore over-counts, never under-counts.
+
+Every reply carries the ledger's head after the node's entry for it; the coordinator sends the
+head it last got back with each train request. A ledger that lacks that head (restored from an
+old backup, cut or rewritten) has lost releases: the node declines every round until an
+operator acknowledges the rollback (``acknowledge_rollback``), which records the spend the
+coordinator held as a floor under the site's epsilon (``common.ledger.RollbackFloor``).
 """
 
 from __future__ import annotations
@@ -30,12 +36,16 @@ from privatune.common.examples import (SampledWindows, TokenizedTexts, consecuti
                                        encode_pairs, evaluate_loss, tokenize_texts)
 from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
 from privatune.common.hardware import resolve_hardware
-from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger, mechanism_step
+from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, ROLLBACK_ACKNOWLEDGED, LedgerHead,
+                                     SiteLedger, head_problem, mechanism_step)
 from privatune.common.lora import (LoraSettings, frozen_part, load_lora_state, lora_state,
-                                   train_factors, trained_part)
+                                   train_factors, trained_part, update_hash)
 from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
                                       run_noise_multiplier)
 from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+
+ROLLBACK = "ledger_rollback"  # a decline's release name when the ledger lacks a reported head
+ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"
 
 
 def privacy_units(records: Sequence[Record], unit: str) -> list[tuple[str, str]]:
@@ -52,13 +62,34 @@ def privacy_units(records: Sequence[Record], unit: str) -> list[tuple[str, str]]
             for _, group in sorted(by_patient.items())]
 
 
-def update_hash(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of the update exactly as sent (names and float32 bytes, in name order)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def pending_rollback(entries: Sequence[Mapping]) -> Mapping | None:
+    """The latest rollback decline no acknowledgement follows, or None."""
+    for entry in reversed(entries):
+        if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
+            return None
+        if entry.get("release") == ROLLBACK:
+            return entry
+    return None
+
+
+def acknowledge_rollback(policy: SitePolicy) -> dict:
+    """An operator's acknowledgement of the pending rollback of this site's ledger, appended
+    to it; the node trains again after it, counting at least the spend it had reported.
+
+    Raises ValueError if no rollback is pending.
+    """
+    ledger = SiteLedger(policy.ledger_path)
+    pending = pending_rollback(ledger.entries)
+    if pending is None:
+        raise ValueError(f"{policy.ledger_path}: no ledger rollback to acknowledge (the node "
+                         "has not declined a round for one since the last acknowledgement)")
+    return ledger.append(ROLLBACK_ACKNOWLEDGED, {
+        "run_id": pending["run_id"], "detected_at": pending["seq"],
+        "reported_seq": pending["reported_seq"], "reported_hash": pending["reported_hash"],
+        "reported_epsilon": pending["reported_epsilon"],
+        "reported_delta": pending["reported_delta"],
+        "note": "the releases after the last entry this ledger shares with the reported head "
+                "are lost from it; the reported spend is counted as a floor (basic composition)"})
 
 
 FROZEN_A_KEY = "frozen_a_sha256"  # in a run's adapter_update entries under ffa
@@ -166,8 +197,13 @@ class SiteNode:
         return self._encoded[key]
 
     def epsilon(self) -> float:
-        """Everything this site has released, by its accountant over the whole history."""
+        """Everything this site has released, by its accountant over the whole history (plus
+        the floor of an acknowledged rollback)."""
         return self.ledger.epsilon(self.policy.privacy.delta, self.policy.privacy.accountant_name)
+
+    def delta(self) -> float:
+        """The delta of ``epsilon``: the policy's, plus the floor's after a rollback."""
+        return self.policy.privacy.delta + self.ledger.floor().delta
 
     def _run_entries(self, run_id: str) -> list[dict]:
         return [e for e in self.ledger.adapter_updates() if e["run_id"] == run_id]
@@ -182,7 +218,9 @@ class SiteNode:
         if earlier:
             return float(earlier[0]["noise_multiplier"])
         privacy = self.policy.privacy
-        return run_noise_multiplier(privacy.epsilon_cap, privacy.run_budget, privacy.delta,
+        floor = self.ledger.floor().epsilon
+        return run_noise_multiplier(privacy.epsilon_cap - floor, privacy.run_budget - floor,
+                                    privacy.delta,
                                     sample_rate, request.planned_rounds * request.local_steps,
                                     self.ledger.mechanism_history(), privacy.min_noise_multiplier,
                                     privacy.accountant_name)
@@ -209,13 +247,15 @@ class SiteNode:
             return RoundPlan(f"privacy budget: {err}", 0.0, spent)
         this_round = MechanismStep(noise, sample_rate, request.local_steps)
         accountant = privacy.accountant_name
-        after = epsilon_of([*self.ledger.mechanism_history(), this_round], privacy.delta, accountant)
+        floor = self.ledger.floor().epsilon  # the run's lost releases may be in it: counted too
+        after = floor + epsilon_of([*self.ledger.mechanism_history(), this_round], privacy.delta,
+                                   accountant)
         if after > privacy.epsilon_cap:
             return RoundPlan(f"round {request.round} would raise this site's epsilon to {after:.3f}, "
                              f"over its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
                              f"spent so far {spent:.3f}", noise, after)
         run_history = [mechanism_step(e) for e in run_entries]
-        run_after = epsilon_of([*run_history, this_round], privacy.delta, accountant)
+        run_after = floor + epsilon_of([*run_history, this_round], privacy.delta, accountant)
         if run_after > privacy.run_budget:
             return RoundPlan(f"round {request.round} would raise this run's epsilon to "
                              f"{run_after:.3f}, over the site's per-run budget of "
@@ -225,6 +265,11 @@ class SiteNode:
     def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
         """One federated round at this site: policy check, DP-SGD, ledger, reply."""
         self.ledger = SiteLedger(self.policy.ledger_path)  # another process may have appended
+        rollback = self._rollback(request)
+        if rollback is not None:
+            self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
+                                             **rollback})
+            return self._decline(rollback["reason"])
         resent = self._resend(request, global_state)
         if resent is not None:
             return resent
@@ -254,7 +299,8 @@ class SiteNode:
         privacy = self.policy.privacy
         history = [*self.ledger.mechanism_history(),
                    MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)]
-        epsilon = epsilon_of(history, privacy.delta, privacy.accountant_name)
+        epsilon = self.ledger.floor().epsilon + epsilon_of(history, privacy.delta,
+                                                           privacy.accountant_name)
         mechanism = {
             "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
             **({"patient_sampling": privacy.patient_sampling} if privacy.unit == "patient" else {}),
@@ -280,16 +326,44 @@ class SiteNode:
                               "train_loss": loss})
         outcome = TrainOutcome(TrainReply(
             site=self.name, accepted=True, num_examples=count, epsilon=epsilon,
-            delta=privacy.delta, epsilon_budget=privacy.epsilon_cap,
-            noise_multiplier=result.noise_multiplier, train_loss=loss), state)
+            delta=self.delta(), epsilon_budget=privacy.epsilon_cap,
+            noise_multiplier=result.noise_multiplier, train_loss=loss,
+            accountant=privacy.accountant_name, **self._head()), state)
         self._keep_release(request, global_state, outcome)
         return outcome
+
+    def _head(self) -> dict[str, int | str]:
+        """The ledger head as reply fields: taken after the reply's own entry is written."""
+        head = self.ledger.head
+        return {"ledger_seq": head.seq, "ledger_hash": head.hash}
 
     def _decline(self, reason: str) -> TrainOutcome:
         privacy = self.policy.privacy
         return TrainOutcome(TrainReply(site=self.name, accepted=False, reason=reason,
-                                       epsilon=self.epsilon(), delta=privacy.delta,
-                                       epsilon_budget=privacy.epsilon_cap))
+                                       epsilon=self.epsilon(), delta=self.delta(),
+                                       epsilon_budget=privacy.epsilon_cap,
+                                       accountant=privacy.accountant_name, **self._head()))
+
+    def _rollback(self, request: TrainRequest) -> dict | None:
+        """The decline entry's fields when the ledger is behind the head the coordinator holds
+        (or a rollback found earlier is not acknowledged yet); None when the ledger is sound."""
+        pending = pending_rollback(self.ledger.entries)
+        if pending is not None:
+            return {key: pending[key] for key in ("release", "reason", "reported_seq",
+                                                  "reported_hash", "reported_epsilon",
+                                                  "reported_delta")}
+        problem = head_problem(self.ledger.entries,
+                               LedgerHead(request.ledger_seq, request.ledger_hash))
+        if problem is None:
+            return None
+        reason = (f"this site's ledger is behind what it reported to the coordinator: {problem}. "
+                  f"It may have been restored from an old backup or edited; releases may be "
+                  f"missing from it (the coordinator holds epsilon {request.ledger_epsilon:.4g} "
+                  f"for this site). No round is trained until an operator acknowledges it: "
+                  f"privatune node --site {self.policy.source} {ACKNOWLEDGE_FLAG}")
+        return {"release": ROLLBACK, "reason": reason, "reported_seq": request.ledger_seq,
+                "reported_hash": request.ledger_hash, "reported_epsilon": request.ledger_epsilon,
+                "reported_delta": request.ledger_delta}
 
     def _release_path(self, request: TrainRequest) -> Path:
         safe_run = hashlib.sha256(request.run_id.encode()).hexdigest()[:16]
@@ -319,9 +393,10 @@ class SiteNode:
         if meta["input_sha256"] != update_hash(global_state):
             return None
         state = load_file(str(path) + ".safetensors")
-        reply = TrainReply(**{**meta["reply"], "epsilon": self.epsilon()})
         self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
                                          "release": "resend", "update_sha256": update_hash(state)})
+        reply = TrainReply(**{**meta["reply"], "epsilon": self.epsilon(), "delta": self.delta(),
+                              **self._head()})
         return TrainOutcome(reply, state)
 
     def evaluate(self, request: EvaluateRequest,
@@ -338,13 +413,13 @@ class SiteNode:
             scores = self._generation_scores(request, model, tokenizer)
             if not release.example_count:
                 scores.pop("generation_examples", None)
-        reply = EvaluateReply(site=self.name,
-                              num_examples=len(self.heldout_units) if release.example_count else 1,
-                              eval_loss=loss if release.eval_loss else None, **scores)
+        eval_loss = loss if release.eval_loss else None
         self._record_metrics(request.run_id, request.round, "evaluate",
-                             {"num_examples": reply.num_examples if release.example_count else None,
-                              "eval_loss": reply.eval_loss, **scores})
-        return reply
+                             {"num_examples": len(self.heldout_units) if release.example_count
+                              else None, "eval_loss": eval_loss, **scores})
+        return EvaluateReply(site=self.name,
+                             num_examples=len(self.heldout_units) if release.example_count else 1,
+                             eval_loss=eval_loss, **scores, **self._head())
 
     def generation_tasks(self, marker: str) -> GenerationTasks:
         """This site's held-out records as generation tasks (notes split at ``marker``)."""

@@ -16,6 +16,13 @@ PLD is a side figure: it is computed for the whole history with the steps summed
 mechanism (composition allows it, see ``privacy.merged``) and, for a ledger of at most
 ``PLD_PER_RELEASE_LIMIT`` releases, for every prefix too.
 
+Given the coordinator's record of a run (``common.run_record``: the ledger heads each site's
+replies carried and the updates received from it), the audit also checks the ledger against
+it: a ledger that lacks a reported head lost its tail or was rewritten (even re-chained
+consistently), an update the coordinator received that no adapter update lists is a hidden
+release, and a spend below what the site reported is an under-count. A site that lies
+consistently to the coordinator and in its ledger is beyond what this can see.
+
 A ledger audits "ok" only when all of it is accounted: a torn last line (no newline, and it
 does not parse or chain; a complete one that chains is counted), a ``<ledger>.torn-*`` side file
 the node set aside, an adapter update whose mechanism or epsilon is missing, NaN, infinite or
@@ -38,11 +45,13 @@ from typing import Any
 import numpy as np
 
 from privatune.common.config import read_yaml
-from privatune.common.ledger import (ADAPTER_UPDATE, LedgerError, mechanism_problem,
+from privatune.common.ledger import (ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED, LedgerError,
+                                     RollbackFloor, entry_problem, head_problem, mechanism_problem,
                                      mechanism_step, read_entries)
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
                                       accountant_note, pld_epsilon)
+from privatune.common.run_record import SiteRecord
 
 TOLERANCE = 0.01
 # Up to this many adapter updates, PLD epsilon is given for every release (each costs a PLD
@@ -119,6 +128,10 @@ class SiteAudit:
     recomputed_epsilon: float = 0.0  # the independent figure of the same method
     rdp_epsilon: float = 0.0  # the looser RDP bound of the same history, beside it
     pld_epsilon: float = 0.0
+    # acknowledged rollbacks: each carries a floor (the spend the site had reported) that the
+    # epsilon figures after it include, at delta plus the floor's delta
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    floor: RollbackFloor = field(default_factory=RollbackFloor)
 
     @property
     def ok(self) -> bool:
@@ -163,8 +176,31 @@ def _budget_problem(result: SiteAudit) -> str | None:
     return None
 
 
-def audit_ledger(path: Path, name: str | None = None, budget: float | None = None) -> SiteAudit:
-    """Audit one site's ledger file."""
+def record_problems(entries: list[dict[str, Any]], record: SiteRecord,
+                    ledger_epsilon: float) -> list[str]:
+    """Where verified ``entries`` (a ledger accounting ``ledger_epsilon``) fall short of the
+    coordinator's record of the site: a reported head they lack, a received update they do not
+    list, a reported spend above theirs."""
+    problems = []
+    missing = [(h, p) for h in record.heads if (p := head_problem(entries, h.head))]
+    if missing:
+        head, problem = missing[0]
+        later = f" (and {len(missing) - 1} later reported heads)" if len(missing) > 1 else ""
+        problems.append(f"the ledger does not hold the head the site reported in "
+                        f"{head.describe()}: {problem}{later}")
+    listed = {e.get("update_sha256") for e in entries if e.get("kind") == ADAPTER_UPDATE}
+    problems += [f"the coordinator received an update from this site in round {u.round} "
+                 f"(sha256 {u.sha256[:16]}...) that the ledger does not list"
+                 for u in record.received if u.sha256 not in listed]
+    if record.epsilon > ledger_epsilon * (1 + TOLERANCE) + 1e-9:
+        problems.append(f"the site reported epsilon {record.epsilon:.4f} to the coordinator, but "
+                        f"its ledger accounts only {ledger_epsilon:.4f}")
+    return problems
+
+
+def audit_ledger(path: Path, name: str | None = None, budget: float | None = None,
+                 record: SiteRecord | None = None) -> SiteAudit:
+    """Audit one site's ledger file, against the coordinator's record of the site if given."""
     result = SiteAudit(name=name or path.parent.name, path=path, budget=budget)
     if not path.is_file():
         result.chain_error = f"{path}: ledger file is missing"
@@ -175,8 +211,19 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     per_release_pld = releases <= PLD_PER_RELEASE_LIMIT
     rdp = IndependentRdp()
     history: list[MechanismStep] = []
+    floor = RollbackFloor()
     with _quiet_absl():
         for entry in entries:
+            if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
+                problem = entry_problem(entry)
+                if problem:
+                    result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot "
+                                           "account this acknowledgement, and stops here")
+                    break
+                floor = RollbackFloor(float(entry["reported_epsilon"]),
+                                      float(entry["reported_delta"]))
+                result.rollbacks.append(entry)
+                continue
             if entry.get("kind") != ADAPTER_UPDATE:
                 result.non_private.append(entry)
                 continue
@@ -199,9 +246,10 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                 result.problems.append(f"line {entry['seq']}: unknown accountant {accountant!r}; "
                                        "the audit cannot check this release, and stops here")
                 break
-            rdp_eps = rdp.epsilon(delta)
+            rdp_eps = floor.epsilon + rdp.epsilon(delta)
             final = len(result.rounds) + 1 == releases
-            pld_eps = pld_epsilon(history, delta) if per_release_pld or final else None
+            pld_eps = (floor.epsilon + pld_epsilon(history, delta) if per_release_pld or final
+                       else None)
             row = {"seq": entry["seq"], "run_id": entry.get("run_id"), "round": entry.get("round"),
                    "time": entry.get("time"), "unit": entry.get("privacy_unit"),
                    "noise_multiplier": entry["noise_multiplier"],
@@ -210,13 +258,14 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                    "recorded_epsilon": recorded,
                    "recomputed_epsilon": rdp_eps if accountant == RDP else pld_eps,
                    "rdp_epsilon": rdp_eps, "pld_epsilon": pld_eps,
-                   "withheld": entry.get("withheld"), "update_sha256": entry.get("update_sha256")}
+                   "withheld": entry.get("withheld"), "update_sha256": entry.get("update_sha256"),
+                   "floor_epsilon": floor.epsilon}
             _check_row(result, row)
             result.rounds.append(row)
     if result.rounds:
         last = result.rounds[-1]
         if last["pld_epsilon"] is None:  # PLD of the whole history only
-            last["pld_epsilon"] = pld_epsilon(history, float(result.delta))
+            last["pld_epsilon"] = last["floor_epsilon"] + pld_epsilon(history, float(result.delta))
             if last["accountant"] == PRV:
                 last["recomputed_epsilon"] = last["pld_epsilon"]
             _check_row(result, last)
@@ -225,6 +274,15 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
         result.recomputed_epsilon = last["recomputed_epsilon"]
         result.rdp_epsilon = last["rdp_epsilon"]
         result.pld_epsilon = last["pld_epsilon"]
+    # an acknowledgement after the last release raises the site's figures by its floor too
+    later = floor.epsilon - (result.rounds[-1]["floor_epsilon"] if result.rounds else 0.0)
+    result.recorded_epsilon += later
+    result.recomputed_epsilon += later
+    result.rdp_epsilon += later
+    result.pld_epsilon += later
+    result.floor = floor
+    if record is not None:
+        result.problems += record_problems(entries, record, result.recorded_epsilon)
     budget_problem = _budget_problem(result)
     if budget_problem:
         result.problems.append(budget_problem)
@@ -271,25 +329,35 @@ def _site_budget(site_dir: Path) -> float | None:
         raise ValueError(f"{policy}: privacy.epsilon_cap is {cap!r}, not a number") from err
 
 
-def _audit_site(ledger: Path, site_dir: Path, name: str | None = None) -> SiteAudit:
-    """Audit a ledger against the cap in the policy beside it; an unreadable cap is a problem."""
+def audit_site(ledger: Path, name: str | None = None,
+               record: SiteRecord | None = None) -> SiteAudit:
+    """Audit a ledger against the cap in the policy beside it (else the cap the site reported
+    to the coordinator) and the coordinator's record; an unreadable cap is a problem."""
+    name = name or ledger.parent.name
     try:
-        budget = _site_budget(site_dir)
+        budget = _site_budget(ledger.parent)
     except ValueError as err:
-        result = audit_ledger(ledger, name)
+        result = audit_ledger(ledger, name, record=record)
         result.problems.append(str(err))
         return result
-    return audit_ledger(ledger, name, budget)
+    if budget is None and record is not None:
+        budget = record.epsilon_budget
+    return audit_ledger(ledger, name, budget, record)
 
 
-def audit_path(path: Path) -> list[SiteAudit]:
-    """Audit a single ledger file or every ``sites/<site>/ledger.jsonl`` of a run directory."""
+def audit_path(path: Path, records: dict[str, SiteRecord] | None = None,
+               name: str | None = None) -> list[SiteAudit]:
+    """Audit a single ledger file (as site ``name``, by default its folder's name) or every
+    ``sites/<site>/ledger.jsonl`` of a run directory, each against the coordinator's record of
+    its site when ``records`` are given."""
+    records = records or {}
     if path.is_file():
-        return [_audit_site(path, path.parent)]
+        site = name or path.parent.name
+        return [audit_site(path, site, records.get(site))]
     site_dirs = sorted(p for p in (path / "sites").glob("*") if p.is_dir())
     if not site_dirs:
         raise FileNotFoundError(f"{path}: neither a ledger file nor a run directory with sites/")
-    return [_audit_site(d / "ledger.jsonl", d, d.name) for d in site_dirs]
+    return [audit_site(d / "ledger.jsonl", d.name, records.get(d.name)) for d in site_dirs]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -336,6 +404,11 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
                          f"{r['max_grad_norm']} | {_fmt(r['recorded_epsilon'])} | {r['accountant']} | "
                          f"{_fmt(r['recomputed_epsilon'])} | {_fmt(r['rdp_epsilon'])} | "
                          f"{_fmt(r['pld_epsilon'])} |")
+        for ack in a.rollbacks:
+            lines.append(f"- **acknowledged rollback** (#{ack['seq']}): the ledger had lost entries "
+                         f"up to the head {ack['reported_seq']} the site reported; its reported "
+                         f"epsilon {ack['reported_epsilon']:.4f} (delta {ack['reported_delta']:g}) "
+                         "is a floor under the figures after it (basic composition)")
         lines += ["", "Non-private releases (not covered by DP-SGD):", ""]
         if not a.non_private:
             lines.append("- none")

@@ -61,8 +61,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from privatune.common.audit import audit_path, write_audit
+    from privatune.common.run_record import read_run_record
 
-    audits = audit_path(Path(args.path))
+    records = read_run_record(Path(args.run)) if args.run else None
+    if records is not None and args.site and args.site not in records:
+        raise ConfigError(f"--site {args.site}: the run record {args.run} has no such site "
+                          f"(it has {', '.join(records) or 'none'})")
+    audits = audit_path(Path(args.path), records, args.site or None)
     out = Path(args.out) if args.out else (Path(args.path) if Path(args.path).is_dir()
                                            else Path(args.path).parent)
     report = write_audit(audits, out, args.format)
@@ -99,6 +104,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     audit = commands.add_parser("audit", help="verify ledgers and recompute every site's epsilon")
     audit.add_argument("path", help="a ledger.jsonl or a run directory (with sites/<site>/)")
+    audit.add_argument("--run", default="", metavar="REPORT",
+                       help="the coordinator's record of the run (its report.json, a checkpoint's "
+                       "state.json, or the run directory): check each ledger holds every head its "
+                       "site reported and lists every update the coordinator received")
+    audit.add_argument("--site", default="", metavar="NAME",
+                       help="with a ledger file: the site it belongs to in --run (default: the "
+                       "name of the folder it is in)")
     audit.add_argument("--format", choices=("md", "html"), default="md")
     audit.add_argument("--out", help="where audit.md/html and audit.png go (default: next to PATH)")
     audit.set_defaults(handler=_audit)

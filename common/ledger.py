@@ -15,6 +15,15 @@ newline restored. Only a last line that does not parse or does not chain is torn
 byte for byte, to a ``<ledger>.torn-*`` side file (never lost), logged as a WARNING and exposed
 as ``SiteLedger.set_aside`` so the node can surface it; ``audit`` reports both the torn line
 and the side file as problems.
+
+Anchoring: every reply a node sends carries its ledger's head (``LedgerHead``: the number of
+entries and the last entry's hash) and the coordinator keeps it. A ledger that no longer holds
+a head it reported (``head_problem``: a cut tail, or a history rewritten and re-chained) is
+behind what left the site. After an operator acknowledges such a rollback, a
+``rollback_acknowledged`` entry records the spend the coordinator held for the site, and the
+site's epsilon is that reported spend composed (basic composition: epsilons and deltas add)
+with everything the ledger still accounts (``RollbackFloor``): the lost releases are never
+forgotten, and the surviving ones may be counted twice, an over-count, never an under-count.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from privatune.common.privacy import PRV, MechanismStep, epsilon_of
 GENESIS_HASH = "0" * 64
 ADAPTER_UPDATE = "adapter_update"
 NON_PRIVATE = "non_private"
+ROLLBACK_ACKNOWLEDGED = "rollback_acknowledged"
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,59 @@ class SetAside:
 
     side_file: Path
     message: str
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """Where a ledger stood when a reply left: ``seq`` entries (the last one's number) and the
+    last entry's hash; an empty ledger is (0, GENESIS_HASH), and ``seq`` -1 means unknown (the
+    coordinator has no reply of the site yet)."""
+
+    seq: int
+    hash: str
+
+    @property
+    def known(self) -> bool:
+        return self.seq >= 0
+
+
+NO_HEAD = LedgerHead(-1, "")
+
+
+def head_problem(entries: list[dict[str, Any]], head: LedgerHead) -> str | None:
+    """Why verified ``entries`` do not hold ``head`` (a head the site reported), or None.
+
+    A ledger shorter than the head lost its tail; one whose entry at the head's number has
+    another hash was rewritten (re-chained or not) since the head was reported.
+    """
+    if not head.known:
+        return None
+    if len(entries) < head.seq:
+        return (f"the ledger has {len(entries)} entries, but the site reported a head at entry "
+                f"{head.seq} (entries were removed from its tail)")
+    held = entries[head.seq - 1]["hash"] if head.seq else GENESIS_HASH
+    if held != head.hash:
+        return (f"entry {head.seq} has hash {held[:16]}..., but the site reported "
+                f"{head.hash[:16]}... for it (its history was rewritten)")
+    return None
+
+
+@dataclass(frozen=True)
+class RollbackFloor:
+    """The spend a rollback acknowledgement carries over: the (epsilon, delta) the site had
+    reported at the head its ledger lost, composed by addition with what the ledger accounts."""
+
+    epsilon: float = 0.0
+    delta: float = 0.0
+
+
+def rollback_floor(entries: list[dict[str, Any]]) -> RollbackFloor:
+    """The floor of the latest acknowledged rollback (an earlier one is inside the spend the
+    site reported since, so only the latest counts); zero without one."""
+    for entry in reversed(entries):
+        if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
+            return RollbackFloor(float(entry["reported_epsilon"]), float(entry["reported_delta"]))
+    return RollbackFloor()
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
@@ -90,6 +153,24 @@ def mechanism_problem(entry: Mapping[str, Any]) -> str | None:
             return f"adapter update has no {key}"
         if not valid(entry[key]):
             return f"{key} is {entry[key]!r}, expected {expected}"
+    return None
+
+
+_FLOOR_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "reported_epsilon": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "reported_delta": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def entry_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why an entry that counts in the spend (an adapter update's mechanism, a rollback
+    acknowledgement's floor) cannot be accounted, or None."""
+    if entry.get("kind") == ADAPTER_UPDATE:
+        return mechanism_problem(entry)
+    if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
+        for key, (valid, expected) in _FLOOR_RULES.items():
+            if not valid(entry.get(key)):
+                return f"rollback acknowledgement's {key} is {entry.get(key)!r}, expected {expected}"
     return None
 
 
@@ -207,7 +288,7 @@ class SiteLedger:
         an adapter update whose mechanism cannot be accounted."""
         entries, torn = _parse(raw, self.path)
         for entry in entries:
-            if entry.get("kind") == ADAPTER_UPDATE and (problem := mechanism_problem(entry)):
+            if problem := entry_problem(entry):
                 raise LedgerError(f"{self.path}, line {entry['seq']}: {problem}", entry["seq"])
         return entries, torn
 
@@ -243,6 +324,10 @@ class SiteLedger:
     def last_hash(self) -> str:
         return self.entries[-1]["hash"] if self.entries else GENESIS_HASH
 
+    @property
+    def head(self) -> LedgerHead:
+        return LedgerHead(len(self.entries), self.last_hash)
+
     def append(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Durably append one entry (flush + fsync) and return it.
 
@@ -256,8 +341,8 @@ class SiteLedger:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **fields,
         }
-        if kind == ADAPTER_UPDATE and (problem := mechanism_problem(entry)):
-            raise ValueError(f"{self.path}: refusing to write an adapter update: {problem}; "
+        if problem := entry_problem(entry):
+            raise ValueError(f"{self.path}: refusing to write a {kind} entry: {problem}; "
                              "nothing was written")
         _encode(entry, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,11 +368,15 @@ class SiteLedger:
         """Every DP mechanism this site has released, in order (each checked when read)."""
         return [mechanism_step(e) for e in self.adapter_updates()]
 
+    def floor(self) -> RollbackFloor:
+        return rollback_floor(self.entries)
+
     def epsilon(self, delta: float, accountant: str = PRV) -> float:
         """Epsilon of everything this site has released so far, recomputed from the whole
         mechanism history by ``accountant`` (entries written under another accountant keep
-        their recorded figures; their mechanisms are composed like any other)."""
-        return epsilon_of(self.mechanism_history(), delta, accountant)
+        their recorded figures; their mechanisms are composed like any other), plus the floor
+        of an acknowledged rollback (then at delta plus the floor's delta)."""
+        return self.floor().epsilon + epsilon_of(self.mechanism_history(), delta, accountant)
 
 
 def _sync(handle: BinaryIO) -> None:

@@ -7,6 +7,7 @@ the adapter name), so a received state, a checkpoint and a PEFT adapter director
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -335,6 +336,17 @@ def _stored_dtype(model_dir: str | Path) -> torch.dtype | None:
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else None
+
+
+def update_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of an update exactly as sent (names and float32 bytes, in name order): the node
+    records it in its ledger, the coordinator of what it received, and the audit compares."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
+                      .numpy().tobytes())
+    return digest.hexdigest()
 
 
 def state_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -98,6 +98,12 @@ class TrainRequest(_Request):
     # physical micro-batch limit (0: none); the node takes the smaller of this and its policy's
     max_physical_batch_size: int = 0
     gradient_checkpointing: bool = False
+    # the coordinator's record of this site's ledger head (its last reply's) and of the spend
+    # it reported then; seq -1: no reply yet. A node whose ledger lacks that head refuses.
+    ledger_seq: int = -1
+    ledger_hash: str = ""
+    ledger_epsilon: float = 0.0
+    ledger_delta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,10 @@ class TrainReply(_Reply):
     epsilon_budget: float = _metric(0.0)
     noise_multiplier: float = _metric(0.0)
     train_loss: float | None = _metric(None)
+    accountant: str = _status("")  # the site's accountant, which its epsilon is by
+    # the site's ledger head after its entry for this reply (seq -1: not told)
+    ledger_seq: int = _metric(-1)
+    ledger_hash: str = _status("")
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,8 @@ class EvaluateReply(_Reply):
     bleu: float | None = _metric(None)
     chrf: float | None = _metric(None)
     generation_examples: int | None = _metric(None)  # None: not generated, or the count withheld
+    ledger_seq: int = _metric(-1)  # the site's ledger head after its entry for this reply
+    ledger_hash: str = _status("")
 
 
 def _lora_fields(job: JobConfig) -> dict[str, Any]:

@@ -26,10 +26,10 @@ class FlowerTransport:
     def node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
 
-    def _exchange(self, node_ids: Sequence[int], kind: str, request: TrainRequest | EvaluateRequest,
+    def _exchange(self, requests: Mapping[int, TrainRequest | EvaluateRequest], kind: str,
                   state: Mapping[str, torch.Tensor],
                   timeout_s: float) -> tuple[list[tuple[int, Message]], list[str]]:
-        """Send ``request`` and the adapter to every node; good replies by node, and failures.
+        """Send each node its request and the adapter; good replies by node, and failures.
 
         Every reply is attributed to the node its request went to (through the request's message
         id, which the Grid assigns while sending): an error reply may come from the SuperLink
@@ -39,7 +39,7 @@ class FlowerTransport:
         messages = [Message(content=RecordDict({ADAPTER_KEY: adapter,
                                                 REQUEST_KEY: ConfigRecord(request.to_record())}),
                             dst_node_id=node_id, message_type=kind)
-                    for node_id in node_ids]
+                    for node_id, request in requests.items()]
         replies = list(self.grid.send_and_receive(messages, timeout=timeout_s))
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         good, failures, answered = [], [], set()
@@ -50,13 +50,14 @@ class FlowerTransport:
                 failures.append(f"node {node}: {reply.error.reason}")
             else:
                 good.append((node, reply))
-        failures += [f"node {node}: no reply within {timeout_s:g} s" for node in node_ids
+        failures += [f"node {node}: no reply within {timeout_s:g} s" for node in requests
                      if node not in answered]
         return good, failures
 
-    def train(self, node_ids: Sequence[int], request: TrainRequest,
-              state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[TrainResult], list[str]]:
-        replies, failures = self._exchange(node_ids, TRAIN, request, state, timeout_s)
+    def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
+              timeout_s: float) -> tuple[list[TrainResult], list[str]]:
+        """Each node's own request (it carries that site's ledger head) and the adapter."""
+        replies, failures = self._exchange(requests, TRAIN, state, timeout_s)
         results = []
         for node, message in replies:
             try:
@@ -70,7 +71,8 @@ class FlowerTransport:
 
     def evaluate(self, node_ids: Sequence[int], request: EvaluateRequest,
                  state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[EvaluateReply], list[str]]:
-        replies, failures = self._exchange(node_ids, EVALUATE, request, state, timeout_s)
+        replies, failures = self._exchange({node: request for node in node_ids}, EVALUATE, state,
+                                           timeout_s)
         results = []
         for node, message in replies:
             try:

@@ -86,8 +86,16 @@ def certs_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from privatune.server.export import ReleaseRefused, export_adapter, export_merged, select_adapter
+    from privatune.server.export import (ReleaseRefused, describe_unverified, export_adapter,
+                                         export_merged, select_adapter)
 
+    ledgers = {}
+    for item in args.ledger:
+        site, _, path = item.partition("=")
+        if not site or not path:
+            raise ConfigError(f"--ledger {item!r}: expected SITE=PATH (the site's name in the run, "
+                              "and the ledger.jsonl collected from it)")
+        ledgers[site] = Path(path)
     if args.force and not args.reason:
         raise ConfigError("--force needs --reason '...' (it is recorded in releases.jsonl)")
     if args.base_model and not args.merged:
@@ -102,14 +110,19 @@ def export_command(args: argparse.Namespace) -> int:
 
             warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices
             transformers_logging.disable_progress_bar()
-            findings = export_merged(run, out, reason, args.round, args.overwrite,
-                                     Path(args.base_model) if args.base_model else None)
+            gate = export_merged(run, out, reason, args.round, args.overwrite,
+                                 Path(args.base_model) if args.base_model else None, ledgers)
         else:
-            findings = export_adapter(run, out, reason, args.round, args.overwrite)
+            gate = export_adapter(run, out, reason, args.round, args.overwrite, ledgers)
     except ReleaseRefused as err:
         print(f"privatune: {err}", file=sys.stderr)
         return 3
+    for audit in gate.audits:
+        print(f"{audit.name}: ledger {audit.path} audited: {'pass' if audit.ok else 'FAILED'}")
+    for record in gate.unverified:
+        print(describe_unverified(record))
     what = "merged model" if args.merged else "adapter"
+    findings = gate.findings
     print(f"exported the {what} of {source.label} ({source.adapter}) to {out}"
           + (f" (FORCED over {len(findings)} findings; reason recorded)" if findings else ""))
     return 0
@@ -168,6 +181,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out directory (only once the new export is "
                         "complete)")
+    export.add_argument("--ledger", action="append", default=[], metavar="SITE=PATH",
+                        help="a site's ledger.jsonl collected from its hospital (repeatable): "
+                        "audited against the run's record; a deployed run's site without one is "
+                        "reported as not independently verified")
     export.add_argument("--force", action="store_true", help="export despite audit findings")
     export.add_argument("--reason", help="why the export is forced (recorded)")
     export.set_defaults(handler=export_command)

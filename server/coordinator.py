@@ -10,6 +10,7 @@ state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -25,9 +26,10 @@ import torch
 from privatune.common.config import JobConfig, to_dict
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
+from privatune.common.ledger import NO_HEAD, LedgerHead
 from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model, load_lora_state,
                                    lora_state, read_adapter_state, save_adapter, trained_part,
-                                   with_update)
+                                   update_hash, with_update)
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        evaluate_request, train_request)
 from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggregate,
@@ -35,8 +37,10 @@ from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggr
                                          validate_update, weight_problem)
 from privatune.server.evaluation import CentralEvaluator
 from privatune.server.tracking import open_tracker
+from privatune.common.run_record import RECORD_KEY
 from privatune.server.report import (CentralSummary, RoundEvaluation, RoundRecord, RoundTraining,
-                                     RunReport, SampleCompletions, SiteSummary)
+                                     RunReport, SampleCompletions, SiteReply, SiteSummary,
+                                     site_records)
 
 SAMPLE_COMPLETIONS = 3  # from the coordinator's own held-out set, shown in the report
 
@@ -57,8 +61,8 @@ class Transport(Protocol):
 
     def node_ids(self) -> list[int]: ...
 
-    def train(self, node_ids: Sequence[int], request: TrainRequest,
-              state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[TrainResult], list[str]]: ...
+    def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
+              timeout_s: float) -> tuple[list[TrainResult], list[str]]: ...
 
     def evaluate(self, node_ids: Sequence[int], request: EvaluateRequest,
                  state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[EvaluateReply], list[str]]: ...
@@ -76,7 +80,9 @@ class CoordinatorSettings:
 
 @dataclass
 class SiteTally:
-    """What the coordinator knows of one site so far: rounds, perplexity by round, privacy spend."""
+    """What the coordinator knows of one site so far: rounds, perplexity by round, privacy
+    spend, and the node that answers for it with the ledger head of its last reply (sent back
+    with the next train request, so the node can tell that its ledger lost entries)."""
 
     rounds: list[int] = field(default_factory=list)  # rounds whose update was accepted
     perplexity: dict[int, float | None] = field(default_factory=dict)  # round -> held-out ppl
@@ -84,24 +90,35 @@ class SiteTally:
     delta: float | None = None
     epsilon_budget: float | None = None
     noise_multiplier: float | None = None
+    node_id: int | None = None
+    head: LedgerHead = NO_HEAD
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rounds": list(self.rounds),
                                 "perplexity": {str(k): v for k, v in self.perplexity.items()},
                                 "epsilon": self.epsilon}
-        for name in ("delta", "epsilon_budget", "noise_multiplier"):  # absent until reported
+        for name in ("delta", "epsilon_budget", "noise_multiplier", "node_id"):  # until reported
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
+        if self.head.known:
+            data["ledger_head"] = [self.head.seq, self.head.hash]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SiteTally:
         # JSON turned the integer round keys into text
+        seq, digest = data.get("ledger_head", (NO_HEAD.seq, NO_HEAD.hash))
         return cls(rounds=[int(r) for r in data.get("rounds", [])],
                    perplexity={int(k): v for k, v in data.get("perplexity", {}).items()},
                    epsilon=float(data.get("epsilon", 0.0)), delta=data.get("delta"),
                    epsilon_budget=data.get("epsilon_budget"),
-                   noise_multiplier=data.get("noise_multiplier"))
+                   noise_multiplier=data.get("noise_multiplier"), node_id=data.get("node_id"),
+                   head=LedgerHead(int(seq), str(digest)))
+
+    def note_head(self, seq: int, digest: str) -> None:
+        """Keep the head a reply carried (a reply that told none leaves the last one)."""
+        if seq >= 0:
+            self.head = LedgerHead(seq, digest)
 
 
 @dataclass
@@ -114,9 +131,13 @@ class CheckpointState:
     sites: dict[str, SiteTally]
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "round": self.round,
+        data = {"run_id": self.run_id, "round": self.round,
                 "rounds": [r.to_json() for r in self.rounds],
                 "sites": {name: site.to_json() for name, site in self.sites.items()}}
+        record = site_records(self.rounds)  # derived from the rounds, for the audit; not read back
+        if record:
+            data[RECORD_KEY] = {site: r.to_json() for site, r in record.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CheckpointState:
@@ -227,7 +248,8 @@ class Coordinator:
         chosen = self._sample(ids)
         self.progress(f"[round {round_number}/{fed.rounds}] training at {len(chosen)} nodes")
         request = train_request(self.settings.job, self.run_id, round_number)
-        results, failures = self.transport.train(chosen, request, self.global_state,
+        results, failures = self.transport.train({node: self._anchored(node, request)
+                                                  for node in chosen}, self.global_state,
                                                  fed.round_timeout_s)
         outcome = RoundTraining(failures=list(failures))
         # what the sites train and send back: under ffa only B, A staying as initialised
@@ -258,6 +280,15 @@ class Coordinator:
                           "the global adapter is kept unchanged this round")
         return outcome
 
+    def _anchored(self, node_id: int, request: TrainRequest) -> TrainRequest:
+        """The request for one node, with the head its site's last reply carried and the spend
+        it reported (none for a node that has not answered yet)."""
+        site = next((t for t in self.sites.values() if t.node_id == node_id), None)
+        if site is None or not site.head.known:
+            return request
+        return dataclasses.replace(request, ledger_seq=site.head.seq, ledger_hash=site.head.hash,
+                                   ledger_epsilon=site.epsilon, ledger_delta=site.delta or 0.0)
+
     def _fitting_updates(self, results: Sequence[TrainResult], trained: Mapping[str, torch.Tensor],
                          outcome: RoundTraining) -> list[TrainResult]:
         """Accepted replies whose update fits the adapter's ``trained`` part and whose weight is sane.
@@ -277,6 +308,13 @@ class Coordinator:
             site = self._site(reply.site)
             site.epsilon, site.delta, site.epsilon_budget = (reply.epsilon, reply.delta,
                                                              reply.epsilon_budget)
+            site.node_id = result.node_id
+            site.note_head(reply.ledger_seq, reply.ledger_hash)
+            outcome.replies[reply.site] = SiteReply(
+                accepted=reply.accepted, epsilon=reply.epsilon, delta=reply.delta,
+                epsilon_budget=reply.epsilon_budget, accountant=reply.accountant,
+                ledger_seq=reply.ledger_seq, ledger_hash=reply.ledger_hash,
+                update_sha256=update_hash(result.state) if reply.accepted else None)
             if not reply.accepted:
                 outcome.declined[reply.site] = reply.reason
                 self.progress(f"  {reply.site} declined: {reply.reason}")
@@ -319,8 +357,13 @@ class Coordinator:
         replies, failures = self.transport.evaluate(ids, request, self.global_state,
                                                     job.federation.round_timeout_s)
         site_ppl = {r.site: _perplexity(r.eval_loss) for r in replies}
+        heads = {}
         for reply in replies:
-            self._site(reply.site).perplexity[round_number] = site_ppl[reply.site]
+            site = self._site(reply.site)
+            site.perplexity[round_number] = site_ppl[reply.site]
+            site.note_head(reply.ledger_seq, reply.ledger_hash)
+            if reply.ledger_seq >= 0:
+                heads[reply.site] = LedgerHead(reply.ledger_seq, reply.ledger_hash)
         weighted = [(r.eval_loss, r.num_examples) for r in replies if r.eval_loss is not None]
         federated = (math.exp(sum(l * n for l, n in weighted) / sum(n for _, n in weighted))
                      if weighted else None)
@@ -329,7 +372,8 @@ class Coordinator:
         central_text = f"{central:.2f}" if central is not None else "n/a"
         self.progress(f"[round {round_number}] global perplexity {central_text}; at sites: {shown}")
         evaluation = RoundEvaluation(global_perplexity=central, federated_perplexity=federated,
-                                     site_perplexity=site_ppl, evaluation_failures=list(failures))
+                                     site_perplexity=site_ppl, evaluation_failures=list(failures),
+                                     ledger_heads=dict(sorted(heads.items())))
         if generation:
             self._evaluate_generation(round_number, replies, evaluation)
         return evaluation

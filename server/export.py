@@ -4,6 +4,14 @@ Exporting a run with a site over budget or a broken ledger is refused unless for
 reason; every export, forced or not, with its reason and the audit findings, is recorded in the
 run's hash-chained ``releases.jsonl`` before it is put in place.
 
+The gate audits every site ledger it has: those under the run directory (a simulation keeps
+them in ``sites/<site>/``) and those the privacy officer collected from the hospitals of a
+deployed run (``ledgers``, ``--ledger SITE=PATH``), each against the coordinator's record of
+the run (``common.run_record``: the heads the site reported, the updates received, its
+reported spend). A site the coordinator recorded whose ledger is not there is judged by what
+it reported alone (its epsilon against its cap) and named "not independently verified", never
+"pass".
+
 Two forms leave through the gate: the LoRA adapter in PEFT format (``export_adapter``), and a
 standalone Hugging Face model with the adapter merged into the base weights, the tokenizer and
 a model card (``export_merged``). Either is the final round's adapter (default), the best
@@ -18,13 +26,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from privatune.common.audit import SiteAudit, audit_path
+from privatune.common.audit import SiteAudit, audit_site
 from privatune.common.ledger import SiteLedger
+from privatune.common.run_record import SiteRecord
 from privatune.server.overfitting import METRIC_NAMES, best_round, overfitting_flags
-from privatune.server.report import RoundRecord, RunReport
+from privatune.server.report import RoundRecord, RunReport, site_records
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -93,23 +103,61 @@ def select_adapter(run_dir: Path, which: str = "final") -> ExportSource:
     return source
 
 
-def release_findings(run_dir: Path) -> tuple[list[str], list[SiteAudit]]:
-    """Every site's audit of the run and what is wrong in them (empty: the gate is open)."""
-    audits = audit_path(Path(run_dir))
-    findings = []
-    for audit in audits:
+NOT_VERIFIED = "not independently verified"
+
+
+@dataclass
+class GateResult:
+    """The gate's verdict: what is wrong (empty: open), the ledgers audited, and the sites
+    known only by what they reported to the coordinator."""
+
+    findings: list[str] = field(default_factory=list)
+    audits: list[SiteAudit] = field(default_factory=list)
+    unverified: list[SiteRecord] = field(default_factory=list)
+
+
+def release_findings(run_dir: Path, ledgers: Mapping[str, Path] | None = None) -> GateResult:
+    """Every site's audit of the run (its ledger under the run directory or in ``ledgers``,
+    against the coordinator's record) and what is wrong in them."""
+    run_dir = Path(run_dir)
+    records = site_records(_round_history(run_dir))
+    paths = {d.name: d / "ledger.jsonl" for d in sorted((run_dir / "sites").glob("*")) if d.is_dir()}
+    for site, path in (ledgers or {}).items():
+        if records and site not in records:
+            raise ValueError(f"--ledger {site}={path}: the run's record has no site {site!r} "
+                             f"(it has {', '.join(records)})")
+        paths[site] = Path(path)
+    if not paths and not records:
+        raise FileNotFoundError(f"{run_dir}: no site ledgers (sites/<site>/ledger.jsonl) and no "
+                                "record of the sites' replies (report.json or a checkpoint)")
+    gate = GateResult(audits=[audit_site(path, site, records.get(site))
+                              for site, path in sorted(paths.items())],
+                      unverified=[r for site, r in records.items() if site not in paths])
+    for audit in gate.audits:
         if audit.chain_error:
-            findings.append(f"{audit.name}: {audit.chain_error}")
-        findings += [f"{audit.name}: {problem}" for problem in audit.problems]
-    return findings, audits
+            gate.findings.append(f"{audit.name}: {audit.chain_error}")
+        gate.findings += [f"{audit.name}: {problem}" for problem in audit.problems]
+    gate.findings += [f"{r.site}: reported epsilon {r.epsilon:.4f} is over its cap "
+                      f"{r.epsilon_budget:g} ({NOT_VERIFIED})"
+                      for r in gate.unverified if r.within_budget is False]
+    return gate
 
 
-def _gate(run_dir: Path, force_reason: str | None) -> tuple[list[str], list[SiteAudit]]:
-    findings, audits = release_findings(run_dir)
-    if findings and not force_reason:
-        raise ReleaseRefused("export refused: " + "; ".join(findings)
+def describe_unverified(record: SiteRecord) -> str:
+    """One line for a site whose ledger the gate did not have."""
+    cap = "n/a" if record.epsilon_budget is None else f"{record.epsilon_budget:g}"
+    return (f"{record.site}: {NOT_VERIFIED} (its ledger was not collected; it reported epsilon "
+            f"{record.epsilon:.4f} of its cap {cap} by {record.accountant or 'an unnamed accountant'}"
+            f"; collect it and pass --ledger {record.site}=PATH)")
+
+
+def _gate(run_dir: Path, force_reason: str | None,
+          ledgers: Mapping[str, Path] | None) -> GateResult:
+    gate = release_findings(run_dir, ledgers)
+    if gate.findings and not force_reason:
+        raise ReleaseRefused("export refused: " + "; ".join(gate.findings)
                              + " (use --force --reason '...' to override; the reason is recorded)")
-    return findings, audits
+    return gate
 
 
 def _check_destination(out_dir: Path, overwrite: bool) -> None:
@@ -129,7 +177,7 @@ def _sha256(path: Path) -> str:
 
 
 def _release(run_dir: Path, out_dir: Path, overwrite: bool, source: ExportSource, which: str,
-             merged: bool, findings: list[str], force_reason: str | None, build) -> None:
+             merged: bool, gate: GateResult, force_reason: str | None, build) -> None:
     """Build the export in a staging directory, record it, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
@@ -137,8 +185,10 @@ def _release(run_dir: Path, out_dir: Path, overwrite: bool, source: ExportSource
         build(staging)
         # recorded before it is put in place: a crash can over-count a release, never hide one
         SiteLedger(run_dir / "releases.jsonl").append("model_export", {
-            "destination": str(out_dir.resolve()), "forced": bool(findings),
-            "reason": force_reason or "", "findings": findings, "round": source.round,
+            "destination": str(out_dir.resolve()), "forced": bool(gate.findings),
+            "reason": force_reason or "", "findings": gate.findings,
+            "audited": {a.name: str(a.path.resolve()) for a in gate.audits},
+            "unverified": [r.site for r in gate.unverified], "round": source.round,
             "which": which, "merged": merged, "adapter": str(source.adapter.resolve()),
             "adapter_sha256": _sha256(source.adapter / ADAPTER_WEIGHTS)
             if (source.adapter / ADAPTER_WEIGHTS).is_file() else None})
@@ -156,27 +206,30 @@ def _release(run_dir: Path, out_dir: Path, overwrite: bool, source: ExportSource
 
 
 def export_adapter(run_dir: Path, out_dir: Path, force_reason: str | None = None,
-                   which: str = "final", overwrite: bool = False) -> list[str]:
-    """Copy the run's adapter (final, best or a round's) to ``out_dir`` after the audit gate;
-    return the findings (non-empty only for a forced export)."""
+                   which: str = "final", overwrite: bool = False,
+                   ledgers: Mapping[str, Path] | None = None) -> GateResult:
+    """Copy the run's adapter (final, best or a round's) to ``out_dir`` after the audit gate
+    (with the sites' ``ledgers`` collected from a deployment); return the gate's verdict (its
+    findings are non-empty only for a forced export)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     source = select_adapter(run_dir, which)
-    findings, _audits = _gate(run_dir, force_reason)
+    gate = _gate(run_dir, force_reason, ledgers)
     _check_destination(out_dir, overwrite)
 
     def build(staging: Path) -> None:
         shutil.copytree(source.adapter, staging, dirs_exist_ok=True)
 
-    _release(run_dir, out_dir, overwrite, source, which, False, findings, force_reason, build)
-    return findings
+    _release(run_dir, out_dir, overwrite, source, which, False, gate, force_reason, build)
+    return gate
 
 
 def export_merged(run_dir: Path, out_dir: Path, force_reason: str | None = None,
                   which: str = "final", overwrite: bool = False,
-                  base_model: Path | None = None) -> list[str]:
+                  base_model: Path | None = None,
+                  ledgers: Mapping[str, Path] | None = None) -> GateResult:
     """Write a standalone Hugging Face model to ``out_dir`` after the audit gate: the run's
     adapter (final, best or a round's) merged into the base weights, the tokenizer and a model
-    card (README.md) with the privacy and evaluation figures. Return the findings."""
+    card (README.md) with the privacy and evaluation figures. Return the gate's verdict."""
     from privatune.common.lora import merged_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -187,18 +240,18 @@ def export_merged(run_dir: Path, out_dir: Path, force_reason: str | None = None,
     base = Path(base_model) if base_model else Path(report.base_model)
     _check_base_model(base, report.base_model)
     source = select_adapter(run_dir, which)
-    findings, audits = _gate(run_dir, force_reason)
+    gate = _gate(run_dir, force_reason, ledgers)
     _check_destination(out_dir, overwrite)
 
     def build(staging: Path) -> None:
         model, tokenizer = merged_model(base, source.adapter)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        card = model_card(report, audits, source, base, findings, force_reason)
+        card = model_card(report, gate, source, base, force_reason)
         (staging / "README.md").write_text(card, encoding="utf-8")
 
-    _release(run_dir, out_dir, overwrite, source, which, True, findings, force_reason, build)
-    return findings
+    _release(run_dir, out_dir, overwrite, source, which, True, gate, force_reason, build)
+    return gate
 
 
 def _check_base_model(base: Path, used: str) -> None:
@@ -223,9 +276,10 @@ def _round(report: RunReport, number: int | None) -> RoundRecord | None:
     return next((r for r in report.rounds if r.round == number), None)
 
 
-def model_card(report: RunReport, audits: list[SiteAudit], source: ExportSource, base: Path,
-               findings: list[str], force_reason: str | None) -> str:
+def model_card(report: RunReport, gate: GateResult, source: ExportSource, base: Path,
+               force_reason: str | None) -> str:
     """The README.md of a merged export: what the model is, what it cost each site, how it did."""
+    audits, findings = gate.audits, gate.findings
     config = report.config
     privacy, federation = config.get("privacy", {}), config.get("federation", {})
     lora, training = config.get("lora", {}), config.get("training", {})
@@ -254,12 +308,13 @@ def model_card(report: RunReport, audits: list[SiteAudit], source: ExportSource,
               f"expected batch size {training.get('batch_size', 'n/a')}, learning rate "
               f"{training.get('learning_rate', 'n/a')}, clipping norm "
               f"{training.get('max_grad_norm', 'n/a')}", ""]
-    lines += _privacy_section(report, audits, privacy)
+    lines += _privacy_section(report, gate, privacy)
     lines += _evaluation_section(report, source)
     return "\n".join(lines)
 
 
-def _privacy_section(report: RunReport, audits: list[SiteAudit], privacy: dict) -> list[str]:
+def _privacy_section(report: RunReport, gate: GateResult, privacy: dict) -> list[str]:
+    audits = gate.audits
     units = sorted({str(row["unit"]) for a in audits for row in a.rounds if row.get("unit")})
     unit = ", ".join(units) or str(privacy.get("unit", "record"))
     lines = ["## Privacy", "",
@@ -287,6 +342,18 @@ def _privacy_section(report: RunReport, audits: list[SiteAudit], privacy: dict) 
                      f"{'n/a' if audit.delta is None else f'{audit.delta:g}'} | "
                      f"{'n/a' if audit.budget is None else f'{audit.budget:g}'} | "
                      f"{taken or '-'} | {verdict} |")
+    for record in gate.unverified:
+        summary = report.sites.get(record.site)
+        taken = ", ".join(map(str, summary.rounds_participated)) if summary else ""
+        lines.append(f"| {record.site} | {_fmt(record.epsilon, 3)} (as reported) | "
+                     f"{record.accountant or 'n/a'} | n/a | n/a | "
+                     f"{'n/a' if record.delta is None else f'{record.delta:g}'} | "
+                     f"{'n/a' if record.epsilon_budget is None else f'{record.epsilon_budget:g}'} | "
+                     f"{taken or '-'} | {NOT_VERIFIED}: ledger not collected |")
+    if audits and report.rounds:
+        lines += ["", "Each audited ledger was checked against the coordinator's record of the "
+                  "run: it holds every ledger head the site reported and lists every update the "
+                  "coordinator received from it."]
     lines += ["", "Not covered by DP: the example counts, training losses and held-out losses the "
               "sites' policies let out (listed in each site's ledger as non-private releases). "
               "The tokenizer is the base model's, never trained on private data.", ""]

@@ -14,8 +14,35 @@ from pathlib import Path
 from typing import Any
 
 from privatune.common.generation import GenerationSample, GenerationScores
+from privatune.common.ledger import LedgerHead
 from privatune.common.plots import report_figure
+from privatune.common.run_record import RECORD_KEY, ReceivedUpdate, ReportedHead, SiteRecord
 from privatune.server.overfitting import best_round, overfitting_flags, render_watch
+
+
+@dataclass
+class SiteReply:
+    """What one site's train reply told the coordinator: its privacy figures, its ledger head
+    and (for an accepted reply) the SHA-256 of the update received, whatever became of it."""
+
+    accepted: bool
+    epsilon: float
+    delta: float
+    epsilon_budget: float
+    accountant: str
+    ledger_seq: int
+    ledger_hash: str
+    update_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SiteReply:
+        return cls(accepted=bool(data["accepted"]), epsilon=float(data["epsilon"]),
+                   delta=float(data["delta"]), epsilon_budget=float(data["epsilon_budget"]),
+                   accountant=str(data["accountant"]), ledger_seq=int(data["ledger_seq"]),
+                   ledger_hash=str(data["ledger_hash"]), update_sha256=data.get("update_sha256"))
 
 
 @dataclass
@@ -34,6 +61,7 @@ class RoundTraining:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     update_bytes: dict[str, int] = field(default_factory=dict)
+    replies: dict[str, SiteReply] = field(default_factory=dict)  # site -> its train reply
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"participants": list(self.participants),
@@ -44,6 +72,8 @@ class RoundTraining:
                 data[name] = getattr(self, name)
         if self.update_bytes:
             data["update_bytes"] = dict(self.update_bytes)
+        if self.replies:
+            data["replies"] = {site: reply.to_json() for site, reply in self.replies.items()}
         return data
 
     @classmethod
@@ -53,7 +83,9 @@ class RoundTraining:
                    aggregated=bool(data.get("aggregated", False)),
                    train_loss=data.get("train_loss"), bytes_sent=data.get("bytes_sent"),
                    bytes_received=data.get("bytes_received"),
-                   update_bytes={s: int(b) for s, b in data.get("update_bytes", {}).items()})
+                   update_bytes={s: int(b) for s, b in data.get("update_bytes", {}).items()},
+                   replies={site: SiteReply.from_json(reply)
+                            for site, reply in data.get("replies", {}).items()})
 
 
 @dataclass
@@ -69,6 +101,7 @@ class RoundEvaluation:
     global_generation: GenerationScores | None = None
     site_generation: dict[str, GenerationScores] = field(default_factory=dict)
     samples: list[GenerationSample] = field(default_factory=list)
+    ledger_heads: dict[str, LedgerHead] = field(default_factory=dict)  # from evaluate replies
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"global_perplexity": self.global_perplexity,
@@ -81,6 +114,8 @@ class RoundEvaluation:
             data["site_generation"] = {s: g.to_json() for s, g in self.site_generation.items()}
         if self.samples:
             data["samples"] = [sample.to_json() for sample in self.samples]
+        if self.ledger_heads:
+            data["ledger_heads"] = {s: [h.seq, h.hash] for s, h in self.ledger_heads.items()}
         return data
 
     @classmethod
@@ -93,7 +128,9 @@ class RoundEvaluation:
                    global_generation=GenerationScores.from_json(central) if central else None,
                    site_generation={s: GenerationScores.from_json(g)
                                     for s, g in data.get("site_generation", {}).items()},
-                   samples=[GenerationSample.from_json(x) for x in data.get("samples", [])])
+                   samples=[GenerationSample.from_json(x) for x in data.get("samples", [])],
+                   ledger_heads={s: LedgerHead(int(seq), str(digest))
+                                 for s, (seq, digest) in data.get("ledger_heads", {}).items()})
 
 
 @dataclass
@@ -122,6 +159,28 @@ class RoundRecord:
         return cls(round=int(data["round"]), evaluation=RoundEvaluation.from_json(data),
                    training=RoundTraining.from_json(data) if "aggregated" in data else None,
                    epsilon=dict(data["epsilon"]) if data.get("epsilon") is not None else None)
+
+
+def site_records(rounds: list[RoundRecord]) -> dict[str, SiteRecord]:
+    """The record the audit compares each site's ledger with, derived from the rounds: every
+    head a reply carried, every update received, the highest epsilon reported."""
+    records: dict[str, SiteRecord] = {}
+    for record in rounds:
+        replies = record.training.replies if record.training else {}
+        for site, reply in replies.items():
+            entry = records.setdefault(site, SiteRecord(site))
+            if reply.ledger_seq >= 0:
+                entry.heads.append(ReportedHead(record.round, "train", reply.ledger_seq,
+                                                reply.ledger_hash))
+            if reply.update_sha256:
+                entry.received.append(ReceivedUpdate(record.round, reply.update_sha256))
+            entry.epsilon = max(entry.epsilon, reply.epsilon)
+            entry.delta, entry.epsilon_budget = reply.delta, reply.epsilon_budget
+            entry.accountant = reply.accountant
+        for site, head in record.evaluation.ledger_heads.items():
+            records.setdefault(site, SiteRecord(site)).heads.append(
+                ReportedHead(record.round, "evaluate", head.seq, head.hash))
+    return dict(sorted(records.items()))
 
 
 GENERATION_FIELDS = ("base_generation", "final_generation", "local_only_generation")
@@ -250,6 +309,7 @@ class RunReport:
         if self.elapsed_s is not None:
             data["elapsed_s"] = self.elapsed_s
         # derived from the rounds (recomputed on reading, never read back)
+        data[RECORD_KEY] = {site: r.to_json() for site, r in site_records(self.rounds).items()}
         best = best_round(self.rounds)
         data["best_round"] = best.to_json() if best is not None else None
         data["overfitting"] = [flag.to_json() for flag in overfitting_flags(self.rounds)]
@@ -308,6 +368,17 @@ def render_markdown(report: RunReport) -> str:
             f"{_fmt(site.local_only_perplexity)} | {_fmt(site.epsilon, 3)} | "
             f"{_fmt(site.epsilon_budget)} | {_fmt(site.delta, 8)} | "
             f"{'yes' if within else 'NO' if within is False else 'n/a'} |")
+    records = site_records(report.rounds)
+    if records:
+        lines += ["", "Ledger heads the sites reported (the last one; `privatune audit LEDGER --run "
+                  "report.json` checks a site's ledger still holds every one, and lists every "
+                  "update received):", "",
+                  "| site | last head (entry, hash) | heads reported | updates received |",
+                  "|---|---|---|---|"]
+        for name, record in records.items():
+            last = record.heads[-1] if record.heads else None
+            shown = f"{last.seq}, {last.hash[:16]}..." if last else "none"
+            lines.append(f"| {name} | {shown} | {len(record.heads)} | {len(record.received)} |")
     lines += ["", "## Rounds", "", "| round | global ppl | sites that took part | declined | failures |",
               "|---|---|---|---|---|"]
     for record in report.rounds:

@@ -84,22 +84,58 @@ def silent(node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]) 
     return f"node {node}: no reply within 5 s"
 
 
+class LedgeredSite:
+    """A fake node that keeps a real ledger as an honest node does: it checks the head the
+    request carries, appends its release (mechanism and update hash) and its metrics, and
+    replies with its spend, its accountant and its head after those entries."""
+
+    def __init__(self, ledger: Path, answer: Behaviour, noise: float = 0.9):
+        self.path, self.answer, self.noise = ledger, answer, noise
+
+    def __call__(self, node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]):
+        import dataclasses
+
+        from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, LedgerHead, SiteLedger,
+                                             head_problem)
+        from privatune.common.lora import update_hash
+        from privatune.common.privacy import RDP, MechanismStep, epsilon_of
+
+        ledger = SiteLedger(self.path)
+        assert head_problem(ledger.entries, LedgerHead(request.ledger_seq, request.ledger_hash)) is None
+        result = self.answer(node, request, state)
+        step = MechanismStep(self.noise, 0.05, 20)
+        epsilon = epsilon_of([*ledger.mechanism_history(), step], 1e-5, RDP)
+        ledger.append(ADAPTER_UPDATE, {"run_id": request.run_id, "round": request.round,
+                                       "privacy_unit": "record", "noise_multiplier": self.noise,
+                                       "sample_rate": 0.05, "steps": 20, "max_grad_norm": 1.0,
+                                       "accountant": RDP, "delta": 1e-5, "epsilon": epsilon,
+                                       "update_sha256": update_hash(result.state)})
+        ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
+                                    "release": "train_metrics", "values": {"num_examples": 1}})
+        reply = dataclasses.replace(
+            result.reply, epsilon=epsilon, delta=1e-5, epsilon_budget=8.0, accountant=RDP,
+            ledger_seq=ledger.head.seq, ledger_hash=ledger.head.hash)
+        return TrainResult(node, reply, result.state)
+
+
 class FakeTransport:
     """Answers train requests with each node's behaviour; evaluation with a fixed loss per site."""
 
     def __init__(self, behaviours: Mapping[int, Behaviour]):
         self.behaviours = dict(behaviours)
-        self.train_requests: list[TrainRequest] = []
+        self.train_requests: list[TrainRequest] = []  # the first node's request of each round
+        self.node_requests: list[dict[int, TrainRequest]] = []  # every node's, by round
         self.evaluate_requests: list[EvaluateRequest] = []
 
     def node_ids(self) -> list[int]:
         return list(self.behaviours)
 
-    def train(self, node_ids: Sequence[int], request: TrainRequest, state: Mapping[str, torch.Tensor],
+    def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
               timeout_s: float) -> tuple[list[TrainResult], list[str]]:
-        self.train_requests.append(request)
+        self.train_requests.append(next(iter(requests.values())))
+        self.node_requests.append(dict(requests))
         results, failures = [], []
-        for node in node_ids:
+        for node, request in requests.items():
             answer = self.behaviours[node](node, request, state)
             (failures if isinstance(answer, str) else results).append(answer)
         return results, failures
@@ -305,10 +341,10 @@ def crash_in_round(transport: FakeTransport, round_number: int) -> FakeTransport
     """The coordinator dies (``Crash``) when it asks for ``round_number``'s training."""
     train = transport.train
 
-    def train_then_crash(node_ids, request, state, timeout_s):
-        if request.round == round_number:
+    def train_then_crash(requests, state, timeout_s):
+        if any(request.round == round_number for request in requests.values()):
             raise Crash(f"coordinator killed during round {round_number}")
-        return train(node_ids, request, state, timeout_s)
+        return train(requests, state, timeout_s)
 
     transport.train = train_then_crash  # type: ignore[method-assign]
     return transport
@@ -335,6 +371,51 @@ def test_new_coordinator_resumes_at_the_next_round_with_the_same_adapter_and_his
     assert [r.round for r in report.rounds] == [0, 1, 2, 3]
     assert report.sites["alpha"].rounds_participated == [1, 2, 3]
     assert report.rounds[1] == first.rounds[1]
+
+
+def test_each_node_is_sent_its_sites_last_head_and_a_resumed_coordinator_keeps_them(
+        tmp_path, tiny_model_dir):
+    """The coordinator keeps every site's ledger head, spend and received update hashes per
+    round, sends each node its own site's last head, and restores all of it on resume."""
+    from privatune.common.ledger import SiteLedger
+    from privatune.common.lora import update_hash
+    from privatune.common.run_record import read_run_record
+
+    ledgers = {name: tmp_path / "ledgers" / name / "ledger.jsonl" for name in SITES.values()}
+    behaviours = {node: LedgeredSite(ledgers[name], update(node, 100)) for node, name in SITES.items()}
+    first = coordinator(tmp_path, tiny_model_dir, crash_in_round(FakeTransport(behaviours), 3),
+                        rounds=3)
+    with pytest.raises(Crash):
+        first.run()
+    again = FakeTransport(behaviours)  # LedgeredSite asserts that every head it is sent holds
+    second = coordinator(tmp_path, tiny_model_dir, again, rounds=3)
+    assert second.sites == first.sites
+    report = second.run()
+
+    assert [r.ledger_seq for r in again.node_requests[0].values()] == [4, 4, 4]  # after round 2
+    for node, name in SITES.items():
+        request = again.node_requests[0][node]
+        tally = report.rounds[2].training.replies[name]
+        assert (request.ledger_seq, request.ledger_hash) == (tally.ledger_seq, tally.ledger_hash)
+        assert request.ledger_epsilon == tally.epsilon and request.ledger_delta == 1e-5
+        ledger = SiteLedger(ledgers[name])
+        reply = report.rounds[3].training.replies[name]
+        assert (reply.ledger_seq, reply.ledger_hash) == (ledger.head.seq, ledger.head.hash)
+        assert reply.accountant == "opacus-rdp" and reply.epsilon_budget == 8.0
+        assert reply.update_sha256 == ledger.adapter_updates()[-1]["update_sha256"]
+    write_report(report, tmp_path / "out")
+    record = read_run_record(tmp_path / "out" / "report.json")
+    alpha = record["alpha"]
+    assert [(h.round, h.phase) for h in alpha.heads] == [(1, "train"), (2, "train"), (3, "train")]
+    assert [u.round for u in alpha.received] == [1, 2, 3]
+    assert alpha.received[-1].sha256 == SiteLedger(ledgers["alpha"]).adapter_updates()[-1]["update_sha256"]
+    assert alpha.epsilon == report.sites["alpha"].epsilon and alpha.accountant == "opacus-rdp"
+    assert read_run_record(latest_checkpoint(tmp_path / "run")) == record
+    assert "| alpha | 6, " in (tmp_path / "out" / "report.md").read_text()
+    # the hash the coordinator computes of a received update is the node's, through Flower's codec
+    from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
+    state = random_state(second.global_state, 4)
+    assert update_hash(arrayrecord_to_state(state_to_arrayrecord(state))) == update_hash(state)
 
 
 def test_checkpoint_state_reads_old_checkpoints_and_writes_the_same_json():
@@ -373,12 +454,13 @@ def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert RunReport.read(tmp_path / "out" / "report.json") == report
     assert set(saved) == {"run_id", "config", "base_model", "central", "rounds", "sites",
-                          "best_round", "overfitting"}  # the last two derived from the rounds
+                          "best_round", "overfitting", "ledger_record"}  # the last three derived
     assert set(saved["rounds"][0]) == {"round", "participants", "global_perplexity",
                                        "federated_perplexity", "site_perplexity", "evaluation_failures"}
     assert set(saved["rounds"][1]) == set(saved["rounds"][0]) | {"declined", "failures", "aggregated",
                                                                  "epsilon", "train_loss", "bytes_sent",
-                                                                 "bytes_received", "update_bytes"}
+                                                                 "bytes_received", "update_bytes",
+                                                                 "replies"}
     assert set(saved["sites"]["beta"]) == {"base_perplexity", "final_perplexity", "epsilon", "delta",
                                            "epsilon_budget", "noise_multiplier", "rounds_participated"}
     assert saved["sites"]["alpha"]["local_only_perplexity"] == 12.5
@@ -448,7 +530,8 @@ def test_flower_transport_attributes_every_reply_to_the_node_it_asked(flower_tas
     grid = FakeGrid({11: train_reply("alpha"), 12: unavailable, 13: lambda _m: None,
                      14: malformed, 15: train_reply("epsilon", accepted=False)})
     request = train_request(job(), "run", 1)
-    results, failures = FlowerTransport(grid).train([11, 12, 13, 14, 15], request, state, 2.5)
+    results, failures = FlowerTransport(grid).train({n: request for n in (11, 12, 13, 14, 15)},
+                                                    state, 2.5)
 
     assert grid.timeouts == [2.5]
     assert sorted((r.node_id, r.reply.site, r.reply.accepted) for r in results) == [
@@ -476,7 +559,8 @@ def test_reply_codec_round_trips_and_names_what_is_missing():
     reply = TrainReply(site="north", accepted=True, num_examples=7, epsilon=0.4, delta=1e-5,
                        epsilon_budget=8.0, noise_multiplier=0.9, train_loss=1.5)
     content = reply.to_record()
-    assert dict(content[STATUS_KEY]) == {"site": "north", "accepted": True, "reason": ""}
+    assert dict(content[STATUS_KEY]) == {"site": "north", "accepted": True, "reason": "",
+                                         "accountant": "", "ledger_hash": ""}
     assert TrainReply.from_record(content) == reply
     withheld = TrainReply(site="north", accepted=False, reason="no").to_record()
     assert "train_loss" not in withheld[METRICS_KEY]  # None is left out, decodes to None

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from privatune.common.certs import CertError, certificate_hosts, make_ca, make_node_keys, make_server_cert
 from privatune.common.ledger import SiteLedger
+from privatune.server.export import export_adapter
+from privatune.server.report import RunReport, site_records
 from privatune.simulations.loopback import LoopbackFederation, Proc
 from tests.conftest import write_notes
 
@@ -132,3 +134,12 @@ def test_two_rounds_finish_although_a_node_dies_mid_round(federation):
         assert [e["round"] for e in ledger.adapter_updates()] == [1, 2]
     # the SuperLink's state is on disk (runs, registered nodes survive a restart)
     assert federation.deployment().database.is_file()
+
+    # the release gate of the deployed run: the ledgers collected from alpha and beta are
+    # audited against the coordinator's record; gamma's was not collected
+    gate = export_adapter(federation.out, federation.out.parent / "release",
+                          ledgers={name: federation.ledger(name) for name in ("alpha", "beta")})
+    assert [a.name for a in gate.audits] == ["alpha", "beta"] and gate.findings == []
+    assert all(a.ok for a in gate.audits) and [r.site for r in gate.unverified] == ["gamma"]
+    assert all(record.heads for record in site_records(RunReport.read(
+        federation.out / "report.json").rounds).values())

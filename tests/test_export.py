@@ -28,7 +28,7 @@ from privatune.server.report import (RoundEvaluation, RoundRecord, RoundTraining
                                      render_markdown, write_report)
 from privatune.simulations.cli import main
 from tests.conftest import write_notes
-from tests.test_coordinator import SITES, FakeTransport, job
+from tests.test_coordinator import SITES, FakeTransport, LedgeredSite, job
 from tests.test_plan_audit import write_site
 
 TEXT = "Patient admitted with sepsis. Temperature 38 C, heart rate 110. Plan: start antibiotics."
@@ -54,11 +54,27 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     settings = CoordinatorSettings(job=job(rounds=3), model_dir=tiny_model_dir, out_dir=out,
                                    run_id="release-run",
                                    central_eval=write_notes(root / "central.jsonl", 12, seed=9))
-    transport = FakeTransport({1: small_update(1, 100), 2: small_update(2, 300), 3: small_update(3, 200)})
+    # honest nodes whose ledgers sit under the run directory, as in a simulation: the audit passes
+    transport = FakeTransport({node: LedgeredSite(out / "sites" / SITES[node] / "ledger.jsonl",
+                                                  small_update(node, examples))
+                               for node, examples in ((1, 100), (2, 300), (3, 200))})
     write_report(Coordinator(settings, transport, progress=lambda _line: None).run(), out)
-    for name in SITES.values():
-        write_site(out, name)  # honest ledgers: the audit passes
     return out
+
+
+@pytest.fixture(scope="module")
+def deployed_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict[str, Path]]:
+    """A run as ``privatune coordinator`` leaves it (no sites/ under it) and the ledgers the
+    hospitals keep on their own machines."""
+    root = tmp_path_factory.mktemp("deployed")
+    out = root / "run"
+    ledgers = {name: root / "hospitals" / name / "ledger.jsonl" for name in SITES.values()}
+    settings = CoordinatorSettings(job=job(rounds=2), model_dir=tiny_model_dir, out_dir=out,
+                                   run_id="deployed-run")
+    transport = FakeTransport({node: LedgeredSite(ledgers[SITES[node]], small_update(node, 100))
+                               for node in SITES})
+    write_report(Coordinator(settings, transport, progress=lambda _line: None).run(), out)
+    return out, ledgers
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
@@ -83,7 +99,7 @@ def test_report_marks_the_best_round_and_records_training_loss_and_bytes(run_dir
 
 def test_merged_export_loads_without_peft_and_matches_base_plus_adapter(run_dir, tmp_path, tiny_model_dir):
     out = tmp_path / "merged"
-    assert export_merged(run_dir, out) == []
+    assert export_merged(run_dir, out).findings == []
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
     assert not (out / "adapter_config.json").exists()
     assert not list(tmp_path.glob(".merged.*"))  # no staging left behind
@@ -147,7 +163,7 @@ def test_round_best_exports_the_best_rounds_checkpoint(run_dir, tmp_path):
     source = select_adapter(run, "best")
     assert source.round == 2 and source.adapter == run / "checkpoints" / "round_002" / "adapter"
 
-    assert export_adapter(run, tmp_path / "best", which="best") == []
+    assert export_adapter(run, tmp_path / "best", which="best").findings == []
     exported = read_adapter_state(tmp_path / "best")
     wanted = read_adapter_state(run / "checkpoints" / "round_002" / "adapter")
     final = read_adapter_state(run / "adapter")
@@ -246,3 +262,40 @@ def test_merged_export_names_a_base_model_it_cannot_read(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="point --base-model at a copy"):
         export_merged(run_dir, tmp_path / "merged", base_model=tmp_path / "nowhere")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ a deployed run through the gate
+
+
+def test_deployed_run_exports_through_the_gate_with_collected_ledgers(deployed_run, tmp_path,
+                                                                      capsys):
+    run, ledgers = deployed_run
+    assert not (run / "sites").exists()
+    # without the sites' ledgers: the coordinator's record alone, every site named unverified
+    assert main(["export", str(run), "--out", str(tmp_path / "bare")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("not independently verified") == 3 and "--ledger alpha=PATH" in printed
+    entry = [json.loads(line) for line in (run / "releases.jsonl").read_text().splitlines()][-1]
+    assert entry["unverified"] == ["alpha", "beta", "gamma"] and entry["audited"] == {}
+
+    collected = [f"--ledger={name}={path}" for name, path in ledgers.items()]
+    assert main(["export", str(run), "--out", str(tmp_path / "checked"), *collected]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("audited: pass") == 3 and "not independently verified" not in printed
+
+    # a ledger restored from an old copy (its last round gone) is caught against the record
+    cut = tmp_path / "alpha-cut.jsonl"
+    cut.write_text("".join(ledgers["alpha"].read_text().splitlines(keepends=True)[:-2]))
+    with pytest.raises(ReleaseRefused, match="alpha: the ledger does not hold the head"):
+        export_adapter(run, tmp_path / "refused", ledgers={**ledgers, "alpha": cut})
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="no site 'delta'"):
+        export_adapter(run, tmp_path / "refused", ledgers={"delta": cut})
+
+    # the model card says which sites were verified and which were not
+    gate = export_merged(run, tmp_path / "merged", ledgers={"alpha": ledgers["alpha"]})
+    assert [a.name for a in gate.audits] == ["alpha"] and gate.findings == []
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert next(l for l in card.splitlines() if l.startswith("| alpha |")).endswith("| pass |")
+    assert next(l for l in card.splitlines() if l.startswith("| beta |")).endswith(
+        "| not independently verified: ledger not collected |")

@@ -7,14 +7,14 @@ import opacus.optimizers.optimizer as dp_opt
 import pytest
 import torch
 
-from privatune.client.node import SiteNode, update_hash
+from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
 from privatune.common.config import ConfigError
 from privatune.common.examples import encode_pairs
 from privatune.common.ledger import SiteLedger
 from privatune.common.lora import (LoraSettings, attach_lora, frozen_part, initial_adapter,
-                                   load_base_model, lora_state, with_update)
+                                   load_base_model, lora_state, update_hash, with_update)
 from privatune.common.privacy import independent_rdp_epsilon, pld_epsilon, poisson_sample_rate
 
 LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
@@ -240,3 +240,56 @@ def test_ffa_node_refuses_an_a_that_differs_from_the_runs_first(make_site, tiny_
     assert node.epsilon() == spent  # nothing trained, nothing spent
     assert SiteLedger(node.policy.ledger_path).entries[-1]["release"] == "decline"
     assert node.train(request(2, aggregation="ffa"), after).reply.accepted  # the run's own A
+
+
+def anchored(base, reply):
+    """``base`` carrying the coordinator's record of a site's last reply (head and spend)."""
+    import dataclasses
+
+    return dataclasses.replace(base, ledger_seq=reply.ledger_seq, ledger_hash=reply.ledger_hash,
+                               ledger_epsilon=reply.epsilon, ledger_delta=reply.delta)
+
+
+def test_node_refuses_a_rolled_back_ledger_until_acknowledged(make_site, tiny_model_dir, capsys):
+    """A ledger restored from an old backup lacks the head the site reported: the node declines
+    (saying how to acknowledge) until an operator does, and its epsilon never drops below the
+    spend it had reported."""
+    import shutil
+
+    from privatune.common.audit import audit_ledger
+    from privatune.simulations.cli import main
+
+    policy_path = make_site(epsilon_cap=20.0)
+    node = SiteNode(load_site_policy(policy_path))
+    ledger_path = node.policy.ledger_path
+    state = start_state(tiny_model_dir)
+    first = node.train(request(1, planned=20), state)
+    assert first.reply.ledger_seq == len(SiteLedger(ledger_path).entries)  # after its own entries
+    backup = shutil.copy(ledger_path, ledger_path.with_suffix(".bak"))
+    second = node.train(anchored(request(2, planned=20), first.reply), first.state)
+    assert second.reply.accepted and second.reply.epsilon > first.reply.epsilon
+    assert second.reply.accountant == "opacus-prv"
+
+    shutil.copy(backup, ledger_path)  # the ledger is restored from the old backup
+    refused = node.train(anchored(request(3, planned=20), second.reply), second.state)
+    assert not refused.reply.accepted and "behind what it reported" in refused.reply.reason
+    assert f"--site {policy_path} --acknowledge-ledger-rollback" in refused.reply.reason
+    # the coordinator now holds the declining reply's head, which the ledger has: still refused
+    again = node.train(anchored(request(3, planned=20), refused.reply), second.state)
+    assert not again.reply.accepted and again.reply.reason == refused.reply.reason
+    assert len(SiteLedger(ledger_path).adapter_updates()) == 1
+
+    assert main(["node", "--site", str(policy_path), "--acknowledge-ledger-rollback"]) == 0
+    assert "rollback acknowledged" in capsys.readouterr().out
+    privacy = node.policy.privacy
+    acknowledged = SiteLedger(ledger_path)
+    # the lost round stays counted: the reported spend is a floor under the site's epsilon
+    assert acknowledged.epsilon(privacy.delta, privacy.accountant_name) >= second.reply.epsilon
+    resumed = node.train(anchored(request(3, planned=20), again.reply), second.state)
+    assert resumed.reply.accepted and resumed.reply.epsilon > second.reply.epsilon
+    assert resumed.reply.delta == pytest.approx(2 * node.policy.privacy.delta)
+    # nothing left to acknowledge; the audit understands the acknowledgement's floor
+    assert main(["node", "--site", str(policy_path), "--acknowledge-ledger-rollback"]) == 2
+    audit = audit_ledger(ledger_path)
+    assert audit.ok, audit.problems
+    assert audit.recorded_epsilon == pytest.approx(resumed.reply.epsilon)

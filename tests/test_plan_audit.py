@@ -90,7 +90,7 @@ def test_release_gate_exports_a_clean_run_and_records_it(tmp_path):
     from privatune.server.export import export_adapter
 
     run = _fake_run(tmp_path)
-    assert export_adapter(run, tmp_path / "release") == []
+    assert export_adapter(run, tmp_path / "release").findings == []
     assert (tmp_path / "release" / "adapter_config.json").is_file()
     entries, _ = read_entries(run / "releases.jsonl")
     assert entries[-1]["kind"] == "model_export" and not entries[-1]["forced"]
@@ -104,7 +104,8 @@ def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path
     with pytest.raises(ReleaseRefused, match="over the budget"):
         export_adapter(run, tmp_path / "release")
     assert not (tmp_path / "release").exists()
-    findings = export_adapter(run, tmp_path / "release", force_reason="ethics board approved 2026-11")
+    findings = export_adapter(run, tmp_path / "release",
+                              force_reason="ethics board approved 2026-11").findings
     assert findings
     entry = read_entries(run / "releases.jsonl")[0][-1]
     assert entry["forced"] and entry["reason"] == "ethics board approved 2026-11"
@@ -357,3 +358,89 @@ def test_plan_forecasts_with_prv_and_shows_rdp_beside():
     assert plan.noise_multiplier < rdp_plan.noise_multiplier  # less noise for the same epsilon
     assert plan.rdp_epsilon_final > plan.epsilon_per_round[-1]
     assert abs(plan.pld_epsilon_final - plan.epsilon_per_round[-1]) <= 0.01 * 8.0
+
+
+# ------------------------------------------------------------- the ledger against the run's record
+
+
+def anchored_site(run_dir, name="a", rounds=3):
+    """An honest ledger (``write_site`` with a distinct update hash per round) and the record a
+    coordinator keeps of it: the head after each round's entries, each update received."""
+    from privatune.common.run_record import ReceivedUpdate, ReportedHead, SiteRecord
+
+    path = write_site(run_dir, name, rounds=rounds)
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    for entry in entries:
+        if entry["kind"] == ADAPTER_UPDATE:
+            entry["update_sha256"] = f"{entry['round']:064x}"
+    forge(path, lambda _entries: _entries.__init__(entries))
+    entries = SiteLedger(path).entries
+    record = SiteRecord(name, heads=[ReportedHead(r, "train", 2 * r, entries[2 * r - 1]["hash"])
+                                     for r in range(1, rounds + 1)],
+                        received=[ReceivedUpdate(r, f"{r:064x}") for r in range(1, rounds + 1)],
+                        epsilon=entries[-2]["epsilon"], delta=1e-5, epsilon_budget=8.0,
+                        accountant="opacus-rdp")
+    return path, record
+
+
+def test_honest_ledger_passes_the_audit_against_the_runs_record(tmp_path):
+    path, record = anchored_site(tmp_path)
+    audit = audit_ledger(path, "a", 8.0, record)
+    assert audit.ok, audit.problems
+
+
+def test_truncated_tail_fails_the_audit_against_the_runs_record(tmp_path):
+    path, record = anchored_site(tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]))  # the last round's entries deleted
+    assert audit_ledger(path, "a", 8.0).ok  # alone, a cut ledger looks whole
+    audit = audit_ledger(path, "a", 8.0, record)
+    assert not audit.ok
+    assert any("head the site reported in round 3 (train reply)" in p and "removed from its tail" in p
+               for p in audit.problems)
+    assert any("received an update from this site in round 3" in p for p in audit.problems)
+
+
+def test_rewritten_and_rechained_history_fails_the_audit_against_the_runs_record(tmp_path):
+    path, record = anchored_site(tmp_path)
+
+    def more_noise(entries):
+        history = []
+        for entry in entries:
+            if entry["kind"] == ADAPTER_UPDATE:
+                entry["noise_multiplier"] = 3.0
+                history.append(MechanismStep(3.0, 0.05, 20))
+                entry["epsilon"] = rdp_epsilon(history, 1e-5)
+
+    forge(path, more_noise)
+    alone = audit_ledger(path, "a", 8.0)
+    assert alone.ok and alone.recorded_epsilon < record.epsilon / 2  # the forgery audits "ok"
+    audit = audit_ledger(path, "a", 8.0, record)
+    assert not audit.ok
+    assert any("round 1 (train reply)" in p and "history was rewritten" in p and "2 later" in p
+               for p in audit.problems)
+    assert any("reported epsilon" in p and "accounts only" in p for p in audit.problems)
+
+
+def test_hidden_release_fails_the_audit_against_the_runs_record(tmp_path):
+    path, record = anchored_site(tmp_path)
+    forge(path, lambda entries: entries.pop(2))  # round 2's adapter update, re-chained
+    audit = audit_ledger(path, "a", 8.0, record)
+    assert not audit.ok
+    hidden = [p for p in audit.problems if "that the ledger does not list" in p]
+    assert len(hidden) == 1 and "in round 2 (sha256 " in hidden[0]
+
+
+def test_audit_command_checks_a_ledger_against_a_report(tmp_path, capsys):
+    from privatune.common.run_record import RECORD_KEY
+    from privatune.simulations.cli import main
+
+    path, record = anchored_site(tmp_path)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({RECORD_KEY: {"a": record.to_json()}}))
+    assert main(["audit", str(path), "--run", str(report)]) == 0
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-2]))
+    assert main(["audit", str(path), "--run", str(report), "--site", "a"]) == 1
+    assert "removed from its tail" in capsys.readouterr().out
+    assert main(["audit", str(path), "--run", str(path.parent / "policy.yaml")]) == 2
+    assert "not a usable record of a run" in capsys.readouterr().err
