@@ -484,7 +484,7 @@ def _num(value: Any, digits: int = 3) -> str:
 
 def _after_round(line: str | None) -> str:
     """'after round N' of a coordinator's 'resuming run ... after round N from ...' line."""
-    return ("resumed " + line.split(" from ", 1)[0].split(" after ", 1)[1]) if line else "no resume"
+    return ("resumed after " + line.split(" from ", 1)[0].split(" after ", 1)[1]) if line else "no resume"
 
 
 def outcome(name: str, r: dict[str, Any]) -> str:
@@ -507,7 +507,7 @@ def outcome(name: str, r: dict[str, Any]) -> str:
     if name == "disk-full":
         reasons = {v for v in r.get("full_site_train_declines", {}).values() if v}
         return (f"{r['full_site']}: appends fail from round 2; train declined in rounds "
-                f"{[k for k, v in r.get('full_site_train_declines', {}).items() if v]}"
+                f"{[int(k) for k, v in r.get('full_site_train_declines', {}).items() if v]}"
                 f" ({'; '.join(sorted(reasons)) or 'no reason'}); its ledger holds updates of "
                 f"rounds {r.get('full_site_updates_in_ledger')}, torn line: "
                 f"{'none' if not r.get('ledger_torn_line') else 'YES'}, side files: "
