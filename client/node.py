@@ -3,7 +3,9 @@
 Order of a train round: check the request against the site policy and the ledger's
 cumulative epsilon (decline with a reason if it would go over), train with DP-SGD, write the
 release to the ledger (fsync'ed) and only then hand the update back for sending. A crash
-between the ledger write and the send therefore over-counts, never under-counts.
+between the ledger write and the send therefore over-counts, never under-counts. A ledger
+write that fails (disk full) turns the reply into a decline: nothing leaves the site without
+its entry, and nothing is kept for re-sending.
 
 Every reply carries the ledger's head after the node's entry for it; the coordinator sends the
 head it last got back with each train request. A ledger that lacks that head (restored from an
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import secrets
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -37,7 +40,7 @@ from privatune.common.examples import (SampledWindows, TokenizedTexts, consecuti
 from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, ROLLBACK_ACKNOWLEDGED, LedgerHead,
-                                     SiteLedger, head_problem, mechanism_step)
+                                     LedgerWriteError, SiteLedger, head_problem, mechanism_step)
 from privatune.common.lora import (LoraSettings, frozen_part, load_lora_state, lora_state,
                                    train_factors, trained_part, update_hash)
 from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
@@ -46,6 +49,8 @@ from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply
 
 ROLLBACK = "ledger_rollback"  # a decline's release name when the ledger lacks a reported head
 ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"
+
+log = logging.getLogger(__name__)
 
 
 def privacy_units(records: Sequence[Record], unit: str) -> list[tuple[str, str]]:
@@ -263,8 +268,15 @@ class SiteNode:
         return RoundPlan("", noise, after)
 
     def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
-        """One federated round at this site: policy check, DP-SGD, ledger, reply."""
+        """One federated round at this site: policy check, DP-SGD, ledger, reply; a decline
+        when the ledger cannot record what the reply would release."""
         self.ledger = SiteLedger(self.policy.ledger_path)  # another process may have appended
+        try:
+            return self._train(request, global_state)
+        except LedgerWriteError as err:
+            return self._decline(_unrecorded(err, "update"))
+
+    def _train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
         rollback = self._rollback(request)
         if rollback is not None:
             self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
@@ -399,9 +411,37 @@ class SiteNode:
                               **self._head()})
         return TrainOutcome(reply, state)
 
+    def evaluations_answered(self, run_id: str) -> int:
+        """Evaluations of a run this site answered (each has its ledger entry, even when the
+        policy withheld every metric)."""
+        return sum(1 for e in self.ledger.entries if e.get("kind") == NON_PRIVATE
+                   and e.get("release") == "evaluate_metrics" and e.get("run_id") == run_id)
+
     def evaluate(self, request: EvaluateRequest,
                  global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
-        """Held-out loss of the global adapter on this site's data (a non-private release)."""
+        """Held-out loss of the global adapter on this site's data (a non-private release), or
+        a decline: a request outside the site's limits, one evaluation more than a run may
+        have (each releases an exact held-out loss), or a ledger that cannot record it."""
+        self.ledger = SiteLedger(self.policy.ledger_path)  # another process may have appended
+        reason = request_violation(self.policy.limits, request)
+        answered = self.evaluations_answered(request.run_id)
+        if not reason and answered >= self.policy.max_evaluations_per_run:
+            reason = (f"site policy allows at most {self.policy.max_evaluations_per_run} "
+                      f"evaluations per run (limits.max_evaluations_per_run); this site already "
+                      f"answered {answered}")
+        try:
+            if reason:
+                self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
+                                                 "release": "decline", "request": "evaluate",
+                                                 "reason": reason})
+                return EvaluateReply(site=self.name, accepted=False, reason=reason)
+            return self._evaluate(request, global_state)
+        except LedgerWriteError as err:
+            unrecorded = _unrecorded(err, "evaluation")
+            return EvaluateReply(site=self.name, accepted=False, reason=reason or unrecorded)
+
+    def _evaluate(self, request: EvaluateRequest,
+                  global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
         model, tokenizer = self._model(LoraSettings.from_request(request))
         load_lora_state(model, global_state)
         dataset = self._dataset("heldout", tokenizer, request.max_length)
@@ -440,7 +480,18 @@ class SiteNode:
 
     def _record_metrics(self, run_id: str, round_number: int, phase: str,
                         values: Mapping[str, object]) -> None:
+        """The metrics a reply releases; written even when the policy withholds them all, so
+        the ledger lists every request answered (evaluations per run are counted from it)."""
         released = {k: v for k, v in values.items() if v is not None}
-        if released:
-            self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
-                                             "release": f"{phase}_metrics", "values": released})
+        self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
+                                         "release": f"{phase}_metrics", "values": released})
+
+
+def _unrecorded(err: LedgerWriteError, what: str) -> str:
+    """A decline's reason when the ledger could not record a release: the cause, not the
+    site's file paths."""
+    log.error("%s", err)
+    cause = err.__cause__
+    detail = getattr(cause, "strerror", None) or str(cause or err)
+    return (f"this site's ledger could not be written ({detail}), so the {what} was not sent "
+            "(nothing leaves a site without its ledger entry)")

@@ -2,7 +2,8 @@
 
 The node enforces it whatever the coordinator requests: the lifetime and per-run epsilon
 caps, delta, the minimum noise multiplier, the number of rounds and runs, the limits on a
-training request, and which non-private metrics may leave.
+train or evaluate request (evaluations per run among them), and which non-private metrics
+may leave.
 Relative paths in the file are resolved against the file's own directory.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from privatune.common.config import (ConfigError, accountant_name, bounded, build, choice,
                                      device_choice, read_yaml)
 from privatune.common.privacy import delta_problem
-from privatune.common.protocol import TrainRequest
+from privatune.common.protocol import EvaluateRequest, TrainRequest
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class RequestLimits:
     max_lora_r: int = field(default=64, metadata=bounded(1, 4096))
     # module names a coordinator may put LoRA on; empty: any the model has ("all-linear" too)
     lora_target_modules: tuple[str, ...] = ()
+    # each evaluation releases an exact held-out loss; unset: privacy.max_rounds + 1 (every
+    # round of the longest run the policy allows, and the base model before it)
+    max_evaluations_per_run: int | None = field(default=None, metadata=bounded(1, 1_000_000))
 
 
 MAX_RUN_ID_LENGTH = 128
@@ -123,6 +127,11 @@ class SitePolicy:
     def ledger_path(self) -> Path:
         return self.resolve(self.site.state_dir) / "ledger.jsonl"
 
+    @property
+    def max_evaluations_per_run(self) -> int:
+        limit = self.limits.max_evaluations_per_run
+        return self.privacy.max_rounds + 1 if limit is None else limit
+
 
 def load_site_policy(path: str | Path) -> SitePolicy:
     """Read and validate a site policy file; errors name the file, line and key."""
@@ -154,21 +163,28 @@ def physical_batch_size(site: SiteSection, request: TrainRequest) -> int:
     return min(limits, default=0)
 
 
-def request_violation(limits: RequestLimits, request: TrainRequest) -> str:
-    """Why a train request is outside this site's limits, or "" when it is within them.
+def request_violation(limits: RequestLimits, request: TrainRequest | EvaluateRequest) -> str:
+    """Why a train or evaluate request is outside this site's limits, or "" when it is within.
 
-    Each bound is written as "not within" so that a non-finite value is refused too.
+    Both kinds are held to the same bounds on what they share (run id, length, batch size,
+    LoRA rank and targets); the training bounds apply to a train request only. Each bound is
+    written as "not within" so that a non-finite value is refused too.
     """
-    checks = (
-        ("learning_rate", request.learning_rate, 0.0, limits.max_learning_rate, True),
-        ("local_steps", request.local_steps, 1, limits.max_local_steps, False),
+    checks: list[tuple[str, float, float, float, bool]] = [
         ("batch_size", request.batch_size, 1, limits.max_batch_size, False),
         ("max_length", request.max_length, 8, limits.max_length, False),
-        ("max_grad_norm", request.max_grad_norm, 0.0, limits.max_grad_norm, True),
         ("lora_r", request.lora_r, 1, limits.max_lora_r, False),
-        ("planned_rounds", request.planned_rounds, 1, 1_000_000, False),
-        ("max_physical_batch_size", request.max_physical_batch_size, 0, 1_000_000, False),
-    )
+    ]
+    if isinstance(request, TrainRequest):
+        checks += [
+            ("learning_rate", request.learning_rate, 0.0, limits.max_learning_rate, True),
+            ("local_steps", request.local_steps, 1, limits.max_local_steps, False),
+            ("max_grad_norm", request.max_grad_norm, 0.0, limits.max_grad_norm, True),
+            ("planned_rounds", request.planned_rounds, 1, 1_000_000, False),
+            ("max_physical_batch_size", request.max_physical_batch_size, 0, 1_000_000, False),
+        ]
+    else:  # generated tokens count against the same length bound as the prompt's
+        checks.append(("max_new_tokens", request.max_new_tokens, 0, limits.max_length, False))
     if not (0 < len(request.run_id) <= MAX_RUN_ID_LENGTH and request.run_id.isprintable()):
         return (f"request run_id must be 1 to {MAX_RUN_ID_LENGTH} printable characters "
                 f"(got {len(request.run_id)} characters)")

@@ -59,6 +59,12 @@ class LedgerError(ValueError):
         self.line = line
 
 
+class LedgerWriteError(OSError):
+    """An entry could not be written (disk full, file too large, I/O error). The ledger was cut
+    back to the entries it held before, so it stays valid; what the entry records must not
+    leave the site."""
+
+
 @dataclass(frozen=True)
 class SetAside:
     """A torn last line moved out of the ledger: where it went, and what to tell the operator."""
@@ -320,6 +326,33 @@ class SiteLedger:
             _fsync_dir(self.path.parent)
             return aside
 
+    def _write_line(self, handle: BinaryIO, line: bytes, seq: int) -> None:
+        """Append ``line`` and fsync it, or cut the file back to where it was and raise.
+
+        Written with ``os.write`` on the descriptor, not through the buffered handle: a buffer
+        that kept the unwritten rest of a failed line would write it out when the handle closes.
+        """
+        handle.flush()
+        fd = handle.fileno()
+        length = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as err:
+            try:
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+            except OSError as cut_err:
+                raise LedgerWriteError(
+                    f"{self.path}: entry {seq} could not be written ({err.strerror or err}) and "
+                    f"the file could not be cut back ({cut_err.strerror or cut_err}); its last "
+                    "line will be set aside as torn when the ledger is next opened") from err
+            raise LedgerWriteError(
+                f"{self.path}: entry {seq} could not be written ({err.strerror or err}); the "
+                f"ledger was cut back to its {seq - 1} entries and is valid") from err
+
     @property
     def last_hash(self) -> str:
         return self.entries[-1]["hash"] if self.entries else GENESIS_HASH
@@ -332,7 +365,8 @@ class SiteLedger:
         """Durably append one entry (flush + fsync) and return it.
 
         An entry its reader would reject (a NaN or an infinity anywhere, an adapter update whose
-        mechanism cannot be accounted) raises ValueError before anything is written.
+        mechanism cannot be accounted) raises ValueError before anything is written. A write or
+        fsync that fails raises LedgerWriteError, the file cut back to its previous length.
         """
         entry: dict[str, Any] = {
             "seq": len(self.entries) + 1,
@@ -354,8 +388,7 @@ class SiteLedger:
             entry["seq"] = len(self.entries) + 1
             entry["prev_hash"] = self.last_hash
             entry["hash"] = entry_hash(entry)
-            handle.write(_encode(entry, self.path))
-            _sync(handle)
+            self._write_line(handle, _encode(entry, self.path), entry["seq"])
         if new_file:
             _fsync_dir(self.path.parent)
         self.entries.append(entry)

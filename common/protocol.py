@@ -179,9 +179,12 @@ class TrainReply(_Reply):
 @dataclass(frozen=True)
 class EvaluateReply(_Reply):
     """A site's held-out loss of the global adapter (``eval_loss`` None when withheld), and its
-    aggregate generation scores when asked for and released (None otherwise)."""
+    aggregate generation scores when asked for and released (None otherwise); or a decline
+    with its reason. ``accepted`` defaults to true so a reply without it still decodes."""
 
     site: str = _status()
+    accepted: bool = _status(True)
+    reason: str = _status("")
     num_examples: int = _metric(0)
     eval_loss: float | None = _metric(None)
     rouge_l: float | None = _metric(None)

@@ -354,8 +354,12 @@ class Coordinator:
         generation = is_generation_round(round_number, job.federation.rounds,
                                          job.evaluation.every_k_rounds)
         request = evaluate_request(job, self.run_id, round_number, generation=generation)
-        replies, failures = self.transport.evaluate(ids, request, self.global_state,
+        answers, failures = self.transport.evaluate(ids, request, self.global_state,
                                                     job.federation.round_timeout_s)
+        replies = [r for r in answers if r.accepted]
+        declined = {r.site: r.reason for r in answers if not r.accepted}
+        for site, reason in sorted(declined.items()):
+            self.progress(f"  {site} declined the evaluation: {reason}")
         site_ppl = {r.site: _perplexity(r.eval_loss) for r in replies}
         heads = {}
         for reply in replies:
@@ -373,7 +377,8 @@ class Coordinator:
         self.progress(f"[round {round_number}] global perplexity {central_text}; at sites: {shown}")
         evaluation = RoundEvaluation(global_perplexity=central, federated_perplexity=federated,
                                      site_perplexity=site_ppl, evaluation_failures=list(failures),
-                                     ledger_heads=dict(sorted(heads.items())))
+                                     ledger_heads=dict(sorted(heads.items())),
+                                     evaluation_declined=declined)
         if generation:
             self._evaluate_generation(round_number, replies, evaluation)
         return evaluation

@@ -96,6 +96,9 @@ class RoundEvaluation:
     federated_perplexity: float | None = None  # example-weighted over the sites that told
     site_perplexity: dict[str, float | None] = field(default_factory=dict)
     evaluation_failures: list[str] = field(default_factory=list)
+    # site -> why it declined the evaluation (no loss from it this round), e.g. its policy's
+    # limits.max_evaluations_per_run
+    evaluation_declined: dict[str, str] = field(default_factory=dict)
     # generation rounds only (round 0, every k-th, the last): scores on the coordinator's
     # held-out set, the scores each site released, and the first completions of the central set
     global_generation: GenerationScores | None = None
@@ -108,6 +111,8 @@ class RoundEvaluation:
                                 "federated_perplexity": self.federated_perplexity,
                                 "site_perplexity": dict(self.site_perplexity),
                                 "evaluation_failures": list(self.evaluation_failures)}
+        if self.evaluation_declined:  # absent when every site answered
+            data["evaluation_declined"] = dict(self.evaluation_declined)
         if self.global_generation is not None:  # absent in rounds without generation
             data["global_generation"] = self.global_generation.to_json()
         if self.site_generation:
@@ -125,6 +130,7 @@ class RoundEvaluation:
                    federated_perplexity=data.get("federated_perplexity"),
                    site_perplexity=dict(data.get("site_perplexity", {})),
                    evaluation_failures=list(data.get("evaluation_failures", [])),
+                   evaluation_declined=dict(data.get("evaluation_declined", {})),
                    global_generation=GenerationScores.from_json(central) if central else None,
                    site_generation={s: GenerationScores.from_json(g)
                                     for s, g in data.get("site_generation", {}).items()},
@@ -383,7 +389,9 @@ def render_markdown(report: RunReport) -> str:
               "|---|---|---|---|---|"]
     for record in report.rounds:
         training = record.training or RoundTraining()
-        declined = "; ".join(f"{s}: {r}" for s, r in training.declined.items()) or "-"
+        declined = "; ".join([f"{s}: {r}" for s, r in training.declined.items()]
+                             + [f"{s} (evaluation): {r}"
+                                for s, r in record.evaluation.evaluation_declined.items()]) or "-"
         lines.append(f"| {record.round} | {_fmt(record.evaluation.global_perplexity)} | "
                      f"{', '.join(training.participants) or '-'} | {declined} | "
                      f"{len(training.failures)} |")

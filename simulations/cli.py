@@ -2,7 +2,7 @@
 
 Each side keeps its own commands next to its code and this module only gathers them:
 
-- one machine (here): ``simulate``, ``experiment``, ``empirical-audit``;
+- one machine (here): ``simulate``, ``experiment``, ``empirical-audit``, ``fault-drill``;
 - the privacy officer, over shared code (``common.cli``): ``plan``, ``audit``;
 - the coordinator (``server.cli``): ``coordinator``, ``certs``, ``export``;
 - a hospital (``client.cli``): ``node``, ``keys``.
@@ -65,6 +65,31 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fault_drill(args: argparse.Namespace) -> int:
+    from privatune.simulations.deployment_faults import run_drill
+
+    return run_drill(args)
+
+
+def add_fault_drill_command(commands: argparse._SubParsersAction) -> None:
+    """``privatune fault-drill``: every fault scenario on a real loopback deployment."""
+    drill = commands.add_parser(
+        "fault-drill", help="kill and restart the parts of a real federation on this machine "
+        "(loopback, tiny model) and tabulate what happened to the run and the ledgers")
+    drill.add_argument("--out", default="runs/faults", help="output directory (faults.md, "
+                       "faults.json, one directory per scenario with its logs)")
+    drill.add_argument("--scenario", default="all",
+                       help="all (the default), or the name of one scenario to run again")
+    drill.add_argument("--rounds", type=int, default=3, help="rounds of the job (at least 3)")
+    drill.add_argument("--round-timeout", type=int, default=90,
+                       help="round_timeout_s of the job (a killed node costs this much)")
+    drill.add_argument("--budget", type=float, default=1500,
+                       help="give up on a coordinator run after this many seconds")
+    drill.add_argument("--rescan", action="store_true", help="run nothing: recompute the "
+                       "figures from --out and rewrite the table")
+    drill.set_defaults(handler=_fault_drill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privatune", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -73,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  a hospital:          node, keys\n"
                "  the coordinator:     coordinator, certs, export\n"
                "  a privacy officer:   plan, audit\n"
-               "  a researcher:        simulate, experiment, empirical-audit (one machine)\n"
+               "  a researcher:        simulate, experiment, empirical-audit, fault-drill (one machine)\n"
                "'privatune COMMAND --help' shows a command's options.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -102,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.set_defaults(handler=_experiment)
 
     add_empirical_audit_command(commands)
+    add_fault_drill_command(commands)
     add_officer_commands(commands)
     add_coordinator_commands(commands)
     add_hospital_commands(commands)

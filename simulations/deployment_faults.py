@@ -12,13 +12,22 @@ process group of its own, and the job submitted with ``privatune coordinator``. 
   coordinator`` process following it are SIGKILLed during round 2, after at least one site
   wrote its round-2 release; ``privatune coordinator`` is then started again on the same
   output directory and must resume from the last checkpoint.
+- ``superlink-restarted``: the ``flower-superlink`` process is SIGKILLed during round 2 (a
+  crash) and ``privatune coordinator --serve`` is started again on the same port and state
+  database, as a service manager would. Measured: whether the nodes reconnect, whether the
+  run goes on by itself, and if not, whether ``privatune coordinator`` started again resumes
+  it from the last checkpoint.
+- ``disk-full``: after round 1, the file size limit (``RLIMIT_FSIZE``) of one hospital's
+  processes is set a few bytes past its ledger's length, so its next ledger append fails
+  part-way (EFBIG, as on a full disk). That site must decline with the reason, send no
+  update, keep a ledger that verifies, and the run must finish with the other two.
 
 Afterwards every site's epsilon in ``report.json`` is compared with what its own ledger says
 (``SiteLedger.epsilon``) and each ledger is audited (``common.audit``). The summary goes to
 ``<out>/faults.md`` and ``<out>/faults.json``; process logs stay under
 ``<out>/<scenario>/logs``.
 
-Usage: ``python -m privatune.simulations.deployment_faults --out runs/faults [--scenario all]``.
+Usage: ``privatune fault-drill --out runs/faults`` (all scenarios; ``--scenario NAME`` for one).
 Sizes are the smallest that still train (a tiny model, 120 notes per site): the time is
 dominated by Flower starting one ClientApp process (torch, Opacus) per message.
 """
@@ -30,6 +39,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -40,12 +50,12 @@ from typing import Any
 
 from privatune.common.audit import audit_path
 from privatune.common.base_model import BaseModelSpec, ensure_base_model
-from privatune.common.ledger import ADAPTER_UPDATE, SiteLedger, read_entries
+from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger, read_entries
 from privatune.simulations.loopback import DELTA, LoopbackFederation, Proc
 
 SITES = ("alpha", "beta", "gamma")
-VICTIM = "gamma"  # the hospital killed in node-killed
-SCENARIOS = ("baseline", "node-killed", "coordinator-killed")
+VICTIM = "gamma"  # the hospital killed in node-killed, whose disk fills in disk-full
+SCENARIOS = ("baseline", "node-killed", "coordinator-killed", "superlink-restarted", "disk-full")
 NOTES_PER_SITE = 120  # with batch 16, 6 DP steps and lr 0.1 the held-out perplexity visibly falls
 
 TINY_MODEL = BaseModelSpec(vocab_size=384, hidden_size=32, layers=1, heads=2, intermediate_size=64,
@@ -67,21 +77,59 @@ def log(text: str) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def serverapp_pids(superlink_port: int) -> list[int]:
-    """PIDs of ``flwr-serverapp`` processes attached to OUR SuperLink (matched by its port:
-    other people's SuperLinks may run ServerApps on this machine at the same time)."""
-    found = []
+def _processes() -> dict[int, tuple[int, list[str]]]:
+    """Every process now: pid -> (parent pid, argv)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if (any(Path(a).name == "flwr-serverapp" for a in argv[:2])
-                and any(a.endswith(f":{superlink_port}") for a in argv)):
-            found.append(int(entry.name))
+        found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), argv)
     return found
+
+
+def tool_pids(tool: str, superlink_port: int) -> list[int]:
+    """PIDs of a Flower tool's processes serving or attached to OUR SuperLink (matched by its
+    port: other people's SuperLinks may run on this machine at the same time)."""
+    return sorted(pid for pid, (_, argv) in _processes().items()
+                  if any(Path(a).name == tool for a in argv[:2])
+                  and any(a == str(superlink_port) or a.endswith(f":{superlink_port}")
+                          for a in argv))
+
+
+def serverapp_pids(superlink_port: int) -> list[int]:
+    return tool_pids("flwr-serverapp", superlink_port)
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (a SuperNode, its SuperExec and ClientApps)."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in _processes().items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return sorted(found)
+
+
+def limit_file_size(pids: Sequence[int], limit: int) -> list[int]:
+    """Set the soft file size limit of running processes (their children inherit it); Python
+    ignores SIGXFSZ, so a write past the limit fails with EFBIG. Returns those it was set on."""
+    done = []
+    for pid in pids:
+        try:
+            hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+        except (ProcessLookupError, PermissionError):
+            continue
+        done.append(pid)
+    return done
 
 
 # --------------------------------------------------------------------------- set-up
@@ -297,10 +345,113 @@ def flower_run_status(fed: LoopbackFederation, run_id: str) -> str:
         return f"unknown ({err})"
 
 
+def kill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def scenario_superlink_restarted(fed: LoopbackFederation, budget_s: float) -> dict[str, Any]:
+    """SIGKILL the ``flower-superlink`` process in round 2 and start ``privatune coordinator
+    --serve`` again on the same port and database; then see what the run does by itself
+    (within ``watch_s``), and resume it with ``privatune coordinator`` if it did not finish."""
+    watch_s = min(budget_s, 3 * fed.round_timeout_s)
+    started = time.monotonic()
+    first = fed.start_coordinator("coordinator-1")
+    first.wait_for(f"[round 2/{fed.rounds}] training at", budget_s)
+    links = tool_pids("flower-superlink", fed.port)
+    if not links:
+        raise RuntimeError(f"no flower-superlink process found for port {fed.port}")
+    kill(links)
+    killed_at = first.seconds()
+    time.sleep(3)
+    result: dict[str, Any] = {
+        "killed_superlink_pids": links, "killed_at_s": killed_at,
+        "serverapp_alive_after_kill": serverapp_pids(fed.port),
+        "coordinator_1_exit_after_kill": first.popen.poll()}
+    log(f"killed the SuperLink {links} at {killed_at:.1f} s; ServerApp processes still alive: "
+        f"{result['serverapp_alive_after_kill']}")
+    fed.start_superlink(120, name="superlink-2")
+    result["superlink_back_at_s"] = first.seconds()
+    try:
+        fed.wait_online(len(SITES), timeout_s=180)
+        result["nodes_online_again_at_s"] = first.seconds()
+    except Exception as err:  # a measurement: record that they did not come back
+        result["nodes_online_again_at_s"] = f"not within 180 s ({err})"
+    log(f"SuperLink back at {result['superlink_back_at_s']:.1f} s; nodes online again: "
+        f"{result['nodes_online_again_at_s']}")
+    code = first.wait(max(1.0, watch_s - (first.seconds() - killed_at)))
+    result["coordinator_1_exit"] = code if code is not None else f"still running after {watch_s:g} s"
+    result["coordinator_1_last_lines"] = first.lines[-6:]
+    result["run_finished_by_itself"] = code == 0
+    if code != 0:
+        first.stop()
+        result["serverapp_alive_before_resume"] = stale = serverapp_pids(fed.port)
+        kill(stale)  # a second writer of the same out dir must not race the resumed run
+        second = fed.start_coordinator("coordinator-2")
+        code = finish(second, budget_s)
+        resumed = [line for line in second.lines if "resuming run" in line]
+        result.update({"resumed_line": resumed[0].strip() if resumed else None,
+                       "resumed_attempt_s": second.seconds(),
+                       "round_end_s_resumed": round_times(second)})
+    run_ids = [line.split("submitted run ", 1)[1].split()[0] for line in first.lines
+               if "submitted run " in line]
+    if run_ids:
+        result["killed_run_id"] = run_ids[0]
+        result["killed_run_final_status"] = flower_run_status(fed, run_ids[0])
+    report = read_report(fed)
+    return {**result, "exit_code": code, "wall_s": time.monotonic() - started,
+            **run_figures(fed, report), "sites": site_figures(fed, report)}
+
+
+LEDGER_PADDING = 65_536
+"""Bytes of an earlier history put in the full site's ledger first, so that the ledger is the
+largest file its processes write: a file size limit just past it then fails the ledger's
+appends and nothing else (Flower extracts the app, files of up to ~25 KB, for every message;
+with a limit below that, the first try of this scenario, every ClientApp failed there)."""
+
+
+def scenario_disk_full(fed: LoopbackFederation, budget_s: float) -> dict[str, Any]:
+    """After round 1, limit the file size of the victim hospital's processes to its ledger's
+    length + 10 bytes: its round-2 ledger append fails part-way, as on a full disk."""
+    SiteLedger(fed.ledger(VICTIM)).append(NON_PRIVATE, {
+        "run_id": "earlier", "round": 0, "release": "note",
+        "values": {"padding": "x" * LEDGER_PADDING}})
+    coordinator = fed.start_coordinator()
+    coordinator.wait_for("[round 1] global perplexity", budget_s)
+    ledger = fed.ledger(VICTIM)
+    limit = ledger.stat().st_size + 10
+    limited = limit_file_size(descendants(fed.nodes[VICTIM].popen.pid), limit)
+    entries_before = len(read_entries(ledger)[0])
+    log(f"{VICTIM}: file size limit {limit} bytes (ledger {limit - 10} bytes, "
+        f"{entries_before} entries) on pids {limited}")
+    code = finish(coordinator, budget_s)
+    report = read_report(fed)
+    entries, torn = read_entries(ledger)
+    declines = {r["round"]: r.get("declined", {}).get(VICTIM) for r in report.get("rounds", [])
+                if r["round"] >= 2}
+    eval_declines = {r["round"]: r.get("evaluation_declined", {}).get(VICTIM)
+                     for r in report.get("rounds", []) if r["round"] >= 2}
+    return {"exit_code": code, "wall_s": coordinator.seconds(), "full_site": VICTIM,
+            "file_size_limit": limit, "limited_pids": limited,
+            "ledger_entries_at_limit": entries_before, "ledger_entries_after": len(entries),
+            "ledger_torn_line": torn, "side_files": sorted(p.name for p in
+                                                           ledger.parent.glob("ledger.jsonl.torn-*")),
+            "full_site_train_declines": declines, "full_site_evaluation_declines": eval_declines,
+            "full_site_updates_in_ledger": [e["round"] for e in entries
+                                            if e["kind"] == ADAPTER_UPDATE],
+            "round_end_s": round_times(coordinator),
+            **run_figures(fed, report), "sites": site_figures(fed, report)}
+
+
 SCENARIO_FUNCTIONS: dict[str, Callable[[LoopbackFederation, float], dict[str, Any]]] = {
     "baseline": scenario_baseline,
     "node-killed": scenario_node_killed,
     "coordinator-killed": scenario_coordinator_killed,
+    "superlink-restarted": scenario_superlink_restarted,
+    "disk-full": scenario_disk_full,
 }
 
 
@@ -331,6 +482,39 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def _after_round(line: str | None) -> str:
+    """'after round N' of a coordinator's 'resuming run ... after round N from ...' line."""
+    return ("resumed after " + line.split(" from ", 1)[0].split(" after ", 1)[1]) if line else "no resume"
+
+
+def outcome(name: str, r: dict[str, Any]) -> str:
+    """What happened in a scenario, in one table cell."""
+    if "error" in r:
+        return "-"
+    if name == "node-killed":
+        return (f"{r['killed_site']} killed at {r['killed_at_s']:.0f} s; in rounds "
+                f"{r.get('killed_site_rounds')}")
+    if name == "coordinator-killed":
+        return f"killed at {r['first_attempt_s']:.0f} s; restarted: {_after_round(r.get('resumed_line'))}"
+    if name == "superlink-restarted":
+        online = r.get("nodes_online_again_at_s")
+        online = f"{online:.0f} s" if isinstance(online, (int, float)) else str(online)
+        return (f"killed at {r['killed_at_s']:.0f} s, back at {r['superlink_back_at_s']:.0f} s; "
+                f"nodes online again at {online}; run went on by itself: "
+                f"{'yes' if r.get('run_finished_by_itself') else 'no'} (first coordinator: "
+                f"exit {r.get('coordinator_1_exit')}); restarted coordinator: "
+                f"{_after_round(r.get('resumed_line')) if 'resumed_attempt_s' in r else 'not needed'}")
+    if name == "disk-full":
+        reasons = {v for v in r.get("full_site_train_declines", {}).values() if v}
+        return (f"{r['full_site']}: appends fail from round 2; train declined in rounds "
+                f"{[int(k) for k, v in r.get('full_site_train_declines', {}).items() if v]}"
+                f" ({'; '.join(sorted(reasons)) or 'no reason'}); its ledger holds updates of "
+                f"rounds {r.get('full_site_updates_in_ledger')}, torn line: "
+                f"{'none' if not r.get('ledger_torn_line') else 'YES'}, side files: "
+                f"{len(r.get('side_files', []))}")
+    return "uninterrupted"
+
+
 def summary_markdown(results: dict[str, dict[str, Any]], command: str) -> str:
     """The table the issue asks for, plus the checks behind it."""
     lines = ["# Deployment fault tolerance", "",
@@ -338,8 +522,8 @@ def summary_markdown(results: dict[str, dict[str, Any]], command: str) -> str:
              f"authentication and state database, loopback; tiny model, {NOTES_PER_SITE} notes "
              "per site).", "",
              "| scenario | rounds completed | wall time (s) | final global ppl | "
-             + " | ".join(f"{s} eps report / ledger" for s in SITES) + " | audit |",
-             "|---|---|---|---|" + "---|" * len(SITES) + "---|"]
+             + " | ".join(f"{s} eps report / ledger" for s in SITES) + " | audit | what happened |",
+             "|---|---|---|---|" + "---|" * len(SITES) + "---|---|"]
     for name in SCENARIOS:
         r = results.get(name)
         if r is None:
@@ -352,7 +536,7 @@ def summary_markdown(results: dict[str, dict[str, Any]], command: str) -> str:
                   if "error" not in r else f"ERROR: {r['error']}")
         lines.append(f"| {name} | {rounds} | {_num(r.get('wall_s'), 1)} | "
                      f"{_num(r.get('final_global_perplexity'))} | " + " | ".join(eps)
-                     + f" | {audits} |")
+                     + f" | {audits} | {outcome(name, r)} |")
     problems = sorted({f"{s}: {p}" for r in results.values()
                        for s, info in r.get("sites", {}).items() for p in info["audit_problems"]})
     if problems:
@@ -378,7 +562,14 @@ def summary_markdown(results: dict[str, dict[str, Any]], command: str) -> str:
         for key in ("participants", "aggregated", "declined", "killed_site", "killed_at_s",
                     "killed_site_rounds", "killed_run_id", "killed_run_final_status",
                     "first_attempt_s", "resumed_attempt_s", "checkpoints_at_kill",
-                    "round2_released_before_kill", "resumed_line", "round_end_s",
+                    "round2_released_before_kill", "killed_superlink_pids",
+                    "serverapp_alive_after_kill", "coordinator_1_exit_after_kill",
+                    "superlink_back_at_s", "nodes_online_again_at_s", "coordinator_1_exit",
+                    "coordinator_1_last_lines", "run_finished_by_itself",
+                    "serverapp_alive_before_resume", "file_size_limit", "limited_pids",
+                    "ledger_entries_at_limit", "ledger_entries_after", "ledger_torn_line",
+                    "side_files", "full_site_train_declines", "full_site_evaluation_declines",
+                    "full_site_updates_in_ledger", "resumed_line", "round_end_s",
                     "round_end_s_resumed", "error"):
             if key in r:
                 lines.append(f"- {key}: `{json.dumps(r[key])}`")
@@ -391,7 +582,7 @@ def summary_markdown(results: dict[str, dict[str, Any]], command: str) -> str:
                          + (f" ({problems})" if problems else ""))
         lines.append("")
     b = results.get("baseline", {}).get("final_global_perplexity")
-    for name in ("node-killed", "coordinator-killed"):
+    for name in SCENARIOS[1:]:
         c = results.get(name, {}).get("final_global_perplexity")
         if b and c:
             lines.append(f"Final global perplexity, {name}: {c:.3f} vs baseline {b:.3f} "
@@ -414,25 +605,17 @@ def rescan(results: dict[str, Any], out: Path, model_dir: Path) -> None:
             result.update(run_figures(fed, report))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/faults", help="output directory")
-    parser.add_argument("--scenario", default="all", choices=("all", *SCENARIOS))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--round-timeout", type=int, default=90,
-                        help="round_timeout_s of the job (a killed node costs this much)")
-    parser.add_argument("--budget", type=float, default=1500,
-                        help="give up on a coordinator run after this many seconds")
-    parser.add_argument("--rescan", action="store_true",
-                        help="run nothing: recompute the figures from <out> and rewrite "
-                        "the summary")
-    args = parser.parse_args(argv)
+def run_drill(args: argparse.Namespace) -> int:
+    """``privatune fault-drill``: the scenarios asked for, the table in ``<out>/faults.md``."""
     if args.rounds < 3:
-        parser.error("--rounds must be at least 3 (the faults are injected in round 2)")
+        raise ValueError("--rounds must be at least 3 (the faults are injected in round 2)")
+    if args.scenario not in ("all", *SCENARIOS):
+        raise ValueError(f"--scenario {args.scenario}: not one of all, {', '.join(SCENARIOS)}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = ".venv/bin/python -m privatune.simulations.deployment_faults " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    command = (f"privatune fault-drill --out {args.out} --rounds {args.rounds} "
+               f"--round-timeout {args.round_timeout}"
+               + (f" --scenario {args.scenario}" if args.scenario != "all" else ""))
     model_dir = ensure_base_model(out / "model", TINY_MODEL, log)
     results_path = out / "faults.json"
     results: dict[str, Any] = (json.loads(results_path.read_text(encoding="utf-8"))
@@ -452,6 +635,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text, flush=True)
     failed = [n for n in names if "error" in results[n] or results[n].get("exit_code") != 0]
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m privatune.simulations.deployment_faults ...`` is ``privatune fault-drill ...``."""
+    from privatune.simulations.cli import main as privatune_main
+
+    return privatune_main(["fault-drill", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -247,10 +247,9 @@ class LoopbackFederation:
         self.processes.append(process)
         return process
 
-    def start_superlink(self, timeout_s: float = 120) -> Proc:
+    def start_superlink(self, timeout_s: float = 120, name: str = "superlink") -> Proc:
         """``privatune coordinator --serve`` (long-lived, as under systemd), once it is ready."""
-        link = self.start(privatune("coordinator", "--config", str(self.job), "--serve"),
-                          "superlink")
+        link = self.start(privatune("coordinator", "--config", str(self.job), "--serve"), name)
         link.wait_for("SuperLink ready", timeout_s)
         return link
 

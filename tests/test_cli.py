@@ -17,8 +17,8 @@ from privatune.simulations.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "flwr", "transformers", "opacus", "peft", "matplotlib", "dp_accounting")
-COMMANDS = ("simulate", "empirical-audit", "plan", "audit", "coordinator", "certs", "export",
-            "node", "keys")
+COMMANDS = ("simulate", "empirical-audit", "fault-drill", "plan", "audit", "coordinator", "certs",
+            "export", "node", "keys")
 
 
 def test_help_lists_every_command_and_loads_nothing_heavy():
@@ -133,3 +133,9 @@ def test_other_commands_still_parse(command, capsys):
         main([command, "--help"])
     assert exit.value.code == 0
     assert f"usage: privatune {command}" in capsys.readouterr().out
+
+
+def test_fault_drill_refuses_an_unknown_scenario_before_starting_anything(tmp_path, capsys):
+    assert main(["fault-drill", "--out", str(tmp_path / "drill"), "--scenario", "flood"]) == 2
+    assert "--scenario flood: not one of all, baseline, node-killed" in capsys.readouterr().err
+    assert not (tmp_path / "drill").exists()

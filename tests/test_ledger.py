@@ -1,7 +1,12 @@
-"""The site ledger: hash chain, tamper detection, torn-write recovery, recomputed epsilon."""
+"""The site ledger: hash chain, tamper detection, torn-write recovery, recomputed epsilon, a
+write that fails."""
 
+import errno
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -189,3 +194,92 @@ def test_forged_mechanism_in_file_is_refused(tmp_path, field, value):
     with pytest.raises(LedgerError, match=f"{path}, line 3: .*{field}") as err:
         SiteLedger(path)
     assert err.value.line == 3
+
+
+# ------------------------------------------------------------------ a write that fails (file size limit)
+
+# Run in a child process whose file size limit (RLIMIT_FSIZE) ends a few bytes past the ledger:
+# the kernel writes those bytes and refuses the rest (EFBIG), a real torn write as on a full disk.
+LIMITED_CHILD = """
+import json, os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+setup, attempt, path = sys.argv[1], sys.argv[2], sys.argv[3]
+exec(setup)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 10, resource.RLIM_INFINITY))
+exec(attempt)
+"""
+
+
+def run_limited(setup: str, attempt: str, path, tmp_path) -> dict:
+    """Run ``setup``, then ``attempt`` under the size limit, in a child; its printed JSON."""
+    done = subprocess.run([sys.executable, "-c", LIMITED_CHILD, setup, attempt, str(path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_failed_write_leaves_the_ledger_valid_and_the_next_append_works(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    make_ledger(path, rounds=2)
+    before = path.read_bytes()
+    outcome = run_limited(
+        "from privatune.common.ledger import ADAPTER_UPDATE, LedgerWriteError, SiteLedger\n"
+        "ledger = SiteLedger(path)",
+        "try:\n"
+        "    ledger.append(ADAPTER_UPDATE, {'run_id': 'run', 'round': 3, 'noise_multiplier': 0.9,"
+        " 'sample_rate': 0.05, 'steps': 20, 'epsilon': 0.0, 'delta': 1e-5})\n"
+        "    print(json.dumps({'written': True}))\n"
+        "except LedgerWriteError as err:\n"
+        "    print(json.dumps({'error': str(err), 'errno': err.__cause__.errno,"
+        " 'in_memory': len(ledger.entries)}))", path, tmp_path)
+    assert outcome.get("errno") == errno.EFBIG, outcome
+    assert "entry 5 could not be written" in outcome["error"] and "cut back to its 4" in outcome["error"]
+    assert outcome["in_memory"] == 4
+    assert path.read_bytes() == before  # no torn line: the partial bytes were cut off
+    entries, torn = read_entries(path)
+    assert len(entries) == 4 and torn is None
+    # once there is room again, the next entry chains on as if nothing had happened
+    SiteLedger(path).append(NON_PRIVATE, {"run_id": "run", "round": 3, "release": "decline"})
+    entries, torn = read_entries(path)
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5] and torn is None
+    assert not list(tmp_path.glob("ledger.jsonl.torn-*"))
+
+
+def test_node_does_not_send_an_update_its_ledger_could_not_record(make_site, tiny_model_dir,
+                                                                  tmp_path):
+    from privatune.client.node import SiteNode
+    from privatune.client.policy import load_site_policy
+    from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+    from privatune.common.protocol import TrainRequest
+
+    policy_path = make_site()
+    ledger_path = load_site_policy(policy_path).ledger_path
+    lora = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    rounds = [TrainRequest(run_id="run-1", round=r, planned_rounds=2, local_steps=2, batch_size=8,
+                           learning_rate=0.02, max_grad_norm=1.0, max_length=48, lora_r=2,
+                           lora_alpha=4, lora_targets="q_proj,v_proj") for r in (1, 2)]
+    setup = (
+        "from privatune.client.node import SiteNode\n"
+        "from privatune.client.policy import load_site_policy\n"
+        "from privatune.common.lora import LoraSettings, initial_adapter, lora_state\n"
+        "from privatune.common.protocol import TrainRequest\n"
+        f"node = SiteNode(load_site_policy({str(policy_path)!r}))\n"
+        f"state = lora_state(initial_adapter({str(tiny_model_dir)!r}, {lora!r}, seed=0))\n"
+        f"assert node.train({rounds[0]!r}, state).reply.accepted")
+    attempt = (f"outcome = node.train({rounds[1]!r}, state)\n"
+               "print(json.dumps({'accepted': outcome.reply.accepted, 'reason': outcome.reply.reason,"
+               " 'tensors': len(outcome.state), 'epsilon': outcome.reply.epsilon}))")
+    outcome = run_limited(setup, attempt, ledger_path, tmp_path)
+    assert not outcome["accepted"] and outcome["tensors"] == 0
+    assert "ledger could not be written (File too large)" in outcome["reason"]
+    assert "update was not sent" in outcome["reason"] and str(ledger_path) not in outcome["reason"]
+    entries, torn = read_entries(ledger_path)
+    assert torn is None and [e["round"] for e in entries if e["kind"] == ADAPTER_UPDATE] == [1]
+    node = SiteNode(load_site_policy(policy_path))
+    assert outcome["epsilon"] == pytest.approx(node.epsilon())  # the decline tells the ledger's figure
+    kept = sorted(p.name for p in (ledger_path.parent / "released").iterdir())
+    assert len(kept) == 2 and all("round0001" in name for name in kept)  # nothing kept to re-send
+    # with room again the round is trained and released, its entry first
+    again = node.train(rounds[1], lora_state(initial_adapter(tiny_model_dir, lora, seed=0)))
+    assert again.reply.accepted and [e["round"] for e in node.ledger.adapter_updates()] == [1, 2]

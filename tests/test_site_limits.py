@@ -1,4 +1,5 @@
-"""Privacy-critical input defects: non-finite values, request bounds, duplicates, per-run budget."""
+"""Privacy-critical input defects: non-finite values, request bounds, duplicates, per-run budget,
+evaluations per run."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import privatune.client.node as node_module
 from privatune.client.data import DataError
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.common.config import ConfigError, load_job_config
+from privatune.common.config import (ConfigError, EvaluationConfig, FederationConfig, JobConfig,
+                                     LoraConfig, ModelConfig, TrainingConfig, load_job_config)
 from privatune.common.ledger import SiteLedger
 from privatune.common.lora import LoraSettings, initial_adapter, lora_state
 from privatune.common.privacy import calibrate_noise_multiplier
-from privatune.common.protocol import TrainRequest
+from privatune.common.protocol import EvaluateRequest, TrainRequest
+from privatune.server.coordinator import Coordinator, CoordinatorSettings, TrainResult
+from privatune.server.report import RunReport, render_markdown
 
 LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
@@ -207,3 +211,95 @@ def test_new_runs_cannot_escape_max_rounds(make_site, start_state):
     third = node.train(request(run="run-3"), start_state)
     assert not third.reply.accepted and "at most 2 runs" in third.reply.reason
 
+
+
+# ------------------------------------------------------------------ evaluation requests
+
+
+def evaluation(round_number: int = 0, run: str = "run-1", **changes) -> EvaluateRequest:
+    values = dict(run_id=run, round=round_number, max_length=48, batch_size=8, lora_r=LORA.r,
+                  lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj")
+    return EvaluateRequest(**{**values, **changes})
+
+
+def test_evaluations_per_run_are_bounded_and_counted_even_when_withheld(make_site, start_state):
+    path = edit_policy(make_site(), "limits", max_evaluations_per_run=2)
+    path = edit_policy(path, "release", eval_loss=False, example_count=False)
+    node = SiteNode(load_site_policy(path))
+    first, second = (node.evaluate(evaluation(r), start_state) for r in (0, 1))
+    assert first.accepted and second.accepted and first.eval_loss is None  # withheld, answered
+    third = node.evaluate(evaluation(2), start_state)
+    assert not third.accepted and third.eval_loss is None
+    assert "at most 2 evaluations per run" in third.reason and "already answered 2" in third.reason
+    # the count is the ledger's, so a restarted node (a new process) keeps it
+    assert not SiteNode(load_site_policy(path)).evaluate(evaluation(3), start_state).accepted
+    assert node.evaluate(evaluation(0, run="run-2"), start_state).accepted  # a run of its own
+    releases = [(e["run_id"], e["release"]) for e in SiteLedger(node.policy.ledger_path).entries]
+    assert releases == [("run-1", "evaluate_metrics")] * 2 + [("run-1", "decline")] * 2 + [
+        ("run-2", "evaluate_metrics")]
+
+
+def test_evaluations_per_run_default_to_every_round_of_the_longest_run(make_site):
+    policy = load_site_policy(make_site(max_rounds=7))
+    assert policy.limits.max_evaluations_per_run is None and policy.max_evaluations_per_run == 8
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"max_length": 10**6}, "max_length"), ({"batch_size": 0}, "batch_size"),
+    ({"lora_r": 1024}, "lora_r"), ({"max_new_tokens": 10**6}, "max_new_tokens"),
+    ({"run_id": "r" * 129}, "run_id"),
+])
+def test_evaluate_request_outside_site_limits_is_declined(make_site, start_state, change, field):
+    node = SiteNode(load_site_policy(make_site()))
+    reply = node.evaluate(evaluation(**change), start_state)
+    assert not reply.accepted and f"request {field}" in reply.reason and reply.eval_loss is None
+    assert node.evaluations_answered("run-1") == 0
+
+
+def test_evaluate_request_lora_targets_within_the_sites_list(make_site, start_state):
+    path = edit_policy(make_site(), "limits", lora_target_modules=["q_proj"])
+    reply = SiteNode(load_site_policy(path)).evaluate(evaluation(), start_state)
+    assert not reply.accepted and "lora_targets v_proj are outside" in reply.reason
+
+
+class NodesTransport:
+    """Real site nodes in this process, reached directly (no Flower): node id -> SiteNode."""
+
+    def __init__(self, nodes: dict[int, SiteNode]):
+        self.nodes = nodes
+
+    def node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def train(self, node_ids, request, state, timeout_s):
+        outcomes = [(n, self.nodes[n].train(request, state)) for n in node_ids]
+        return [TrainResult(n, o.reply, o.state) for n, o in outcomes], []
+
+    def evaluate(self, node_ids, request, state, timeout_s):
+        return [self.nodes[n].evaluate(request, state) for n in node_ids], []
+
+
+def test_coordinator_run_with_a_site_declining_evaluation_completes(make_site, tiny_model_dir,
+                                                                    tmp_path):
+    strict = edit_policy(make_site("north", seed=1), "limits", max_evaluations_per_run=2)
+    nodes = {1: SiteNode(load_site_policy(strict)),
+             2: SiteNode(load_site_policy(make_site("south", seed=2)))}
+    job = JobConfig(model=ModelConfig(max_length=48), lora=LoraConfig(r=2, alpha=4,
+                    target_modules=("q_proj", "v_proj")),
+                    training=TrainingConfig(local_steps=2, batch_size=8, learning_rate=0.02,
+                                            eval_batch_size=8),
+                    federation=FederationConfig(rounds=2, min_nodes=2, min_replies=2,
+                                                node_wait_s=1.0),
+                    evaluation=EvaluationConfig(every_k_rounds=0), tracking="none")
+    settings = CoordinatorSettings(job=job, model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="run-1")
+    report = Coordinator(settings, NodesTransport(nodes), progress=lambda _line: None).run()
+    last = report.rounds[-1]
+    assert last.training.participants == ["north", "south"]  # training goes on
+    assert "at most 2 evaluations per run" in last.evaluation.evaluation_declined["north"]
+    assert set(last.evaluation.site_perplexity) == {"south"}
+    assert report.sites["north"].final_perplexity is None
+    assert report.sites["south"].final_perplexity is not None
+    assert RunReport.from_json(report.to_json()).rounds[-1].evaluation.evaluation_declined == {
+        "north": last.evaluation.evaluation_declined["north"]}
+    assert "north (evaluation): site policy allows at most 2" in render_markdown(report)
