@@ -271,8 +271,8 @@ class NodesTransport:
     def node_ids(self) -> list[int]:
         return list(self.nodes)
 
-    def train(self, node_ids, request, state, timeout_s):
-        outcomes = [(n, self.nodes[n].train(request, state)) for n in node_ids]
+    def train(self, requests, state, timeout_s):
+        outcomes = [(n, self.nodes[n].train(request, state)) for n, request in requests.items()]
         return [TrainResult(n, o.reply, o.state) for n, o in outcomes], []
 
     def evaluate(self, node_ids, request, state, timeout_s):
