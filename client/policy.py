@@ -86,6 +86,9 @@ class RequestLimits:
     # each evaluation releases an exact held-out loss; unset: privacy.max_rounds + 1 (every
     # round of the longest run the policy allows, and the base model before it)
     max_evaluations_per_run: int | None = field(default=None, metadata=bounded(1, 1_000_000))
+    # held-out notes an evaluation may generate completions for (each costs up to
+    # max_new_tokens forward passes of the model at this site)
+    max_generation_examples: int = field(default=256, metadata=bounded(0, 1_000_000))
 
 
 MAX_RUN_ID_LENGTH = 128
@@ -184,7 +187,8 @@ def request_violation(limits: RequestLimits, request: TrainRequest | EvaluateReq
             ("max_physical_batch_size", request.max_physical_batch_size, 0, 1_000_000, False),
         ]
     else:  # generated tokens count against the same length bound as the prompt's
-        checks.append(("max_new_tokens", request.max_new_tokens, 0, limits.max_length, False))
+        checks += [("max_new_tokens", request.max_new_tokens, 0, limits.max_length, False),
+                   ("max_examples", request.max_examples, 0, limits.max_generation_examples, False)]
     if not (0 < len(request.run_id) <= MAX_RUN_ID_LENGTH and request.run_id.isprintable()):
         return (f"request run_id must be 1 to {MAX_RUN_ID_LENGTH} printable characters "
                 f"(got {len(request.run_id)} characters)")

@@ -247,7 +247,7 @@ def test_evaluations_per_run_default_to_every_round_of_the_longest_run(make_site
 @pytest.mark.parametrize("change, field", [
     ({"max_length": 10**6}, "max_length"), ({"batch_size": 0}, "batch_size"),
     ({"lora_r": 1024}, "lora_r"), ({"max_new_tokens": 10**6}, "max_new_tokens"),
-    ({"run_id": "r" * 129}, "run_id"),
+    ({"max_examples": 257}, "max_examples"), ({"run_id": "r" * 129}, "run_id"),
 ])
 def test_evaluate_request_outside_site_limits_is_declined(make_site, start_state, change, field):
     node = SiteNode(load_site_policy(make_site()))
