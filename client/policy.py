@@ -43,7 +43,7 @@ class PrivacySection:
     unit: str = field(default="record", metadata=choice("record", "patient"))
     # with the patient unit, what a patient is each time they are drawn: a fresh window of their
     # whole text (all of it gets trained on), or their text cut once at max_length
-    patient_sampling: str = field(default="window", metadata=choice("window", "truncate"))
+    patient_sampling: str = field(default="truncate", metadata=choice("window", "truncate"))
     epsilon_cap: float = field(default=8.0, metadata=bounded(0, 1e4, low_open=True))
     delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True))
     min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))

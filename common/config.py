@@ -96,7 +96,7 @@ class PrivacyConfig:
     delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True))
     unit: str = field(default="record", metadata=choice("record", "patient"))
     # each simulated site's privacy.patient_sampling (client/policy.py): window | truncate
-    patient_sampling: str = field(default="window", metadata=choice("window", "truncate"))
+    patient_sampling: str = field(default="truncate", metadata=choice("window", "truncate"))
     min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))
     # prv: Opacus' PRV accountant (tightest sound bound); rdp: the looser RDP bound
     accountant: str = field(default="prv", metadata=choice("prv", "rdp"))

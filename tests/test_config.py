@@ -79,11 +79,11 @@ def test_patient_sampling_reaches_the_simulated_sites_policies(tmp_path):
     from privatune.simulations.runner import write_site_policy
 
     job = load_job_config(write(tmp_path, "privacy:\n  unit: patient\n"))
-    assert job.privacy.patient_sampling == "window"  # the default
-    job = load_job_config(write(tmp_path, "seed: 0\n"), ["privacy.patient_sampling=truncate"])
+    assert job.privacy.patient_sampling == "truncate"  # the default
+    job = load_job_config(write(tmp_path, "seed: 0\n"), ["privacy.patient_sampling=window"])
     policy = load_site_policy(write_site_policy(tmp_path / "site", "h1", tmp_path / "notes.ndjson",
                                                 tmp_path / "model", job))
-    assert policy.privacy.patient_sampling == "truncate"
+    assert policy.privacy.patient_sampling == "window"
     with pytest.raises(ConfigError, match="privacy.patient_sampling: 'all' is not one of window, "
                                           "truncate"):
         load_job_config(write(tmp_path, "privacy:\n  patient_sampling: all\n"))

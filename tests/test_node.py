@@ -95,9 +95,9 @@ def evaluate_request():
 
 
 def test_patient_windows_train_on_patients_and_evaluate_all_held_out_text(make_site, tiny_model_dir):
-    """The default patient sampling: DP training (its runtime checks included) on one fresh
-    window per drawn patient, accounted per patient; evaluation over every held-out token."""
-    policy = load_site_policy(make_site(name="windows", unit="patient"))
+    """Window sampling: DP training (its runtime checks included) on one fresh window per
+    drawn patient, accounted per patient; evaluation over every held-out token."""
+    policy = load_site_policy(make_site(name="windows", unit="patient", patient_sampling="window"))
     assert policy.privacy.patient_sampling == "window"
     node = SiteNode(policy)
     outcome = node.train(request(), start_state(tiny_model_dir))
