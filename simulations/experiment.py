@@ -76,8 +76,12 @@ def run_dir(out: Path, variant: Variant, repetition: int) -> Path:
 
 
 def run_variant(config: Path, out: Path, variant: Variant, repetition: int, rounds: int,
-                extra: Sequence[str]) -> Path:
-    """One ``privatune simulate`` run of a variant in its own process; its output in run.log."""
+                extra: Sequence[str], attempts: int = 2) -> Path:
+    """One ``privatune simulate`` run of a variant in its own process; its output in run.log.
+
+    A run whose process dies (the simulation engine's workers can crash on a loaded machine)
+    is started again from scratch, up to ``attempts`` times; each attempt's log is kept.
+    """
     directory = run_dir(out, variant, repetition)
     directory.mkdir(parents=True, exist_ok=True)
     overrides = [*experiment_overrides(rounds), *variant.overrides, *extra]
@@ -86,12 +90,14 @@ def run_variant(config: Path, out: Path, variant: Variant, repetition: int, roun
                str(directory / "run"), "--overwrite"]
     for override in overrides:
         command += ["--set", override]
-    with open(directory / "run.log", "w", encoding="utf-8") as log:
-        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if finished.returncode != 0:
-        raise RuntimeError(f"variant {variant.name} repetition {repetition} failed "
-                           f"(exit {finished.returncode}); see {directory / 'run.log'}")
-    return directory / "run"
+    for attempt in range(1, attempts + 1):
+        log_path = directory / ("run.log" if attempt == 1 else f"run.attempt{attempt}.log")
+        with open(log_path, "w", encoding="utf-8") as log:
+            finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+        if finished.returncode == 0:
+            return directory / "run"
+    raise RuntimeError(f"variant {variant.name} repetition {repetition} failed {attempts} times "
+                       f"(last exit {finished.returncode}); see the logs in {directory}")
 
 
 def read_figures(run: Path, variant: str, repetition: int) -> RunFigures:

@@ -11,9 +11,11 @@ PRIVATUNE_FUZZ_RANDOM=1 for a fresh random campaign) to search longer than the t
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import json
 import os
+import typing
 import uuid
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from privatune.client.data import DataError, load_records
-from privatune.client.policy import load_site_policy
-from privatune.common.config import ConfigError, load_job_config
+from privatune.client.policy import SitePolicy, load_site_policy
+from privatune.common.config import ConfigError, JobConfig, load_job_config
 
 FUZZ = settings(
     max_examples=int(os.environ.get("PRIVATUNE_FUZZ_EXAMPLES", "300")),
@@ -198,24 +200,17 @@ def sections(known: dict[str, list[str]]):
                                                                      max_size=3)
 
 
-POLICY = sections({
-    "site": ["name", "data", "format", "model", "state_dir", "heldout_fraction", "split_seed",
-             "duplicates", "device", "dtype"],
-    "privacy": ["unit", "epsilon_cap", "delta", "min_noise_multiplier", "max_rounds", "epsilon_per_run",
-                "max_runs"],
-    "limits": ["max_learning_rate", "max_local_steps", "max_batch_size", "max_length", "max_grad_norm",
-               "max_lora_r"],
-    "release": ["example_count", "train_loss", "eval_loss", "generation_scores"], "source": []})
-JOB = sections({
-    "seed": [], "model": ["base", "cache_dir", "max_length", "builtin_pretrain_steps"],
-    "lora": ["r", "alpha", "target_modules"],
-    "training": ["local_steps", "batch_size", "learning_rate", "max_grad_norm", "eval_batch_size"],
-    "privacy": ["epsilon", "delta", "unit", "min_noise_multiplier"],
-    "federation": ["rounds", "min_nodes", "min_replies", "fraction_train", "node_wait_s",
-                   "round_timeout_s"],
-    "evaluation": ["marker", "max_new_tokens", "every_k_rounds", "max_examples"],
-    "data": ["hospitals", "patients", "heldout_fraction", "central_eval_patients"],
-    "simulation": ["cpus_per_node", "local_only_baseline"], "tracking": []})
+def known_keys(config: type) -> dict[str, list[str]]:
+    """Every section of a config dataclass and its keys, as its loader knows them (new keys are
+    fuzzed as soon as they are declared)."""
+    hints = typing.get_type_hints(config)
+    return {f.name: ([g.name for g in dataclasses.fields(hints[f.name])]
+                     if dataclasses.is_dataclass(hints[f.name]) else [])
+            for f in dataclasses.fields(config)}
+
+
+POLICY = sections(known_keys(SitePolicy))
+JOB = sections(known_keys(JobConfig))
 VALID_POLICY = {"site": {"name": "a", "data": "notes.jsonl", "model": "model", "state_dir": "state"},
                 "privacy": {"epsilon_cap": 8.0, "delta": 1.0e-5}}
 REPO = Path(__file__).resolve().parents[1]
