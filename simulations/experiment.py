@@ -29,22 +29,16 @@ class Variant:
 
     name: str
     overrides: tuple[str, ...]
-    question: str  # what comparing this arm answers
 
 
 VARIANTS = (
-    Variant("rdp-fedavg", ("privacy.accountant=rdp", "federation.aggregation=fedavg"),
-            "accountant and aggregation"),
-    Variant("prv-fedavg", ("privacy.accountant=prv", "federation.aggregation=fedavg"),
-            "accountant and aggregation"),
-    Variant("rdp-ffa", ("privacy.accountant=rdp", "federation.aggregation=ffa"),
-            "accountant and aggregation"),
-    Variant("prv-ffa", ("privacy.accountant=prv", "federation.aggregation=ffa"),
-            "accountant and aggregation"),
-    Variant("patient-truncate", ("privacy.unit=patient", "privacy.patient_sampling=truncate"),
-            "patient unit"),
-    Variant("patient-window", ("privacy.unit=patient", "privacy.patient_sampling=window"),
-            "patient unit"),
+    # the sites' accountant times the LoRA aggregation (record unit)
+    *(Variant(f"{accountant}-{aggregation}", (f"privacy.accountant={accountant}",
+                                              f"federation.aggregation={aggregation}"))
+      for aggregation in ("fedavg", "ffa") for accountant in ("rdp", "prv")),
+    # the patient unit, each patient cut once or a fresh window per draw
+    *(Variant(f"patient-{sampling}", ("privacy.unit=patient", f"privacy.patient_sampling={sampling}"))
+      for sampling in ("truncate", "window")),
 )
 
 
