@@ -105,6 +105,23 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, job: JobConfig, splits:
     return {"exposure": by_count, "mia": mia}, losses
 
 
+def audited_mechanism_problem(job: JobConfig) -> str | None:
+    """Why the audit would measure another mechanism than this job trains, or None.
+
+    The audit's federation trains and averages both LoRA factors on one truncated example per
+    privacy unit; a job with ffa or patient windows would be audited as if it had neither, so
+    it is refused rather than reported under the wrong name.
+    """
+    if job.federation.aggregation != "fedavg":
+        return (f"federation.aggregation = {job.federation.aggregation}: the empirical audit "
+                "trains fedavg LoRA only; audit with --set federation.aggregation=fedavg")
+    if job.privacy.unit == "patient" and job.privacy.patient_sampling != "truncate":
+        return (f"privacy.patient_sampling = {job.privacy.patient_sampling}: the empirical audit "
+                "encodes each patient once (truncate); audit with --set "
+                "privacy.patient_sampling=truncate")
+    return None
+
+
 def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSite], out: Path,
                         repetitions: Sequence[int] = DEFAULT_REPETITIONS,
                         canary_site: str | None = None,
@@ -119,6 +136,9 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
     started = time.monotonic()
     if not sites:
         raise ValueError("the audit needs at least one site")
+    unsupported = audited_mechanism_problem(job)
+    if unsupported:
+        raise ConfigError(unsupported)
     canaries = make_canaries(list(repetitions), canaries_per_count, job.seed)
     if canary_site is None:
         canary_site = site_with_most_heldout(job, sites)

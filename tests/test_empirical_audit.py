@@ -277,3 +277,21 @@ def test_command_parses_its_options(tmp_path):
 def test_audit_preset_loads():
     job = load_job_config("configs/audit.yaml")
     assert job.privacy.epsilon == 8.0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["federation.aggregation=ffa"], "federation.aggregation"),
+    (["privacy.unit=patient", "privacy.patient_sampling=window"], "privacy.patient_sampling"),
+])
+def test_audit_refuses_a_mechanism_it_would_not_measure(tmp_path, overrides, key):
+    """An ffa or patient-window job would be audited as plain fedavg on truncated examples:
+    refused, naming the key, before any training."""
+    from privatune.common.config import ConfigError
+
+    config = tmp_path / "job.yaml"
+    config.write_text("seed: 0\n")
+    job = load_job_config(config, overrides)
+    site = AuditSite("h1", tmp_path / "missing.jsonl", "jsonl")
+    with pytest.raises(ConfigError, match=key):
+        run_empirical_audit(job, tmp_path / "model", [site], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
