@@ -252,14 +252,13 @@ class SiteNode:
             return RoundPlan(f"privacy budget: {err}", 0.0, spent)
         this_round = MechanismStep(noise, sample_rate, request.local_steps)
         accountant = privacy.accountant_name
-        floor = self.ledger.floor().epsilon  # the run's lost releases may be in it: counted too
-        after = floor + epsilon_of([*self.ledger.mechanism_history(), this_round], privacy.delta,
-                                   accountant)
+        after = self.ledger.epsilon(privacy.delta, accountant, then=[this_round])
         if after > privacy.epsilon_cap:
             return RoundPlan(f"round {request.round} would raise this site's epsilon to {after:.3f}, "
                              f"over its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
                              f"spent so far {spent:.3f}", noise, after)
         run_history = [mechanism_step(e) for e in run_entries]
+        floor = self.ledger.floor().epsilon  # the run's lost releases may be in it: counted too
         run_after = floor + epsilon_of([*run_history, this_round], privacy.delta, accountant)
         if run_after > privacy.run_budget:
             return RoundPlan(f"round {request.round} would raise this run's epsilon to "
@@ -309,10 +308,8 @@ class SiteNode:
             seed=secrets.randbits(63)))
         state = trained_part(lora_state(model), request.aggregation)  # ffa: never A
         privacy = self.policy.privacy
-        history = [*self.ledger.mechanism_history(),
-                   MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)]
-        epsilon = self.ledger.floor().epsilon + epsilon_of(history, privacy.delta,
-                                                           privacy.accountant_name)
+        epsilon = self.ledger.epsilon(privacy.delta, privacy.accountant_name, then=[
+            MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)])
         mechanism = {
             "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
             **({"patient_sampling": privacy.patient_sampling} if privacy.unit == "patient" else {}),

@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,12 +404,15 @@ class SiteLedger:
     def floor(self) -> RollbackFloor:
         return rollback_floor(self.entries)
 
-    def epsilon(self, delta: float, accountant: str = PRV) -> float:
-        """Epsilon of everything this site has released so far, recomputed from the whole
-        mechanism history by ``accountant`` (entries written under another accountant keep
-        their recorded figures; their mechanisms are composed like any other), plus the floor
-        of an acknowledged rollback (then at delta plus the floor's delta)."""
-        return self.floor().epsilon + epsilon_of(self.mechanism_history(), delta, accountant)
+    def epsilon(self, delta: float, accountant: str = PRV,
+                then: Sequence[MechanismStep] = ()) -> float:
+        """Epsilon of everything this site has released so far, and of the steps ``then`` if
+        they were released too, recomputed from the whole mechanism history by ``accountant``
+        (entries written under another accountant keep their recorded figures; their mechanisms
+        are composed like any other), plus the floor of an acknowledged rollback (then at delta
+        plus the floor's delta)."""
+        return self.floor().epsilon + epsilon_of([*self.mechanism_history(), *then], delta,
+                                                 accountant)
 
 
 def _sync(handle: BinaryIO) -> None:
