@@ -125,7 +125,7 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(input_ids) > 0:
                     input_ids, labels, mask = (t.to(device) for t in (input_ids, labels, mask))
-                    logits = dp_model(input_ids=input_ids, attention_mask=mask).logits.float()
+                    logits = dp_model(input_ids=input_ids, attention_mask=mask).logits
                     per_example = per_example_loss(logits, labels)
                     loss = per_example.mean()
                     with warnings.catch_warnings():

@@ -232,13 +232,76 @@ def consecutive_windows(texts: TokenizedTexts, max_length: int) -> EncodedPairs:
     return EncodedPairs(*_padded(rows, max(max(len(ids) for ids, _ in rows), 1), texts.pad))
 
 
+# Rows of logits the loss handles at once: a block that stays in a CPU core's cache (the
+# softmax takes several passes over it), and large blocks on an accelerator, where each pass is
+# one kernel launch.
+_CACHE_BLOCK_ELEMENTS = 2**17
+_DEVICE_BLOCK_ELEMENTS = 2**26
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of each row of ``logits`` [N, V] against ``targets`` [N] (0 where a target
+    is IGNORE_INDEX), in float32 (float64 for float64 logits) whatever the logits' precision,
+    block by block.
+
+    Why not ``F.cross_entropy`` on sliced float32 logits: that materialises the float32 copy,
+    the slice's copy, the log-softmax output, a zero-filled gradient and the slice's zero-filled
+    gradient, each as large as the logits, which cost more than the decoder blocks' matrix
+    products at the demo's vocabulary (profiled). Here the only tensor of the logits' size
+    besides them is their gradient, in their own precision.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows, vocab = logits.shape
+        valid = targets != IGNORE_INDEX
+        safe = torch.where(valid, targets, 0).unsqueeze(1)
+        precision = torch.promote_types(logits.dtype, torch.float32)
+        logsumexp = torch.empty(rows, dtype=precision, device=logits.device)
+        picked = torch.empty(rows, dtype=precision, device=logits.device)
+        for start, end in _blocks(rows, vocab, logits.device):
+            block = logits[start:end].to(precision)
+            torch.logsumexp(block, dim=1, out=logsumexp[start:end])
+            picked[start:end] = block.gather(1, safe[start:end]).squeeze(1)
+        ctx.save_for_backward(logits, safe, valid, logsumexp)
+        return torch.where(valid, logsumexp - picked, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # d loss_i / d logits_i = softmax(logits_i) - onehot(target_i), for valid rows only
+        logits, safe, valid, logsumexp = ctx.saved_tensors
+        rows, vocab = logits.shape
+        scale = torch.where(valid, grad_losses.to(logsumexp.dtype), 0.0).unsqueeze(1)
+        grad = torch.empty_like(logits)
+        in_place = logits.dtype == logsumexp.dtype
+        for start, end in _blocks(rows, vocab, logits.device):
+            out = grad[start:end] if in_place else torch.empty(
+                (end - start, vocab), dtype=logsumexp.dtype, device=logits.device)
+            torch.sub(logits[start:end], logsumexp[start:end].unsqueeze(1), out=out)
+            out.exp_().mul_(scale[start:end])
+            out.scatter_add_(1, safe[start:end], -scale[start:end])
+            if not in_place:
+                grad[start:end] = out
+        return grad, None
+
+
+def _blocks(rows: int, vocab: int, device: torch.device) -> list[tuple[int, int]]:
+    elements = _CACHE_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    step = max(1, elements // max(vocab, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Loss of every next-token prediction (shape [batch, length - 1]); 0 where unlabelled."""
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    """Loss of every next-token prediction (shape [batch, length - 1]); 0 where unlabelled.
+
+    Position t predicts labels[t + 1]: the labels are shifted rather than the logits sliced,
+    so the logits (in any float precision) are never copied.
+    """
+    batch, length, vocab = logits.shape
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    losses = _TokenCrossEntropy.apply(logits.reshape(batch * length, vocab), targets.reshape(-1))
+    return losses.view(batch, length)[:, :-1]
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -258,13 +321,9 @@ def evaluate_loss(model: torch.nn.Module, dataset: TensorDataset, batch_size: in
         ids = input_ids[start:start + batch_size].to(device)
         labs = labels[start:start + batch_size].to(device)
         batch_mask = mask[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=batch_mask).logits.float()
-        shift_labels = labs[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1, :].reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum")
-        total += float(loss)
-        tokens += int((shift_labels != IGNORE_INDEX).sum())
+        logits = model(input_ids=ids, attention_mask=batch_mask).logits
+        total += float(next_token_losses(logits, labs).sum())
+        tokens += int((labs[:, 1:] != IGNORE_INDEX).sum())
     if tokens == 0:
         raise ValueError("evaluation set has no labelled tokens")
     return total / tokens, tokens

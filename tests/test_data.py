@@ -572,3 +572,50 @@ def test_consecutive_windows_score_every_token_exactly_once():
     # a window is encoded as encode_pairs encodes a pair without prompt: one rule
     truncated = encode_pairs(WordTokenizer(), [("", words(70))], 17)
     assert all(torch.equal(a, b[:17]) for a, b in zip(truncated[0], windows[0]))
+
+
+def _reference_token_losses(logits, labels):
+    from privatune.common.examples import IGNORE_INDEX
+
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(
+        logits.float()[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape[0], -1)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_next_token_losses_and_gradients_match_cross_entropy(dtype, tolerance):
+    """The blockwise loss equals F.cross_entropy on the shifted logits, value and gradient, with
+    unlabelled positions at 0; more rows than one block, so block edges are crossed."""
+    from privatune.common.examples import IGNORE_INDEX, next_token_losses
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 70, 4096, generator=generator)).to(dtype)
+    labels = torch.randint(0, 4096, (3, 70), generator=generator)
+    labels[0, :10] = IGNORE_INDEX
+    labels[2, 50:] = IGNORE_INDEX
+    weights = torch.randn(3, 69, generator=generator)
+
+    ours = logits.clone().requires_grad_()
+    losses = next_token_losses(ours, labels)
+    (losses * weights).sum().backward()
+    theirs = logits.clone().requires_grad_()
+    expected = _reference_token_losses(theirs, labels)
+    (expected * weights).sum().backward()
+
+    assert losses.shape == (3, 69) and losses.dtype == torch.float32
+    assert torch.allclose(losses, expected, rtol=1e-5, atol=1e-5)
+    assert (losses[2, 49:] == 0).all() and (ours.grad[2, 49:] == 0).all()
+    assert ours.grad.dtype == dtype and (ours.grad[:, -1] == 0).all()
+    error = (ours.grad.float() - theirs.grad.float()).abs().max()
+    assert error <= tolerance * theirs.grad.float().abs().max()
+
+
+def test_next_token_losses_gradient_is_exact_in_float64():
+    from privatune.common.examples import IGNORE_INDEX, next_token_losses
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5), generator=generator)
+    labels[1, 2] = IGNORE_INDEX
+    assert torch.autograd.gradcheck(lambda x: next_token_losses(x, labels), (logits,))
