@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from privatune.common.config import AGGREGATIONS
+from privatune.common.hardware import attention_implementation
 
 if TYPE_CHECKING:
     from privatune.common.config import JobConfig
@@ -84,7 +85,9 @@ def load_base_model(model_dir: str | Path, device: torch.device | str = "cpu",
     `model_dir` is a local model directory, or a hub id already in the local Hugging Face
     cache. The precision is always explicit because transformers 5 otherwise keeps the
     checkpoint's dtype; the LoRA factors attached later are float32 whatever the base's
-    precision. A missing pad token is set to the eos token so batches can be padded.
+    precision. The attention kernel follows the device and precision
+    (common.hardware.attention_implementation). A missing pad token is set to the eos token so
+    batches can be padded.
     """
     location = str(model_dir)
     try:
@@ -95,8 +98,10 @@ def load_base_model(model_dir: str | Path, device: torch.device | str = "cpu",
             f"and not in the local Hugging Face cache: {error}"
         ) from error
     try:
+        attention = attention_implementation(torch.device(device), dtype)
         model = AutoModelForCausalLM.from_pretrained(
-            location, config=config, dtype=dtype, local_files_only=True
+            location, config=config, dtype=dtype, local_files_only=True,
+            **({"attn_implementation": attention} if attention else {})
         ).to(device)
     except ValueError as error:
         raise ValueError(

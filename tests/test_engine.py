@@ -9,20 +9,36 @@ import yaml
 from privatune.client.engine import adapter_model, shared_base_models
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
+from privatune.common import hardware as hardware_module
 from privatune.common.config import ConfigError
-from privatune.common.hardware import resolve_hardware
-from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+from privatune.common.hardware import attention_implementation, resolve_hardware
+from privatune.common.lora import LoraSettings, initial_adapter, load_base_model, lora_state
 from privatune.common.protocol import TrainRequest
 
 LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
-def test_auto_hardware_on_a_machine_without_gpu_is_cpu_float32():
+@pytest.mark.parametrize("native_bfloat16", [True, False])
+def test_auto_precision_on_the_cpu_is_bfloat16_only_where_it_is_native(monkeypatch, native_bfloat16):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(hardware_module, "cpu_has_bfloat16", lambda: native_bfloat16)
     hardware = resolve_hardware("auto", "auto")
-    assert hardware.device.type == "cpu" and hardware.dtype == torch.float32
+    assert hardware.device.type == "cpu"
+    assert hardware.dtype == (torch.bfloat16 if native_bfloat16 else torch.float32)
     assert resolve_hardware("cpu", "bfloat16").dtype == torch.bfloat16
+    assert resolve_hardware("cpu", "float32").dtype == torch.float32
+
+
+def test_half_precision_on_the_cpu_loads_eager_attention(tiny_model_dir):
+    cpu = torch.device("cpu")
+    assert attention_implementation(cpu, torch.bfloat16) == "eager"
+    assert attention_implementation(cpu, torch.float32) is None
+    assert attention_implementation(torch.device("cuda"), torch.bfloat16) is None
+    half, _ = load_base_model(tiny_model_dir, cpu, torch.bfloat16)
+    full, _ = load_base_model(tiny_model_dir, cpu, torch.float32)
+    assert half.config._attn_implementation == "eager"
+    assert full.config._attn_implementation != "eager"
 
 
 def test_a_device_the_machine_lacks_is_an_error_naming_the_key():
