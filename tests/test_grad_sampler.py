@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import warnings
 
-import opacus.grad_sample.grad_sample_module as gsm
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -264,7 +263,9 @@ def test_one_opacus_hook_per_lora_layer_and_none_on_the_factors():
     try:
         assert list(wrapped.iterate_submodules(model)) == lora_layers
         for layer in lora_layers:
-            assert len(layer._backward_hooks) == 1  # Opacus' full backward hook
+            # Opacus' forward hook, which hooks the output's gradient; no full backward hook
+            assert list(layer._forward_hooks.values()) == [wrapped.capture_activations_hook]
+            assert not layer._backward_hooks
             for factor in (layer.lora_A.default, layer.lora_B.default):
                 assert not factor._backward_hooks
         ids, mask, labels = batch()
@@ -316,6 +317,30 @@ def test_a_dp_step_matches_stock_opacus():
         grads[name] = {n: p.grad.clone() for n, p in lora_params(dp_model._module).items()}
         dp_model._close()
     assert_close(grads["new"], grads["stock"], RTOL)
+
+
+def test_one_buffer_holds_per_sample_gradients_and_the_step_clips_them_as_a_whole():
+    """The per-sample gradients of all LoRA tensors are views of one [N, total] buffer, and
+    the clipped sum and the noised gradient views of one vector each; the clipping is the
+    flat clipping of DP-SGD: one norm per example over all tensors."""
+    dp_model, dp_optimizer, _ = make_private(llama())
+    ids, mask, labels = batch()
+    per_example_loss(dp_model(input_ids=ids, attention_mask=mask).logits, labels).mean().backward()
+    buffer = dp_model.per_sample_buffer()
+    params = dp_optimizer.params
+    assert buffer is not None and buffer.shape == (BATCH, sum(p.numel() for p in params))
+    assert all(p.grad_sample._base is buffer for p in params)
+    samples = [p.grad_sample.clone() for p in params]
+    norms = torch.stack([g.reshape(BATCH, -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+    factors = (1.0 / (norms + 1e-6)).clamp(max=1.0)  # max_grad_norm 1
+    assert (factors < 1).any()  # some example is really clipped
+    dp_optimizer.step()
+    for param, sample in zip(params, samples):
+        expected = torch.einsum("n,n...->...", factors, sample)
+        torch.testing.assert_close(param.summed_grad, expected, rtol=1e-5, atol=1e-6)
+    assert len({id(p.summed_grad._base) for p in params}) == 1
+    assert len({id(p.grad._base) for p in params}) == 1
+    dp_model._close()
 
 
 def test_scale_grad_is_stock_opacus_arithmetic():
@@ -389,10 +414,23 @@ def test_adapter_merged_after_wrapping_stops_the_forward_pass():
         wrapped._close()
 
 
-def test_missing_per_sample_gradients_test_reaches_the_real_path():
-    """tests/test_trainer.py breaks GradSampleModule.capture_backprops_hook to simulate lost
-    per-sample gradients: the LoRA engine must run that very method, not an override."""
-    assert LoraGradSampleModule.capture_backprops_hook is gsm.GradSampleModule.capture_backprops_hook
+def test_missing_per_sample_gradients_test_reaches_the_real_path(monkeypatch):
+    """tests/test_trainer.py breaks LoraGradSampleModule.capture_backprops_hook to simulate
+    lost per-sample gradients: the trainer's LoRA layers must go through that very method."""
+    hooked: list[type] = []
+    capture = LoraGradSampleModule.capture_backprops_hook
+
+    def spy(self, module, *args, **kwargs):
+        hooked.append(type(module))
+        return capture(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook", spy)
+    ids, mask, labels = batch()
+    dataset = TensorDataset(ids.repeat(5, 1), labels.repeat(5, 1), mask.repeat(5, 1))
+    settings = trainer.DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0,
+                                       expected_batch_size=4, steps=1, learning_rate=0.02, seed=0)
+    trainer.train_dp_round(llama(), dataset, settings)
+    assert hooked and set(hooked) == {LoraLinear}
 
 
 def test_trainer_trains_through_the_lora_engine(monkeypatch):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import opacus.grad_sample.grad_sample_module as gsm
-import opacus.optimizers.optimizer as dp_opt
 import pytest
 import torch
 
+from privatune.client.lora_grad_sampler import LoraDPOptimizer, LoraGradSampleModule
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
@@ -139,15 +138,15 @@ SETTINGS = DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0, expected_bat
 
 def test_missing_per_sample_gradients_stop_training(tiny_model_dir, monkeypatch):
     model, dataset = _tiny_batch(tiny_model_dir)
-    monkeypatch.setattr(gsm.GradSampleModule, "capture_backprops_hook",
-                        lambda self, *args, **kwargs: None)  # Opacus' hooks silently do nothing
+    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook",
+                        lambda self, *args, **kwargs: None)  # the hooks silently do nothing
     with pytest.raises(DPNotAppliedError, match="no per-sample gradients"):
         train_dp_round(model, dataset, SETTINGS)
 
 
 def test_missing_noise_stops_training(tiny_model_dir, monkeypatch):
     model, dataset = _tiny_batch(tiny_model_dir)
-    monkeypatch.setattr(dp_opt.DPOptimizer, "add_noise", lambda self: [
+    monkeypatch.setattr(LoraDPOptimizer, "add_noise", lambda self: [
         setattr(p, "grad", (p.summed_grad / self.expected_batch_size).view_as(p)) for p in self.params])
     with pytest.raises(DPNotAppliedError, match="no noise was added"):
         train_dp_round(model, dataset, SETTINGS)
@@ -196,11 +195,15 @@ def test_ffa_trains_sends_and_noises_b_alone(make_site, tiny_model_dir, monkeypa
     """Under ffa lora_A requires no gradient: Opacus gets no per-sample gradient of it and adds
     no noise to it, it does not move, and the node sends B alone."""
     sampled, noised = [], []
-    accumulate, add_noise = gsm.create_or_accumulate_grad_sample, dp_opt.DPOptimizer.add_noise
-    monkeypatch.setattr(gsm, "create_or_accumulate_grad_sample",
-                        lambda *, param, **kwargs: (sampled.append(id(param)),
-                                                    accumulate(param=param, **kwargs))[1])
-    monkeypatch.setattr(dp_opt.DPOptimizer, "add_noise",
+    capture, add_noise = LoraGradSampleModule.capture_backprops_hook, LoraDPOptimizer.add_noise
+
+    def capture_then_look(self, module, *args, **kwargs):
+        capture(self, module, *args, **kwargs)
+        sampled.extend(id(p) for p in module.parameters()
+                       if getattr(p, "grad_sample", None) is not None)
+
+    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook", capture_then_look)
+    monkeypatch.setattr(LoraDPOptimizer, "add_noise",
                         lambda self: (noised.extend(id(p) for p in self.params), add_noise(self))[1])
     node = SiteNode(load_site_policy(make_site()))
     state = start_state(tiny_model_dir)

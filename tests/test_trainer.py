@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import opacus.grad_sample.grad_sample_module as gsm
 import opacus.optimizers.optimizer as dp_opt
 import pytest
 import torch
@@ -18,6 +17,7 @@ import yaml
 from opacus import PrivacyEngine
 
 import privatune.client.node as node_module
+from privatune.client.lora_grad_sampler import LoraDPOptimizer, LoraGradSampleModule
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.client.trainer import (DPNotAppliedError, DPTrainSettings, _check_noise_added,
@@ -93,7 +93,7 @@ def test_noise_of_the_wrong_scale_stops_training(tiny, monkeypatch, factor):
 
 def test_noise_missing_after_the_first_step_stops_training(tiny, monkeypatch):
     model, dataset = tiny
-    add_noise = dp_opt.DPOptimizer.add_noise
+    add_noise = LoraDPOptimizer.add_noise
     calls: list[int] = []
 
     def noise_once(self):
@@ -102,14 +102,14 @@ def test_noise_missing_after_the_first_step_stops_training(tiny, monkeypatch):
             self.noise_multiplier = 0.0
         add_noise(self)
 
-    monkeypatch.setattr(dp_opt.DPOptimizer, "add_noise", noise_once)
+    monkeypatch.setattr(LoraDPOptimizer, "add_noise", noise_once)
     with pytest.raises(DPNotAppliedError, match="step 2"):
         train_dp_round(model, dataset, settings())
 
 
 def test_per_sample_gradients_missing_after_the_first_step_stop_training(tiny, monkeypatch):
     model, dataset = tiny
-    capture, step = gsm.GradSampleModule.capture_backprops_hook, dp_opt.DPOptimizer.step
+    capture, step = LoraGradSampleModule.capture_backprops_hook, dp_opt.DPOptimizer.step
     broken: list[int] = []
 
     def capture_until_broken(self, *args, **kwargs):
@@ -121,7 +121,7 @@ def test_per_sample_gradients_missing_after_the_first_step_stop_training(tiny, m
         broken.append(1)  # Opacus' hooks silently do nothing from the second step on
         return result
 
-    monkeypatch.setattr(gsm.GradSampleModule, "capture_backprops_hook", capture_until_broken)
+    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook", capture_until_broken)
     monkeypatch.setattr(dp_opt.DPOptimizer, "step", step_then_break)
     with pytest.raises(DPNotAppliedError, match="no per-sample gradients"):
         train_dp_round(model, dataset, settings(steps=5))
@@ -191,7 +191,7 @@ def test_diverged_training_is_left_to_the_node_not_called_missing_noise():
 def spied_round(model, dataset, physical: int, monkeypatch) -> tuple[list, list[int], object]:
     """Train a round; return each noised step's clipped sums and every forward's batch size."""
     summed: list[list[torch.Tensor]] = []
-    add_noise = dp_opt.DPOptimizer.add_noise
+    add_noise = LoraDPOptimizer.add_noise
 
     def record_then_noise(self):
         summed.append([p.summed_grad.detach().clone() for p in self.params])
@@ -201,7 +201,7 @@ def spied_round(model, dataset, physical: int, monkeypatch) -> tuple[list, list[
     hook = model.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(len(kw["input_ids"])),
                                            with_kwargs=True)
     with monkeypatch.context() as patch:
-        patch.setattr(dp_opt.DPOptimizer, "add_noise", record_then_noise)
+        patch.setattr(LoraDPOptimizer, "add_noise", record_then_noise)
         try:
             result = train_dp_round(model, dataset, DPTrainSettings(
                 noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8, steps=6,
