@@ -21,11 +21,12 @@ Variants:
   dp_new      Opacus through LoraPrivacyEngine: one hook per LoRA layer (client/lora_grad_sampler)
   dp_stock    Opacus as shipped (the LoRA sampler unregistered): lora_A / lora_B hooked as Linear
 
-Every step is the trainer's step (zero_grad, forward, logits in float32, per-example loss, mean,
+Every step is the trainer's step (zero_grad, forward, per-example loss in float32, mean,
 backward, optimizer step) on a fixed batch of full-length random token sequences; the trainer's
 own per-step DP checks are not included. Models are built from a config (random weights, no
 pretraining, no download); LoRA is the project's attach_lora (all linear layers of the blocks).
-Shapes 1.1b and 8b run on a GPU only.
+Shapes 1.1b and 8b run on a GPU only. The base weights are in the precision ``site.dtype: auto``
+takes on the device (``--dtype`` to choose), with the attention kernel the nodes load it with.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from privatune.common.hardware import DTYPES, resolve_hardware
+
 VARIANTS = ("nonprivate", "dp_new", "dp_stock")
 
 
@@ -61,7 +64,6 @@ class Shape:
     kv_heads: int
     intermediate: int
     lora_r: int = 8
-    dtype: str = "float32"
     tie_embeddings: bool = False
     gpu_only: bool = False
     workloads: tuple[tuple[int, int], ...] = ((8, 128),)
@@ -85,7 +87,7 @@ SHAPES: dict[str, Shape] = {
     "1.1b": Shape(vocab=32000, hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632,
                   gpu_only=True, workloads=((8, 512), (16, 1024))),
     "8b": Shape(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336,
-                lora_r=16, dtype="bfloat16", gpu_only=True, workloads=((4, 512),)),
+                lora_r=16, gpu_only=True, workloads=((4, 512),)),
 }
 
 
@@ -97,6 +99,7 @@ class Job:
     seq: int
     variant: str
     device: str
+    dtype: str  # of the frozen base weights; the LoRA factors are float32
     threads: int
     seed: int = 0
 
@@ -141,6 +144,7 @@ def _build(job: Job):
 
     from privatune.client.lora_grad_sampler import LoraPrivacyEngine, stock_opacus
     from privatune.common.examples import per_example_loss
+    from privatune.common.hardware import attention_implementation
     from privatune.common.lora import LoraSettings, attach_lora
 
     hf_logging.set_verbosity_error()
@@ -152,8 +156,11 @@ def _build(job: Job):
                          tie_word_embeddings=shape.tie_embeddings, rms_norm_eps=1e-5,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(job.seed)
+    dtype = getattr(torch, job.dtype)
+    attention = attention_implementation(torch.device(job.device), dtype)  # as the nodes load it
     with torch.device(job.device):
-        base = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, shape.dtype))
+        base = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, **({"attn_implementation": attention} if attention else {}))
     model = attach_lora(base, LoraSettings(r=shape.lora_r, alpha=2 * shape.lora_r))
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -183,7 +190,7 @@ def _build(job: Job):
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits = net(input_ids=ids, attention_mask=mask).logits.float()
+        logits = net(input_ids=ids, attention_mask=mask).logits
         loss = per_example_loss(logits, ids).mean()
         loss.backward()
         optimizer.step()
@@ -319,7 +326,7 @@ def _measure(context, jobs: list[Job], warmup: int, steps: int, sequential: bool
                 job = worker.job
                 results.append({
                     "shape": job.shape_name, "batch": job.batch, "seq": job.seq,
-                    "variant": job.variant, "device": job.device, "dtype": job.shape.dtype,
+                    "variant": job.variant, "device": job.device, "dtype": job.dtype,
                     "lora_r": job.shape.lora_r, **worker.facts,
                     "step_ms_median": 1000 * statistics.median(walls),
                     "cpu_ms_median": 1000 * statistics.median(cpus),
@@ -359,7 +366,8 @@ def format_table(results: list[dict]) -> str:
     """step/cpu ms: medians of wall-clock and process CPU time per step; rss: peak RSS of the
     timing worker (GPU: max_memory_allocated); live: peak RSS of a worker whose allocator
     returns freed memory at once (CPU only); x: ratio to the non-private step of the shape."""
-    header = (f"{'shape':6s} {'params':>7s} {'batch x seq':>11s} {'variant':10s} {'step ms':>9s} "
+    header = (f"{'shape':6s} {'params':>7s} {'dtype':8s} {'batch x seq':>11s} {'variant':10s} "
+              f"{'step ms':>9s} "
               f"{'cpu ms':>9s} {'tokens/s':>8s} {'rss MiB':>8s} {'live MiB':>8s} {'x step':>6s} "
               f"{'x cpu':>6s} {'x rss':>6s} {'x live':>6s}")
     lines = [header, "-" * len(header)]
@@ -368,7 +376,8 @@ def format_table(results: list[dict]) -> str:
             return f"{r[key]:.3f}" if r.get(key) is not None else "-"
         live = f"{r['live_peak_mib']:8.0f}" if r.get("live_peak_mib") else f"{'-':>8s}"
         lines.append(
-            f"{r['shape']:6s} {_millions(r['params']):>7s} {r['batch']:>5d} x {r['seq']:<5d} "
+            f"{r['shape']:6s} {_millions(r['params']):>7s} {r['dtype']:8s} "
+            f"{r['batch']:>5d} x {r['seq']:<5d} "
             f"{r['variant']:10s} {r['step_ms_median']:9.1f} {r['cpu_ms_median']:9.1f} "
             f"{r['tokens_per_s']:8.0f} {r['peak_mib']:8.0f} {live} {ratio('time_ratio'):>6s} "
             f"{ratio('cpu_ratio'):>6s} {ratio('peak_ratio'):>6s} {ratio('live_peak_ratio'):>6s}")
@@ -417,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequence length for every shape (default: each shape's workloads)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="precision of the frozen base weights (default auto: what a site's "
+                             "site.dtype: auto takes on this device; LoRA is always float32)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, of {','.join(VARIANTS)}")
     parser.add_argument("--sequential", action="store_true",
@@ -430,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     gpu = device.startswith("cuda")
+    dtype = str(resolve_hardware(device, args.dtype).dtype).removeprefix("torch.")
     names = (args.shapes.split(",") if args.shapes
              else ["demo", "40m", "190m"] + (["1.1b", "8b"] if gpu else []))
     unknown = [n for n in names if n not in SHAPES]
@@ -455,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                      if args.batch or args.seq else list(shape.workloads))
         for batch, seq in workloads:
             progress(f"{name} {batch}x{seq} on {device}: {', '.join(variants)}")
-            jobs = [Job(name, shape, batch, seq, v, device, args.threads) for v in variants]
+            jobs = [Job(name, shape, batch, seq, v, device, dtype, args.threads) for v in variants]
             big = gpu and shape.hidden * shape.hidden * shape.layers * 12 > 4e9
             results += _measure(context, jobs, args.warmup, args.steps, args.sequential or big,
                                 STEADY_MALLOC if args.malloc == "steady" else None, progress)
