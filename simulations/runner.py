@@ -7,7 +7,6 @@ simulation engine, trains the local-only baseline of every site, and writes the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,33 +102,25 @@ def _use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
 def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, model_dir: Path,
                          run_id: str, progress: Callable[[str], None] = print
-                         ) -> Iterator[Callable[[], dict[str, LocalOnlyResult]]]:
-    """Every site's local-only baseline, started on entry; the block gets a function that
-    waits for their results.
+                         ) -> dict[str, LocalOnlyResult]:
+    """Every site's local-only baseline, as many at once as the machine has room for.
 
-    They need nothing from the federation, so they run while it does: the cores it leaves idle
-    (starting up, evaluating, waiting for the slowest node) go to the baselines instead of
-    both running one after the other. Like the virtual nodes, each worker process gets
-    ``simulation.cpus_per_node`` threads, so small models run as several single-threaded
-    trainings side by side rather than one multi-threaded training that leaves cores idle.
+    Like the virtual nodes, each worker process gets ``simulation.cpus_per_node`` threads, so
+    small models run as several single-threaded trainings side by side rather than one
+    multi-threaded training that leaves cores idle.
     """
     threads = max(int(job.simulation.cpus_per_node), 1)
     workers = max(1, min(len(policies), (os.cpu_count() or 1) // threads))
     names = [load_site_policy(path).site.name for path in policies]
     progress(f"local-only baselines: {', '.join(names)} each train alone with the same budget "
-             f"({workers} at a time, alongside the federation)")
+             f"({workers} at a time)")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_use_threads, initargs=(threads,)) as pool:
         futures = {name: pool.submit(local_only_result, path, out / "baselines" / name, job,
                                      model_dir, run_id) for name, path in zip(names, policies)}
-        try:
-            yield lambda: {name: future.result() for name, future in futures.items()}
-        finally:
-            for future in futures.values():
-                future.cancel()  # the federation failed: do not start the ones still queued
+        return {name: future.result() for name, future in futures.items()}
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -186,21 +177,17 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
     server_app = make_server_app(lambda _context: settings, on_summary=summaries.append,
                                  progress=progress)
     client_app = make_client_app(lambda context: policies[int(context.node_config["partition-id"])])
-    with contextlib.ExitStack() as stack:
-        baselines = (stack.enter_context(local_only_baselines(policies, out, job, model_dir,
-                                                              run_id, progress))
-                     if job.simulation.local_only_baseline else None)
-        progress(f"starting Flower's simulation engine with {len(policies)} virtual nodes")
-        _run_flower_simulation(server_app, client_app, len(policies), job.simulation.cpus_per_node)
-        if not summaries:
-            raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
-        report = summaries[0]
-        if baselines is not None:
-            progress("waiting for the local-only baselines")
-            for name, result in baselines().items():
-                site = report.sites.setdefault(name, SiteSummary())
-                site.local_only_perplexity = result.perplexity
-                site.local_only_generation = result.generation
+    progress(f"starting Flower's simulation engine with {len(policies)} virtual nodes")
+    _run_flower_simulation(server_app, client_app, len(policies), job.simulation.cpus_per_node)
+    if not summaries:
+        raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
+    report = summaries[0]
+    if job.simulation.local_only_baseline:
+        for name, result in local_only_baselines(policies, out, job, model_dir, run_id,
+                                                 progress).items():
+            site = report.sites.setdefault(name, SiteSummary())
+            site.local_only_perplexity = result.perplexity
+            site.local_only_generation = result.generation
     report.elapsed_s = round(time.monotonic() - started, 1)
     write_report(report, out)
     return report
