@@ -7,6 +7,7 @@ simulation engine, trains the local-only baseline of every site, and writes the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,29 +99,60 @@ def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_di
                            site_generation_scores(reply))
 
 
-def _use_threads(threads: int) -> None:
+def _start_baseline_worker(threads: int) -> None:
+    """A local-only baseline's worker: its threads, and the lowest CPU priority, so that while
+    the federation runs it takes only the cores the federation leaves idle.
+
+    On Linux a process's nice value only ranks it within its scheduling group (autogroup, one
+    per session), and Flower's node processes run in a session of their own: the worker opens
+    its own session, and lowers that group's priority too. Where the system has none of this
+    (no setsid, no autogroup) it runs at whatever priority it can get.
+    """
+    if hasattr(os, "setsid"):
+        os.setsid()
+        with contextlib.suppress(OSError):
+            with open("/proc/self/autogroup", "w") as group:
+                group.write("19")
+    if hasattr(os, "nice"):
+        os.nice(19)
     torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
 def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, model_dir: Path,
                          run_id: str, progress: Callable[[str], None] = print
-                         ) -> dict[str, LocalOnlyResult]:
-    """Every site's local-only baseline, as many at once as the machine has room for.
+                         ) -> Iterator[Callable[[], dict[str, LocalOnlyResult]]]:
+    """Every site's local-only baseline, started on entry; the block gets a function that
+    waits for their results.
 
-    Like the virtual nodes, each worker process gets ``simulation.cpus_per_node`` threads, so
-    small models run as several single-threaded trainings side by side rather than one
-    multi-threaded training that leaves cores idle.
+    They need nothing from the federation, so they run while it does, at the lowest CPU
+    priority (``_start_baseline_worker``): the cores the federation leaves idle (starting up,
+    evaluating, waiting for the slowest node) go to the baselines, without slowing the
+    federation down; they finish at full speed once it is done. Like the virtual nodes, each
+    worker process gets ``simulation.cpus_per_node`` threads, so small models run as several
+    single-threaded trainings side by side rather than one multi-threaded training that leaves
+    cores idle. If the block fails, the workers are stopped (in their own session, a Ctrl-C at
+    the terminal does not reach them).
     """
     threads = max(int(job.simulation.cpus_per_node), 1)
     workers = max(1, min(len(policies), (os.cpu_count() or 1) // threads))
     names = [load_site_policy(path).site.name for path in policies]
     progress(f"local-only baselines: {', '.join(names)} each train alone with the same budget "
-             f"({workers} at a time)")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_use_threads, initargs=(threads,)) as pool:
-        futures = {name: pool.submit(local_only_result, path, out / "baselines" / name, job,
-                                     model_dir, run_id) for name, path in zip(names, policies)}
-        return {name: future.result() for name, future in futures.items()}
+             f"({workers} at a time, in the background while the federation runs)")
+    earlier = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_baseline_worker, initargs=(threads,))
+    futures = {name: pool.submit(local_only_result, path, out / "baselines" / name, job,
+                                 model_dir, run_id) for name, path in zip(names, policies)}
+    started = [p for p in multiprocessing.active_children() if p not in earlier]
+    try:
+        yield lambda: {name: future.result() for name, future in futures.items()}
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in started:
+            process.terminate()
+        raise
+    pool.shutdown()
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -177,17 +209,22 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
     server_app = make_server_app(lambda _context: settings, on_summary=summaries.append,
                                  progress=progress)
     client_app = make_client_app(lambda context: policies[int(context.node_config["partition-id"])])
-    progress(f"starting Flower's simulation engine with {len(policies)} virtual nodes")
-    _run_flower_simulation(server_app, client_app, len(policies), job.simulation.cpus_per_node)
-    if not summaries:
-        raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
-    report = summaries[0]
-    if job.simulation.local_only_baseline:
-        for name, result in local_only_baselines(policies, out, job, model_dir, run_id,
-                                                 progress).items():
-            site = report.sites.setdefault(name, SiteSummary())
-            site.local_only_perplexity = result.perplexity
-            site.local_only_generation = result.generation
+    _quiet_environment(job.simulation.cpus_per_node)  # for the node and baseline processes
+    with contextlib.ExitStack() as stack:
+        baselines = (stack.enter_context(local_only_baselines(policies, out, job, model_dir,
+                                                              run_id, progress))
+                     if job.simulation.local_only_baseline else None)
+        progress(f"starting Flower's simulation engine with {len(policies)} virtual nodes")
+        _run_flower_simulation(server_app, client_app, len(policies), job.simulation.cpus_per_node)
+        if not summaries:
+            raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
+        report = summaries[0]
+        if baselines is not None:
+            progress("waiting for the local-only baselines")
+            for name, result in baselines().items():
+                site = report.sites.setdefault(name, SiteSummary())
+                site.local_only_perplexity = result.perplexity
+                site.local_only_generation = result.generation
     report.elapsed_s = round(time.monotonic() - started, 1)
     write_report(report, out)
     return report
@@ -196,6 +233,17 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
 def _hide_run_simulation_notice(record: logging.LogRecord) -> bool:
     """Drops Flower's notice that ``run_simulation`` is deprecated (see below why we use it)."""
     return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _quiet_environment(cpus_per_node: float) -> None:
+    """What the processes this one starts (Flower's node actors, the baseline workers) inherit:
+    their threads, and the libraries' known warnings and progress bars off."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray would pin each node process to one thread; give it the cores it was allotted.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(int(cpus_per_node), 1)))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 
 
 def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_per_node: float) -> None:
@@ -207,12 +255,6 @@ def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_pe
     """
     from flwr.simulation import run_simulation
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray would pin each node process to one thread; give it the cores it was allotted.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(int(cpus_per_node), 1)))
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # inherited by the node processes
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     # Opacus installs a root log handler at import; Flower's records (its DEBUG ones included)
     # would reach it too and print twice. Flower's own console handler shows what matters.
     flower_logger = logging.getLogger("flwr")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from privatune.common.ledger import SiteLedger
 from privatune.common.lora import LoraSettings, initial_adapter, load_adapter, lora_state
 from privatune.common.plan import plan_site
 from privatune.server.report import RunReport
-from privatune.simulations.runner import simulate_sites
+from privatune.simulations.runner import _start_baseline_worker, simulate_sites
 from tests.conftest import write_notes
 
 JOB = """
@@ -123,3 +126,16 @@ def test_generation_scores_centrally_at_sites_and_local_only(simulated_run):
     assert "## Generation" in markdown and "| north | local only |" in markdown
     assert "**Sample 3.** Prompt:" in markdown
     assert (root / "run" / "report_generation.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "setsid"), reason="POSIX sessions")
+def test_baseline_workers_take_only_idle_cores():
+    """A local-only baseline's worker runs at the lowest priority, in a session (and, on Linux,
+    a scheduling group) of its own, so the federation it runs beside keeps its cores."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context,
+                             initializer=_start_baseline_worker, initargs=(1,)) as pool:
+        pid = pool.submit(os.getpid).result()
+        assert pool.submit(os.getsid, 0).result() == pid != os.getsid(0)
+        assert pool.submit(os.nice, 0).result() == 19
+        assert pool.submit(torch.get_num_threads).result() == 1
