@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
@@ -282,13 +282,6 @@ class LoraGradSampleModule(GradSampleModule):
         check_lora_model(m)  # before any hook is added
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction,
                          strict=strict, force_functorch=False)
-
-    def iterate_submodules(self, module: nn.Module) -> Iterable[nn.Module]:
-        if isinstance(module, BaseTunerLayer):
-            if requires_grad(module, recurse=True):
-                yield module  # owns its trainable factors; never descend into lora_A / lora_B
-            return
-        yield from super().iterate_submodules(module)
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
                   force_functorch: bool = False) -> None:

@@ -261,7 +261,9 @@ def test_one_opacus_hook_per_lora_layer_and_none_on_the_factors():
     lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     wrapped = LoraGradSampleModule(model)
     try:
-        assert list(wrapped.iterate_submodules(model)) == lora_layers
+        hooked = [m for m in model.modules()
+                  if wrapped.capture_activations_hook in m._forward_hooks.values()]
+        assert hooked == lora_layers  # the LoRA layers, not their lora_A / lora_B
         for layer in lora_layers:
             # Opacus' forward hook, which hooks the output's gradient; no full backward hook
             assert list(layer._forward_hooks.values()) == [wrapped.capture_activations_hook]
