@@ -136,7 +136,7 @@ def compute_lora_linear_grad_sample(layer: LoraLinear, activations: list,
     g = backprops.reshape(n, -1, backprops.shape[-1]).to(dtype)  # [N, T, out]
     u = capture.u.reshape(n, -1, rank).to(dtype)                  # [N, T, r]
     # computed as (u^T g)^T: with the rank as the short side of the product's output, MKL's
-    # bmm was 3.5x faster than g^T u (one core, demo and 40m layer shapes)
+    # bmm was 3.5x faster than g^T u (one core, the demo model's layer shapes)
     grad_b = torch.bmm(u.transpose(1, 2), g).transpose(1, 2)     # [N, out, r]
     grad_b.mul_(scaling * capture.backprops_scale)
     if not weight_a.requires_grad:

@@ -246,9 +246,9 @@ class _TokenCrossEntropy(torch.autograd.Function):
 
     Why not ``F.cross_entropy`` on sliced float32 logits: that materialises the float32 copy,
     the slice's copy, the log-softmax output, a zero-filled gradient and the slice's zero-filled
-    gradient, each as large as the logits, which cost more than the decoder blocks' matrix
-    products at the demo's vocabulary (profiled). Here the only tensor of the logits' size
-    besides them is their gradient, in their own precision.
+    gradient, each as large as the logits: profiled, about 85 ms of a 205 ms DP step of the
+    demo model in bfloat16 (batch 16 x 128, vocabulary 4096). Here the only tensor of the
+    logits' size besides them is their gradient, in their own precision.
     """
 
     @staticmethod

@@ -33,7 +33,7 @@ def _auto_device() -> torch.device:
 
 def cpu_has_bfloat16() -> bool:
     """This CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX): there a bfloat16
-    matrix product ran 4 to 7 times faster than a float32 one (one core, demo-model shapes);
+    matrix product ran 4 to 7.5 times faster than a float32 one (one core, demo-model shapes);
     without those instructions bfloat16 is emulated and slower."""
     return any(getattr(torch.cpu, probe, lambda: False)()
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
