@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privatune.common.config import (ConfigError, accountant_name, bounded, build, choice,
-                                     device_choice, read_yaml)
+                                     device_choice, patient_windows, read_yaml)
 from privatune.common.privacy import delta_problem
 from privatune.common.protocol import EvaluateRequest, TrainRequest
 
@@ -62,8 +62,7 @@ class PrivacySection:
 
     @property
     def patient_windows(self) -> bool:
-        """Whether a drawn patient is a fresh window of their text (else their text, truncated)."""
-        return self.unit == "patient" and self.patient_sampling == "window"
+        return patient_windows(self.unit, self.patient_sampling)
 
     @property
     def run_budget(self) -> float:

@@ -131,7 +131,6 @@ class SiteAudit:
     # acknowledged rollbacks: each carries a floor (the spend the site had reported) that the
     # epsilon figures after it include, at delta plus the floor's delta
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
-    floor: RollbackFloor = field(default_factory=RollbackFloor)
 
     @property
     def ok(self) -> bool:
@@ -220,8 +219,7 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                     result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot "
                                            "account this acknowledgement, and stops here")
                     break
-                floor = RollbackFloor(float(entry["reported_epsilon"]),
-                                      float(entry["reported_delta"]))
+                floor = RollbackFloor.of(entry)
                 result.rollbacks.append(entry)
                 continue
             if entry.get("kind") != ADAPTER_UPDATE:
@@ -280,7 +278,6 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     result.recomputed_epsilon += later
     result.rdp_epsilon += later
     result.pld_epsilon += later
-    result.floor = floor
     if record is not None:
         result.problems += record_problems(entries, record, result.recorded_epsilon)
     budget_problem = _budget_problem(result)

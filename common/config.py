@@ -53,6 +53,12 @@ def accountant_name(choice: str) -> str:
     return f"opacus-{choice}"
 
 
+def patient_windows(unit: str, patient_sampling: str) -> bool:
+    """Whether a drawn privacy unit is a fresh window of a patient's text (else the text,
+    truncated): the job's and the site policy's privacy settings mean the same."""
+    return unit == "patient" and patient_sampling == "window"
+
+
 # --------------------------------------------------------------------------- job config
 
 
@@ -105,6 +111,10 @@ class PrivacyConfig:
     def accountant_name(self) -> str:
         """The accountant's name as ledgers record it (``opacus-prv`` or ``opacus-rdp``)."""
         return accountant_name(self.accountant)
+
+    @property
+    def patient_windows(self) -> bool:
+        return patient_windows(self.unit, self.patient_sampling)
 
 
 @dataclass(frozen=True)

@@ -116,13 +116,19 @@ class RollbackFloor:
     epsilon: float = 0.0
     delta: float = 0.0
 
+    @classmethod
+    def of(cls, acknowledgement: Mapping[str, Any]) -> RollbackFloor:
+        """The floor a ``rollback_acknowledged`` entry carries."""
+        return cls(float(acknowledgement["reported_epsilon"]),
+                   float(acknowledgement["reported_delta"]))
+
 
 def rollback_floor(entries: list[dict[str, Any]]) -> RollbackFloor:
     """The floor of the latest acknowledged rollback (an earlier one is inside the spend the
     site reported since, so only the latest counts); zero without one."""
     for entry in reversed(entries):
         if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
-            return RollbackFloor(float(entry["reported_epsilon"]), float(entry["reported_delta"]))
+            return RollbackFloor.of(entry)
     return RollbackFloor()
 
 

@@ -106,7 +106,8 @@ class Job:
 
 # ----------------------------------------------------------------------------- worker side
 
-def _vm_kib(field_name: str) -> int:
+def vm_kib(field_name: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in KiB; 0 where the system has none."""
     with open("/proc/self/status") as status:
         match = re.search(rf"^{field_name}:\s+(\d+) kB", status.read(), re.MULTILINE)
     return int(match.group(1)) if match else 0
@@ -127,13 +128,13 @@ def _reset_peak(device: str) -> None:
 def _peak_mib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return _vm_kib("VmHWM") / 1024
+    return vm_kib("VmHWM") / 1024
 
 
 def _current_mib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.memory_allocated() / 2**20
-    return _vm_kib("VmRSS") / 1024
+    return vm_kib("VmRSS") / 1024
 
 
 def _build(job: Job):

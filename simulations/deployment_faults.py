@@ -302,11 +302,7 @@ def scenario_coordinator_killed(fed: LoopbackFederation, budget_s: float) -> dic
     first.wait_for(f"[round 2/{fed.rounds}] training at", budget_s)
     released = wait_for_release(fed, 2, fed.round_timeout_s)
     pids = serverapp_pids(fed.port)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill(pids)
     first.kill_group(signal.SIGKILL)
     killed_at = first.seconds()
     run_ids = [line.split("submitted run ", 1)[1].split()[0] for line in first.lines

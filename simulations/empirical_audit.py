@@ -115,7 +115,7 @@ def audited_mechanism_problem(job: JobConfig) -> str | None:
     if job.federation.aggregation != "fedavg":
         return (f"federation.aggregation = {job.federation.aggregation}: the empirical audit "
                 "trains fedavg LoRA only; audit with --set federation.aggregation=fedavg")
-    if job.privacy.unit == "patient" and job.privacy.patient_sampling != "truncate":
+    if job.privacy.patient_windows:
         return (f"privacy.patient_sampling = {job.privacy.patient_sampling}: the empirical audit "
                 "encodes each patient once (truncate); audit with --set "
                 "privacy.patient_sampling=truncate")

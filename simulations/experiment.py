@@ -14,13 +14,13 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from privatune.common.config import ConfigError
+from privatune.simulations.loopback import privatune
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,8 @@ def run_variant(config: Path, out: Path, variant: Variant, repetition: int, roun
     directory = run_dir(out, variant, repetition)
     directory.mkdir(parents=True, exist_ok=True)
     overrides = [*experiment_overrides(rounds), *variant.overrides, *extra]
-    command = [sys.executable, "-c", "import sys; from privatune.simulations.cli import main; "
-               "sys.exit(main())", "simulate", "--config", str(config), "--out",
-               str(directory / "run"), "--overwrite"]
+    command = privatune("simulate", "--config", str(config), "--out", str(directory / "run"),
+                        "--overwrite")
     for override in overrides:
         command += ["--set", override]
     for attempt in range(1, attempts + 1):

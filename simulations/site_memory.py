@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing
 import random
-import re
 import sys
 import tempfile
 import warnings
@@ -52,9 +51,9 @@ class SiteMemory:
 
 
 def _vm_mib(field_name: str) -> float:
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field_name}:\s+(\d+) kB", status.read(), re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else 0.0
+    from privatune.simulations.benchmark import vm_kib
+
+    return vm_kib(field_name) / 1024
 
 
 def write_sites(root: Path, count: int, model_dir: Path) -> list[Path]:

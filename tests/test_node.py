@@ -120,6 +120,7 @@ def test_patient_truncate_keeps_one_cut_row_per_patient(make_site, tiny_model_di
     for split, units in (("train", node.train_units), ("heldout", node.heldout_units)):
         dataset = node._dataset(split, tokenizer, 48)
         expected = encode_pairs(tokenizer, units, 48)
+        assert len(dataset) == len(units)  # one row per patient, whatever its text's length
         assert all(torch.equal(a, b) for a, b in zip(dataset.tensors, expected.tensors))
     assert node.train(request(), start_state(tiny_model_dir)).reply.accepted
     entry = SiteLedger(policy.ledger_path).adapter_updates()[0]

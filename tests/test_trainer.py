@@ -253,8 +253,12 @@ def test_micro_batch_limit_of_site_and_request_keeps_the_ledger(make_site, tiny_
         sizes.append(settings.max_physical_batch_size)
         return real_train(model, dataset, settings)
 
+    noised: list[int] = []  # noise draws: one per logical step, micro-batches or not
+    add_noise = LoraDPOptimizer.add_noise
     monkeypatch.setattr(node_module, "train_dp_round", spy)
-    entries = []
+    monkeypatch.setattr(LoraDPOptimizer, "add_noise",
+                        lambda self: (noised.append(1), add_noise(self))[1])
+    entries, draws = [], []
     for name, site_cap, requested in (("plain", 0, 0), ("capped", 2, 5), ("asked", 0, 3)):
         path = make_site(name)
         policy = yaml.safe_load(path.read_text())
@@ -264,7 +268,10 @@ def test_micro_batch_limit_of_site_and_request_keeps_the_ledger(make_site, tiny_
         ask = dataclasses.replace(train_request(), max_physical_batch_size=requested)
         assert node.train(ask, start_state(tiny_model_dir)).reply.accepted
         entries.append(SiteLedger(node.policy.ledger_path).adapter_updates()[0])
+        draws.append(len(noised))
+        noised.clear()
     assert sizes == [0, 2, 3]
+    assert draws == [train_request().local_steps] * 3
     for entry in entries[1:]:
         for key in ("steps", "sample_rate", "noise_multiplier", "epsilon"):
             assert entry[key] == entries[0][key]
