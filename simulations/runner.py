@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -118,6 +119,20 @@ def _start_baseline_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def baseline_start_method(threads: int) -> multiprocessing.context.BaseContext:
+    """How baseline workers start: forked from this process when each runs one thread, so
+    they inherit its imports (torch, transformers, PEFT, Opacus: about 4 CPU-seconds a process
+    otherwise, measured in the demo); spawned otherwise.
+
+    Why one thread only: GNU OpenMP, torch's thread pool on Linux, does not survive a fork.
+    A forked child that enters a parallel region after this process used the pool hangs
+    (seen here with 2 threads); at one thread torch never enters one. Fork is Linux only.
+    """
+    if threads == 1 and sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 @contextlib.contextmanager
 def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, model_dir: Path,
                          run_id: str, progress: Callable[[str], None] = print
@@ -142,7 +157,7 @@ def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, mo
     progress(f"local-only baselines: {', '.join(names)} each train alone with the same budget "
              f"({workers} at a time, in the background while the federation runs)")
     earlier = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=baseline_start_method(threads),
                                initializer=_start_baseline_worker, initargs=(threads,))
     futures = {name: pool.submit(local_only_result, path, out / "baselines" / name, job,
                                  model_dir, run_id) for name, path in zip(names, policies)}

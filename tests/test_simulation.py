@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -17,7 +19,8 @@ from privatune.common.ledger import SiteLedger
 from privatune.common.lora import LoraSettings, initial_adapter, load_adapter, lora_state
 from privatune.common.plan import plan_site
 from privatune.server.report import RunReport
-from privatune.simulations.runner import _start_baseline_worker, simulate_sites
+from privatune.simulations.runner import (_start_baseline_worker, baseline_start_method,
+                                          simulate_sites)
 from tests.conftest import write_notes
 
 JOB = """
@@ -132,10 +135,40 @@ def test_generation_scores_centrally_at_sites_and_local_only(simulated_run):
 def test_baseline_workers_take_only_idle_cores():
     """A local-only baseline's worker runs at the lowest priority, in a session (and, on Linux,
     a scheduling group) of its own, so the federation it runs beside keeps its cores."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context,
+    with ProcessPoolExecutor(max_workers=1, mp_context=baseline_start_method(1),
                              initializer=_start_baseline_worker, initargs=(1,)) as pool:
         pid = pool.submit(os.getpid).result()
         assert pool.submit(os.getsid, 0).result() == pid != os.getsid(0)
         assert pool.submit(os.nice, 0).result() == 19
         assert pool.submit(torch.get_num_threads).result() == 1
+
+
+def _matmul_sum(size: int) -> float:
+    weights = torch.randn(size, size)
+    return float((weights.bfloat16() @ weights.bfloat16()).float().sum() + (weights @ weights).sum())
+
+
+def test_forked_baseline_workers_survive_this_process_thread_pool():
+    """Single-threaded workers are forked, and still compute after this process used its
+    OpenMP pool with several threads (a forked child that used the pool would hang); workers
+    with several threads are spawned."""
+    assert baseline_start_method(2).get_start_method() == "spawn"
+    if not sys.platform.startswith("linux"):
+        assert baseline_start_method(1).get_start_method() == "spawn"
+        return
+    assert baseline_start_method(1).get_start_method() == "fork"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _matmul_sum(512)  # the parent's pool now exists
+        earlier = set(multiprocessing.active_children())
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=baseline_start_method(1),
+                                   initializer=_start_baseline_worker, initargs=(1,))
+        try:
+            assert math.isfinite(pool.submit(_matmul_sum, 512).result(timeout=60))
+        finally:
+            for child in set(multiprocessing.active_children()) - earlier:
+                child.kill()  # a hung worker would otherwise hold the suite
+            pool.shutdown(wait=False, cancel_futures=True)
+    finally:
+        torch.set_num_threads(threads)
