@@ -41,7 +41,9 @@ def cpu_has_bfloat16() -> bool:
 
 def _supports_bfloat16(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # native bf16 from Ampere (compute capability 8.0) on; is_bf16_supported() also counts
+        # emulation, and asks about the current device rather than this one
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and cpu_has_bfloat16()
 
 

@@ -202,6 +202,9 @@ def _build(job: Job):
 def _worker(job: Job, conn) -> None:
     """Serve one variant: build, then one step per request; report times and peak memory."""
     torch.set_num_threads(job.threads)
+    if job.device.startswith("cuda"):
+        # synchronize and the memory counters act on the current device: make it this job's
+        torch.cuda.set_device(torch.device(job.device))
     warnings.filterwarnings("ignore", message="Full backward hook")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

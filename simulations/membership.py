@@ -58,12 +58,14 @@ def record_token_losses(model: torch.nn.Module, dataset: TensorDataset,
     """Every example's next-token losses (nats) at its labelled positions, one tensor each."""
     model.eval()
     losses: list[torch.Tensor] = []
+    device = next(model.parameters()).device
     input_ids, labels, mask = dataset.tensors
     for start in range(0, len(input_ids), batch_size):
         stop = start + batch_size
         batch_labels = labels[start:stop]
-        token_loss = next_token_losses(
-            model(input_ids=input_ids[start:stop], attention_mask=mask[start:stop]).logits, batch_labels)
+        logits = model(input_ids=input_ids[start:stop].to(device),
+                       attention_mask=mask[start:stop].to(device)).logits
+        token_loss = next_token_losses(logits, batch_labels.to(device)).cpu()
         labelled = batch_labels[:, 1:] != IGNORE_INDEX
         losses.extend(row[keep] for row, keep in zip(token_loss, labelled))
     return losses

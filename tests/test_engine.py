@@ -30,6 +30,20 @@ def test_auto_precision_on_the_cpu_is_bfloat16_only_where_it_is_native(monkeypat
     assert resolve_hardware("cpu", "float32").dtype == torch.float32
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float32), ((8, 0), torch.bfloat16)])
+def test_auto_precision_on_a_gpu_is_bfloat16_only_where_it_is_native(monkeypatch, capability,
+                                                                     expected):
+    """A T4 (7.5) emulates bfloat16 (torch.cuda.is_bf16_supported() says yes): float32 there;
+    an A100 or H100 (8.0, 9.0) has it natively. Asked of the chosen device, not the current one."""
+    asked: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: asked.append(device) or capability)
+    assert resolve_hardware("cuda:1", "auto").dtype == expected
+    assert asked == [torch.device("cuda:1")]
+
+
 def test_half_precision_on_the_cpu_loads_eager_attention(tiny_model_dir):
     cpu = torch.device("cpu")
     assert attention_implementation(cpu, torch.bfloat16) == "eager"
