@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -165,10 +166,22 @@ def initial_adapter(model_dir: str | Path, settings: LoraSettings, seed: int) ->
 
 
 def attach_seeded_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:
-    """``attach_lora`` with the run's seeded initialisation (see ``initial_adapter``)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return attach_lora(model, settings)
+    """``attach_lora`` with the run's seeded initialisation (see ``initial_adapter``): each
+    lora_A drawn as PEFT draws it (Kaiming-uniform) from a float32 generator seeded with
+    ``seed``, in model order, and B zero, so the start is the same whatever the base weights'
+    precision and device (PEFT draws in the base's precision: a bfloat16 base rounded A)."""
+    with torch.random.fork_rng(devices=[]):  # PEFT's own draws leave the caller's RNG alone
+        peft_model = attach_lora(model, settings)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in _lora_parameters(peft_model).items():
+            if _factor(name) == "lora_A":
+                draw = torch.empty(parameter.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(draw, a=math.sqrt(5), generator=generator)
+                parameter.copy_(draw)
+            else:
+                parameter.zero_()
+    return peft_model
 
 
 def trained_factors(aggregation: str) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from privatune.common.lora import (
     LoraSettings,
     arrayrecord_to_state,
     attach_lora,
+    attach_seeded_lora,
     initial_adapter,
     load_adapter,
     load_base_model,
@@ -244,6 +245,17 @@ def test_initial_adapter_is_reproducible_and_leaves_global_rng_alone(model_dir: 
     other = lora_state(initial_adapter(model_dir, SETTINGS, seed=10))
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_initial_adapter_is_the_same_whatever_the_base_precision(model_dir: Path) -> None:
+    """A coordinator on bfloat16 base weights starts from the same adapter as one on float32
+    (PEFT alone would draw A in the base's precision and round it)."""
+    expected = lora_state(initial_adapter(model_dir, SETTINGS, seed=9))
+    base, _ = load_base_model(model_dir, dtype=torch.bfloat16)
+    actual = lora_state(attach_seeded_lora(base, SETTINGS, seed=9))
+    assert any(name.endswith("lora_A.weight") and tensor.abs().max() > 0
+               for name, tensor in expected.items())
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
 
 
 def test_settings_are_validated(model_dir: Path) -> None:
