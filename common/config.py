@@ -145,6 +145,9 @@ class SimulatedDataConfig:
 @dataclass(frozen=True)
 class SimulationConfig:
     cpus_per_node: float = field(default=2.0, metadata=bounded(0, 1024, low_open=True))
+    # GPUs Ray reserves per virtual node (0.5: two nodes share one); with 0 Ray hides the GPUs
+    # from the nodes, and a site whose device is auto trains on the CPU
+    gpus_per_node: float = field(default=0.0, metadata=bounded(0, 1024))
     local_only_baseline: bool = True
 
 

@@ -31,7 +31,7 @@ from privatune.client.data import load_records
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.base_model import resolve_base_model
-from privatune.common.config import ConfigError, JobConfig, load_job_config
+from privatune.common.config import ConfigError, JobConfig, SimulationConfig, load_job_config
 from privatune.common.generation import GenerationScores
 from privatune.common.lora import LoraSettings, initial_adapter, lora_state, with_update
 from privatune.common.protocol import evaluate_request, train_request
@@ -232,7 +232,11 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
                                                               run_id, progress))
                      if job.simulation.local_only_baseline else None)
         progress(f"starting Flower's simulation engine with {len(policies)} virtual nodes")
-        _run_flower_simulation(server_app, client_app, len(policies), job.simulation.cpus_per_node)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and not job.simulation.gpus_per_node:
+            progress(f"this machine has {gpus} CUDA GPU(s), but the virtual nodes see none: "
+                     f"set simulation.gpus_per_node (0.5: two nodes per GPU) to train on them")
+        _run_flower_simulation(server_app, client_app, len(policies), job.simulation)
         if not summaries:
             raise RuntimeError("the simulated federation did not finish (see the Flower log above)")
         report = summaries[0]
@@ -263,7 +267,17 @@ def _quiet_environment(cpus_per_node: float) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 
 
-def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_per_node: float) -> None:
+def ray_backend_config(simulation: SimulationConfig) -> dict[str, Any]:
+    """Flower's Ray backend settings: each virtual node's CPUs and GPUs (Ray shows a node only
+    the GPUs it reserved for it, none at 0), and no dashboard."""
+    return {"client_resources": {"num_cpus": simulation.cpus_per_node,
+                                 "num_gpus": simulation.gpus_per_node},
+            "init_args": {"num_cpus": max(os.cpu_count() or 1, int(simulation.cpus_per_node)),
+                          "include_dashboard": False, "logging_level": logging.ERROR}}
+
+
+def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int,
+                           simulation: SimulationConfig) -> None:
     """Flower's simulation engine (Ray backend), quietly: known warnings and DEBUG logs hidden.
 
     ``run_simulation`` is marked deprecated in Flower 1.42 in favour of ``flwr run`` against
@@ -278,10 +292,7 @@ def _run_flower_simulation(server_app: Any, client_app: Any, nodes: int, cpus_pe
     flower_logger.propagate = False
     if _hide_run_simulation_notice not in flower_logger.filters:
         flower_logger.addFilter(_hide_run_simulation_notice)
-    backend = {"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus_per_node)),
-                             "include_dashboard": False, "logging_level": logging.ERROR}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
-                       backend_config=backend)
+                       backend_config=ray_backend_config(simulation))

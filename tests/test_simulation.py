@@ -14,13 +14,13 @@ import torch
 
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.common.config import load_job_config
+from privatune.common.config import ConfigError, load_job_config
 from privatune.common.ledger import SiteLedger
 from privatune.common.lora import LoraSettings, initial_adapter, load_adapter, lora_state
 from privatune.common.plan import plan_site
 from privatune.server.report import RunReport
 from privatune.simulations.runner import (_start_baseline_worker, baseline_start_method,
-                                          simulate_sites)
+                                          ray_backend_config, simulate_sites)
 from tests.conftest import write_notes
 
 JOB = """
@@ -172,3 +172,16 @@ def test_forked_baseline_workers_survive_this_process_thread_pool():
             pool.shutdown(wait=False, cancel_futures=True)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_virtual_nodes_get_the_gpus_the_job_reserves(tmp_path):
+    """simulation.gpus_per_node reaches Ray's per-node resources (at 0 Ray hides the GPUs);
+    a negative share is refused with its key."""
+    config = tmp_path / "job.yaml"
+    config.write_text("simulation: {cpus_per_node: 1, gpus_per_node: 0.5}\n")
+    resources = ray_backend_config(load_job_config(config).simulation)["client_resources"]
+    assert resources == {"num_cpus": 1, "num_gpus": 0.5}
+    assert ray_backend_config(load_job_config(config, ["simulation.gpus_per_node=0"]).simulation
+                              )["client_resources"]["num_gpus"] == 0
+    with pytest.raises(ConfigError, match="simulation.gpus_per_node"):
+        load_job_config(config, ["simulation.gpus_per_node=-1"])
