@@ -270,6 +270,9 @@ class LoraGradSampleModule(GradSampleModule):
     """
 
     flat_layout: FlatLayout | None = None
+    # what the loss was multiplied by before backward (float16 base weights, see the trainer);
+    # divided back out of the per-sample gradients
+    loss_scale: float = 1.0
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
                  strict: bool = True, force_functorch: bool = False):
@@ -413,8 +416,10 @@ class LoraGradSampleModule(GradSampleModule):
             module.max_batch_len = _get_batch_size(module=module, batch_dim=0)
         activations = module.activations.pop()
         if loss_reduction == "mean":
-            activations[0].backprops_scale = float(module.max_batch_len)
-        elif loss_reduction != "sum":
+            activations[0].backprops_scale = float(module.max_batch_len) / self.loss_scale
+        elif loss_reduction == "sum":
+            activations[0].backprops_scale = 1.0 / self.loss_scale
+        else:
             raise ValueError(f"loss_reduction = {loss_reduction}. Only 'sum' and 'mean' losses "
                              "are supported")
         return activations, backprops

@@ -35,7 +35,7 @@ from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.lora_grad_sampler import LoraPrivacyEngine
-from privatune.common.examples import per_example_loss
+from privatune.common.examples import IGNORE_INDEX, per_example_loss
 from privatune.common.privacy import poisson_sample_rate
 from privatune.common.progress import progress_bar
 
@@ -77,8 +77,25 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def loss_scale(float16_base: bool, labels: torch.Tensor) -> float:
+    """What a batch's mean loss is multiplied by before backward: 1, or with float16 base
+    weights the batch size times its most labelled tokens, so that each token's gradient is
+    about 1 rather than 1 / (examples x tokens), which float16 flushes towards zero (its
+    smallest normal number is 6e-5). The per-sample gradients are divided back before
+    clipping (``LoraGradSampleModule.loss_scale``); bfloat16 has float32's range and needs none.
+    """
+    if not float16_base:
+        return 1.0
+    labelled = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    return float(len(labels) * max(int(labelled.max()), 1))
+
+
 def _frozen_fingerprint(model: torch.nn.Module) -> float:
-    return float(sum(p.detach().double().sum() for p in model.parameters() if not p.requires_grad))
+    """Sum of the frozen weights: each tensor's in float32 (a reduction that reads half-precision
+    weights as they are; a float64 copy of an 8B model's embedding would take 4 GB of device
+    memory), added up in float64."""
+    return sum(float(p.detach().sum(dtype=torch.float32)) for p in model.parameters()
+               if not p.requires_grad)
 
 
 def train_dp_round(model: torch.nn.Module, dataset: Dataset,
@@ -86,6 +103,7 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
     """Run ``settings.steps`` DP-SGD steps on ``model``'s LoRA parameters, in place."""
     trainable = _trainable(model)
     device = next(iter(trainable.values())).device
+    half = any(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     frozen_before = _frozen_fingerprint(model)
     torch.manual_seed(settings.seed)
@@ -128,9 +146,10 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                     logits = dp_model(input_ids=input_ids, attention_mask=mask).logits
                     per_example = per_example_loss(logits, labels)
                     loss = per_example.mean()
+                    dp_model.loss_scale = loss_scale(half, labels)
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message="Full backward hook")
-                        loss.backward()
+                        (loss * dp_model.loss_scale).backward()
                     loss_sum += per_example.detach().sum().item()
                     loss_count += len(input_ids)
                     _check_per_sample_gradients(trainable, len(input_ids))
@@ -223,16 +242,16 @@ def _check_noise_added(trainable: dict[str, torch.nn.Parameter], divisor: float,
     """
     if settings.noise_multiplier <= 0:
         return
-    squares = torch.zeros((), dtype=torch.float64)
+    squares: list[torch.Tensor] = []  # on the parameters' device: one transfer per step
     count = 0
     for name, param in trainable.items():
         summed = getattr(param, "summed_grad", None)
         if param.grad is None or summed is None:
             raise DPNotAppliedError(f"LoRA tensor {name} got no DP gradient at step {step + 1}")
         residual = param.grad.detach().double() - summed.detach().double() / divisor
-        squares += residual.square().sum()
+        squares.append(residual.square().sum())
         count += residual.numel()
-    measured = math.sqrt(float(squares) / count)
+    measured = math.sqrt(float(torch.stack(squares).sum()) / count)
     if not math.isfinite(measured) and not all(torch.isfinite(p.summed_grad).all()
                                                for p in trainable.values()):
         # Training diverged (the clipped sum itself is not finite), so the residual says

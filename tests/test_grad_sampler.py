@@ -247,6 +247,39 @@ def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision(frozen_a):
     assert_close(actual, grad_samples(stock), RTOL)
 
 
+def _two_layer_grad_samples(dtype: torch.dtype, loss_scale: float) -> dict:
+    """Per-sample gradients of a loss far below float16's normal range (gradients ~1e-9),
+    backward on ``loss * loss_scale`` with the engine told the scale."""
+    torch.manual_seed(0)
+    model = _nonzero_b(get_peft_model(TwoLayers().to(dtype), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["first", "second"])))
+    torch.manual_seed(1)
+    x, target = torch.randn(BATCH, LENGTH, 24), torch.randn(BATCH, LENGTH, 16)
+    wrapped = LoraGradSampleModule(model)
+    wrapped.loss_scale = loss_scale
+    loss = ((wrapped(x.to(dtype)).float() - target) ** 2).mean() * 1e-6
+    (loss * loss_scale).backward()
+    samples = {n: p.grad_sample.clone() for n, p in lora_params(model).items()}
+    wrapped._close()
+    return samples
+
+
+def test_float16_base_weights_keep_small_gradients_under_the_loss_scale():
+    """float16 flushes the small gradients of a mean loss towards zero; with the loss scaled
+    before backward and divided back out of the per-sample gradients, they match float32's."""
+    expected = _two_layer_grad_samples(torch.float32, 1.0)
+    assert_close(_two_layer_grad_samples(torch.float32, 1e6), expected, RTOL)  # exact unscaling
+    assert_close(_two_layer_grad_samples(torch.float16, 1e6), expected, 5e-3, "fro")
+    with pytest.raises(AssertionError, match="relative error"):  # measured: all zero
+        assert_close(_two_layer_grad_samples(torch.float16, 1.0), expected, 0.5, "fro")
+
+
+def test_the_trainer_scales_the_loss_for_float16_bases_only():
+    labels = torch.tensor([[IGNORE_INDEX, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 5, IGNORE_INDEX]])
+    assert trainer.loss_scale(False, labels) == 1.0
+    assert trainer.loss_scale(True, labels) == 2 * 3  # examples x most labelled next tokens
+
+
 def test_lora_dropout_uses_the_dropped_input():
     """With lora_dropout > 0, lora_A's gradient uses the dropped-out input (same masks as stock)."""
     torch.manual_seed(3)
