@@ -126,9 +126,10 @@ def baseline_start_method(threads: int) -> multiprocessing.context.BaseContext:
 
     Why one thread only: GNU OpenMP, torch's thread pool on Linux, does not survive a fork.
     A forked child that enters a parallel region after this process used the pool hangs
-    (seen here with 2 threads); at one thread torch never enters one. Fork is Linux only.
+    (seen here with 2 threads); at one thread torch never enters one. Nor does CUDA: once this
+    process has initialised it, a forked child cannot use the GPU. Fork is Linux only.
     """
-    if threads == 1 and sys.platform.startswith("linux"):
+    if threads == 1 and sys.platform.startswith("linux") and not torch.cuda.is_initialized():
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
