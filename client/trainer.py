@@ -35,7 +35,7 @@ from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.lora_grad_sampler import LoraPrivacyEngine
-from privatune.common.examples import IGNORE_INDEX, per_example_loss
+from privatune.common.examples import labelled_predictions, per_example_loss
 from privatune.common.privacy import poisson_sample_rate
 from privatune.common.progress import progress_bar
 
@@ -86,7 +86,7 @@ def loss_scale(float16_base: bool, labels: torch.Tensor) -> float:
     """
     if not float16_base:
         return 1.0
-    labelled = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    labelled = labelled_predictions(labels).sum(dim=1)
     return float(len(labels) * max(int(labelled.max()), 1))
 
 

@@ -304,9 +304,15 @@ def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return losses.view(batch, length)[:, :-1]
 
 
+def labelled_predictions(labels: torch.Tensor) -> torch.Tensor:
+    """Which next-token predictions have a label (shape [batch, length - 1]): position t
+    predicts labels[t + 1], as in ``next_token_losses``."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of each example over its labelled positions (shape [batch])."""
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    counts = labelled_predictions(labels).sum(dim=1).clamp(min=1)
     return next_token_losses(logits, labels).sum(dim=1) / counts
 
 
@@ -323,7 +329,7 @@ def evaluate_loss(model: torch.nn.Module, dataset: TensorDataset, batch_size: in
         batch_mask = mask[start:start + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=batch_mask).logits
         total += float(next_token_losses(logits, labs).sum())
-        tokens += int((labs[:, 1:] != IGNORE_INDEX).sum())
+        tokens += int(labelled_predictions(labs).sum())
     if tokens == 0:
         raise ValueError("evaluation set has no labelled tokens")
     return total / tokens, tokens

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from privatune.common.examples import IGNORE_INDEX, next_token_losses
+from privatune.common.examples import labelled_predictions, next_token_losses
 from privatune.simulations.audit_sites import SiteSplit
 
 # Min-K% Prob's default share of a record's tokens (Shi et al. 2024).
@@ -66,7 +66,7 @@ def record_token_losses(model: torch.nn.Module, dataset: TensorDataset,
         logits = model(input_ids=input_ids[start:stop].to(device),
                        attention_mask=mask[start:stop].to(device)).logits
         token_loss = next_token_losses(logits, batch_labels.to(device)).cpu()
-        labelled = batch_labels[:, 1:] != IGNORE_INDEX
+        labelled = labelled_predictions(batch_labels)
         losses.extend(row[keep] for row, keep in zip(token_loss, labelled))
     return losses
 
