@@ -16,7 +16,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from privatune.common.hardware import Hardware
-from privatune.common.lora import LoraSettings, attach_lora, load_base_model
+from privatune.common.lora import (LoraSettings, attach_lora, keep_for_process_lifetime,
+                                   load_base_model)
 
 @dataclass
 class _Loaded:
@@ -42,6 +43,7 @@ def adapter_model(model_dir: Path, hardware: Hardware,
     if loaded is None:
         base, tokenizer = load_base_model(model_dir, device=hardware.device, dtype=hardware.dtype)
         loaded = _SHARED[key] = _Loaded(attach_lora(base, lora), tokenizer, lora)
+        keep_for_process_lifetime()
     elif loaded.lora != lora:
         loaded.model = attach_lora(loaded.model.unload(), lora)
         loaded.lora = lora

@@ -41,7 +41,6 @@ wrapped, never a silent fallback to another way of computing per-sample gradient
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -235,17 +234,14 @@ class FlatLayout:
         self.params = list(params)
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.numels = [p.numel() for p in self.params]
-        self.offsets = list(itertools.accumulate([0, *self.numels[:-1]]))
+        self.shapes = [tuple(p.shape) for p in self.params]
         self.total = sum(self.numels)
 
-    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        """Parameter ``i``'s part of ``flat`` [..., total], shaped [..., *parameter shape]."""
-        start = self.offsets[i]
-        return flat[..., start:start + self.numels[i]].view(*flat.shape[:-1],
-                                                            *self.params[i].shape)
-
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [self.view(flat, i) for i in range(len(self.params))]
+        """Each parameter's part of ``flat`` [..., total], shaped [..., *parameter shape]."""
+        lead = tuple(flat.shape[:-1])
+        return [part.view(*lead, *shape)
+                for part, shape in zip(flat.split(self.numels, dim=-1), self.shapes)]
 
 
 class LoraGradSampleModule(GradSampleModule):
@@ -352,10 +348,11 @@ class LoraGradSampleModule(GradSampleModule):
         if getattr(self, "_flat", None) is None:
             self._flat = torch.empty((batch, layout.total), dtype=grad_sample.dtype,
                                      device=grad_sample.device)
+            self._views = layout.views(self._flat)
             self._written = [None] * len(layout.params)
         elif self._flat.shape[0] != batch or self._flat.dtype != grad_sample.dtype:
             return False
-        view = layout.view(self._flat, index)
+        view = self._views[index]
         view.copy_(grad_sample)
         param.grad_sample = self._written[index] = view
         return True

@@ -27,9 +27,10 @@ from privatune.common.config import JobConfig, to_dict
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import NO_HEAD, LedgerHead
-from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model, load_lora_state,
-                                   lora_state, read_adapter_state, save_adapter, trained_part,
-                                   update_hash, with_update)
+from privatune.common.lora import (LoraSettings, attach_seeded_lora, keep_for_process_lifetime,
+                                   load_base_model, load_lora_state, lora_state,
+                                   read_adapter_state, save_adapter, trained_part, update_hash,
+                                   with_update)
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        evaluate_request, train_request)
 from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggregate,
@@ -211,6 +212,7 @@ class Coordinator:
         hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
         base, tokenizer = load_base_model(settings.model_dir, hardware.device, hardware.dtype)
         self.model = attach_seeded_lora(base, self.lora, job.seed)
+        keep_for_process_lifetime()
         self.global_state = lora_state(self.model)
         self.evaluator = (CentralEvaluator(self.model, tokenizer, settings.central_eval,
                                            job.model.max_length, job.training.eval_batch_size,
