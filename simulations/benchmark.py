@@ -3,11 +3,12 @@ stock Opacus, side by side.
 
     python -m privatune.simulations.benchmark --shapes demo,40m,190m --steps 9 --out bench.json
 
-Each variant runs in its own worker process, and the workers take their steps in turns, one
-step each in a rotating order, so that a slow patch of a shared machine hits every variant
-alike; only one worker computes at a time. Reported per variant: median wall-clock and process
-CPU time of a step (CPU time is the steadier figure on a busy machine), tokens/s, minor page
-faults per step (JSON only) and peak memory:
+Each variant runs in its own worker process. On the CPU the workers take their steps in turns,
+one step each in a rotating order, so that a slow patch of a shared machine hits every variant
+alike; only one worker computes at a time. On a GPU the variants run one after another, each
+alone on the GPU (three models with their activations need not fit at once). Reported per
+variant: median wall-clock and process CPU time of a step (CPU time is the steadier figure on
+a busy machine), tokens/s, minor page faults per step (JSON only) and peak memory:
   rss   CPU: the timing worker's peak RSS (VmHWM, reset through /proc/self/clear_refs once the
         model is built) over its steps, including what glibc keeps for reuse;
         GPU: torch.cuda.max_memory_allocated
@@ -202,13 +203,18 @@ def _build(job: Job):
 def _worker(job: Job, conn) -> None:
     """Serve one variant: build, then one step per request; report times and peak memory."""
     torch.set_num_threads(job.threads)
-    if job.device.startswith("cuda"):
+    device = torch.device(job.device)
+    if device.type == "cuda" and device.index is not None:
         # synchronize and the memory counters act on the current device: make it this job's
-        torch.cuda.set_device(torch.device(job.device))
+        # (plain "cuda" is the current device already; set_device refuses it without an index)
+        torch.cuda.set_device(device)
     warnings.filterwarnings("ignore", message="Full backward hook")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
+        from privatune.common.lora import keep_for_process_lifetime
+
         step, facts = _build(job)
+        keep_for_process_lifetime()  # as a node does once it holds its model
         facts["base_mib"] = _current_mib(job.device)
         facts["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
         _reset_peak(job.device)
@@ -437,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {','.join(VARIANTS)}")
     parser.add_argument("--sequential", action="store_true",
                         help="run the variants one after another instead of interleaved (less "
-                             "memory at once; automatic on GPU for shapes over 4 B parameters)")
+                             "memory at once; always so on a GPU)")
     parser.add_argument("--malloc", choices=("steady", "default"), default="steady",
                         help="glibc allocator of the timing workers: steady (no per-step page "
                              "faults; default) or default (glibc as configured)")
@@ -463,6 +469,19 @@ def main(argv: list[str] | None = None) -> int:
 
     context = multiprocessing.get_context("spawn")
     results: list[dict] = []
+    failures: list[str] = []  # a workload that failed (out of memory, say); the others still run
+
+    def report() -> None:
+        """The table and JSON so far: written after every workload, so a later failure or a
+        time limit loses nothing already measured."""
+        if args.out:
+            document = {"environment": _environment(device, args.threads),
+                        "arguments": vars(args), "shapes": {n: asdict(SHAPES[n]) for n in names},
+                        "results": results, "failures": failures,
+                        "table": format_table(results).splitlines()}
+            with open(args.out, "w") as out:
+                json.dump(document, out, indent=1, default=str)
+
     for name in names:
         shape = SHAPES[name]
         if shape.gpu_only and not gpu:
@@ -473,19 +492,22 @@ def main(argv: list[str] | None = None) -> int:
         for batch, seq in workloads:
             progress(f"{name} {batch}x{seq} on {device}: {', '.join(variants)}")
             jobs = [Job(name, shape, batch, seq, v, device, dtype, args.threads) for v in variants]
-            big = gpu and shape.hidden * shape.hidden * shape.layers * 12 > 4e9
-            results += _measure(context, jobs, args.warmup, args.steps, args.sequential or big,
-                                STEADY_MALLOC if args.malloc == "steady" else None, progress)
-    table = format_table(results)
-    print(table)
+            try:
+                # on a GPU one variant at a time: each peak is its own, and three models with
+                # their activations need not fit at once (the GPU is not shared, so nothing
+                # is gained by interleaving there)
+                results += _measure(context, jobs, args.warmup, args.steps, args.sequential or gpu,
+                                    STEADY_MALLOC if args.malloc == "steady" else None, progress)
+            except RuntimeError as error:
+                failures.append(f"{name} {batch}x{seq}: {error}")
+                progress(f"  failed: {error}")
+            report()
+    print(format_table(results))
+    for failure in failures:
+        print(f"FAILED {failure}")
     if args.out:
-        document = {"environment": _environment(device, args.threads),
-                    "arguments": vars(args), "shapes": {n: asdict(SHAPES[n]) for n in names},
-                    "results": results, "table": table.splitlines()}
-        with open(args.out, "w") as out:
-            json.dump(document, out, indent=1, default=str)
         progress(f"wrote {args.out}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

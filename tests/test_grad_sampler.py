@@ -32,12 +32,14 @@ RTOL = 1e-5               # float32: engine vs one-at-a-time and vs stock Opacus
 BF16_RTOL = 5e-2
 
 
-def llama(dtype: torch.dtype = torch.float32, dropout: float = 0.0):
+def llama(dtype: torch.dtype = torch.float32, dropout: float = 0.0,
+          device: torch.device | str = "cpu"):
+    """A two-block Llama with LoRA, placed on ``device`` before the adapter is attached."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=0)
-    base = LlamaForCausalLM(config).to(dtype)
+    base = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     if dropout:
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                 target_modules=list(LoraSettings().target_modules)))
@@ -46,12 +48,12 @@ def llama(dtype: torch.dtype = torch.float32, dropout: float = 0.0):
     return _nonzero_b(model)
 
 
-def gpt2():
+def gpt2(device: torch.device | str = "cpu"):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # deterministic
-    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(
+    model = get_peft_model(GPT2LMHeadModel(config).to(device), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
         target_modules=["c_attn", "c_proj", "c_fc"]))
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
@@ -73,7 +75,8 @@ def _nonzero_b(model):
 BUILDERS = {"llama": llama, "gpt2": gpt2}
 
 
-def batch():
+def batch(device: torch.device | str = "cpu"):
+    """The padded test batch (ids, mask, labels), on ``device``."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=generator)
     mask = torch.zeros_like(ids)
@@ -83,7 +86,7 @@ def batch():
         ids[i, length:] = 0
         labels[i, length:] = IGNORE_INDEX
     labels[0, :3] = IGNORE_INDEX  # a prompt: no loss on its tokens
-    return ids, mask, labels
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 def lora_params(model) -> dict[str, torch.nn.Parameter]:
@@ -92,7 +95,7 @@ def lora_params(model) -> dict[str, torch.nn.Parameter]:
 
 def engine_grad_samples(model, wrap) -> dict[str, torch.Tensor]:
     """Per-sample gradients of one forward/backward of the padded batch, mean loss as the trainer."""
-    ids, mask, labels = batch()
+    ids, mask, labels = batch(next(model.parameters()).device)
     wrapped = wrap(model)
     try:
         logits = wrapped(input_ids=ids, attention_mask=mask).logits.float()
@@ -106,7 +109,7 @@ def engine_grad_samples(model, wrap) -> dict[str, torch.Tensor]:
 
 def one_at_a_time(model) -> dict[str, torch.Tensor]:
     """Each example alone, without its padding, through forward and backward (no Opacus)."""
-    ids, mask, labels = batch()
+    ids, mask, labels = batch(next(model.parameters()).device)
     params = lora_params(model)
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in params}
     for i, length in enumerate(LENGTHS):
@@ -247,14 +250,15 @@ def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision(frozen_a):
     assert_close(actual, grad_samples(stock), RTOL)
 
 
-def _two_layer_grad_samples(dtype: torch.dtype, loss_scale: float) -> dict:
+def _two_layer_grad_samples(dtype: torch.dtype, loss_scale: float,
+                            device: torch.device | str = "cpu") -> dict:
     """Per-sample gradients of a loss far below float16's normal range (gradients ~1e-9),
     backward on ``loss * loss_scale`` with the engine told the scale."""
     torch.manual_seed(0)
-    model = _nonzero_b(get_peft_model(TwoLayers().to(dtype), LoraConfig(
+    model = _nonzero_b(get_peft_model(TwoLayers().to(device=device, dtype=dtype), LoraConfig(
         r=4, lora_alpha=8, target_modules=["first", "second"])))
     torch.manual_seed(1)
-    x, target = torch.randn(BATCH, LENGTH, 24), torch.randn(BATCH, LENGTH, 16)
+    x, target = (torch.randn(BATCH, LENGTH, n).to(device) for n in (24, 16))
     wrapped = LoraGradSampleModule(model)
     wrapped.loss_scale = loss_scale
     loss = ((wrapped(x.to(dtype)).float() - target) ** 2).mean() * 1e-6
