@@ -109,3 +109,20 @@ def test_sites_served_by_one_process_share_one_base_model(make_site, tiny_model_
     before_training = node.evaluate(evaluate, state).eval_loss
     node.train(TrainRequest(**{**request.to_record(), "round": 2}), state)
     assert node.evaluate(evaluate, state).eval_loss == pytest.approx(before_training, rel=1e-6)
+
+
+
+def test_the_process_heap_is_frozen_once_it_holds_its_base_model(tiny_model_dir, tmp_path):
+    """Full garbage collections then walk only what was created after the model was loaded
+    (common.lora.keep_for_process_lifetime)."""
+    import gc
+    import shutil
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")  # a base this process lacks
+    gc.unfreeze()
+    model, _ = adapter_model(model_dir, resolve_hardware("cpu", "float32"), LORA)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    assert all(obj is not model for obj in gc.get_objects())  # not in any collected generation
+    adapter_model(model_dir, resolve_hardware("cpu", "float32"), LORA)  # held: no new freeze
+    assert gc.get_freeze_count() == frozen
