@@ -16,8 +16,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from privatune.common.hardware import Hardware
-from privatune.common.lora import (LoraSettings, attach_lora, keep_for_process_lifetime,
-                                   load_base_model)
+from privatune.common.lora import LoraSettings, attach_lora, load_base_model
+from privatune.common.process_heap import keep_for_process_lifetime
 
 @dataclass
 class _Loaded:

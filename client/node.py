@@ -26,26 +26,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset, TensorDataset
+from privatune.common.process_heap import importing_libraries
 
-from privatune.client.data import DataError, Record, collapse_duplicates, load_records, split_records
-from privatune.client.engine import adapter_model
-from privatune.client.policy import (SitePolicy, check_delta, physical_batch_size,
-                                     request_violation)
-from privatune.client.trainer import DPTrainSettings, train_dp_round
-from privatune.common.examples import (SampledWindows, TokenizedTexts, consecutive_windows,
-                                       encode_pairs, evaluate_loss, tokenize_texts)
-from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
-from privatune.common.hardware import resolve_hardware
-from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, ROLLBACK_ACKNOWLEDGED, LedgerHead,
-                                     LedgerWriteError, SiteLedger, head_problem, mechanism_step)
-from privatune.common.lora import (LoraSettings, frozen_part, load_lora_state, lora_state,
-                                   train_factors, trained_part, update_hash)
-from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
-                                      run_noise_multiplier)
-from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+# a node process's first import of torch, transformers, PEFT and Opacus (a virtual node's
+# too: Ray's worker imports this module when it receives the ClientApp)
+with importing_libraries():
+    import torch
+    from safetensors.torch import load_file, save_file
+    from torch.utils.data import Dataset, TensorDataset
+
+    from privatune.client.data import (DataError, Record, collapse_duplicates, load_records,
+                                       split_records)
+    from privatune.client.engine import adapter_model
+    from privatune.client.policy import (SitePolicy, check_delta, physical_batch_size,
+                                         request_violation)
+    from privatune.client.trainer import DPTrainSettings, train_dp_round
+    from privatune.common.examples import (SampledWindows, TokenizedTexts, consecutive_windows,
+                                           encode_pairs, evaluate_loss, tokenize_texts)
+    from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
+    from privatune.common.hardware import resolve_hardware
+    from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, ROLLBACK_ACKNOWLEDGED,
+                                         LedgerHead, LedgerWriteError, SiteLedger, head_problem,
+                                         mechanism_step)
+    from privatune.common.lora import (LoraSettings, frozen_part, load_lora_state, lora_state,
+                                       train_factors, trained_part, update_hash)
+    from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
+                                          run_noise_multiplier)
+    from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
 
 ROLLBACK = "ledger_rollback"  # a decline's release name when the ledger lacks a reported head
 ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"

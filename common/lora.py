@@ -7,7 +7,6 @@ the adapter name), so a received state, a checkpoint and a PEFT adapter director
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -120,22 +119,6 @@ def load_base_model(model_dir: str | Path, device: torch.device | str = "cpu",
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def keep_for_process_lifetime() -> None:
-    """Exempt everything this process holds now (its imports, the base model it keeps) from the
-    cyclic garbage collector's full passes, after one last collection.
-
-    The DP hooks create Python objects on every layer of every step, and in a deep model they
-    set off a full collection every few dozen steps, which walks the whole heap (torch's,
-    transformers' and the model's objects): measured on the CPU with a 22-layer Llama (the 1.1B
-    shape's depth, tiny widths), one full collection per 40 DP steps at 0.26 s each, 6.5 ms a
-    step on average; with the heap frozen, 0.02 ms. Frozen objects are not walked again. Called
-    once a process holds the model it serves with; what is frozen and later dropped is still
-    freed by reference counting, unless it is part of a reference cycle.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:

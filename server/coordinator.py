@@ -27,10 +27,10 @@ from privatune.common.config import JobConfig, to_dict
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import NO_HEAD, LedgerHead
-from privatune.common.lora import (LoraSettings, attach_seeded_lora, keep_for_process_lifetime,
-                                   load_base_model, load_lora_state, lora_state,
-                                   read_adapter_state, save_adapter, trained_part, update_hash,
-                                   with_update)
+from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model, load_lora_state,
+                                   lora_state, read_adapter_state, save_adapter, trained_part,
+                                   update_hash, with_update)
+from privatune.common.process_heap import keep_for_process_lifetime
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        evaluate_request, train_request)
 from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggregate,

@@ -211,7 +211,7 @@ def _worker(job: Job, conn) -> None:
     warnings.filterwarnings("ignore", message="Full backward hook")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        from privatune.common.lora import keep_for_process_lifetime
+        from privatune.common.process_heap import keep_for_process_lifetime
 
         step, facts = _build(job)
         keep_for_process_lifetime()  # as a node does once it holds its model

@@ -30,9 +30,12 @@ from privatune.simulations.experiment import VARIANTS, parse_variants
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as transformers_logging
+    from privatune.common.process_heap import importing_libraries
 
-    from privatune.simulations.runner import simulate
+    with importing_libraries():
+        from transformers.utils import logging as transformers_logging
+
+        from privatune.simulations.runner import simulate
 
     started = time.monotonic()
     warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices

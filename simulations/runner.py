@@ -33,8 +33,8 @@ from privatune.client.policy import load_site_policy
 from privatune.common.base_model import resolve_base_model
 from privatune.common.config import ConfigError, JobConfig, SimulationConfig, load_job_config
 from privatune.common.generation import GenerationScores
-from privatune.common.lora import (LoraSettings, initial_adapter, keep_for_process_lifetime,
-                                   lora_state, with_update)
+from privatune.common.lora import LoraSettings, initial_adapter, lora_state, with_update
+from privatune.common.process_heap import keep_for_process_lifetime
 from privatune.common.protocol import evaluate_request, train_request
 from privatune.server.app import make_server_app
 from privatune.server.coordinator import CoordinatorSettings, site_generation_scores

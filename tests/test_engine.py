@@ -114,7 +114,7 @@ def test_sites_served_by_one_process_share_one_base_model(make_site, tiny_model_
 
 def test_the_process_heap_is_frozen_once_it_holds_its_base_model(tiny_model_dir, tmp_path):
     """Full garbage collections then walk only what was created after the model was loaded
-    (common.lora.keep_for_process_lifetime)."""
+    (common.process_heap.keep_for_process_lifetime)."""
     import gc
     import shutil
 
@@ -126,3 +126,19 @@ def test_the_process_heap_is_frozen_once_it_holds_its_base_model(tiny_model_dir,
     assert all(obj is not model for obj in gc.get_objects())  # not in any collected generation
     adapter_model(model_dir, resolve_hardware("cpu", "float32"), LORA)  # held: no new freeze
     assert gc.get_freeze_count() == frozen
+
+
+def test_libraries_are_imported_without_collections_and_then_frozen():
+    import gc
+
+    from privatune.common.process_heap import importing_libraries
+
+    gc.unfreeze()
+    assert gc.isenabled()
+    with importing_libraries():
+        assert not gc.isenabled()
+        with importing_libraries():  # a module importing another that does the same
+            created = [[i] for i in range(100)]
+        assert not gc.isenabled()  # the outer block decides
+    assert gc.isenabled()
+    assert gc.get_freeze_count() >= len(created)
