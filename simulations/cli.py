@@ -54,7 +54,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from privatune.simulations.experiment import run_experiment
+    from privatune.common.process_heap import importing_libraries
+
+    with importing_libraries():
+        from privatune.simulations.experiment import run_experiment
 
     started = time.monotonic()
 
