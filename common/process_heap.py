@@ -28,7 +28,7 @@ def importing_libraries() -> Iterator[None]:
     try:
         yield
     finally:
-        gc.freeze()  # the few cycles imports leave behind are kept rather than walked for
+        gc.freeze()  # also keeps the few garbage cycles imports leave: too few to matter
         if was_enabled:
             gc.enable()
 

@@ -134,7 +134,8 @@ def test_a_node_on_the_gpu_trains_and_evaluates(make_site, tiny_model_dir, dtype
     assert base.device.type == CUDA.type
     assert base.dtype == (torch.float16 if dtype == "float16" else resolve_hardware(str(CUDA), "auto").dtype)
     reply = node.evaluate(EvaluateRequest(run_id="run-1", round=1, max_length=48, batch_size=8,
-                                          lora_r=2, lora_alpha=4, lora_targets="q_proj,v_proj",
+                                          lora_r=LORA.r, lora_alpha=LORA.alpha,
+                                          lora_targets=",".join(LORA.target_modules),
                                           generation=True, marker="Plan:", max_new_tokens=8,
                                           max_examples=4), outcome.state)
     assert reply.accepted and reply.eval_loss is not None and reply.eval_loss > 0

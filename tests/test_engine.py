@@ -111,7 +111,6 @@ def test_sites_served_by_one_process_share_one_base_model(make_site, tiny_model_
     assert node.evaluate(evaluate, state).eval_loss == pytest.approx(before_training, rel=1e-6)
 
 
-
 def test_the_process_heap_is_frozen_once_it_holds_its_base_model(tiny_model_dir, tmp_path):
     """Full garbage collections then walk only what was created after the model was loaded
     (common.process_heap.keep_for_process_lifetime)."""
