@@ -1,60 +1,56 @@
-"""Per-sample gradients of PEFT LoRA layers for Opacus: one Opacus hook per LoRA layer.
+"""Per-sample gradients of PEFT LoRA layers for Opacus, computed by autograd itself.
 
 Opacus stays the DP engine (PrivacyEngine, Poisson loader, accountant, DPOptimizer's clipping
 and noise). What changes is how the per-sample gradients of the LoRA factors are computed.
-Stock Opacus never sees PEFT's LoRA layer: the layer holds no parameter of its own, so
-``GradSampleModule`` descends into it and hooks ``lora_A.<adapter>`` and ``lora_B.<adapter>``
-as two separate ``nn.Linear`` modules (two forward hooks, two full backward hooks, two
-rescaled copies of the output gradient per layer). Here a grad sampler is registered for
-``peft.tuners.lora.layer.Linear`` (also the GPT-2 ``Conv1D`` case, fan_in_fan_out only concerns
-the frozen base weight) and ``LoraGradSampleModule`` hooks that layer once and owns both factors.
+Stock Opacus hooks ``lora_A.<adapter>`` and ``lora_B.<adapter>`` as two separate
+``nn.Linear`` modules: per factor a forward hook, a full backward hook and Python that forms
+the per-sample product from the saved input and a rescaled copy of the output gradient.
 
-For ``y = W x + s * B A d(x)`` (``d`` the LoRA dropout, the identity in privatune) over the
-tokens ``t`` of example ``n``, with ``g_t = dL/dy_t`` and ``u_t = A d(x_t)``::
+Here each trainable factor ``W`` (``[out, in]``) multiplies, while the engine is attached, by a
+per-example copy of itself: ``W_n = W.expand(N, out, in)``, a stride-0 view (no memory) made a
+leaf of the graph, and ``y_n = x_n W_n^T`` is one batched matrix product. Autograd's own
+backward of that product gives, for every example n, ``dL/dW_n = sum_t g_t x_t^T``: exactly
+the per-sample gradient of W (for ``y = W x + s * B A d(x)``: ``grad_B[n] = s * sum_t g_t
+u_t^T`` and ``grad_A[n] = s * sum_t (B^T g_t) d(x_t)^T``, ``u_t = A d(x_t)``). The scale s,
+the LoRA dropout d, the float32 cast of a half-precision input and padding (``g_t = 0`` under
+the masked loss) all come from the graph, with nothing recomputed. The batch-summed gradient
+of W is never formed (W itself is not in the graph): Opacus overwrites ``p.grad`` with the
+clipped, noised sum of the per-sample gradients anyway, so ``p.grad`` of a LoRA factor is
+None until the DP optimizer's step sets it.
 
-    grad_B[n] = s * sum_t g_t u_t^T        grad_A[n] = sum_t v_t d(x_t)^T,   v_t = s * B^T g_t
+Why not a grad sampler in Opacus' registry (one Python hook per LoRA layer, as first built):
+on a GPU a small-batch step is bound by the host, and that hook's Python and extra kernels
+per layer made a DP step of a 1.1 B model (154 LoRA layers, 8x512, H200) 1.35-1.57x the
+non-private step's time; this engine's step takes about as long as the non-private one
+(README). No Python runs per layer in the backward pass: the gradient of each per-example
+copy starts as the factor's zero view of one buffer [N, total] for all LoRA tensors, and
+autograd adds the per-sample gradient into it in place. One hook on the model's output
+queues ``_gather`` for the end of the backward pass, which applies Opacus'
+``loss_reduction="mean"`` factor to the whole buffer in one kernel and sets every
+``p.grad_sample`` to its view.
 
-``d(x)`` and ``u`` are the input and output of ``lora_A``, kept by a forward hook on it (so
-the dropped input is the one used and nothing is recomputed). The hook fires on dL/dy, before
-autograd reaches the factors, so it computes ``v = dL/du = s * g B`` itself and hands it to
-lora_B's backward, which would otherwise compute the same product. Padded positions have
-``g_t = 0`` under the masked loss, so they add nothing. Opacus' ``loss_reduction="mean"``
-factor is applied to the small per-sample results instead of to the full output gradient.
-
-While the hooks are on, autograd computes only input gradients through ``lora_A`` and
-``lora_B`` (``_InputGradOnly``), not their batch-summed weight gradients: Opacus overwrites
-``p.grad`` with the clipped, noised sum of the per-sample gradients, so the summed gradient
-was pure cost (as much as the per-sample products themselves). ``p.grad`` of a LoRA factor is
-therefore None after ``backward()`` until the DP optimizer's step sets it: a DP step that
-skipped clipping and noise cannot fall back on the raw gradient.
-
-A frozen ``lora_A`` (``requires_grad`` off, FFA-LoRA) gets no per-sample gradient: the sampler
-returns ``grad_B`` alone and never forms ``v``, so Opacus clips and noises B only.
+A frozen ``lora_A`` (``requires_grad`` off, FFA-LoRA) keeps its plain forward and gets no
+per-sample gradient, so Opacus clips and noises B only.
 
 Supported: one active adapter of plain LoRA (any rank, alpha, rsLoRA scaling, dropout) on
-``lora.Linear`` layers, batch-first inputs, frozen base weights. Anything else (several active
-adapters, DoRA or another LoRA variant, a LoRA bias, merged or disabled adapters, LoRA on other
-layer types, any other trainable parameter) raises ``UnsupportedLoraError`` when the model is
-wrapped, never a silent fallback to another way of computing per-sample gradients.
+``lora.Linear`` layers (``nn.Linear`` and GPT-2 ``Conv1D`` bases: ``fan_in_fan_out`` only
+concerns the frozen base weight), batch-first inputs, frozen base weights, one backward pass
+per forward pass. Anything else (several active adapters, DoRA or another LoRA variant, a
+LoRA bias, merged or disabled adapters, LoRA on other layer types, any other trainable
+parameter) raises ``UnsupportedLoraError`` when the model is wrapped, never a silent fallback
+to another way of computing per-sample gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from functools import partial
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
-from opacus.grad_sample import GradSampleModule, register_grad_sampler
-from opacus.grad_sample.grad_sample_module import (
-    _get_batch_size,
-    create_or_accumulate_grad_sample,
-    promote_current_grad_sample,
-)
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-    GradSampleHooksFastGradientClipping,
-)
+from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers import optimizer as opacus_optimizer
@@ -68,105 +64,27 @@ class UnsupportedLoraError(ValueError):
     """The model's trainable parameters are not all plain LoRA factors this engine supports."""
 
 
-class _LoraCapture:
-    """What one forward pass of a LoRA layer leaves for its backward pass."""
+_engine_enabled = True  # off inside stock_opacus()
 
-    __slots__ = ("adapter", "u", "v_for_b", "backprops_scale")
-
-    def __init__(self, adapter: str, u: torch.Tensor):
-        self.adapter = adapter
-        self.u = u                                # lora_A's output (detached), [N, ..., r]
-        self.v_for_b: torch.Tensor | None = None  # dL/du from the sampler, for lora_B's backward
-        self.backprops_scale = 1.0                # Opacus' loss-reduction factor (at backward)
+# Autograd adds each per-example copy's gradient into the copy's view of the flat buffer, whose
+# rows hold every LoRA tensor: not the layout autograd would pick for a new gradient, and meant
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
-_CAPTURE_SLOT = "_privatune_lora_capture"
-
-
-class _InputGradOnly(torch.autograd.Function):
-    """Identity on a LoRA factor's already computed output ``out = inp @ weight.T`` whose
-    backward gives only the input gradient ``grad_out @ weight``.
-
-    The factor's weight stays an input of the graph (so the layer's output needs a gradient and
-    Opacus' hook fires), but autograd computes no batch-summed weight gradient: under DP-SGD
-    Opacus replaces ``p.grad`` with the clipped, noised sum of the per-sample gradients anyway,
-    so that gradient would be computed only to be thrown away.
-    """
-
-    @staticmethod
-    def forward(ctx, inp, weight, out, capture, is_a):  # inp: only to be in the graph
-        ctx.save_for_backward(weight)
-        ctx.capture, ctx.is_a = capture, is_a
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (weight,) = ctx.saved_tensors
-        capture: _LoraCapture = ctx.capture
-        grad_in = None
-        if ctx.is_a:  # grad_out = dL/du
-            if ctx.needs_input_grad[0]:
-                grad_in = grad_out @ weight
-        elif ctx.needs_input_grad[0]:  # lora_B: dL/du = grad_out @ B, unless already computed
-            known, capture.v_for_b = capture.v_for_b, None
-            grad_in = known.view_as(capture.u) if known is not None else grad_out @ weight
-        return grad_in, None, None, None, None
-
-
-@register_grad_sampler(LoraLinear)
-def compute_lora_linear_grad_sample(layer: LoraLinear, activations: list,
-                                    backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of the active adapter's lora_A and lora_B weights of ``layer``
-    (lora_B's alone when lora_A is frozen).
-
-    ``activations`` is ``[capture, lora_A input]`` as stored by ``LoraGradSampleModule``;
-    ``backprops`` is dL/dy for the layer's output, not rescaled (the capture holds the factor).
-    """
-    if len(activations) != 2 or not isinstance(activations[0], _LoraCapture):
-        raise UnsupportedLoraError(
-            "the LoRA grad sampler needs the activations LoraGradSampleModule records; "
-            "wrap the model with LoraPrivacyEngine / LoraGradSampleModule")
-    capture, a_in = activations
-    weight_a = layer.lora_A[capture.adapter].weight  # [r, in]
-    weight_b = layer.lora_B[capture.adapter].weight  # [out, r]
-    dtype, rank = weight_a.dtype, weight_a.shape[0]
-    n = backprops.shape[0]
-    scaling = float(layer.scaling[capture.adapter])
-    g = backprops.reshape(n, -1, backprops.shape[-1]).to(dtype)  # [N, T, out]
-    u = capture.u.reshape(n, -1, rank).to(dtype)                  # [N, T, r]
-    # computed as (u^T g)^T: with the rank as the short side of the product's output, MKL's
-    # bmm was 3.5x faster than g^T u (one core, the demo model's layer shapes)
-    grad_b = torch.bmm(u.transpose(1, 2), g).transpose(1, 2)     # [N, out, r]
-    grad_b.mul_(scaling * capture.backprops_scale)
-    if not weight_a.requires_grad:
-        # lora_A frozen (ffa): only B is trained, so only B is clipped and noised. Nothing needs
-        # v: when u needs a gradient (the layer's input does), lora_B's backward computes it.
-        return {weight_b: grad_b}
-    x = a_in.reshape(n, -1, a_in.shape[-1]).to(dtype)             # [N, T, in]
-    # v = dL/du = s * g B, handed to lora_B's backward that follows (it needs the same product)
-    v = torch.matmul(g, weight_b.detach()).mul_(scaling)
-    capture.v_for_b = v
-    grad_a = torch.bmm(v.transpose(1, 2), x)                      # [N, r, in]
-    grad_a.mul_(capture.backprops_scale)
-    return {weight_a: grad_a, weight_b: grad_b}
-
-
-def lora_sampler_registered() -> bool:
-    return GradSampleModule.GRAD_SAMPLERS.get(LoraLinear) is compute_lora_linear_grad_sample
+def lora_engine_enabled() -> bool:
+    return _engine_enabled
 
 
 @contextlib.contextmanager
 def stock_opacus() -> Iterator[None]:
-    """Within this block the LoRA grad sampler is unregistered: Opacus (and LoraPrivacyEngine)
-    hook lora_A / lora_B as plain nn.Linear modules, as stock Opacus does (for references)."""
-    registries = (GradSampleModule.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS)
-    removed = [registry.pop(LoraLinear, None) for registry in registries]
+    """Within this block LoraPrivacyEngine is stock Opacus: it hooks lora_A / lora_B as plain
+    nn.Linear modules (for references)."""
+    global _engine_enabled
+    previous, _engine_enabled = _engine_enabled, False
     try:
         yield
     finally:
-        for registry, sampler in zip(registries, removed):
-            if sampler is not None:
-                registry[LoraLinear] = sampler
+        _engine_enabled = previous
 
 
 def _adapter_of(name: str, layer: nn.Module) -> str:
@@ -244,25 +162,61 @@ class FlatLayout:
                 for part, shape in zip(flat.split(self.numels, dim=-1), self.shapes)]
 
 
+class _PerExampleFactor:
+    """Stands in for a trainable LoRA factor's ``forward`` while the engine is attached.
+
+    Recording (hooks on, training, autograd on), it multiplies by a per-example copy of the
+    weight, a new leaf of the graph whose gradient is the per-sample gradient; otherwise
+    (evaluation, ``no_grad``, the first pass of reentrant checkpointing) it is ``nn.Linear``'s
+    forward. ``remove()`` gives the factor its own forward back.
+    """
+
+    def __init__(self, owner: LoraGradSampleModule, factor: nn.Linear):
+        self.owner, self.factor, self.weight = owner, factor, factor.weight
+        self.detached = factor.weight.detach()  # shares the weight's storage: always current
+        factor.forward = self  # an instance attribute: nn.Module.__call__ finds it first
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        owner = self.owner
+        if not (owner.hooks_enabled and self.factor.training and torch.is_grad_enabled()):
+            return F.linear(x, self.weight)
+        batch = x.shape[0]
+        per_example = self.detached.expand(batch, *self.detached.shape).requires_grad_()
+        owner._record(self.weight, per_example)
+        if x.dim() == 3:  # [N, T, in], the usual case
+            return torch.bmm(x, per_example.mT)
+        rows = x.reshape(batch, -1, x.shape[-1])
+        return torch.bmm(rows, per_example.mT).view(*x.shape[:-1], self.weight.shape[0])
+
+    def remove(self) -> None:
+        self.factor.__dict__.pop("forward", None)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors a model returned: itself, a tuple's or a ModelOutput's (a Mapping) items."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if not isinstance(output, (tuple, list)):
+        return []
+    return [item for item in output if isinstance(item, torch.Tensor)]
+
+
 class LoraGradSampleModule(GradSampleModule):
-    """Opacus' hooks GradSampleModule, with PEFT LoRA layers hooked as one unit.
+    """Opacus' GradSampleModule whose LoRA per-sample gradients come from autograd.
 
-    Each LoRA layer gets Opacus' forward hook (``capture_activations_hook``), which also hooks
-    the gradient of the layer's output; that one backward hook runs Opacus'
-    ``capture_backprops_hook`` with the grad sampler registered above. Opacus would use a full
-    backward hook, which wraps every hooked layer's inputs and outputs in extra autograd nodes
-    and Python calls (about 2.4 ms of a 73 ms DP step of the demo model, in bfloat16); a hook on
-    the output tensor receives the same dL/dy without them. Its ``lora_A`` and ``lora_B`` get no
-    Opacus hook, only plain forward hooks that keep lora_A's input and output for the backward
-    pass and route both factors' backward through ``_InputGradOnly``. Everything else
-    (clipping, noise, accounting) is Opacus' own. Only LoRA layers are hooked: the constructor
-    refuses a model with any other trainable parameter (``check_lora_model``).
+    Every trainable LoRA factor's forward becomes ``_PerExampleFactor``; Opacus adds no hook
+    to any module. The first output gradient of a recording forward pass queues ``_gather`` for
+    the end of that backward pass, which sets ``p.grad_sample`` of every factor it reached.
+    Only LoRA layers are handled: the constructor refuses a model with any other trainable
+    parameter (``check_lora_model``).
 
-    Once ``flat_layout`` is set (LoraPrivacyEngine.make_private does), each backward pass
-    writes the per-sample gradients into one buffer [N, total] and ``p.grad_sample`` is the
-    parameter's view of it, for LoraDPOptimizer to clip and noise in a few kernels; a
-    parameter whose per-sample gradient does not fit that (accumulated over several forward
-    passes, another batch size) takes Opacus' own path, and so does the optimizer then.
+    Once ``flat_layout`` is set (LoraPrivacyEngine.make_private does), the per-sample
+    gradients of a backward pass are one buffer [N, total] and ``p.grad_sample`` is the
+    parameter's view of it, for LoraDPOptimizer to clip and noise in a few kernels. When that
+    does not fit (gradients accumulated over several passes before a step, a factor that did
+    not run, no layout), each parameter gets its own tensor and Opacus' own path runs.
     """
 
     flat_layout: FlatLayout | None = None
@@ -272,13 +226,20 @@ class LoraGradSampleModule(GradSampleModule):
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
                  strict: bool = True, force_functorch: bool = False):
-        if not lora_sampler_registered():
-            raise UnsupportedLoraError("the LoRA grad sampler is not registered with Opacus "
-                                       "(inside stock_opacus()?)")
+        if not lora_engine_enabled():
+            raise UnsupportedLoraError("the LoRA engine is switched off (inside stock_opacus())")
         if not batch_first or force_functorch:
             raise UnsupportedLoraError("LoraGradSampleModule needs batch_first=True and hooks "
                                        "(not functorch)")
-        check_lora_model(m)  # before any hook is added
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction = {loss_reduction}. Only 'sum' and 'mean' losses "
+                             "are supported")
+        check_lora_model(m)  # before any forward is replaced
+        self._per_example: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+        self._gather_queued = False
+        self._flat: torch.Tensor | None = None  # this pass's per-sample gradients [N, total]
+        self._written: list[torch.Tensor] = []  # each parameter's view of them
+        self._present: list[bool] = []  # whether the parameter ran in this pass
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction,
                          strict=strict, force_functorch=False)
 
@@ -286,140 +247,137 @@ class LoraGradSampleModule(GradSampleModule):
                   force_functorch: bool = False) -> None:
         if hasattr(self._module, "autograd_grad_sample_hooks"):
             raise ValueError("Trying to add hooks twice to the same model")
-        hooks: list = []
-        self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks = hooks
-        # id(layer) -> its trainable factors, so the per-step hooks need no module traversal
-        self._lora_factors: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+        replaced: list[_PerExampleFactor] = []
+        # Opacus' remove_hooks() calls remove() on each of these
+        self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks = replaced
         for name, adapter in check_lora_model(self._module).items():
             layer = self._module.get_submodule(name)
-            lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-            self._lora_factors[id(layer)] = (lora_a.weight, lora_b.weight)
-            hooks += [layer.register_forward_hook(self.capture_activations_hook),
-                      lora_a.register_forward_hook(partial(self._lora_a_forward, layer, adapter)),
-                      lora_b.register_forward_hook(partial(self._lora_b_forward, layer))]
+            for factor in (layer.lora_A[adapter], layer.lora_B[adapter]):
+                if factor.weight.requires_grad:
+                    replaced.append(_PerExampleFactor(self, factor))
         self.enable_hooks()
 
-    def _recording(self, layer: nn.Module) -> bool:
-        return self.hooks_enabled and layer.training and torch.is_grad_enabled()
-
-    def _lora_a_forward(self, layer: LoraLinear, adapter: str, lora_a: nn.Module,
-                        inputs: tuple, output: torch.Tensor):
-        """Keep lora_A's input (the dropped-out x) and output u for this layer's backward."""
-        if not self._recording(layer):
-            return None
-        if _CAPTURE_SLOT in layer.__dict__:
-            raise UnsupportedLoraError("lora_A ran more than once in one forward pass of its LoRA "
-                                       "layer (mixed-adapter batches are not supported)")
-        capture = _LoraCapture(adapter, output.detach())
-        layer.__dict__[_CAPTURE_SLOT] = (capture, inputs[0].detach())
-        return _InputGradOnly.apply(inputs[0], lora_a.weight, capture.u, capture, True)
-
-    def _lora_b_forward(self, layer: LoraLinear, lora_b: nn.Module, inputs: tuple,
-                        output: torch.Tensor):
-        captured = layer.__dict__.get(_CAPTURE_SLOT)
-        if captured is None or not self._recording(layer):
-            return None
-        return _InputGradOnly.apply(inputs[0], lora_b.weight, output.detach(), captured[0], False)
-
     def forward(self, *args, **kwargs):
-        self._flat: torch.Tensor | None = None  # a new forward pass: its backward fills a new one
-        self._written: list[torch.Tensor | None] = []
-        return super().forward(*args, **kwargs)
+        # a new forward pass: its backward fills a new buffer (the last one, views included,
+        # is let go now, before the forward pass's peak)
+        self._per_example, self._gather_queued = [], False
+        self._flat, self._written, self._present = None, [], []
+        output = super().forward(*args, **kwargs)
+        if self.hooks_enabled and self._module.training and torch.is_grad_enabled():
+            for tensor in _tensors(output):
+                if tensor.requires_grad:
+                    tensor.register_hook(self._backward_started)
+        return output
+
+    def _record(self, weight: nn.Parameter, per_example: torch.Tensor) -> None:
+        """Keep a factor's per-example copy for ``_gather`` (in the backward pass too, where
+        reentrant checkpointing recomputes the blocks)."""
+        if self._per_example is None:
+            raise UnsupportedLoraError("a LoRA factor ran outside a forward pass of the wrapped "
+                                       "model, or after its backward pass")
+        self._per_example.append((weight, per_example))
+        if self._gather_queued:
+            self._into_buffer(weight, per_example)
+
+    def _backward_started(self, _grad: torch.Tensor) -> None:
+        if self._per_example is None:  # gathered already
+            raise UnsupportedLoraError("a second backward pass through one forward pass: the "
+                                       "LoRA engine takes one backward pass per forward pass")
+        if self._gather_queued:  # another output of the same pass
+            return
+        self._gather_queued = True
+        if self._per_example:
+            # the copy recorded last is the first to get its gradient: start the buffer then,
+            # past the peak of the backward pass's start (the logits' gradient)
+            self._per_example[-1][1].register_hook(self._first_gradient)
+        # runs once the whole backward pass is done (with reentrant checkpointing, after the
+        # recomputed blocks' inner backward passes too)
+        torch.autograd.Variable._execution_engine.queue_callback(self._gather)
+
+    def _first_gradient(self, _grad: torch.Tensor) -> None:
+        for weight, per_example in self._per_example:
+            self._into_buffer(weight, per_example)
+
+    def _into_buffer(self, weight: nn.Parameter, per_example: torch.Tensor) -> None:
+        """Start the copy's gradient as the factor's zero view of this pass's buffer, so that
+        autograd adds the per-sample gradient there in place (no second copy of them)."""
+        layout = self.flat_layout
+        index = layout.index.get(id(weight)) if layout is not None else None
+        if index is None:
+            return
+        if self._flat is None:
+            self._flat = torch.zeros((per_example.shape[0], layout.total),
+                                     dtype=per_example.dtype, device=per_example.device)
+            self._written = layout.views(self._flat)
+            self._present = [False] * len(layout.params)
+        view = self._written[index]
+        if per_example.grad is None and not self._present[index] and view.shape == per_example.shape:
+            per_example.grad = view
+            self._present[index] = True
+
+    def _gather(self) -> None:
+        """The end of a backward pass: each per-example copy's gradient is its factor's
+        per-sample gradient of the (scaled, reduced) loss; set ``p.grad_sample`` from them.
+
+        A factor in the buffer whose output never reached the loss keeps its zero row: its
+        per-sample gradient is zero. A factor that did not run in the pass gets none."""
+        recorded, self._per_example = self._per_example or [], None
+        flat, layout = self._flat, self.flat_layout
+        others: dict[int, tuple[nn.Parameter, list[torch.Tensor]]] = {}
+        for weight, per_example in recorded:
+            grad = per_example.grad
+            index = layout.index.get(id(weight)) if flat is not None else None
+            if index is not None and grad is self._written[index]:
+                continue
+            if index is not None and per_example.shape == self._written[index].shape:
+                # a factor used twice in the pass, or one that got its gradient first
+                self._present[index] = True
+                if grad is not None:
+                    self._written[index].add_(grad)
+                continue
+            if grad is not None:
+                others.setdefault(id(weight), (weight, []))[1].append(grad)
+        batches = [grad.shape[0] for _, grads in others.values() for grad in grads]
+        batch = max(batches + ([flat.shape[0]] if flat is not None else []), default=0)
+        # Opacus' per-sample gradients are those of the summed loss
+        scale = (batch if self.loss_reduction == "mean" else 1.0) / self.loss_scale
+        if (flat is not None and not others and all(self._present)
+                and all(p.grad_sample is None for p in layout.params)):
+            flat.mul_(scale)
+            for param, view in zip(layout.params, self._written):
+                param.grad_sample = view
+            return
+        if flat is not None:  # a buffer, but not every parameter in it alone: Opacus' path
+            for param, view, present in zip(layout.params, self._written, self._present):
+                if present:
+                    others.setdefault(id(param), (param, []))[1].append(view)
+            self._flat = None
+        for param, grads in others.values():
+            per_sample = torch.zeros((batch, *param.shape), dtype=grads[0].dtype,
+                                     device=grads[0].device)
+            for grad in grads:  # a factor used more than once in the pass: its uses add up
+                per_sample[:grad.shape[0]] += grad
+            per_sample.mul_(scale)
+            if param.grad_sample is None:
+                param.grad_sample = per_sample
+            elif not self.grad_accumulation_allowed:
+                raise ValueError("Poisson sampling is not compatible with grad accumulation. "
+                                 "You need to call optimizer.step() after every forward/backward "
+                                 "pass or consider using BatchMemoryManager")
+            elif isinstance(param.grad_sample, list):
+                param.grad_sample.append(per_sample)
+            else:
+                param.grad_sample = [param.grad_sample, per_sample]
 
     def per_sample_buffer(self) -> torch.Tensor | None:
         """The last backward pass's per-sample gradients [N, total] in ``flat_layout`` order,
         when every parameter's ``grad_sample`` is still its view of them; else None."""
-        layout, flat = self.flat_layout, getattr(self, "_flat", None)
+        layout, flat = self.flat_layout, self._flat
         if layout is None or flat is None:
             return None
         if any(p.grad_sample is not view for p, view in zip(layout.params, self._written)):
             return None
         return flat
-
-    def _place(self, param: nn.Parameter, grad_sample: torch.Tensor) -> bool:
-        """Write a parameter's per-sample gradient into this pass's buffer, when it is the
-        parameter's only one (else Opacus accumulates it)."""
-        layout = self.flat_layout
-        index = layout.index.get(id(param)) if layout is not None else None
-        if (index is None or param._forward_counter != 1 or param.grad_sample is not None
-                or hasattr(param, "_current_grad_sample")):
-            return False
-        batch = grad_sample.shape[0]
-        if getattr(self, "_flat", None) is None:
-            self._flat = torch.empty((batch, layout.total), dtype=grad_sample.dtype,
-                                     device=grad_sample.device)
-            self._views = layout.views(self._flat)
-            self._written = [None] * len(layout.params)
-        elif self._flat.shape[0] != batch or self._flat.dtype != grad_sample.dtype:
-            return False
-        view = self._views[index]
-        view.copy_(grad_sample)
-        param.grad_sample = self._written[index] = view
-        return True
-
-    def _output_gradient(self, layer: LoraLinear, grad: torch.Tensor) -> None:
-        """The backward hook: dL/dy of a LoRA layer's output y, once autograd has summed it."""
-        self.capture_backprops_hook(layer, None, (grad,), self.loss_reduction, self.batch_first)
-
-    def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output,
-                               loss_reduction: str, batch_first: bool):
-        """Opacus' hook, for a LoRA layer without the generic parts it does not need: the
-        layer's trainable factors are known (no module traversal per call) and a per-sample
-        gradient goes straight into the buffer instead of a zero-filled copy."""
-        if not self.hooks_enabled:
-            return
-        activations, backprops = self.rearrange_grad_samples(
-            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction,
-            batch_first=batch_first)
-        grad_samples = self.GRAD_SAMPLERS[type(module)](module, activations, backprops)
-        for param, grad_sample in grad_samples.items():
-            if not self._place(param, grad_sample):
-                create_or_accumulate_grad_sample(param=param, grad_sample=grad_sample,
-                                                 max_batch_len=module.max_batch_len)
-            param._forward_counter -= 1
-            if param._forward_counter == 0 and hasattr(param, "_current_grad_sample"):
-                promote_current_grad_sample(param)
-            if (not self.grad_accumulation_allowed and isinstance(param.grad_sample, list)
-                    and len(param.grad_sample) > 1):
-                raise ValueError("Poisson sampling is not compatible with grad accumulation. "
-                                 "You need to call optimizer.step() after every forward/backward "
-                                 "pass or consider using BatchMemoryManager")
-        if not module.activations and hasattr(module, "max_batch_len"):
-            del module.max_batch_len
-
-    def capture_activations_hook(self, module: nn.Module, forward_input, forward_output):
-        factors = self._lora_factors[id(module)]
-        captured = module.__dict__.pop(_CAPTURE_SLOT, None)  # left by _lora_a_forward
-        trainable = [p for p in factors if p.requires_grad]
-        if not self._recording(module) or not trainable:
-            return
-        if captured is None:
-            raise UnsupportedLoraError(
-                f"{type(module).__name__}: the LoRA path did not run in this forward pass "
-                "(adapter disabled, merged or switched after wrapping); no per-sample gradients")
-        if not hasattr(module, "activations"):
-            module.activations = []
-        module.activations.append(list(captured))  # [_LoraCapture, lora_A input]
-        for p in trainable:
-            p._forward_counter += 1
-        if forward_output.requires_grad:
-            forward_output.register_hook(partial(self._output_gradient, module))
-
-    def rearrange_grad_samples(self, *, module: nn.Module, backprops: torch.Tensor,
-                               loss_reduction: str, batch_first: bool):
-        if not hasattr(module, "activations"):
-            raise ValueError(f"No activations detected for {type(module)}, run forward after add_hooks")
-        if not hasattr(module, "max_batch_len"):
-            module.max_batch_len = _get_batch_size(module=module, batch_dim=0)
-        activations = module.activations.pop()
-        if loss_reduction == "mean":
-            activations[0].backprops_scale = float(module.max_batch_len) / self.loss_scale
-        elif loss_reduction == "sum":
-            activations[0].backprops_scale = 1.0 / self.loss_scale
-        else:
-            raise ValueError(f"loss_reduction = {loss_reduction}. Only 'sum' and 'mean' losses "
-                             "are supported")
-        return activations, backprops
 
 
 class LoraDPOptimizer(DPOptimizer):
@@ -437,12 +395,14 @@ class LoraDPOptimizer(DPOptimizer):
     """
 
     per_sample_source: LoraGradSampleModule | None = None
-    _summed_views: list[torch.Tensor] | None = None
-    _grad_views: list[torch.Tensor] | None = None
+    # the clipped sum and the noised gradient: one [total] buffer each, kept from step to step
+    # with their per-parameter views, so that a step makes no new views
+    _summed: _FlatBuffer | None = None
+    _grads: _FlatBuffer | None = None
 
-    def _holds(self, attribute: str, views: list[torch.Tensor] | None) -> bool:
-        return views is not None and all(getattr(p, attribute) is view
-                                         for p, view in zip(self.params, views))
+    def _holds(self, attribute: str, buffer: _FlatBuffer | None) -> bool:
+        return buffer is not None and all(getattr(p, attribute) is view
+                                          for p, view in zip(buffer.params, buffer.views))
 
     def clip_and_accumulate(self):
         source = self.per_sample_source
@@ -452,47 +412,72 @@ class LoraDPOptimizer(DPOptimizer):
         opacus_optimizer._check_processed_flag(flat)
         per_sample_norms = flat.norm(2, dim=1)
         clip_factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
-        summed = clip_factor @ flat
-        if self._holds("summed_grad", self._summed_views):  # a micro-batch after another
-            summed += self._summed_flat
-        elif any(p.summed_grad is not None for p in self.params):
-            summed += torch.cat([p.summed_grad.reshape(-1) for p in self.params])
-        self._summed_flat, self._summed_views = summed, source.flat_layout.views(summed)
-        for p, view in zip(self.params, self._summed_views):
-            p.summed_grad = view
+        if self._holds("summed_grad", self._summed):  # a micro-batch after another
+            self._summed.values.addmv_(flat.T, clip_factor)
+        else:
+            earlier = [p.summed_grad for p in self.params if p.summed_grad is not None]
+            self._summed = _FlatBuffer.reuse(self._summed, source.flat_layout, flat)
+            torch.mv(flat.T, clip_factor, out=self._summed.values)
+            if earlier:  # micro-batches that took Opacus' own path (an empty one, say)
+                self._summed.values += torch.cat([p.summed_grad.reshape(-1) for p in self.params])
+            self._summed.attach("summed_grad")
         opacus_optimizer._mark_as_processed(flat)
 
     def add_noise(self):
-        if not self._holds("summed_grad", self._summed_views):
+        if not self._holds("summed_grad", self._summed):
             return super().add_noise()
-        opacus_optimizer._check_processed_flag(self._summed_flat)
+        summed = self._summed.values
+        opacus_optimizer._check_processed_flag(summed)
         noise = opacus_optimizer._generate_noise(
-            std=self.noise_multiplier * self.max_grad_norm, reference=self._summed_flat,
+            std=self.noise_multiplier * self.max_grad_norm, reference=summed,
             generator=self.generator, secure_mode=self.secure_mode)
-        self._grad_flat = self._summed_flat + noise
-        self._grad_views = self.per_sample_source.flat_layout.views(self._grad_flat)
-        for p, view in zip(self.params, self._grad_views):
-            p.grad = view
-        opacus_optimizer._mark_as_processed(self._summed_flat)
+        self._grads = _FlatBuffer.reuse(self._grads, self.per_sample_source.flat_layout, summed)
+        torch.add(summed, noise, out=self._grads.values)
+        self._grads.attach("grad")
+        opacus_optimizer._mark_as_processed(summed)
 
     def scale_grad(self):
         if self.loss_reduction != "mean":
             return
         divisor = self.expected_batch_size * self.accumulated_iterations
-        if self._holds("grad", self._grad_views):
-            self._grad_flat /= divisor
+        if self._holds("grad", self._grads):
+            self._grads.values /= divisor
             return
         for p in self.params:
             p.grad /= divisor
 
 
+class _FlatBuffer:
+    """A [total] vector in a FlatLayout, with each parameter's view of it made once."""
+
+    def __init__(self, layout: FlatLayout, like: torch.Tensor):
+        self.params = layout.params
+        self.values = torch.empty(layout.total, dtype=like.dtype, device=like.device)
+        self.views = layout.views(self.values)
+
+    @classmethod
+    def reuse(cls, buffer: _FlatBuffer | None, layout: FlatLayout,
+              like: torch.Tensor) -> _FlatBuffer:
+        """``buffer`` to be overwritten (no longer marked processed by Opacus), or a new one."""
+        if (buffer is None or buffer.params is not layout.params
+                or buffer.values.dtype != like.dtype or buffer.values.device != like.device):
+            return cls(layout, like)
+        buffer.values.__dict__.pop("_processed", None)
+        return buffer
+
+    def attach(self, attribute: str) -> None:
+        """Make each parameter's ``attribute`` (summed_grad, grad) its view of the buffer."""
+        for param, view in zip(self.params, self.views):
+            setattr(param, attribute, view)
+
+
 class LoraPrivacyEngine(PrivacyEngine):
-    """Opacus' PrivacyEngine with LoRA per-sample gradients one layer at a time.
+    """Opacus' PrivacyEngine with the LoRA per-sample gradients of LoraGradSampleModule.
 
     ``make_private`` wraps the model in LoraGradSampleModule and the optimizer in
     LoraDPOptimizer, and gives both one flat layout of the LoRA tensors (in the optimizer's
-    order). With the sampler unregistered (``stock_opacus()``), another grad_sample_mode or
-    clipping, or a model already wrapped, it is stock Opacus.
+    order). Inside ``stock_opacus()``, with another grad_sample_mode or clipping, or with a
+    model already wrapped, it is stock Opacus.
     """
 
     def make_private(self, **kwargs):
@@ -506,7 +491,7 @@ class LoraPrivacyEngine(PrivacyEngine):
     def _prepare_model(self, module: nn.Module, *, batch_first: bool = True,
                        max_grad_norm=1.0, loss_reduction: str = "mean",
                        grad_sample_mode: str = "hooks", wrap_model: bool = True):
-        if (grad_sample_mode != "hooks" or not wrap_model or not lora_sampler_registered()
+        if (grad_sample_mode != "hooks" or not wrap_model or not lora_engine_enabled()
                 or isinstance(module, AbstractGradSampleModule)):
             return super()._prepare_model(module, batch_first=batch_first,
                                           max_grad_norm=max_grad_norm,
@@ -517,7 +502,7 @@ class LoraPrivacyEngine(PrivacyEngine):
 
     def _prepare_optimizer(self, **kwargs) -> DPOptimizer:
         optimizer = super()._prepare_optimizer(**kwargs)
-        if (type(optimizer) is DPOptimizer and lora_sampler_registered()
+        if (type(optimizer) is DPOptimizer and lora_engine_enabled()
                 and kwargs.get("grad_sample_mode", "hooks") == "hooks"):
             # Same object and state as Opacus built it; only scale_grad differs.
             optimizer.__class__ = LoraDPOptimizer

@@ -147,9 +147,7 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                     per_example = per_example_loss(logits, labels)
                     loss = per_example.mean()
                     dp_model.loss_scale = loss_scale(half, labels)
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message="Full backward hook")
-                        (loss * dp_model.loss_scale).backward()
+                    (loss * dp_model.loss_scale).backward()
                     loss_sum += per_example.detach().sum().item()
                     loss_count += len(input_ids)
                     _check_per_sample_gradients(trainable, len(input_ids))
@@ -168,7 +166,7 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                 next(ticks, None)
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
-        dp_model._close()  # remove Opacus hooks; the PEFT model keeps the trained tensors
+        dp_model._close()  # detach the engine; the PEFT model keeps the trained tensors
         _checkpointing(model, False)  # the base model is shared with the process's other sites
 
     _check_parameters_changed(model, before, frozen_before)
@@ -186,10 +184,10 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
 def _checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     """Turn Hugging Face gradient checkpointing of the decoder blocks on or off.
 
-    Reentrant checkpointing only: its first forward pass runs without autograd, so Opacus'
-    hooks record nothing there and capture each LoRA layer once, in the recomputation whose
+    Reentrant checkpointing: its first forward pass runs without autograd, so the LoRA engine
+    records nothing there and records each LoRA factor once, in the recomputation whose
     backward follows, and the per-sample gradients are exactly those without checkpointing
-    (tests/test_grad_sampler.py). Non-reentrant checkpointing loses them. Reentrant
+    (tests/test_grad_sampler.py; the non-reentrant kind is not tested). Reentrant
     checkpointing needs the blocks' input to require a gradient, hence the input hook.
     """
     if enabled == bool(getattr(model, "is_gradient_checkpointing", False)):

@@ -19,8 +19,9 @@ glibc as configured): see STEADY_MALLOC for why.
 
 Variants:
   nonprivate  Adam on the LoRA parameters, the trainer's loss (mean of per_example_loss)
-  dp_new      Opacus through LoraPrivacyEngine: one hook per LoRA layer (client/lora_grad_sampler)
-  dp_stock    Opacus as shipped (the LoRA sampler unregistered): lora_A / lora_B hooked as Linear
+  dp_new      Opacus through LoraPrivacyEngine: per-sample LoRA gradients from autograd
+              (client/lora_grad_sampler)
+  dp_stock    Opacus as shipped (inside stock_opacus()): lora_A / lora_B hooked as Linear
 
 Every step is the trainer's step (zero_grad, forward, per-example loss in float32, mean,
 backward, optimizer step) on a fixed batch of full-length random token sequences; the trainer's

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import privatune.client.trainer as trainer
-from privatune.client.lora_grad_sampler import (LoraDPOptimizer, LoraGradSampleModule,
+from privatune.client.lora_grad_sampler import (FlatLayout, LoraDPOptimizer, LoraGradSampleModule,
                                                 LoraPrivacyEngine, UnsupportedLoraError,
-                                                lora_sampler_registered, stock_opacus)
+                                                lora_engine_enabled, stock_opacus)
 from privatune.common.examples import IGNORE_INDEX, per_example_loss
 from privatune.common.lora import LoraSettings, attach_lora
 
@@ -250,6 +250,47 @@ def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision(frozen_a):
     assert_close(actual, grad_samples(stock), RTOL)
 
 
+class SharedLayer(torch.nn.Module):
+    """One linear layer applied twice in a forward pass (weight sharing), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_lora_layer_used_twice_sums_both_uses_per_example(flat):
+    """With and without the optimizer's flat buffer: a factor's per-sample gradient is the sum
+    over its uses, as one example at a time gives it."""
+    def build():
+        torch.manual_seed(0)
+        return _nonzero_b(get_peft_model(SharedLayer(), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["shared", "head"])))
+
+    x, target = torch.randn(BATCH, LENGTH, 16), torch.randn(BATCH, LENGTH, 8)
+    reference = build()
+    expected: dict[str, list[torch.Tensor]] = {n: [] for n in lora_params(reference)}
+    for i in range(BATCH):
+        reference.zero_grad(set_to_none=True)
+        ((reference(x[i:i + 1]) - target[i:i + 1]) ** 2).sum().backward()
+        for name, param in lora_params(reference).items():
+            expected[name].append(param.grad.clone())
+    model = build()
+    wrapped = LoraGradSampleModule(model)
+    if flat:
+        wrapped.flat_layout = FlatLayout(list(lora_params(model).values()))
+    try:
+        ((wrapped(x) - target) ** 2).sum(dim=(1, 2)).mean().backward()
+        actual = {n: p.grad_sample.clone() for n, p in lora_params(model).items()}
+        assert (wrapped.per_sample_buffer() is not None) == flat
+    finally:
+        wrapped._close()
+    assert_close(actual, {n: torch.stack(g) for n, g in expected.items()}, RTOL)
+
+
 def _two_layer_grad_samples(dtype: torch.dtype, loss_scale: float,
                             device: torch.device | str = "cpu") -> dict:
     """Per-sample gradients of a loss far below float16's normal range (gradients ~1e-9),
@@ -293,20 +334,17 @@ def test_lora_dropout_uses_the_dropped_input():
     assert_close(actual, expected, RTOL)
 
 
-def test_one_opacus_hook_per_lora_layer_and_none_on_the_factors():
+def test_no_opacus_hook_and_each_trainable_factor_multiplies_per_example():
+    """No module gets an Opacus hook; every trainable LoRA factor runs the per-example product
+    while the engine is attached, and its own nn.Linear forward again once it is closed."""
     model = llama()
-    lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    factors = [m for layer in model.modules() if isinstance(layer, LoraLinear)
+               for m in (layer.lora_A.default, layer.lora_B.default)]
     wrapped = LoraGradSampleModule(model)
     try:
-        hooked = [m for m in model.modules()
-                  if wrapped.capture_activations_hook in m._forward_hooks.values()]
-        assert hooked == lora_layers  # the LoRA layers, not their lora_A / lora_B
-        for layer in lora_layers:
-            # Opacus' forward hook, which hooks the output's gradient; no full backward hook
-            assert list(layer._forward_hooks.values()) == [wrapped.capture_activations_hook]
-            assert not layer._backward_hooks
-            for factor in (layer.lora_A.default, layer.lora_B.default):
-                assert not factor._backward_hooks
+        assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+        assert factors and all(type(m.__dict__.get("forward")).__name__ == "_PerExampleFactor"
+                               for m in factors)
         ids, mask, labels = batch()
         per_example_loss(wrapped(input_ids=ids, attention_mask=mask).logits, labels).mean().backward()
         for name, param in lora_params(model).items():
@@ -315,6 +353,7 @@ def test_one_opacus_hook_per_lora_layer_and_none_on_the_factors():
         assert not any(p.grad is not None for p in model.parameters())  # base frozen
     finally:
         wrapped._close()
+    assert not any("forward" in m.__dict__ for m in factors)
     with stock_opacus():
         stock_wrapped = GradSampleModule(model)  # for contrast: stock hooks lora_A / lora_B
         assert all(isinstance(m, torch.nn.Linear) for m in stock_wrapped.iterate_submodules(model))
@@ -337,11 +376,11 @@ def test_privacy_engine_uses_the_lora_engine_and_stock_opacus_can_be_restored():
     assert type(dp_model) is LoraGradSampleModule and type(dp_optimizer) is LoraDPOptimizer
     dp_model._close()
     with stock_opacus():
-        assert not lora_sampler_registered()
+        assert not lora_engine_enabled()
         dp_model, dp_optimizer, _ = make_private(llama())
         assert type(dp_model) is GradSampleModule and type(dp_optimizer) is DPOptimizer
         dp_model._close()
-    assert lora_sampler_registered()
+    assert lora_engine_enabled()
 
 
 def test_a_dp_step_matches_stock_opacus():
@@ -443,59 +482,82 @@ def test_unsupported_adapters_are_refused_before_training(expected):
     assert not any(hasattr(m, "autograd_grad_sample_hooks") for m in model.modules())
 
 
-def test_adapter_merged_after_wrapping_stops_the_forward_pass():
+def test_adapter_merged_after_wrapping_leaves_no_per_sample_gradients():
+    """Merged after wrapping, the LoRA factors no longer run: nothing in the forward pass needs
+    a gradient and no factor gets a per-sample gradient, never a stale or partial one."""
     model = llama()
     wrapped = LoraGradSampleModule(model)
-    ids, mask, _labels = batch()
-    model.merge_adapter()  # the LoRA path no longer runs, its factors are still trainable
+    ids, mask, labels = batch()
+    model.merge_adapter()
     try:
-        with pytest.raises(UnsupportedLoraError, match="did not run"):
-            wrapped(input_ids=ids, attention_mask=mask)
+        logits = wrapped(input_ids=ids, attention_mask=mask).logits
+        assert not logits.requires_grad  # no trainable tensor in the pass: backward() refuses
+        assert all(getattr(p, "grad_sample", None) is None for p in lora_params(model).values())
+    finally:
+        wrapped._close()
+
+
+def test_a_second_backward_pass_through_one_forward_pass_is_refused():
+    model = llama()
+    wrapped = LoraGradSampleModule(model)
+    ids, mask, labels = batch()
+    try:
+        loss = per_example_loss(wrapped(input_ids=ids, attention_mask=mask).logits, labels).mean()
+        loss.backward(retain_graph=True)
+        with pytest.raises(UnsupportedLoraError, match="one backward pass per forward pass"):
+            loss.backward()
     finally:
         wrapped._close()
 
 
 def test_missing_per_sample_gradients_test_reaches_the_real_path(monkeypatch):
-    """tests/test_trainer.py breaks LoraGradSampleModule.capture_backprops_hook to simulate
-    lost per-sample gradients: the trainer's LoRA layers must go through that very method."""
-    hooked: list[type] = []
-    capture = LoraGradSampleModule.capture_backprops_hook
+    """tests/test_trainer.py breaks LoraGradSampleModule._gather to simulate lost per-sample
+    gradients: the trainer's per-sample gradients must come from that very method."""
+    gathered: list[int] = []
+    gather = LoraGradSampleModule._gather
 
-    def spy(self, module, *args, **kwargs):
-        hooked.append(type(module))
-        return capture(self, module, *args, **kwargs)
+    def spy(self):
+        gather(self)
+        gathered.append(sum(getattr(p, "grad_sample", None) is not None
+                            for p in self._module.parameters()))
 
-    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook", spy)
+    monkeypatch.setattr(LoraGradSampleModule, "_gather", spy)
     ids, mask, labels = batch()
     dataset = TensorDataset(ids.repeat(5, 1), labels.repeat(5, 1), mask.repeat(5, 1))
     settings = trainer.DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0,
                                        expected_batch_size=4, steps=1, learning_rate=0.02, seed=0)
-    trainer.train_dp_round(llama(), dataset, settings)
-    assert hooked and set(hooked) == {LoraLinear}
+    model = llama()
+    trainer.train_dp_round(model, dataset, settings)
+    assert gathered == [len(lora_params(model))]
 
 
-def test_trainer_trains_through_the_lora_engine(monkeypatch):
-    calls: list[type] = []
-    rearrange = LoraGradSampleModule.rearrange_grad_samples
+def test_trainer_clips_one_flat_buffer_per_step(monkeypatch):
+    """Each step of the trainer clips the engine's one per-sample buffer, not Opacus' loop."""
+    buffers: list[torch.Tensor | None] = []
+    clip = LoraDPOptimizer.clip_and_accumulate
 
-    def spy(self, *, module, **kwargs):
-        calls.append(type(module))
-        return rearrange(self, module=module, **kwargs)
+    def spy(self):
+        buffers.append(self.per_sample_source.per_sample_buffer())
+        return clip(self)
 
-    monkeypatch.setattr(LoraGradSampleModule, "rearrange_grad_samples", spy)
+    monkeypatch.setattr(LoraDPOptimizer, "clip_and_accumulate", spy)
     ids, mask, labels = batch()
     dataset = TensorDataset(ids.repeat(5, 1), labels.repeat(5, 1), mask.repeat(5, 1))
     settings = trainer.DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0,
                                        expected_batch_size=4, steps=3, learning_rate=0.02, seed=0)
-    result = trainer.train_dp_round(llama(), dataset, settings)
-    assert result.steps == 3
-    assert calls and set(calls) == {LoraLinear}
+    model = llama()
+    result = trainer.train_dp_round(model, dataset, settings)
+    total = sum(p.numel() for p in lora_params(model).values())
+    assert result.steps == 3 and len(buffers) >= 3
+    assert all(b is None or b.shape[1] == total for b in buffers)
+    assert sum(b is not None for b in buffers) >= 2  # an empty Poisson batch takes Opacus' path
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_gradient_checkpointing_keeps_per_sample_gradients_exact(arch):
     """The trainer's (reentrant) checkpointing recomputes the blocks in the backward pass: each
-    LoRA layer is captured once, in the recomputation, and the gradients are those without it."""
+    LoRA factor records its per-example copy once, in the recomputation, and the gradients are
+    those without it."""
     expected = engine_grad_samples(BUILDERS[arch](), LoraGradSampleModule)
     model = BUILDERS[arch]()
     trainer._checkpointing(model, True)

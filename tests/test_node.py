@@ -139,8 +139,8 @@ SETTINGS = DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0, expected_bat
 
 def test_missing_per_sample_gradients_stop_training(tiny_model_dir, monkeypatch):
     model, dataset = _tiny_batch(tiny_model_dir)
-    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook",
-                        lambda self, *args, **kwargs: None)  # the hooks silently do nothing
+    monkeypatch.setattr(LoraGradSampleModule, "_gather",
+                        lambda self: None)  # the per-sample gradients silently never arrive
     with pytest.raises(DPNotAppliedError, match="no per-sample gradients"):
         train_dp_round(model, dataset, SETTINGS)
 
@@ -196,14 +196,14 @@ def test_ffa_trains_sends_and_noises_b_alone(make_site, tiny_model_dir, monkeypa
     """Under ffa lora_A requires no gradient: Opacus gets no per-sample gradient of it and adds
     no noise to it, it does not move, and the node sends B alone."""
     sampled, noised = [], []
-    capture, add_noise = LoraGradSampleModule.capture_backprops_hook, LoraDPOptimizer.add_noise
+    gather, add_noise = LoraGradSampleModule._gather, LoraDPOptimizer.add_noise
 
-    def capture_then_look(self, module, *args, **kwargs):
-        capture(self, module, *args, **kwargs)
-        sampled.extend(id(p) for p in module.parameters()
+    def gather_then_look(self):
+        gather(self)
+        sampled.extend(id(p) for p in self._module.parameters()
                        if getattr(p, "grad_sample", None) is not None)
 
-    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook", capture_then_look)
+    monkeypatch.setattr(LoraGradSampleModule, "_gather", gather_then_look)
     monkeypatch.setattr(LoraDPOptimizer, "add_noise",
                         lambda self: (noised.extend(id(p) for p in self.params), add_noise(self))[1])
     node = SiteNode(load_site_policy(make_site()))

@@ -109,19 +109,19 @@ def test_noise_missing_after_the_first_step_stops_training(tiny, monkeypatch):
 
 def test_per_sample_gradients_missing_after_the_first_step_stop_training(tiny, monkeypatch):
     model, dataset = tiny
-    capture, step = LoraGradSampleModule.capture_backprops_hook, dp_opt.DPOptimizer.step
+    gather, step = LoraGradSampleModule._gather, dp_opt.DPOptimizer.step
     broken: list[int] = []
 
-    def capture_until_broken(self, *args, **kwargs):
+    def gather_until_broken(self):
         if not broken:
-            capture(self, *args, **kwargs)
+            gather(self)
 
     def step_then_break(self, closure=None):
         result = step(self, closure)
-        broken.append(1)  # Opacus' hooks silently do nothing from the second step on
+        broken.append(1)  # the per-sample gradients silently stop arriving from the second step on
         return result
 
-    monkeypatch.setattr(LoraGradSampleModule, "capture_backprops_hook", capture_until_broken)
+    monkeypatch.setattr(LoraGradSampleModule, "_gather", gather_until_broken)
     monkeypatch.setattr(dp_opt.DPOptimizer, "step", step_then_break)
     with pytest.raises(DPNotAppliedError, match="no per-sample gradients"):
         train_dp_round(model, dataset, settings(steps=5))
