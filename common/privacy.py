@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
 
 RDP = "opacus-rdp"
 PRV = "opacus-prv"
@@ -27,6 +28,23 @@ PRV_DELTA_ERROR_SHARE = 1000
 MAX_NOISE_MULTIPLIER = 1e4
 BISECTION_STEPS = 60  # far more than the 1e-3 relative precision needs from [0, 1e4]
 SEARCH_TOLERANCE = 1e-3  # calibration's answer is within this share above the exact root
+
+
+def _remember_rdp_of_one_step() -> None:
+    """Keep each RDP of one subsampled Gaussian step that Opacus computes, by (sampling rate,
+    noise multiplier, order): a pure function of three numbers, and most of accounting's time.
+
+    Opacus' PRV accountant bounds its domain with RDP, computing the same 151 orders twice
+    per epsilon, and a node asks for the epsilon of its history at one noise multiplier every
+    round; measured on the demo's model, privacy accounting was 1.6 s of a 16.5 s local-only
+    baseline of 3 rounds, most of it these orders. RDP over many steps is this times the steps.
+    """
+    compute = opacus_rdp._compute_rdp
+    if not hasattr(compute, "cache_info"):
+        opacus_rdp._compute_rdp = functools.lru_cache(maxsize=2**16)(compute)
+
+
+_remember_rdp_of_one_step()
 
 
 @dataclass(frozen=True)

@@ -67,3 +67,27 @@ def test_prv_calibration_against_prior_spend():
     again = calibrate_noise_multiplier(8.0, delta, q, steps, prior, accountant=PRV)
     assert again > prv_sigma
     assert epsilon_of([*prior, MechanismStep(again, q, steps)], delta, PRV) <= 8.0
+
+
+def test_remembered_rdp_orders_give_exactly_the_same_epsilon_and_noise(monkeypatch):
+    """The cache of one step's RDP (common/privacy.py) changes no figure: PRV, RDP and a
+    calibration agree to the last bit with Opacus' own uncached computation, and the cache is
+    what the accountants call."""
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from privatune.common import privacy
+
+    history = [MechanismStep(1.1, 0.05, 30), MechanismStep(0.8, 0.02, 60)]
+
+    def figures():
+        return (privacy._prv_epsilon.__wrapped__(tuple(privacy.merged(history)), 1e-5),
+                privacy.rdp_epsilon(history, 1e-5),
+                calibrate_noise_multiplier(3.0, 1e-5, 0.03, 90, accountant=privacy.RDP))
+
+    cached = opacus_rdp._compute_rdp
+    assert hasattr(cached, "cache_info")
+    cached.cache_clear()
+    remembered = figures()
+    assert cached.cache_info().hits > 0
+    monkeypatch.setattr(opacus_rdp, "_compute_rdp", cached.__wrapped__)
+    assert figures() == remembered
