@@ -67,7 +67,7 @@ class UnsupportedLoraError(ValueError):
 _engine_enabled = True  # off inside stock_opacus()
 
 # Autograd adds each per-example copy's gradient into the copy's view of the flat buffer, whose
-# rows hold every LoRA tensor: not the layout autograd would pick for a new gradient, and meant
+# rows hold every LoRA tensor: a layout autograd would not pick for a gradient, and the one meant
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
@@ -415,7 +415,7 @@ class LoraDPOptimizer(DPOptimizer):
         if self._holds("summed_grad", self._summed):  # a micro-batch after another
             self._summed.values.addmv_(flat.T, clip_factor)
         else:
-            earlier = [p.summed_grad for p in self.params if p.summed_grad is not None]
+            earlier = any(p.summed_grad is not None for p in self.params)
             self._summed = _FlatBuffer.reuse(self._summed, source.flat_layout, flat)
             torch.mv(flat.T, clip_factor, out=self._summed.values)
             if earlier:  # micro-batches that took Opacus' own path (an empty one, say)
