@@ -21,20 +21,21 @@ def acknowledge_command(policy_path: Path) -> int:
     """Record an operator's acknowledgement of this site's ledger rollback (see README)."""
     from privatune.client.node import acknowledge_rollback
     from privatune.client.policy import load_site_policy
+    from privatune.client.site_state import SiteBusy
     from privatune.common.ledger import SiteLedger
 
     policy = load_site_policy(policy_path)
     try:
         entry = acknowledge_rollback(policy)
-    except ValueError as err:  # nothing pending, LedgerError: they name the file
+    except (ValueError, SiteBusy) as err:  # nothing pending, LedgerError, a node answering
         print(f"privatune node: {err}", file=sys.stderr)
         return 2
     ledger = SiteLedger(policy.ledger_path)
     privacy = policy.privacy
-    print(f"{policy.ledger_path}: rollback acknowledged (entry {entry['seq']}). The coordinator "
-          f"held ledger entry {entry['reported_seq']} and epsilon "
-          f"{entry['reported_epsilon']:.4f} for this site; that spend is counted as a floor "
-          f"under it: epsilon now {ledger.epsilon(privacy.delta, privacy.accountant_name):.4f} "
+    print(f"{policy.ledger_path}: rollback acknowledged (entry {entry['seq']}). The highest "
+          f"spend reported with the lost releases (by the coordinator, which held ledger entry "
+          f"{entry['reported_seq']}, or by a kept release) is epsilon "
+          f"{entry['reported_epsilon']:.4f}; it is counted as a floor under this site's spend: epsilon now {ledger.epsilon(privacy.delta, privacy.accountant_name):.4f} "
           f"at delta {privacy.delta + ledger.floor().delta:g} (cap {privacy.epsilon_cap:g}). "
           "The node trains again when the coordinator next asks.")
     return 0

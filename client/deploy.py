@@ -174,9 +174,10 @@ def release_statement(site: CheckedSite) -> str:
         "gradients), each trained with DP-SGD (Opacus: per-example clipping, Gaussian noise, "
         "Poisson sampling) and covered by differential privacy:",
         f"     this node stops at epsilon = {privacy.epsilon_cap:g} at delta = {privacy.delta:g} "
-        f"in total over all runs and {privacy.run_budget:g} per run (RDP accounting), uses a "
-        f"noise multiplier of at least {privacy.min_noise_multiplier:g}, and takes part in at "
-        f"most {privacy.max_rounds} rounds per run and {privacy.max_runs} runs, whatever the "
+        f"in total over all runs and {privacy.run_budget:g} per run "
+        f"({privacy.accountant_name} accounting), uses a noise multiplier of at least "
+        f"{privacy.min_noise_multiplier:g}, and takes part in at most {privacy.max_rounds} "
+        f"rounds per run and {privacy.max_runs} runs (evaluation-only runs count), whatever the "
         "coordinator asks; a round that would pass a cap, or a request outside the policy's "
         "limits, is declined.",
         "  2. Non-private metrics, NOT covered by differential privacy (set in the policy's "
@@ -188,6 +189,8 @@ def release_statement(site: CheckedSite) -> str:
         "     - generation scores of the global adapter (ROUGE-L, BLEU and chrF of its "
         "completions of this site's held-out notes, averaged; never the text itself), when the "
         "coordinator asks: " + ("sent" if release.generation_scores else "withheld"),
+        f"     - each metric only over at least {release.min_records} held-out records "
+        "(release.min_records)",
         "  3. With every reply: the site name, whether the round was accepted (with the reason "
         "if declined), epsilon spent, delta, the epsilon cap, the accountant, the noise "
         "multiplier and the ledger's head (its number of entries and last hash). The "

@@ -12,19 +12,26 @@ head it last got back with each train request. A ledger that lacks that head (re
 old backup, cut or rewritten) has lost releases: the node declines every round until an
 operator acknowledges the rollback (``acknowledge_rollback``), which records the spend the
 coordinator held as a floor under the site's epsilon (``common.ledger.RollbackFloor``).
+The node holds two more pieces of evidence of its own (``client.site_state``): the head
+recorded beside the ledger, and the releases it kept; a ledger that lacks its recorded head, or
+does not list a kept release, stops it the same way, and the acknowledgement then counts the
+kept releases' spend too and lists them again. A resend is only ever of an update the ledger
+lists.
+
+One node process at a time answers for a site: from the budget check to the ledger append it
+holds the site's lock, and a request that finds it held is declined (``SiteBusy``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
+import math
 import secrets
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from privatune.common.process_heap import importing_libraries
 
@@ -32,7 +39,6 @@ from privatune.common.process_heap import importing_libraries
 # too: Ray's worker imports this module when it receives the ClientApp)
 with importing_libraries():
     import torch
-    from safetensors.torch import load_file, save_file
     from torch.utils.data import Dataset, TensorDataset
 
     from privatune.client.data import (DataError, Record, collapse_duplicates, load_records,
@@ -40,14 +46,16 @@ with importing_libraries():
     from privatune.client.engine import adapter_model
     from privatune.client.policy import (SitePolicy, check_delta, physical_batch_size,
                                          request_violation)
-    from privatune.client.trainer import DPTrainSettings, train_dp_round
+    from privatune.client.site_state import (RECOVERED_KEY, KeptRelease, SiteBusy,
+                                             listed_updates)
+    from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
     from privatune.common.examples import (SampledWindows, TokenizedTexts, consecutive_windows,
                                            encode_pairs, evaluate_loss, tokenize_texts)
     from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
     from privatune.common.hardware import resolve_hardware
-    from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, ROLLBACK_ACKNOWLEDGED,
-                                         LedgerHead, LedgerWriteError, SiteLedger, head_problem,
-                                         mechanism_step)
+    from privatune.common.ledger import (ADAPTER_UPDATE, NO_HEAD, NON_PRIVATE,
+                                         ROLLBACK_ACKNOWLEDGED, LedgerHead, LedgerWriteError,
+                                         SiteLedger, head_problem, mechanism_step)
     from privatune.common.lora import (LoraSettings, frozen_part, load_lora_state, lora_state,
                                        train_factors, trained_part, update_hash)
     from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
@@ -88,20 +96,50 @@ def acknowledge_rollback(policy: SitePolicy) -> dict:
     """An operator's acknowledgement of the pending rollback of this site's ledger, appended
     to it; the node trains again after it, counting at least the spend it had reported.
 
-    Raises ValueError if no rollback is pending.
+    Raises ValueError if no rollback is pending, SiteBusy while a node answers a request.
     """
-    ledger = SiteLedger(policy.ledger_path)
-    pending = pending_rollback(ledger.entries)
-    if pending is None:
-        raise ValueError(f"{policy.ledger_path}: no ledger rollback to acknowledge (the node "
-                         "has not declined a round for one since the last acknowledgement)")
-    return ledger.append(ROLLBACK_ACKNOWLEDGED, {
-        "run_id": pending["run_id"], "detected_at": pending["seq"],
-        "reported_seq": pending["reported_seq"], "reported_hash": pending["reported_hash"],
-        "reported_epsilon": pending["reported_epsilon"],
-        "reported_delta": pending["reported_delta"],
-        "note": "the releases after the last entry this ledger shares with the reported head "
-                "are lost from it; the reported spend is counted as a floor (basic composition)"})
+    with policy.state.exclusive():
+        ledger = SiteLedger(policy.ledger_path)
+        pending = pending_rollback(ledger.entries)
+        if pending is None:
+            raise ValueError(f"{policy.ledger_path}: no ledger rollback to acknowledge (the node "
+                             "has not declined a round for one since the last acknowledgement)")
+        return ledger.append(ROLLBACK_ACKNOWLEDGED, {
+            "run_id": pending["run_id"], "detected_at": pending["seq"],
+            "reported_seq": pending["reported_seq"], "reported_hash": pending["reported_hash"],
+            "reported_epsilon": pending["reported_epsilon"],
+            "reported_delta": pending["reported_delta"],
+            RECOVERED_KEY: pending.get(RECOVERED_KEY, []),
+            "note": "the releases after the last entry this ledger shares with the reported head, "
+                    "and the kept releases it did not list, are lost from it; the highest spend "
+                    "reported with them is counted as a floor (basic composition)"})
+
+
+MAX_ADAPTER_MAGNITUDE = 1e4  # LoRA factors beyond this overflow a forward pass in half precision
+
+
+def adapter_problem(state: Mapping[str, torch.Tensor]) -> str:
+    """Why a received global adapter cannot be trained or evaluated on, or "": a value that is
+    not finite, or so large that the forward pass overflows (training it would spend epsilon
+    on an update that could not be sent)."""
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            return (f"the global adapter from the coordinator is not finite (NaN or infinity in "
+                    f"{name}); nothing was trained or evaluated")
+        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if largest > MAX_ADAPTER_MAGNITUDE:
+            return (f"the global adapter from the coordinator holds {largest:.3g} in {name}, "
+                    f"beyond {MAX_ADAPTER_MAGNITUDE:g} (a LoRA factor that large overflows the "
+                    "forward pass); nothing was trained or evaluated")
+    return ""
+
+
+def runs_taken_part(entries: Sequence[Mapping]) -> set[str]:
+    """Runs this site released anything in: an update, or evaluation metrics (an
+    evaluation-only run counts toward ``privacy.max_runs`` too)."""
+    return {e["run_id"] for e in entries
+            if e.get("kind") == ADAPTER_UPDATE
+            or (e.get("kind") == NON_PRIVATE and e.get("release") == "evaluate_metrics")}
 
 
 FROZEN_A_KEY = "frozen_a_sha256"  # in a run's adapter_update entries under ffa
@@ -178,6 +216,7 @@ class SiteNode:
         self.heldout_pairs = [(r.prompt, r.completion) for r in heldout]
         self._tasks: dict[str, GenerationTasks] = {}
         check_delta(policy, len(self.train_units))
+        self.state = policy.state
         self.ledger = SiteLedger(policy.ledger_path)
         self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
         self._encoded: dict[tuple[str, int], TensorDataset] = {}
@@ -248,8 +287,8 @@ class SiteNode:
         if len(run_entries) >= privacy.max_rounds:
             return RoundPlan(f"site policy allows at most {privacy.max_rounds} rounds per run; "
                              f"this site already took part in {len(run_entries)}", 0.0, spent)
-        runs = {e["run_id"] for e in self.ledger.adapter_updates()}
-        if not run_entries and len(runs) >= privacy.max_runs:
+        runs = runs_taken_part(self.ledger.entries)
+        if request.run_id not in runs and len(runs) >= privacy.max_runs:
             return RoundPlan(f"site policy allows at most {privacy.max_runs} runs; this site "
                              f"already took part in {len(runs)}", 0.0, spent)
         sample_rate = poisson_sample_rate(len(self.train_units), request.batch_size)
@@ -273,46 +312,77 @@ class SiteNode:
                              f"{privacy.run_budget:g}", noise, after)
         return RoundPlan("", noise, after)
 
+    @contextmanager
+    def _answering(self) -> Iterator[None]:
+        """This process alone answers for the site meanwhile (SiteBusy otherwise), with the
+        ledger as it is on disk now: another process may have appended since."""
+        with self.state.exclusive():
+            self.ledger = SiteLedger(self.policy.ledger_path)
+            yield
+
     def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
         """One federated round at this site: policy check, DP-SGD, ledger, reply; a decline
-        when the ledger cannot record what the reply would release."""
-        self.ledger = SiteLedger(self.policy.ledger_path)  # another process may have appended
+        when the ledger cannot record what the reply would release, or another process is
+        answering for this site."""
         try:
-            return self._train(request, global_state)
+            with self._answering():
+                return self._train(request, global_state)
+        except SiteBusy as err:
+            return self._record_decline(request.run_id, request.round, str(err))
         except LedgerWriteError as err:
             return self._decline(_unrecorded(err, "update"))
 
+    def _record_decline(self, run_id: str, round_number: int, reason: str,
+                        **fields: object) -> TrainOutcome:
+        """Decline a train request, its reason listed in the ledger (a non-private release)."""
+        self.ledger = SiteLedger(self.policy.ledger_path)
+        self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
+                                         "release": "decline", "reason": reason, **fields})
+        return self._decline(reason)
+
     def _train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
-        rollback = self._rollback(request)
+        rollback = self._rollback(LedgerHead(request.ledger_seq, request.ledger_hash),
+                                  request.ledger_epsilon, request.ledger_delta)
         if rollback is not None:
             self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
                                              **rollback})
             return self._decline(rollback["reason"])
+        reason = self._address_problem(request.site) or adapter_problem(global_state)
+        if reason:
+            return self._record_decline(request.run_id, request.round, reason)
         resent = self._resend(request, global_state)
         if resent is not None:
             return resent
         plan = self.check_request(request)
         frozen = check_frozen_factors(request, global_state, self._run_entries(request.run_id))
-        reason = plan.reason or frozen.reason
+        reason = plan.reason or frozen.reason or self._space_problem(global_state)
         if reason:
-            self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                             "release": "decline", "reason": reason})
-            return self._decline(reason)
+            return self._record_decline(request.run_id, request.round, reason)
         model, tokenizer = self._model(LoraSettings.from_request(request))
-        load_lora_state(model, global_state)
+        reason = self._load_problem(model, global_state, request.max_length)
+        if reason:
+            return self._record_decline(request.run_id, request.round, reason)
         train_factors(model, request.aggregation)
         # which window of each patient is drawn comes from the site's own secret too, never the
         # coordinator's choice
         dataset = self._dataset("train", tokenizer, request.max_length, secrets.randbits(63))
-        result = train_dp_round(model, dataset, DPTrainSettings(
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
-            expected_batch_size=request.batch_size, steps=request.local_steps,
-            learning_rate=request.learning_rate,
-            max_physical_batch_size=physical_batch_size(self.policy.site, request),
-            gradient_checkpointing=request.gradient_checkpointing,
-            # the noise seed is the site's own secret: a coordinator-chosen seed could make two
-            # releases share their noise and void the accounting
-            seed=secrets.randbits(63)))
+        try:
+            result = train_dp_round(model, dataset, DPTrainSettings(
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
+                expected_batch_size=request.batch_size, steps=request.local_steps,
+                learning_rate=request.learning_rate,
+                max_physical_batch_size=physical_batch_size(self.policy.site, request),
+                gradient_checkpointing=request.gradient_checkpointing,
+                # the noise seed is the site's own secret: a coordinator-chosen seed could make
+                # two releases share their noise and void the accounting
+                seed=secrets.randbits(63)))
+        except DPNotAppliedError as err:
+            # nothing leaves the site, so nothing is spent; the request is what made DP fail
+            log.error("%s: DP check failed: %s", self.name, err)
+            return self._record_decline(request.run_id, request.round, (
+                f"training failed the node's DP checks ({err}) with this request "
+                f"(learning rate {request.learning_rate:g}, max_grad_norm "
+                f"{request.max_grad_norm:g}); nothing was released"))
         state = trained_part(lora_state(model), request.aggregation)  # ffa: never A
         privacy = self.policy.privacy
         epsilon = self.ledger.epsilon(privacy.delta, privacy.accountant_name, then=[
@@ -360,58 +430,106 @@ class SiteNode:
                                        epsilon_budget=privacy.epsilon_cap,
                                        accountant=privacy.accountant_name, **self._head()))
 
-    def _rollback(self, request: TrainRequest) -> dict | None:
-        """The decline entry's fields when the ledger is behind the head the coordinator holds
-        (or a rollback found earlier is not acknowledged yet); None when the ledger is sound."""
+    def _rollback(self, reported: LedgerHead, reported_epsilon: float,
+                  reported_delta: float) -> dict | None:
+        """The decline entry's fields when the ledger has lost releases, or a rollback found
+        earlier is not acknowledged yet; None when the ledger is sound.
+
+        Lost releases show three ways: the ledger lacks the head the coordinator holds
+        (``reported``), or the head recorded beside it, or it does not list a release kept on
+        disk. The floor an acknowledgement will count is the highest spend any of them reported.
+        """
         pending = pending_rollback(self.ledger.entries)
         if pending is not None:
             return {key: pending[key] for key in ("release", "reason", "reported_seq",
                                                   "reported_hash", "reported_epsilon",
-                                                  "reported_delta")}
-        problem = head_problem(self.ledger.entries,
-                               LedgerHead(request.ledger_seq, request.ledger_hash))
-        if problem is None:
+                                                  "reported_delta") + (RECOVERED_KEY,)
+                    if key in pending}
+        entries = self.ledger.entries
+        unlisted = self.state.unlisted_releases(entries)
+        problems = [p for p in (
+            head_problem(entries, reported),
+            head_problem(entries, self.ledger.witnessed_head(),
+                         f"this node recorded (in {self.ledger.witness_path.name})"),
+            _unlisted_problem(unlisted)) if p]
+        if not problems:
             return None
-        reason = (f"this site's ledger is behind what it reported to the coordinator: {problem}. "
-                  f"It may have been restored from an old backup or edited; releases may be "
-                  f"missing from it (the coordinator holds epsilon {request.ledger_epsilon:.4g} "
-                  f"for this site). No round is trained until an operator acknowledges it: "
-                  f"privatune node --site {self.policy.source} {ACKNOWLEDGE_FLAG}")
-        return {"release": ROLLBACK, "reason": reason, "reported_seq": request.ledger_seq,
-                "reported_hash": request.ledger_hash, "reported_epsilon": request.ledger_epsilon,
-                "reported_delta": request.ledger_delta}
+        epsilon = max([reported_epsilon, *(r.epsilon for r in unlisted)])
+        delta = max([reported_delta, *(r.delta for r in unlisted)])
+        reason = (f"this site's ledger has lost releases: {'; '.join(problems)}. It may have "
+                  f"been restored from an old backup, deleted or edited (the highest spend "
+                  f"reported with the lost releases is epsilon {epsilon:.4g}). No round is "
+                  f"trained until an operator acknowledges it: privatune node --site "
+                  f"{self.policy.source} {ACKNOWLEDGE_FLAG}")
+        return {"release": ROLLBACK, "reason": reason, "reported_seq": reported.seq,
+                "reported_hash": reported.hash, "reported_epsilon": epsilon,
+                "reported_delta": delta, RECOVERED_KEY: [r.update_sha256 for r in unlisted]}
 
-    def _release_path(self, request: TrainRequest) -> Path:
-        safe_run = hashlib.sha256(request.run_id.encode()).hexdigest()[:16]
-        return self.policy.ledger_path.parent / "released" / f"{safe_run}-round{request.round:04d}"
+    def _address_problem(self, addressed_to: str) -> str:
+        """A request the coordinator addressed to another site is declined before anything is
+        spent: the coordinator knows this node by its key as that site."""
+        if addressed_to and addressed_to != self.name:
+            return (f"the coordinator addressed this request to site {addressed_to!r}, but this "
+                    f"node is {self.name!r} (site.name in {self.policy.source}); nothing was "
+                    "trained or evaluated")
+        return ""
+
+    def _space_problem(self, global_state: Mapping[str, torch.Tensor]) -> str:
+        """Whether the state directory can hold what a round writes, checked before spending:
+        the ledger entries, and the kept update (a temporary copy and the file) with its record."""
+        needed = 2 * 4 * sum(t.numel() for t in global_state.values()) + 2**20
+        free = self.state.free_bytes()
+        if free < needed:
+            return (f"this site's state directory has {free} bytes free, fewer than the "
+                    f"{needed} a round writes (its ledger entries and kept update); nothing "
+                    "was trained")
+        return ""
+
+    def _load_problem(self, model, global_state: Mapping[str, torch.Tensor],
+                      max_length: int) -> str:
+        """Load the global adapter into the model, or say why it does not fit it (tensors, or a
+        length beyond the model's positions)."""
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions is not None and max_length > positions:
+            return (f"request max_length = {max_length} exceeds this site's base model's "
+                    f"{positions} positions; nothing was trained or evaluated")
+        try:
+            load_lora_state(model, global_state)
+        except ValueError as err:
+            return f"the global adapter does not fit this site's model: {err}"
+        return ""
 
     def _keep_release(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor],
                       outcome: TrainOutcome) -> None:
-        """Keep the update sent for this run and round, to re-send it if the reply is lost."""
-        path = self._release_path(request)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: t.contiguous() for n, t in outcome.state.items()}, str(path) + ".safetensors")
-        meta = {"input_sha256": update_hash(global_state), "reply": dataclasses.asdict(outcome.reply)}
-        Path(str(path) + ".json").write_text(json.dumps(meta), encoding="utf-8")
+        """Keep the update sent for this run and round, to resend it if the reply is lost. It
+        is sent whether or not it could be kept: its ledger entry is written."""
+        try:
+            self.state.keep(request.run_id, request.round, update_hash(global_state),
+                            outcome.state, dataclasses.asdict(outcome.reply))
+        except OSError as err:
+            log.error("%s: round %d's update could not be kept for resending (%s); it is sent, "
+                      "its ledger entry is written", self.name, request.round,
+                      err.strerror or err)
 
     def _resend(self, request: TrainRequest,
                 global_state: Mapping[str, torch.Tensor]) -> TrainOutcome | None:
         """The same update again when a restarted coordinator repeats a round with the same input.
 
         Sending an already released output again is post-processing: it costs no epsilon,
-        whereas training again would spend budget on a round the site already paid for.
+        whereas training again would spend budget on a round the site already paid for. Only an
+        update the ledger lists is resent: one it does not list stopped the node before this.
         """
-        path = self._release_path(request)
-        meta_path = Path(str(path) + ".json")
-        if not meta_path.is_file():
+        kept = self.state.kept(request.run_id, request.round)
+        if kept is None or kept.input_sha256 != update_hash(global_state):
             return None
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta["input_sha256"] != update_hash(global_state):
+        if kept.update_sha256 not in listed_updates(self.ledger.entries):
             return None
-        state = load_file(str(path) + ".safetensors")
+        state = self.state.update(kept)
+        if state is None:
+            return None
         self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                         "release": "resend", "update_sha256": update_hash(state)})
-        reply = TrainReply(**{**meta["reply"], "epsilon": self.epsilon(), "delta": self.delta(),
+                                         "release": "resend", "update_sha256": kept.update_sha256})
+        reply = TrainReply(**{**kept.reply, "epsilon": self.epsilon(), "delta": self.delta(),
                               **self._head()})
         return TrainOutcome(reply, state)
 
@@ -424,30 +542,63 @@ class SiteNode:
     def evaluate(self, request: EvaluateRequest,
                  global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
         """Held-out loss of the global adapter on this site's data (a non-private release), or
-        a decline: a request outside the site's limits, one evaluation more than a run may
-        have (each releases an exact held-out loss), or a ledger that cannot record it."""
-        self.ledger = SiteLedger(self.policy.ledger_path)  # another process may have appended
-        reason = request_violation(self.policy.limits, request)
-        answered = self.evaluations_answered(request.run_id)
-        if not reason and answered >= self.policy.max_evaluations_per_run:
-            reason = (f"site policy allows at most {self.policy.max_evaluations_per_run} "
-                      f"evaluations per run (limits.max_evaluations_per_run); this site already "
-                      f"answered {answered}")
+        a decline: a ledger that lost releases, a request outside the site's limits or
+        addressed to another site, one evaluation more than a run may have or a run more than
+        the site takes part in (each releases an exact held-out loss), too few held-out records
+        for a metric, or a ledger that cannot record it."""
         try:
-            if reason:
-                self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                                 "release": "decline", "request": "evaluate",
-                                                 "reason": reason})
-                return EvaluateReply(site=self.name, accepted=False, reason=reason)
-            return self._evaluate(request, global_state)
+            with self._answering():
+                rollback = self._rollback(NO_HEAD, 0.0, 0.0)
+                if rollback is not None:
+                    self.ledger.append(NON_PRIVATE, {"run_id": request.run_id,
+                                                     "round": request.round, **rollback})
+                    return EvaluateReply(site=self.name, accepted=False,
+                                         reason=rollback["reason"])
+                reason = self._evaluation_problem(request, global_state)
+                if reason:
+                    self.ledger.append(NON_PRIVATE, {"run_id": request.run_id,
+                                                     "round": request.round, "release": "decline",
+                                                     "request": "evaluate", "reason": reason})
+                    return EvaluateReply(site=self.name, accepted=False, reason=reason)
+                return self._evaluate(request, global_state)
+        except SiteBusy as err:
+            return EvaluateReply(site=self.name, accepted=False, reason=str(err))
         except LedgerWriteError as err:
-            unrecorded = _unrecorded(err, "evaluation")
-            return EvaluateReply(site=self.name, accepted=False, reason=reason or unrecorded)
+            return EvaluateReply(site=self.name, accepted=False,
+                                 reason=_unrecorded(err, "evaluation"))
+
+    def _evaluation_problem(self, request: EvaluateRequest,
+                            global_state: Mapping[str, torch.Tensor]) -> str:
+        """Why an evaluate request is declined before the model is touched, or ""."""
+        reason = (request_violation(self.policy.limits, request)
+                  or self._address_problem(request.site) or adapter_problem(global_state))
+        if reason:
+            return reason
+        answered = self.evaluations_answered(request.run_id)
+        if answered >= self.policy.max_evaluations_per_run:
+            return (f"site policy allows at most {self.policy.max_evaluations_per_run} "
+                    f"evaluations per run (limits.max_evaluations_per_run); this site already "
+                    f"answered {answered}")
+        runs = runs_taken_part(self.ledger.entries)
+        max_runs = self.policy.privacy.max_runs
+        if request.run_id not in runs and len(runs) >= max_runs:
+            return (f"site policy allows at most {max_runs} runs (privacy.max_runs, evaluation-"
+                    f"only runs included); this site already took part in {len(runs)}")
+        minimum = self.policy.release.min_records
+        if len(self.heldout_pairs) < minimum:
+            return (f"this site's held-out split holds {len(self.heldout_pairs)} records, fewer "
+                    f"than the {minimum} a released metric must cover (release.min_records)")
+        return ""
 
     def _evaluate(self, request: EvaluateRequest,
                   global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
         model, tokenizer = self._model(LoraSettings.from_request(request))
-        load_lora_state(model, global_state)
+        reason = self._load_problem(model, global_state, request.max_length)
+        if reason:
+            self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
+                                             "release": "decline", "request": "evaluate",
+                                             "reason": reason})
+            return EvaluateReply(site=self.name, accepted=False, reason=reason)
         dataset = self._dataset("heldout", tokenizer, request.max_length)
         loss, _ = evaluate_loss(model, dataset, request.batch_size)
         release = self.policy.release
@@ -457,7 +608,7 @@ class SiteNode:
             scores = self._generation_scores(request, model, tokenizer)
             if not release.example_count:
                 scores.pop("generation_examples", None)
-        eval_loss = loss if release.eval_loss else None
+        eval_loss = loss if release.eval_loss and math.isfinite(loss) else None
         self._record_metrics(request.run_id, request.round, "evaluate",
                              {"num_examples": len(self.heldout_units) if release.example_count
                               else None, "eval_loss": eval_loss, **scores})
@@ -473,9 +624,10 @@ class SiteNode:
 
     def _generation_scores(self, request: EvaluateRequest, model, tokenizer) -> dict[str, float | int]:
         """ROUGE-L, BLEU and chrF of the adapter's greedy completions of the first
-        ``max_examples`` held-out tasks: aggregates only, never a completion or a record."""
+        ``max_examples`` held-out tasks: aggregates only, never a completion or a record, and
+        none over fewer tasks than ``release.min_records``."""
         tasks = self.generation_tasks(request.marker).tasks[:request.max_examples]
-        if not tasks:
+        if len(tasks) < self.policy.release.min_records:  # a score over few notes tells of them
             return {}
         scores, _ = evaluate_generation(model, tokenizer, tasks, request.max_length,
                                         request.max_new_tokens, request.batch_size)
@@ -489,6 +641,16 @@ class SiteNode:
         released = {k: v for k, v in values.items() if v is not None}
         self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
                                          "release": f"{phase}_metrics", "values": released})
+
+
+def _unlisted_problem(unlisted: Sequence[KeptRelease]) -> str | None:
+    """The rollback problem kept releases the ledger does not list make, or None."""
+    if not unlisted:
+        return None
+    first = unlisted[0]
+    return (f"{len(unlisted)} release(s) kept in {first.path.parent} are not listed in it "
+            f"(the first: {first.path.name}, round {first.round}, sent at epsilon "
+            f"{first.epsilon:.4g})")
 
 
 def _unrecorded(err: LedgerWriteError, what: str) -> str:

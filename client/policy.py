@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from privatune.client.site_state import SiteState
 from privatune.common.config import (ConfigError, accountant_name, bounded, build, choice,
                                      device_choice, patient_windows, read_yaml)
 from privatune.common.privacy import delta_problem
@@ -80,6 +81,9 @@ class RequestLimits:
     max_length: int = field(default=2048, metadata=bounded(8, 1_000_000))
     max_grad_norm: float = field(default=100.0, metadata=bounded(0, 1e6, low_open=True))
     max_lora_r: int = field(default=64, metadata=bounded(1, 4096))
+    max_lora_alpha: int = field(default=1024, metadata=bounded(1, 1_000_000))
+    # the run length a coordinator may plan: the node calibrates its noise for all of it
+    max_planned_rounds: int = field(default=10_000, metadata=bounded(1, 1_000_000))
     # module names a coordinator may put LoRA on; empty: any the model has ("all-linear" too)
     lora_target_modules: tuple[str, ...] = ()
     # each evaluation releases an exact held-out loss; unset: privacy.max_rounds + 1 (every
@@ -91,6 +95,7 @@ class RequestLimits:
 
 
 MAX_RUN_ID_LENGTH = 128
+MIN_GRAD_NORM = 1e-4
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,9 @@ class ReleaseSection:
     eval_loss: bool = True
     # ROUGE-L, BLEU and chrF of the global model's completions of this site's held-out notes
     generation_scores: bool = True
+    # the fewest held-out records a released metric may cover: a loss or score over one note
+    # says much about that note
+    min_records: int = field(default=20, metadata=bounded(1, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,13 @@ class SitePolicy:
         return self.resolve(self.site.model)
 
     @property
+    def state(self) -> SiteState:
+        """The site's state directory: ledger, kept releases, the node's lock."""
+        return SiteState(self.resolve(self.site.state_dir))
+
+    @property
     def ledger_path(self) -> Path:
-        return self.resolve(self.site.state_dir) / "ledger.jsonl"
+        return self.state.ledger_path
 
     @property
     def max_evaluations_per_run(self) -> int:
@@ -176,17 +189,21 @@ def request_violation(limits: RequestLimits, request: TrainRequest | EvaluateReq
         ("batch_size", request.batch_size, 1, limits.max_batch_size, False),
         ("max_length", request.max_length, 8, limits.max_length, False),
         ("lora_r", request.lora_r, 1, limits.max_lora_r, False),
+        ("lora_alpha", request.lora_alpha, 1, limits.max_lora_alpha, False),
     ]
     if isinstance(request, TrainRequest):
         checks += [
+            ("round", request.round, 1, limits.max_planned_rounds, False),
             ("learning_rate", request.learning_rate, 0.0, limits.max_learning_rate, True),
             ("local_steps", request.local_steps, 1, limits.max_local_steps, False),
-            ("max_grad_norm", request.max_grad_norm, 0.0, limits.max_grad_norm, True),
-            ("planned_rounds", request.planned_rounds, 1, 1_000_000, False),
+            # below this, clipped gradients and their noise vanish under float32 rounding
+            ("max_grad_norm", request.max_grad_norm, MIN_GRAD_NORM, limits.max_grad_norm, False),
+            ("planned_rounds", request.planned_rounds, 1, limits.max_planned_rounds, False),
             ("max_physical_batch_size", request.max_physical_batch_size, 0, 1_000_000, False),
         ]
     else:  # generated tokens count against the same length bound as the prompt's
-        checks += [("max_new_tokens", request.max_new_tokens, 0, limits.max_length, False),
+        checks += [("round", request.round, 0, limits.max_planned_rounds, False),
+                   ("max_new_tokens", request.max_new_tokens, 0, limits.max_length, False),
                    ("max_examples", request.max_examples, 0, limits.max_generation_examples, False)]
     if not (0 < len(request.run_id) <= MAX_RUN_ID_LENGTH and request.run_id.isprintable()):
         return (f"request run_id must be 1 to {MAX_RUN_ID_LENGTH} printable characters "

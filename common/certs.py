@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privatune.common.durable import write_atomically
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -71,15 +72,7 @@ def _write(path: Path, data: bytes, *, secret: bool, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise CertError(f"{path}: already exists; refusing to overwrite it (pass overwrite to "
                         "replace it, then redistribute or re-register what depended on it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, data, 0o600 if secret else 0o644)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -16,6 +16,10 @@ byte for byte, to a ``<ledger>.torn-*`` side file (never lost), logged as a WARN
 as ``SiteLedger.set_aside`` so the node can surface it; ``audit`` reports both the torn line
 and the side file as problems.
 
+The head is also recorded beside the ledger (``<ledger>.head``, written atomically after each
+append): a ledger file put back from an older copy, or deleted, no longer holds the head the
+node itself recorded (``witnessed_head``).
+
 Anchoring: every reply a node sends carries its ledger's head (``LedgerHead``: the number of
 entries and the last entry's hash) and the coordinator keeps it. A ledger that no longer holds
 a head it reported (``head_problem``: a cut tail, or a history rewritten and re-chained) is
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from privatune.common.durable import fsync_dir, write_atomically
 from privatune.common.privacy import PRV, MechanismStep, epsilon_of
 
 GENESIS_HASH = "0" * 64
@@ -90,8 +95,10 @@ class LedgerHead:
 NO_HEAD = LedgerHead(-1, "")
 
 
-def head_problem(entries: list[dict[str, Any]], head: LedgerHead) -> str | None:
-    """Why verified ``entries`` do not hold ``head`` (a head the site reported), or None.
+def head_problem(entries: list[dict[str, Any]], head: LedgerHead,
+                 holder: str = "the site reported") -> str | None:
+    """Why verified ``entries`` do not hold ``head`` (a head the site reported, or the node's
+    own witness of it: ``holder`` says which, for the message), or None.
 
     A ledger shorter than the head lost its tail; one whose entry at the head's number has
     another hash was rewritten (re-chained or not) since the head was reported.
@@ -99,11 +106,11 @@ def head_problem(entries: list[dict[str, Any]], head: LedgerHead) -> str | None:
     if not head.known:
         return None
     if len(entries) < head.seq:
-        return (f"the ledger has {len(entries)} entries, but the site reported a head at entry "
+        return (f"the ledger has {len(entries)} entries, but {holder} a head at entry "
                 f"{head.seq} (entries were removed from its tail)")
     held = entries[head.seq - 1]["hash"] if head.seq else GENESIS_HASH
     if held != head.hash:
-        return (f"entry {head.seq} has hash {held[:16]}..., but the site reported "
+        return (f"entry {head.seq} has hash {held[:16]}..., but {holder} "
                 f"{head.hash[:16]}... for it (its history was rewritten)")
     return None
 
@@ -329,7 +336,7 @@ class SiteLedger:
                     _sync(side)
             except FileExistsError:
                 continue
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return aside
 
     def _write_line(self, handle: BinaryIO, line: bytes, seq: int) -> None:
@@ -396,9 +403,38 @@ class SiteLedger:
             entry["hash"] = entry_hash(entry)
             self._write_line(handle, _encode(entry, self.path), entry["seq"])
         if new_file:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self.entries.append(entry)
+        self._witness()
         return entry
+
+    @property
+    def witness_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".head")
+
+    def _witness(self) -> None:
+        """Record the head beside the ledger, so a ledger file put back from an older copy, or
+        deleted, is caught by the node itself. Best effort: the entry is already durable, and a
+        witness that lags the ledger is still one of its heads."""
+        head = self.head
+        try:
+            write_atomically(self.witness_path,
+                             json.dumps({"seq": head.seq, "hash": head.hash}).encode("ascii"))
+        except OSError as err:
+            log.warning("%s: the ledger's head could not be recorded (%s)", self.witness_path,
+                        err.strerror or err)
+
+    def witnessed_head(self) -> LedgerHead:
+        """The head last recorded beside the ledger; NO_HEAD when there is none (or it cannot be
+        read: then only the coordinator's anchor and the kept releases stand in for it)."""
+        try:
+            data = json.loads(self.witness_path.read_text(encoding="ascii"))
+            return LedgerHead(int(data["seq"]), str(data["hash"]))
+        except FileNotFoundError:
+            return NO_HEAD
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("%s: unreadable (%s); not used", self.witness_path, err)
+            return NO_HEAD
 
     def adapter_updates(self) -> list[dict[str, Any]]:
         return [e for e in self.entries if e.get("kind") == ADAPTER_UPDATE]
@@ -424,11 +460,3 @@ class SiteLedger:
 def _sync(handle: BinaryIO) -> None:
     handle.flush()
     os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -104,6 +104,9 @@ class TrainRequest(_Request):
     ledger_hash: str = ""
     ledger_epsilon: float = 0.0
     ledger_delta: float = 0.0
+    # the site the coordinator knows this node as (by its authentication key); "" unaddressed.
+    # A node of another name declines before spending anything.
+    site: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class EvaluateRequest(_Request):
     marker: str = ""
     max_new_tokens: int = 0
     max_examples: int = 0
+    site: str = ""  # as in TrainRequest
 
 
 # ------------------------------------------------------------------------------- replies

@@ -276,7 +276,7 @@ def test_node_refuses_a_rolled_back_ledger_until_acknowledged(make_site, tiny_mo
 
     shutil.copy(backup, ledger_path)  # the ledger is restored from the old backup
     refused = node.train(anchored(request(3, planned=20), second.reply), second.state)
-    assert not refused.reply.accepted and "behind what it reported" in refused.reply.reason
+    assert not refused.reply.accepted and "has lost releases" in refused.reply.reason
     assert f"--site {policy_path} --acknowledge-ledger-rollback" in refused.reply.reason
     # the coordinator now holds the declining reply's head, which the ledger has: still refused
     again = node.train(anchored(request(3, planned=20), refused.reply), second.state)
