@@ -9,8 +9,10 @@ note without the marker, with nothing before it, or with nothing after it is ski
 counted.
 
 The scores: ROUGE-L F1 (Google's ``rouge-score``, with its stemmer), averaged over examples,
-on 0..1; corpus BLEU and chrF (``sacrebleu``, its default settings) on 0..100. Nothing here
-computes a metric itself.
+on 0..1; corpus BLEU and chrF (``sacrebleu``, its default settings) on 0..100; and, since those
+barely notice a wrong number or a wrong verdict, the clinical scores of
+``privatune.common.clinical_metrics`` (the prompt's measurements stated right, the reference's
+control statuses matched, repeated 4-grams). Nothing here computes a metric itself.
 
 Decoding is greedy, at most ``max_new_tokens`` new tokens, on the model's own device, in eval
 mode and without gradients. A prompt is cut from its start (the end, nearest the marker, is
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from privatune.common.clinical_metrics import ClinicalScores, score_clinical
 from privatune.common.examples import head_ids
 from privatune.common.progress import progress_bar
 
@@ -115,24 +118,32 @@ class GenerationScores:
     bleu: float  # corpus BLEU (sacrebleu), 0..100
     chrf: float  # corpus chrF (sacrebleu), 0..100
     examples: int | None = None  # None where a site withholds its example count
+    clinical: ClinicalScores | None = None  # None where not scored (no prompts, not released)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rouge_l": self.rouge_l, "bleu": self.bleu, "chrf": self.chrf}
         if self.examples is not None:
             data["examples"] = self.examples
+        if self.clinical is not None:
+            data["clinical"] = self.clinical.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationScores:
-        examples = data.get("examples")
+        examples, clinical = data.get("examples"), data.get("clinical")
         return cls(rouge_l=float(data["rouge_l"]), bleu=float(data["bleu"]),
-                   chrf=float(data["chrf"]), examples=None if examples is None else int(examples))
+                   chrf=float(data["chrf"]), examples=None if examples is None else int(examples),
+                   clinical=None if clinical is None else ClinicalScores.from_json(clinical))
 
 
-def score_completions(predictions: Sequence[str], references: Sequence[str]) -> GenerationScores:
-    """ROUGE-L (rouge-score) and BLEU and chrF (sacrebleu) of predictions against references."""
+def score_completions(predictions: Sequence[str], references: Sequence[str],
+                      prompts: Sequence[str] | None = None) -> GenerationScores:
+    """ROUGE-L (rouge-score) and BLEU and chrF (sacrebleu) of predictions against references;
+    given the tasks' ``prompts`` (in the same order), also the clinical scores."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if prompts is not None and len(prompts) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(prompts)} prompts")
     if not predictions:
         raise ValueError("no completions to score")
     import sacrebleu  # imported when scoring: nodes that never generate do not pay for it
@@ -143,7 +154,9 @@ def score_completions(predictions: Sequence[str], references: Sequence[str]) -> 
     return GenerationScores(rouge_l=sum(rouge) / len(rouge),
                             bleu=float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score),
                             chrf=float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score),
-                            examples=len(predictions))
+                            examples=len(predictions),
+                            clinical=None if prompts is None else score_clinical(prompts, references,
+                                                                                 predictions))
 
 
 def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -217,10 +230,12 @@ class GenerationSample:
 def evaluate_generation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                         tasks: Sequence[GenerationTask], max_length: int, max_new_tokens: int,
                         batch_size: int = 16) -> tuple[GenerationScores, list[GenerationSample]]:
-    """Generate a completion for every task and score them against the references."""
-    completions = generate_completions(model, tokenizer, [t.prompt for t in tasks], max_length,
-                                       max_new_tokens, batch_size)
-    scores = score_completions(completions, [t.reference for t in tasks])
+    """Generate a completion for every task and score them against the references (and, for
+    the clinical scores, the prompts)."""
+    prompts = [t.prompt for t in tasks]
+    completions = generate_completions(model, tokenizer, prompts, max_length, max_new_tokens,
+                                       batch_size)
+    scores = score_completions(completions, [t.reference for t in tasks], prompts)
     return scores, [GenerationSample(t.prompt, t.reference, c) for t, c in zip(tasks, completions)]
 
 
