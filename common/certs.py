@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -242,7 +243,7 @@ def check_node_public_key(path: Path) -> None:
         key = serialization.load_ssh_public_key(Path(path).read_bytes())
     except OSError as err:
         raise CertError(f"{path}: cannot read the node's public key ({err.strerror or err})") from err
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise CertError(f"{path}: not an OpenSSH public key ({err})") from err
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CertError(f"{path}: Flower's node authentication needs an ECDSA key, got "

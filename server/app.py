@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -13,18 +13,28 @@ from privatune.common.config import load_job_config
 from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
 from privatune.common.protocol import (ADAPTER_KEY, EVALUATE, REQUEST_KEY, TRAIN, EvaluateReply,
                                        EvaluateRequest, TrainReply, TrainRequest)
-from privatune.server.coordinator import Coordinator, CoordinatorSettings, TrainResult
+from privatune.server.coordinator import Coordinator, CoordinatorSettings, EvaluateResult, TrainResult
 from privatune.server.report import RunReport, write_report
+from privatune.server.site_keys import SiteKeys
 
 
 class FlowerTransport:
-    """Sends requests through a Flower Grid and turns replies and silences into results."""
+    """Sends requests through a Flower Grid and turns replies and silences into results.
 
-    def __init__(self, grid: Grid):
-        self.grid = grid
+    With ``site_keys`` (a deployment, where every node authenticated with a registered key) each
+    node is the site its key is bound to; without (simulation) nodes are not told apart.
+    """
+
+    def __init__(self, grid: Grid, site_keys: SiteKeys | None = None):
+        self.grid, self.site_keys = grid, site_keys
 
     def node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
+
+    def node_sites(self) -> dict[int, str] | None:
+        """The site each connected node authenticated as, from the key the SuperLink holds for
+        it; None without site keys."""
+        return None if self.site_keys is None else self.site_keys.sites_of(self.grid.get_nodes())
 
     def _exchange(self, requests: Mapping[int, TrainRequest | EvaluateRequest], kind: str,
                   state: Mapping[str, torch.Tensor],
@@ -69,14 +79,14 @@ class FlowerTransport:
             results.append(TrainResult(node, reply, adapter))
         return results, failures
 
-    def evaluate(self, node_ids: Sequence[int], request: EvaluateRequest,
-                 state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[EvaluateReply], list[str]]:
-        replies, failures = self._exchange({node: request for node in node_ids}, EVALUATE, state,
-                                           timeout_s)
+    def evaluate(self, requests: Mapping[int, EvaluateRequest], state: Mapping[str, torch.Tensor],
+                 timeout_s: float) -> tuple[list[EvaluateResult], list[str]]:
+        """Each node's own request (addressed to its site) and the adapter."""
+        replies, failures = self._exchange(requests, EVALUATE, state, timeout_s)
         results = []
         for node, message in replies:
             try:
-                results.append(EvaluateReply.from_record(message.content))
+                results.append(EvaluateResult(node, EvaluateReply.from_record(message.content)))
             except ValueError as err:
                 failures.append(f"node {node}: malformed reply: {err}")
         return results, failures
@@ -93,15 +103,24 @@ def _adapter(content: RecordDict) -> dict[str, torch.Tensor]:
 SettingsResolver = Callable[[Context], CoordinatorSettings]
 
 
+def site_keys_from_run_config(context: Context) -> SiteKeys | None:
+    """Deployment: which site each key is (run config ``site-keys``, written by ``privatune
+    coordinator``); None where it is not given (simulation, a run submitted by hand)."""
+    path = str(context.run_config.get("site-keys", ""))
+    return SiteKeys.read(Path(path)) if path else None
+
+
 def settings_from_run_config(context: Context) -> CoordinatorSettings:
     """Deployment: the job file, model, output dir and evaluation set come from the run config."""
     config = context.run_config
     job = load_job_config(str(config["job-config"]))
     central = str(config.get("central-eval", ""))
+    keys = site_keys_from_run_config(context)  # the run's sites, recorded in its checkpoints
     return CoordinatorSettings(job=job, model_dir=Path(str(config["model-dir"])),
                                out_dir=Path(str(config["out-dir"])),
                                run_id=str(context.run_id),
-                               central_eval=Path(central) if central else None)
+                               central_eval=Path(central) if central else None,
+                               sites=() if keys is None else tuple(k.site for k in keys.keys))
 
 
 def make_server_app(resolve_settings: SettingsResolver = settings_from_run_config,
@@ -113,7 +132,8 @@ def make_server_app(resolve_settings: SettingsResolver = settings_from_run_confi
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = resolve_settings(context)
-        summary = Coordinator(settings, FlowerTransport(grid), progress).run()
+        transport = FlowerTransport(grid, site_keys_from_run_config(context))
+        summary = Coordinator(settings, transport, progress).run()
         if on_summary is not None:
             on_summary(summary)
         else:

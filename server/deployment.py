@@ -9,11 +9,15 @@ bundle, runs) take this object and raise :class:`DeploymentError` when Flower fa
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from privatune.common.certs import CertError, certificate_hosts, check_certificate, check_node_public_key
+from privatune.common.certs import (CertError, certificate_hosts, check_certificate, check_node_name,
+                                    check_node_public_key)
 from privatune.common.config import ConfigError, bounded, build, read_yaml
+from privatune.server.site_keys import SiteKeyFile, SiteKeys, SiteKeysError
 
 Progress = Callable[[str], None]
 
@@ -46,7 +50,9 @@ class TlsSection:
 
 @dataclass(frozen=True)
 class NodesSection:
-    public_keys: tuple[str, ...] = ()  # hospitals' .pub files, registered at every start
+    # site name -> that hospital's .pub file: registered at every start, and the site's identity
+    # (a node's replies count for the site whose key it authenticated with)
+    public_keys: tuple[SiteKeyFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,11 @@ def load_deployment(path: str | Path) -> CoordinatorDeployment:
     data, lines = read_yaml(path)
     if "source" in data:
         raise ConfigError(f"{path}: source: unknown key")
+    nodes = data.get("nodes")
+    keys = nodes.pop("public_keys", None) if isinstance(nodes, dict) else None
     deployment = build(CoordinatorDeployment, {**data, "source": str(path)}, str(path), lines)
+    deployment = dataclasses.replace(deployment, nodes=NodesSection(
+        _site_key_files(deployment, keys, path, lines)))
     split_address(deployment.superlink.address, f"{path}: superlink.address")
     split_address(f"{deployment.superlink.bind}:1", f"{path}: superlink.bind")
     for key in ("ca_cert", "server_cert", "server_key"):
@@ -137,9 +147,45 @@ def load_deployment(path: str | Path) -> CoordinatorDeployment:
         raise ConfigError(f"{path}: superlink.address: {host} is not a name in "
                           f"{deployment.server_cert} (it is valid for {', '.join(names)}); "
                           "make the certificate with 'privatune certs --host NAME'")
-    for index, key_file in enumerate(deployment.nodes.public_keys):
+    for key_file in deployment.nodes.public_keys:
         try:
-            check_node_public_key(deployment.resolve(key_file))
+            check_node_public_key(key_file.path)
         except CertError as err:
-            raise ConfigError(f"{path}: nodes.public_keys[{index}]: {err}") from err
+            raise ConfigError(f"{path}: nodes.public_keys.{key_file.site}: {err}") from err
+    try:
+        SiteKeys.from_files(deployment.nodes.public_keys)
+    except SiteKeysError as err:
+        raise ConfigError(f"{path}: {err}") from err
     return deployment
+
+
+def _site_key_files(deployment: CoordinatorDeployment, value: Any, path: str | Path,
+                    lines: dict[str, int]) -> tuple[SiteKeyFile, ...]:
+    """``nodes.public_keys``, a mapping of site name (the hospital policy's ``site.name``) to its
+    key file. A plain list of files, the old form, says no site and is refused with the fix."""
+
+    def where(key: str) -> str:
+        return f"{path}, line {lines[key]}: {key}" if key in lines else f"{path}: {key}"
+
+    if value is None or value == [] or value == {}:
+        return ()
+    if isinstance(value, list):
+        raise ConfigError(f"{where('nodes.public_keys')}: a list of key files does not say which "
+                          "site each key is; write one 'SITE: KEY.pub' line per hospital, SITE "
+                          "being the site.name of its policy (e.g. st-mary: "
+                          "../certs/nodes/st-mary.pub)")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where('nodes.public_keys')}: expected a mapping of site name to key "
+                          f"file, got {value!r}")
+    files = []
+    for site, key_file in value.items():
+        key = f"nodes.public_keys.{site}"
+        try:
+            check_node_name(str(site))
+        except CertError as err:
+            raise ConfigError(f"{where(key)}: {err}") from err
+        if not isinstance(key_file, str) or not key_file:
+            raise ConfigError(f"{where(key)}: expected the path of the site's .pub file, got "
+                              f"{key_file!r}")
+        files.append(SiteKeyFile(str(site), deployment.resolve(key_file)))
+    return tuple(files)

@@ -17,6 +17,7 @@ from privatune.common.certs import check_node_public_key
 from privatune.common.flower_process import flower_tool
 from privatune.server.deployment import CoordinatorDeployment, DeploymentError, Progress, say
 from privatune.server.flwr_cli import CONNECTION, flwr
+from privatune.server.site_keys import SiteKeyFile, SiteKeys
 
 
 def register_node(deployment: CoordinatorDeployment, public_key: Path) -> str:
@@ -31,16 +32,24 @@ def register_node(deployment: CoordinatorDeployment, public_key: Path) -> str:
     return f"{public_key.name}: registered as node {answer.get('node-id')}"
 
 
-def register_all(deployment: CoordinatorDeployment, extra: Sequence[Path] = (),
-                 progress: Progress = say) -> None:
-    """Register every configured key (in parallel: each ``flwr`` call is a Python start-up)."""
-    keys = [deployment.resolve(k) for k in deployment.nodes.public_keys] + list(extra)
+def register_all(deployment: CoordinatorDeployment, extra: Sequence[SiteKeyFile] = (),
+                 progress: Progress = say) -> SiteKeys:
+    """Register every configured key (in parallel: each ``flwr`` call is a Python start-up);
+    returns which site each key is."""
+    keys = [*deployment.nodes.public_keys, *extra]
+    sites = SiteKeys.from_files(keys)  # ambiguous extras fail before anything is registered
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for line in pool.map(lambda key: register_node(deployment, key), keys):
-            progress("node key " + line)
+        for key, line in zip(keys, pool.map(lambda key: register_node(deployment, key.path), keys)):
+            progress(f"node key of site {key.site}: {line}")
     if not keys:
-        progress("no hospital public keys configured (nodes.public_keys); register one with: "
-                 + registration_command(deployment, Path("HOSPITAL.pub")))
+        progress("no hospital public keys configured (nodes.public_keys, SITE: KEY.pub): no node "
+                 "can take part in a run")
+    return sites
+
+
+def write_site_keys(deployment: CoordinatorDeployment, sites: SiteKeys) -> Path:
+    """The binding the ServerApp reads (run config ``site-keys``), next to the run config."""
+    return sites.write(deployment.home / "site-keys.json")
 
 
 def registration_command(deployment: CoordinatorDeployment, public_key: Path) -> str:

@@ -1,9 +1,9 @@
-"""What a deployed run is submitted with: the four run-config keys of the ServerApp.
+"""What a deployed run is submitted with: the run-config keys of the ServerApp.
 
 ``[tool.flwr.app.config]`` in ``pyproject.toml`` names them (``job-config``, ``model-dir``,
-``out-dir``, ``central-eval``); here they are resolved to absolute paths from the job
-config, ``coordinator.yaml`` and the command line, and written in ``flwr run --run-config``
-syntax.
+``out-dir``, ``central-eval``, ``site-keys``); here they are resolved to absolute paths from
+the job config, ``coordinator.yaml`` and the command line, and written in
+``flwr run --run-config`` syntax.
 """
 
 from __future__ import annotations
@@ -18,17 +18,20 @@ from privatune.server.deployment import CoordinatorDeployment, Progress, say
 
 @dataclass(frozen=True)
 class RunInputs:
-    """The four run-config keys of ``[tool.flwr.app.config]``, as absolute paths."""
+    """The run-config keys of ``[tool.flwr.app.config]``, as absolute paths."""
 
     job_config: Path
     model_dir: Path
     out_dir: Path
     central_eval: Path | None = None
+    # which site each hospital key is (server.site_keys), written when the keys are registered
+    site_keys: Path | None = None
 
     def to_toml(self) -> str:
         values = {"job-config": self.job_config, "model-dir": self.model_dir,
                   "out-dir": self.out_dir,
-                  "central-eval": self.central_eval if self.central_eval else ""}
+                  "central-eval": self.central_eval if self.central_eval else "",
+                  "site-keys": self.site_keys if self.site_keys else ""}
         return "".join(f"{key} = {json.dumps(str(value) if value else '')}\n"
                        for key, value in values.items())
 

@@ -207,7 +207,9 @@ class LoopbackFederation:
             "site": {"name": name, "data": str(data), "format": "jsonl",
                      "model": str(self.model_dir), "state_dir": ".", "heldout_fraction": 0.2},
             "privacy": {"epsilon_cap": EPSILON_CAP, "delta": DELTA,
-                        "min_noise_multiplier": 0.3}}))
+                        "min_noise_multiplier": 0.3},
+            # a rehearsal's sites hold a few dozen notes: metrics over 8 held-out ones
+            "release": {"min_records": 8}}))
         return self.policies[name]
 
     def write_job(self, rounds: int, round_timeout_s: float, local_steps: int, batch_size: int,
@@ -235,7 +237,7 @@ class LoopbackFederation:
             "superlink": {"address": self.address, "bind": "127.0.0.1"},
             "tls": {"ca_cert": "certs/ca.pem", "server_cert": "certs/superlink.pem",
                     "server_key": "certs/superlink.key"},
-            "nodes": {"public_keys": [f"certs/nodes/{name}.pub" for name in self.registered]},
+            "nodes": {"public_keys": {name: f"certs/nodes/{name}.pub" for name in self.registered}},
             "run": run}))
         return self.deployment_file
 

@@ -22,7 +22,7 @@ from privatune.common.ledger import SiteLedger
 from privatune.common.lora import LoraSettings, initial_adapter, lora_state
 from privatune.common.privacy import calibrate_noise_multiplier
 from privatune.common.protocol import EvaluateRequest, TrainRequest
-from privatune.server.coordinator import Coordinator, CoordinatorSettings, TrainResult
+from privatune.server.coordinator import Coordinator, CoordinatorSettings, EvaluateResult, TrainResult
 from privatune.server.report import RunReport, render_markdown
 
 LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
@@ -271,12 +271,16 @@ class NodesTransport:
     def node_ids(self) -> list[int]:
         return list(self.nodes)
 
+    def node_sites(self) -> None:
+        return None  # not authenticated: sites are known by the names they report
+
     def train(self, requests, state, timeout_s):
         outcomes = [(n, self.nodes[n].train(request, state)) for n, request in requests.items()]
         return [TrainResult(n, o.reply, o.state) for n, o in outcomes], []
 
-    def evaluate(self, node_ids, request, state, timeout_s):
-        return [self.nodes[n].evaluate(request, state) for n in node_ids], []
+    def evaluate(self, requests, state, timeout_s):
+        return [EvaluateResult(n, self.nodes[n].evaluate(request, state))
+                for n, request in requests.items()], []
 
 
 def test_coordinator_run_with_a_site_declining_evaluation_completes(make_site, tiny_model_dir,
