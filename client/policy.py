@@ -46,7 +46,7 @@ class PrivacySection:
     # whole text (all of it gets trained on), or their text cut once at max_length
     patient_sampling: str = field(default="truncate", metadata=choice("window", "truncate"))
     epsilon_cap: float = field(default=8.0, metadata=bounded(0, 1e4, low_open=True))
-    delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True))
+    delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True, high_open=True))
     min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))
     max_rounds: int = field(default=100, metadata=bounded(1, 1_000_000))
     # the most one run (one coordinator's job) may spend; unset means the lifetime cap

@@ -342,19 +342,32 @@ def audit_site(ledger: Path, name: str | None = None,
     return audit_ledger(ledger, name, budget, record)
 
 
+def audit_in_run(ledger: Path, site: str, records: dict[str, SiteRecord]) -> SiteAudit:
+    """Audit a ledger as site ``site``'s in a run the coordinator recorded (``records``): a
+    site the record does not name is a problem, since nothing ties its ledger to this run
+    (another run's ledger would pass every other check)."""
+    result = audit_site(ledger, site, records.get(site))
+    if site not in records:
+        result.problems.append(f"the run's record has no site {site!r} (it has "
+                               f"{', '.join(records) or 'none'}): this ledger cannot be checked "
+                               "as this run's, and may be another run's")
+    return result
+
+
 def audit_path(path: Path, records: dict[str, SiteRecord] | None = None,
                name: str | None = None) -> list[SiteAudit]:
     """Audit a single ledger file (as site ``name``, by default its folder's name) or every
-    ``sites/<site>/ledger.jsonl`` of a run directory, each against the coordinator's record of
-    its site when ``records`` are given."""
-    records = records or {}
+    ``sites/<site>/ledger.jsonl`` of a run directory; given the run's ``records``, each as a
+    ledger of that run (``audit_in_run``), else on its own."""
+    def audit(ledger: Path, site: str) -> SiteAudit:
+        return audit_site(ledger, site) if records is None else audit_in_run(ledger, site, records)
+
     if path.is_file():
-        site = name or path.parent.name
-        return [audit_site(path, site, records.get(site))]
+        return [audit(path, name or path.parent.name)]
     site_dirs = sorted(p for p in (path / "sites").glob("*") if p.is_dir())
     if not site_dirs:
         raise FileNotFoundError(f"{path}: neither a ledger file nor a run directory with sites/")
-    return [audit_site(d / "ledger.jsonl", d.name, records.get(d.name)) for d in site_dirs]
+    return [audit(d / "ledger.jsonl", d.name) for d in site_dirs]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -27,9 +27,10 @@ class ConfigError(ValueError):
 
 
 def bounded(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            doc: str = "") -> dict[str, Any]:
-    """Field metadata for a numeric range check (``low < x`` when ``low_open``)."""
-    return {"low": low, "high": high, "low_open": low_open, "doc": doc}
+            high_open: bool = False, doc: str = "") -> dict[str, Any]:
+    """Field metadata for a numeric range check (``low < x`` when ``low_open``, ``x < high``
+    when ``high_open``)."""
+    return {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "doc": doc}
 
 
 def choice(*options: str) -> dict[str, Any]:
@@ -99,7 +100,9 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     epsilon: float = field(default=8.0, metadata=bounded(0, 1e4, low_open=True))
-    delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True))
+    # a mechanism may fail with probability delta: at 1 it promises nothing (each site's node
+    # further refuses a delta not below 1 / its number of privacy units)
+    delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True, high_open=True))
     unit: str = field(default="record", metadata=choice("record", "patient"))
     # each simulated site's privacy.patient_sampling (client/policy.py): window | truncate
     patient_sampling: str = field(default="truncate", metadata=choice("window", "truncate"))
@@ -417,8 +420,9 @@ def _check_range(value: float, meta: Mapping[str, Any], where: _Where, key: str)
     if low is not None and (value <= low if meta.get("low_open") else value < low):
         op = ">" if meta.get("low_open") else ">="
         raise ConfigError(f"{where(key)}: {value!r} is out of range (must be {op} {low})")
-    if high is not None and value > high:
-        raise ConfigError(f"{where(key)}: {value!r} is out of range (must be <= {high})")
+    if high is not None and (value >= high if meta.get("high_open") else value > high):
+        op = "<" if meta.get("high_open") else "<="
+        raise ConfigError(f"{where(key)}: {value!r} is out of range (must be {op} {high})")
 
 
 def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:

@@ -1,4 +1,4 @@
-"""What the coordinator recorded of each site, as the audit and the release gate read it.
+"""What the coordinator recorded of a run, as the audit, the release gate and a resume read it.
 
 Each reply a site sent carried its ledger head; each accepted train reply carried an update
 whose SHA-256 the coordinator computed on receipt. The coordinator derives this record from its
@@ -6,11 +6,16 @@ round records and writes it (``RECORD_KEY``) into report.json and every checkpoi
 state.json, so ``audit`` and ``export`` can compare a site's ledger with it without the server's
 code: a ledger that lacks a reported head was cut or rewritten, and a received update the
 ledger does not list is a release it hides.
+
+Each checkpoint also says which run it is (``RunIdentity``: the run id, the job's config and the
+sites it was started for), so that a restarted coordinator continues only the run it belongs to
+(``resume_refusal``), and ``privatune coordinator`` can check that before it submits a run.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,3 +108,97 @@ def read_run_record(path: Path) -> dict[str, SiteRecord]:
         return records_from_json(data[RECORD_KEY])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not a usable record of a run: {err}") from err
+
+
+# What a resumed run may change: how long the coordinator waits, which of its devices evaluates
+# and where the figures go. Everything else shapes what the sites train, release or spend, or
+# what the report compares, so a checkpoint is resumed only by the job it was written by.
+RESUMABLE_CHANGES = frozenset({"federation.node_wait_s", "federation.round_timeout_s",
+                               "model.device", "tracking"})
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest completed round's checkpoint (its state.json is written last)."""
+    done = sorted(p.parent for p in (Path(out_dir) / "checkpoints").glob("round_*/state.json"))
+    return done[-1] if done else None
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Which run a checkpoint belongs to: its id and last completed round, the job it was
+    written by (the config as plain data; None in a checkpoint older than this record), the
+    sites the run was started for (empty where they were not known in advance) and the sites
+    that replied so far."""
+
+    run_id: str
+    round: int
+    config: dict[str, Any] | None
+    sites: tuple[str, ...] = ()
+    replied: tuple[str, ...] = ()
+
+    @classmethod
+    def from_state(cls, data: Mapping[str, Any]) -> RunIdentity:
+        """From a checkpoint's state.json."""
+        return cls(run_id=str(data["run_id"]), round=int(data["round"]), config=data.get("config"),
+                   sites=tuple(data.get("job_sites", ())), replied=tuple(sorted(data["sites"])))
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> RunIdentity:
+        """From a checkpoint directory; an unreadable one is a ValueError naming its file."""
+        path = checkpoint / "state.json"
+        try:
+            return cls.from_state(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a readable checkpoint state ({err})") from err
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(recorded: Mapping[str, Any], job: Mapping[str, Any]) -> list[str]:
+    """Every dotted key whose value differs between two configs (as plain data), with both."""
+    before, after = _flat(recorded), _flat(json.loads(json.dumps(job)))  # tuples as JSON lists
+    return [f"{key}: {before.get(key, '(absent)')!r} in the checkpoint, "
+            f"{after.get(key, '(absent)')!r} in this job"
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
+def resume_refusal(checkpoint: Path, run: RunIdentity, job: Mapping[str, Any],
+                   sites: Sequence[str] = ()) -> str | None:
+    """Why the run in ``checkpoint`` (``<out>/checkpoints/round_NNN``) may not be continued by
+    ``job`` (its config as plain data), or None when it may.
+
+    A resume continues one unfinished run: the job that wrote it (its config, but for
+    ``RESUMABLE_CHANGES``), with the sites it was started for (where both are known; else
+    every site that replied must be among ``sites``, where they are known). A run with all its
+    rounds checkpointed and its report written is finished: a new submission is a new run.
+    Anything else would write one run's rounds into another's report.
+    """
+    if run.config is None:
+        problems = ["the checkpoint records no job config (written by an older privatune), so "
+                    "this job cannot be checked against it"]
+    else:
+        problems = [change for change in config_changes(run.config, job)
+                    if change.split(":", 1)[0] not in RESUMABLE_CHANGES]
+    if sites and run.sites and sorted(run.sites) != sorted(sites):
+        problems.append(f"the run was started for sites {', '.join(sorted(run.sites))}; this job "
+                        f"has {', '.join(sorted(sites))}")
+    elif sites and (strangers := sorted(set(run.replied) - set(sites))):
+        problems.append(f"sites {', '.join(strangers)} took part in the run; this job has no "
+                        "such site")
+    report = checkpoint.parent.parent / "report.json"
+    if not problems and run.round >= job["federation"]["rounds"] and report.is_file():
+        problems.append(f"the run is finished (its {run.round} rounds are done and {report} "
+                        "is written)")
+    if not problems:
+        return None
+    return (f"{checkpoint}: will not resume run {run.run_id} (after round {run.round}) with this "
+            f"job: {'; '.join(problems)}. Its checkpoints, report and the sites' ledgers are "
+            "kept as they are; to start afresh, give the new run another output directory")

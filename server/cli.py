@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from privatune.common.cli import interrupt_on_sigterm, make_hospital_keys
 from privatune.common.config import ConfigError
+
+if TYPE_CHECKING:
+    from privatune.server.site_keys import SiteKeyFile
 
 DEFAULT_DEPLOYMENT = "coordinator.yaml"
 
@@ -28,7 +32,7 @@ def coordinator_command(args: argparse.Namespace) -> int:
     job_path = Path(args.config).resolve()
     deployment_path = Path(args.deployment) if args.deployment else job_path.parent / DEFAULT_DEPLOYMENT
     deployment = load_deployment(deployment_path)
-    extra = [Path(p).resolve() for p in args.register]
+    extra = [site_key_file(text) for text in args.register]
     interrupt_on_sigterm()
     try:
         job = load_job_config(job_path)  # fail here, not inside the ServerApp
@@ -45,6 +49,17 @@ def coordinator_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("privatune coordinator: interrupted", file=sys.stderr)
         return 130
+
+
+def site_key_file(text: str) -> SiteKeyFile:
+    """``--register SITE=KEY.pub``: the key and the site it authenticates."""
+    from privatune.server.site_keys import SiteKeyFile
+
+    site, sep, key = text.partition("=")
+    if not sep or not site or not key:
+        raise ConfigError(f"--register {text}: write SITE=KEY.pub (SITE: the hospital policy's "
+                          "site.name), e.g. --register st-mary=certs/nodes/st-mary.pub")
+    return SiteKeyFile(site, Path(key).resolve())
 
 
 def certs_command(args: argparse.Namespace) -> int:
@@ -86,8 +101,8 @@ def certs_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from privatune.server.export import (ReleaseRefused, describe_unverified, export_adapter,
-                                         export_merged, select_adapter)
+    from privatune.server.export import (ReleaseRefused, describe_audit, describe_unverified,
+                                         export_adapter, export_merged, select_adapter)
 
     ledgers = {}
     for item in args.ledger:
@@ -118,7 +133,7 @@ def export_command(args: argparse.Namespace) -> int:
         print(f"privatune: {err}", file=sys.stderr)
         return 3
     for audit in gate.audits:
-        print(f"{audit.name}: ledger {audit.path} audited: {'pass' if audit.ok else 'FAILED'}")
+        print(f"{audit.name}: ledger {audit.path} audited: {describe_audit(audit, gate)}")
     for record in gate.unverified:
         print(describe_unverified(record))
     what = "merged model" if args.merged else "adapter"
@@ -139,8 +154,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                              help=f"deployment YAML (SuperLink, certificates, node keys); default: "
                              f"{DEFAULT_DEPLOYMENT} next to --config")
     coordinator.add_argument("--out", default="", help="run directory (overrides run.out_dir)")
-    coordinator.add_argument("--register", action="append", default=[], metavar="KEY.pub",
-                             help="also register this hospital public key (repeatable)")
+    coordinator.add_argument("--register", action="append", default=[], metavar="SITE=KEY.pub",
+                             help="also register this hospital public key as site SITE (its "
+                             "policy's site.name; repeatable)")
     coordinator.add_argument("--serve", action="store_true",
                              help="only run the SuperLink (and register keys) until Ctrl-C; "
                              "later 'privatune coordinator' calls submit runs to it")
@@ -183,8 +199,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "complete)")
     export.add_argument("--ledger", action="append", default=[], metavar="SITE=PATH",
                         help="a site's ledger.jsonl collected from its hospital (repeatable): "
-                        "audited against the run's record; a deployed run's site without one is "
-                        "reported as not independently verified")
-    export.add_argument("--force", action="store_true", help="export despite audit findings")
+                        "audited against the run's record; without every site's ledger and the "
+                        "run's record the export is refused unless forced")
+    export.add_argument("--force", action="store_true",
+                        help="export despite audit findings or evidence missing (the model card "
+                        "names what was not verified)")
     export.add_argument("--reason", help="why the export is forced (recorded)")
     export.set_defaults(handler=export_command)

@@ -19,10 +19,11 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
+from privatune.common.certs import CertError, check_node_name
 from privatune.common.config import JobConfig, to_dict
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
@@ -38,7 +39,8 @@ from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggr
                                          validate_update, weight_problem)
 from privatune.server.evaluation import CentralEvaluator
 from privatune.server.tracking import open_tracker
-from privatune.common.run_record import RECORD_KEY
+from privatune.common.run_record import (RECORD_KEY, RunIdentity, latest_checkpoint,
+                                         resume_refusal)
 from privatune.server.report import (CentralSummary, RoundEvaluation, RoundRecord, RoundTraining,
                                      RunReport, SampleCompletions, SiteReply, SiteSummary,
                                      site_records)
@@ -57,16 +59,29 @@ class TrainResult:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class EvaluateResult:
+    node_id: int
+    reply: EvaluateReply
+
+
+Result = TypeVar("Result", TrainResult, EvaluateResult)
+
+
 class Transport(Protocol):
     """How the coordinator reaches nodes (Flower's Grid in practice)."""
 
     def node_ids(self) -> list[int]: ...
 
+    def node_sites(self) -> Mapping[int, str] | None:
+        """The site each node is bound to by its authentication key; None where nodes are not
+        authenticated (simulation): then a site is known by the name its replies report."""
+
     def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
               timeout_s: float) -> tuple[list[TrainResult], list[str]]: ...
 
-    def evaluate(self, node_ids: Sequence[int], request: EvaluateRequest,
-                 state: Mapping[str, torch.Tensor], timeout_s: float) -> tuple[list[EvaluateReply], list[str]]: ...
+    def evaluate(self, requests: Mapping[int, EvaluateRequest], state: Mapping[str, torch.Tensor],
+                 timeout_s: float) -> tuple[list[EvaluateResult], list[str]]: ...
 
 
 @dataclass(frozen=True)
@@ -76,7 +91,16 @@ class CoordinatorSettings:
     out_dir: Path
     run_id: str
     central_eval: Path | None = None
+    # continue the run of the newest checkpoint in out_dir (after a crash), if it is this job's
+    # (common.run_record.resume_refusal); False: a new run, refused where checkpoints exist
     resume: bool = True
+    # the sites the job runs with, where known before it starts (a simulation's): recorded in
+    # the checkpoints, and a checkpoint of other sites is not resumed
+    sites: tuple[str, ...] = ()
+
+
+class ResumeRefused(ValueError):
+    """The output directory holds checkpoints of a run this job may not continue."""
 
 
 @dataclass
@@ -124,17 +148,24 @@ class SiteTally:
 
 @dataclass
 class CheckpointState:
-    """A checkpoint's state.json: the run, its last completed round, history and site tallies."""
+    """A checkpoint's state.json: the run, its last completed round, history and site tallies,
+    and what a resume is checked against (``RunIdentity``): the job's config and sites."""
 
     run_id: str
     round: int
     rounds: list[RoundRecord]
     sites: dict[str, SiteTally]
+    config: dict[str, Any] | None = None  # None: a checkpoint written before it was recorded
+    job_sites: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = {"run_id": self.run_id, "round": self.round,
                 "rounds": [r.to_json() for r in self.rounds],
                 "sites": {name: site.to_json() for name, site in self.sites.items()}}
+        if self.config is not None:
+            data["config"] = self.config
+        if self.job_sites:
+            data["job_sites"] = list(self.job_sites)
         record = site_records(self.rounds)  # derived from the rounds, for the audit; not read back
         if record:
             data[RECORD_KEY] = {site: r.to_json() for site, r in record.items()}
@@ -144,7 +175,8 @@ class CheckpointState:
     def from_json(cls, data: dict[str, Any]) -> CheckpointState:
         return cls(run_id=str(data["run_id"]), round=int(data["round"]),
                    rounds=[RoundRecord.from_json(r) for r in data["rounds"]],
-                   sites={name: SiteTally.from_json(site) for name, site in data["sites"].items()})
+                   sites={name: SiteTally.from_json(site) for name, site in data["sites"].items()},
+                   config=data.get("config"), job_sites=tuple(data.get("job_sites", ())))
 
     @classmethod
     def read(cls, directory: Path) -> CheckpointState:
@@ -171,10 +203,42 @@ def wait_for_nodes(transport: Transport, minimum: int, timeout_s: float,
         time.sleep(poll_s)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest completed round's checkpoint (its state.json is written last)."""
-    done = sorted(p.parent for p in (out_dir / "checkpoints").glob("round_*/state.json"))
-    return done[-1] if done else None
+def checkpoint_to_resume(settings: CoordinatorSettings) -> Path | None:
+    """The checkpoint the coordinator continues from (None: a fresh run); ``ResumeRefused``
+    where out_dir holds a run this job may not continue, so that nothing of it is overwritten
+    and no report mixes two runs."""
+    latest = latest_checkpoint(settings.out_dir)
+    if latest is None:
+        return None
+    run = RunIdentity.read(latest)
+    if not settings.resume:
+        raise ResumeRefused(f"{settings.out_dir} holds the checkpoints of run {run.run_id} (after "
+                            f"round {run.round}); run {settings.run_id} is a new run and would "
+                            "mix with them. They are kept as they are; give the new run another "
+                            "output directory")
+    refusal = resume_refusal(latest, run, to_dict(settings.job), settings.sites)
+    if refusal:
+        raise ResumeRefused(refusal)
+    return latest
+
+
+def _addressee(sites: Mapping[int, str] | None, node_id: int) -> str:
+    """The site a request to ``node_id`` is addressed to ("": unaddressed, no authentication)."""
+    return "" if sites is None else sites[node_id]
+
+
+def _is_site_name(name: str) -> bool:
+    """Site names end up in file names and reports: the rule of hospital key names."""
+    try:
+        check_node_name(name)
+    except CertError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """A reported name in a failure line: quoted, escaped and cut short."""
+    return repr(name[:64]) + ("..." if len(name) > 64 else "")
 
 
 def _perplexity(loss: float | None) -> float | None:
@@ -208,6 +272,7 @@ class Coordinator:
                  progress: Callable[[str], None] = print):
         self.settings, self.transport, self.progress = settings, transport, progress
         job = settings.job
+        resume_from = checkpoint_to_resume(settings)  # before any model is loaded
         self.lora = LoraSettings.from_job(job)
         hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
         base, tokenizer = load_base_model(settings.model_dir, hardware.device, hardware.dtype)
@@ -222,9 +287,8 @@ class Coordinator:
         self.rounds: list[RoundRecord] = []
         self.sites: dict[str, SiteTally] = {}
         self.rng = random.Random(job.seed)
-        latest = latest_checkpoint(settings.out_dir)
-        if settings.resume and latest is not None:
-            self._restore(latest)
+        if resume_from is not None:
+            self._restore(resume_from)
         # the run's figures after each round (TensorBoard, MLflow or none); opened at first use
         self.tracker = open_tracker(job.tracking, settings.out_dir, self.run_id, to_dict(job),
                                     progress)
@@ -246,14 +310,16 @@ class Coordinator:
 
     def train_round(self, round_number: int) -> RoundTraining:
         fed = self.settings.job.federation
-        ids = wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
+        ids, sites = self._addressable(wait_for_nodes(self.transport, fed.min_nodes,
+                                                      fed.node_wait_s))
         chosen = self._sample(ids)
         self.progress(f"[round {round_number}/{fed.rounds}] training at {len(chosen)} nodes")
         request = train_request(self.settings.job, self.run_id, round_number)
-        results, failures = self.transport.train({node: self._anchored(node, request)
-                                                  for node in chosen}, self.global_state,
-                                                 fed.round_timeout_s)
+        results, failures = self.transport.train(
+            {node: dataclasses.replace(self._anchored(node, request), site=_addressee(sites, node))
+             for node in chosen}, self.global_state, fed.round_timeout_s)
         outcome = RoundTraining(failures=list(failures))
+        results = self._identified(results, sites, outcome.failures)
         # what the sites train and send back: under ffa only B, A staying as initialised
         trained = trained_part(self.global_state, fed.aggregation)
         fitting = self._fitting_updates(results, trained, outcome)
@@ -295,8 +361,8 @@ class Coordinator:
                          outcome: RoundTraining) -> list[TrainResult]:
         """Accepted replies whose update fits the adapter's ``trained`` part and whose weight is sane.
 
-        A site is known by the node that answered: two nodes claiming one site name in a round
-        are both left out, since the coordinator cannot tell which one is that site.
+        Where nodes are not bound to sites by key (``_identified``), two nodes claiming one site
+        name in a round are both left out, since the coordinator cannot tell which one is that site.
         """
         fed = self.settings.job.federation
         claims = Counter(r.reply.site for r in results)
@@ -352,12 +418,15 @@ class Coordinator:
     def evaluate(self, round_number: int) -> RoundEvaluation:
         """Central and federated perplexity of the current global adapter."""
         job = self.settings.job
-        ids = sorted(self.transport.node_ids())
+        ids, sites = self._addressable(sorted(self.transport.node_ids()))
         generation = is_generation_round(round_number, job.federation.rounds,
                                          job.evaluation.every_k_rounds)
         request = evaluate_request(job, self.run_id, round_number, generation=generation)
-        answers, failures = self.transport.evaluate(ids, request, self.global_state,
-                                                    job.federation.round_timeout_s)
+        results, failures = self.transport.evaluate(
+            {node: dataclasses.replace(request, site=_addressee(sites, node)) for node in ids},
+            self.global_state, job.federation.round_timeout_s)
+        failures = list(failures)
+        answers = [r.reply for r in self._identified(results, sites, failures)]
         replies = [r for r in answers if r.accepted]
         declined = {r.site: r.reason for r in answers if not r.accepted}
         for site, reason in sorted(declined.items()):
@@ -410,10 +479,58 @@ class Coordinator:
     def _site(self, name: str) -> SiteTally:
         return self.sites.setdefault(name, SiteTally())
 
+    # -- which node is which site -----------------------------------------------------------
+    def _addressable(self, ids: Sequence[int]) -> tuple[list[int], Mapping[int, str] | None]:
+        """The nodes to ask and the site each is bound to by its key (None: nodes are not
+        authenticated). A node whose key is bound to no site is not asked: whatever it answered
+        could not be recorded, and a site must not spend budget on a refused reply."""
+        sites = self.transport.node_sites()
+        if sites is None:
+            return list(ids), None
+        unbound = [node for node in ids if node not in sites]
+        if unbound:
+            self.progress(f"  not asked: node(s) {', '.join(map(str, unbound))}, whose keys are "
+                          "bound to no site (nodes.public_keys)")
+        return [node for node in ids if node in sites], sites
+
+    def _identified(self, results: Sequence[Result], sites: Mapping[int, str] | None,
+                    failures: list[str]) -> list[Result]:
+        """The replies whose site may be recorded: a valid site name and, where nodes are bound
+        to sites by key, the site bound to the node that answered. Any other reply is refused
+        before anything of it is recorded (tally, ledger head, epsilon, update, metrics): a node
+        speaking for another site would rewrite that site's record."""
+        kept = []
+        for result in results:
+            node, claimed = result.node_id, result.reply.site
+            if not _is_site_name(claimed):
+                failures.append(f"node {node}: reply refused: it reports site {_shown(claimed)}, "
+                                "not a site name (1-64 letters, digits, '.', '_' or '-', "
+                                "starting with a letter or digit)")
+            elif sites is not None and claimed != sites.get(node):
+                bound = f"site {sites[node]!r}" if node in sites else "no site"
+                failures.append(f"node {node}: reply refused: it claims site {_shown(claimed)}, "
+                                f"but its key is bound to {bound}; nothing of it is recorded")
+            else:
+                kept.append(result)
+        return kept
+
+    def _state_identity(self) -> None:
+        """Say how this run tells sites apart."""
+        sites = self.transport.node_sites()
+        if sites is None:
+            self.progress("nodes are not authenticated here: each site is known by the name its "
+                          "replies report (two nodes reporting one name are both left out)")
+            return
+        bound = ", ".join(f"{site} = node {node}" for node, site in sorted(sites.items(),
+                                                                          key=lambda i: i[1]))
+        self.progress("sites are known by their registered keys: "
+                      + (bound or "no connected node's key is bound to a site"))
+
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> RunReport:
         fed = self.settings.job.federation
         wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
+        self._state_identity()
         if not self.rounds:
             self.progress(f"run {self.run_id}: {fed.rounds} rounds; evaluating the base model")
             self.rounds.append(RoundRecord(round=0, evaluation=self.evaluate(0)))
@@ -438,7 +555,8 @@ class Coordinator:
         directory = self.settings.out_dir / "checkpoints" / f"round_{round_number:03d}"
         save_adapter(self._model_with(self.global_state), directory / "adapter")
         CheckpointState(run_id=self.run_id, round=round_number, rounds=self.rounds,
-                        sites=self.sites).write(directory)
+                        sites=self.sites, config=to_dict(self.settings.job),
+                        job_sites=self.settings.sites).write(directory)
         return directory
 
     def summary(self) -> RunReport:

@@ -16,18 +16,20 @@ subprocesses, so it can be repeated by hand with the commands it prints. The par
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 from privatune.server.deployment import CoordinatorDeployment, DeploymentError, Progress, say
 from privatune.server.flwr_cli import write_connection
-from privatune.server.node_registry import register_all, registration_command
+from privatune.server.node_registry import register_all, registration_command, write_site_keys
 from privatune.server.run_inputs import RunInputs
+from privatune.server.site_keys import SiteKeyFile
 from privatune.server.runs import FINISHED_OK, follow_run, submit_run
 from privatune.server.superlink import is_listening, start_superlink, stop_process, superlink
 
 
-def serve(deployment: CoordinatorDeployment, extra_keys: Sequence[Path] = (),
+def serve(deployment: CoordinatorDeployment, extra_keys: Sequence[SiteKeyFile] = (),
           progress: Progress = say) -> int:
     """Run only the SuperLink (long-lived), registering keys, until interrupted."""
     if is_listening(deployment.superlink.address):
@@ -37,7 +39,9 @@ def serve(deployment: CoordinatorDeployment, extra_keys: Sequence[Path] = (),
     try:
         register_all(deployment, extra_keys, progress)
         progress("SuperLink ready; stop it with Ctrl-C. Register more hospitals with: "
-                 + registration_command(deployment, Path("HOSPITAL.pub")))
+                 + registration_command(deployment, Path("HOSPITAL.pub"))
+                 + " and add each to nodes.public_keys (SITE: HOSPITAL.pub): a node takes part "
+                 "in runs as the site its key is bound to there")
         return process.wait()
     except KeyboardInterrupt:
         return 0
@@ -46,11 +50,12 @@ def serve(deployment: CoordinatorDeployment, extra_keys: Sequence[Path] = (),
 
 
 def coordinate(deployment: CoordinatorDeployment, inputs: RunInputs,
-               extra_keys: Sequence[Path] = (), progress: Progress = say) -> int:
-    """Start or connect to the SuperLink, register keys, submit the run, follow it; 0 when
-    the run finished as completed."""
+               extra_keys: Sequence[SiteKeyFile] = (), progress: Progress = say) -> int:
+    """Start or connect to the SuperLink, register keys, submit the run (with which site each
+    key is), follow it; 0 when the run finished as completed."""
     with superlink(deployment, progress):
-        register_all(deployment, extra_keys, progress)
+        sites = register_all(deployment, extra_keys, progress)
+        inputs = dataclasses.replace(inputs, site_keys=write_site_keys(deployment, sites))
         run_id = submit_run(deployment, inputs)
         progress(f"submitted run {run_id} (ServerApp privatune.server.app:app, job "
                  f"{inputs.job_config}, out {inputs.out_dir}); following its log")

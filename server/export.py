@@ -8,9 +8,11 @@ The gate audits every site ledger it has: those under the run directory (a simul
 them in ``sites/<site>/``) and those the privacy officer collected from the hospitals of a
 deployed run (``ledgers``, ``--ledger SITE=PATH``), each against the coordinator's record of
 the run (``common.run_record``: the heads the site reported, the updates received, its
-reported spend). A site the coordinator recorded whose ledger is not there is judged by what
-it reported alone (its epsilon against its cap) and named "not independently verified", never
-"pass".
+reported spend). The gate opens only on that evidence: a site the coordinator recorded whose
+ledger is not there, a ledger of a site the record does not name, and a run directory with no
+record at all (nothing ties its ledgers to this run: another run's would pass) are each a
+finding, so the export needs ``--force`` with a reason, and the model card names what was not
+verified, never "pass".
 
 Two forms leave through the gate: the LoRA adapter in PEFT format (``export_adapter``), and a
 standalone Hugging Face model with the adapter merged into the base weights, the tokenizer and
@@ -30,9 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privatune.common.audit import SiteAudit, audit_site
+from privatune.common.audit import SiteAudit, audit_in_run, audit_site
 from privatune.common.ledger import SiteLedger
-from privatune.common.run_record import SiteRecord
+from privatune.common.run_record import SiteRecord, latest_checkpoint
 from privatune.server.overfitting import METRIC_NAMES, best_round, overfitting_flags
 from privatune.server.report import RoundRecord, RunReport, site_records
 
@@ -62,7 +64,7 @@ def _round_history(run_dir: Path) -> list[RoundRecord]:
     """The run's rounds: from report.json, else from the newest checkpoint (an unfinished run)."""
     if (run_dir / REPORT).is_file():
         return RunReport.read(run_dir / REPORT).rounds
-    from privatune.server.coordinator import CheckpointState, latest_checkpoint
+    from privatune.server.coordinator import CheckpointState
 
     latest = latest_checkpoint(run_dir)
     return CheckpointState.read(latest).rounds if latest is not None else []
@@ -108,39 +110,58 @@ NOT_VERIFIED = "not independently verified"
 
 @dataclass
 class GateResult:
-    """The gate's verdict: what is wrong (empty: open), the ledgers audited, and the sites
-    known only by what they reported to the coordinator."""
+    """The gate's verdict: what is wrong or unverified (empty: open), the ledgers audited, the
+    sites known only by what they reported to the coordinator, and whether the run directory
+    has a record of the run at all (without one, no ledger is verified as this run's)."""
 
     findings: list[str] = field(default_factory=list)
     audits: list[SiteAudit] = field(default_factory=list)
     unverified: list[SiteRecord] = field(default_factory=list)
+    recorded: bool = True
 
 
 def release_findings(run_dir: Path, ledgers: Mapping[str, Path] | None = None) -> GateResult:
     """Every site's audit of the run (its ledger under the run directory or in ``ledgers``,
-    against the coordinator's record) and what is wrong in them."""
+    against the coordinator's record) and what is wrong or unverified in them."""
     run_dir = Path(run_dir)
+    recorded = (run_dir / REPORT).is_file() or latest_checkpoint(run_dir) is not None
     records = site_records(_round_history(run_dir))
     paths = {d.name: d / "ledger.jsonl" for d in sorted((run_dir / "sites").glob("*")) if d.is_dir()}
     for site, path in (ledgers or {}).items():
-        if records and site not in records:
+        if recorded and site not in records:
             raise ValueError(f"--ledger {site}={path}: the run's record has no site {site!r} "
-                             f"(it has {', '.join(records)})")
+                             f"(it has {', '.join(records) or 'none'})")
         paths[site] = Path(path)
     if not paths and not records:
         raise FileNotFoundError(f"{run_dir}: no site ledgers (sites/<site>/ledger.jsonl) and no "
                                 "record of the sites' replies (report.json or a checkpoint)")
-    gate = GateResult(audits=[audit_site(path, site, records.get(site))
-                              for site, path in sorted(paths.items())],
-                      unverified=[r for site, r in records.items() if site not in paths])
+    gate = GateResult(audits=[audit_in_run(path, site, records) if recorded
+                              else audit_site(path, site) for site, path in sorted(paths.items())],
+                      unverified=[r for site, r in records.items() if site not in paths],
+                      recorded=recorded)
+    if not recorded:
+        gate.findings.append(f"{run_dir}: no record of the run (no {REPORT}, no checkpoint), so "
+                             f"the ledgers of {', '.join(sorted(paths))} cannot be checked as "
+                             f"this run's (another run's would pass): {NOT_VERIFIED}")
     for audit in gate.audits:
         if audit.chain_error:
             gate.findings.append(f"{audit.name}: {audit.chain_error}")
         gate.findings += [f"{audit.name}: {problem}" for problem in audit.problems]
-    gate.findings += [f"{r.site}: reported epsilon {r.epsilon:.4f} is over its cap "
-                      f"{r.epsilon_budget:g} ({NOT_VERIFIED})"
-                      for r in gate.unverified if r.within_budget is False]
+    for record in gate.unverified:
+        gate.findings.append(f"{record.site}: {NOT_VERIFIED}: its ledger was not collected "
+                             f"(pass --ledger {record.site}=PATH)")
+        if record.within_budget is False:
+            gate.findings.append(f"{record.site}: reported epsilon {record.epsilon:.4f} is over "
+                                 f"its cap {record.epsilon_budget:g} ({NOT_VERIFIED})")
     return gate
+
+
+def describe_audit(audit: SiteAudit, gate: GateResult) -> str:
+    """The verdict on one audited ledger: pass only where the run's record vouches for it."""
+    if not audit.ok:
+        return "FAILED"
+    return ("pass" if gate.recorded
+            else f"sound, but {NOT_VERIFIED} as this run's (no record of the run)")
 
 
 def describe_unverified(record: SiteRecord) -> str:
@@ -188,7 +209,8 @@ def _release(run_dir: Path, out_dir: Path, overwrite: bool, source: ExportSource
             "destination": str(out_dir.resolve()), "forced": bool(gate.findings),
             "reason": force_reason or "", "findings": gate.findings,
             "audited": {a.name: str(a.path.resolve()) for a in gate.audits},
-            "unverified": [r.site for r in gate.unverified], "round": source.round,
+            "unverified": [r.site for r in gate.unverified], "recorded": gate.recorded,
+            "round": source.round,
             "which": which, "merged": merged, "adapter": str(source.adapter.resolve()),
             "adapter_sha256": _sha256(source.adapter / ADAPTER_WEIGHTS)
             if (source.adapter / ADAPTER_WEIGHTS).is_file() else None})
@@ -294,7 +316,7 @@ def model_card(report: RunReport, gate: GateResult, source: ExportSource, base: 
              "directory>)` and `AutoTokenizer.from_pretrained(<this directory>)`; PEFT is not "
              "needed.", ""]
     if findings:
-        lines += [f"**Released despite failed privacy audit findings** (forced; recorded reason: "
+        lines += [f"**Released despite privacy audit findings** (forced; recorded reason: "
                   f"{force_reason}):", ""] + [f"- {finding}" for finding in findings] + [""]
     lines += ["## Training", "",
               f"- base model: `{report.base_model}`" + (f" (merged from `{base}`)"
@@ -334,8 +356,10 @@ def _privacy_section(report: RunReport, gate: GateResult, privacy: dict) -> list
                              or ({str(audit.accountant)} if getattr(audit, "accountant", None) else set()))
         summary = report.sites.get(audit.name)
         taken = ", ".join(map(str, summary.rounds_participated)) if summary else ""
-        verdict = "pass" if audit.ok else "FAILED: " + "; ".join(
-            ([audit.chain_error] if audit.chain_error else []) + audit.problems)
+        verdict = describe_audit(audit, gate)
+        if not audit.ok:
+            verdict += ": " + "; ".join(([audit.chain_error] if audit.chain_error else [])
+                                        + audit.problems)
         lines.append(f"| {audit.name} | {_fmt(audit.recorded_epsilon, 3)} | "
                      f"{', '.join(accountants) or 'n/a'} | {_fmt(audit.recomputed_epsilon, 3)} | "
                      f"{_fmt(getattr(audit, 'rdp_epsilon', None), 3)} | "
@@ -354,10 +378,20 @@ def _privacy_section(report: RunReport, gate: GateResult, privacy: dict) -> list
         lines += ["", "Each audited ledger was checked against the coordinator's record of the "
                   "run: it holds every ledger head the site reported and lists every update the "
                   "coordinator received from it."]
+    lines += _unverified_lines(gate)
     lines += ["", "Not covered by DP: the example counts, training losses and held-out losses the "
               "sites' policies let out (listed in each site's ledger as non-private releases). "
               "The tokenizer is the base model's, never trained on private data.", ""]
     return lines
+
+
+def _unverified_lines(gate: GateResult) -> list[str]:
+    """The sites whose ledger the gate did not have, said in the card (a forced export only)."""
+    if not gate.unverified:
+        return []
+    return ["", f"**{NOT_VERIFIED.capitalize()}** (released with `--force`):", "",
+            *[f"- {r.site}: its ledger was not collected; its ε is as it reported it to the "
+              "coordinator, checked by no one" for r in gate.unverified]]
 
 
 def _evaluation_section(report: RunReport, source: ExportSource) -> list[str]:

@@ -189,6 +189,62 @@ def site_records(rounds: list[RoundRecord]) -> dict[str, SiteRecord]:
     return dict(sorted(records.items()))
 
 
+FAILURE_LOG = "failures.log"  # beside report.json: each failure's full text, by round
+FAILURE_KEYS = ("failures", "evaluation_failures")  # of a round's JSON
+REASON_CHARS = 300
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# how Flower wraps what a ClientApp raised: "<class 'ValueError'>:<'...'>" (a SuperNode), with
+# Ray's whole chained traceback inside in a simulation
+_RAISED = re.compile(r"<class '([^']+)'>:<'(.*)'>\s*$", re.DOTALL)
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)): "
+                             r"(.*\S)", re.MULTILINE)
+_NODE = re.compile(r"^node \d+: ")
+
+
+def failure_reason(failure: str) -> str:
+    """One line for a failure the report lists, where an error reply may carry hundreds: the
+    exception a node raised (the first one a chained traceback names, the cause), after the
+    ``node N:`` it came from.
+
+    Flower's simulation passes a ClientApp's exception as Ray's whole chained traceback, and
+    report.json is read by people and tools that need the reason, not the frames; the full
+    text goes to ``FAILURE_LOG``.
+    """
+    text = _ANSI.sub("", failure).strip()
+    wrapped = _RAISED.search(text)
+    if wrapped or "\n" in text:
+        node = _NODE.match(text)
+        head = text[:wrapped.start()] if wrapped else node.group(0) if node else ""
+        body = wrapped.group(2) if wrapped else text
+        cause = next((m for m in _EXCEPTION_LINE.finditer(body)
+                      if not m.group(1).endswith("ClientAppException")), None)
+        last = ([line for line in body.splitlines() if line.strip()] or [""])[-1]
+        if cause is not None:
+            reason = f"{cause.group(1).rsplit('.', 1)[-1]}: {cause.group(2)}"
+        elif "Message: " in body:
+            reason = body.rsplit("Message: ", 1)[1]
+        elif wrapped:
+            reason = f"{wrapped.group(1).rsplit('.', 1)[-1]}: {last}"
+        else:
+            reason = last
+        text = head + reason.strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= REASON_CHARS else line[:REASON_CHARS - 3] + "..."
+
+
+def _failures(record: RoundRecord) -> list[tuple[str, str]]:
+    """A round's failures, each with the exchange it failed in."""
+    training = record.training.failures if record.training else []
+    return ([("training", f) for f in training]
+            + [("evaluation", f) for f in record.evaluation.evaluation_failures])
+
+
+def failure_log(rounds: list[RoundRecord]) -> str:
+    """The full text of every failure the report shortened, by round; empty when none was."""
+    return "\n".join(f"round {record.round} ({phase}): {failure}\n" for record in rounds
+                     for phase, failure in _failures(record) if failure_reason(failure) != failure)
+
+
 GENERATION_FIELDS = ("base_generation", "final_generation", "local_only_generation")
 
 
@@ -312,6 +368,10 @@ class RunReport:
             "run_id": self.run_id, "config": self.config, "base_model": self.base_model,
             "central": self.central.to_json(), "rounds": [r.to_json() for r in self.rounds],
             "sites": {name: site.to_json() for name, site in self.sites.items()}}
+        for record in data["rounds"]:  # one line each; the full texts are in FAILURE_LOG
+            for key in FAILURE_KEYS:
+                if key in record:
+                    record[key] = [failure_reason(failure) for failure in record[key]]
         if self.elapsed_s is not None:
             data["elapsed_s"] = self.elapsed_s
         # derived from the rounds (recomputed on reading, never read back)
@@ -395,6 +455,7 @@ def render_markdown(report: RunReport) -> str:
         lines.append(f"| {record.round} | {_fmt(record.evaluation.global_perplexity)} | "
                      f"{', '.join(training.participants) or '-'} | {declined} | "
                      f"{len(training.failures)} |")
+    lines += failure_lines(report)
     lines += [""] + traffic_lines(report)
     lines += render_watch(report.rounds)
     lines += ["What left each site: the clipped, noised LoRA adapter updates (covered by DP), "
@@ -404,6 +465,16 @@ def render_markdown(report: RunReport) -> str:
               "![perplexity and epsilon per round](report.png)", ""]
     lines += generation_lines(report)
     return "\n".join(lines)
+
+
+def failure_lines(report: RunReport) -> list[str]:
+    """Each round's failures in report.md, one line each (``failure_reason``)."""
+    lines = [f"- round {record.round} ({phase}): {failure_reason(failure)}"
+             for record in report.rounds for phase, failure in _failures(record)]
+    if not lines:
+        return []
+    full = f"; the full error texts are in `{FAILURE_LOG}`" if failure_log(report.rounds) else ""
+    return ["", f"Failures (no reply, an error reply, or a rejected update){full}:", "", *lines]
 
 
 def traffic_lines(report: RunReport) -> list[str]:
@@ -554,10 +625,14 @@ def plot_generation(report: RunReport, path: Path) -> None:
 
 
 def write_report(report: RunReport, out_dir: Path) -> None:
-    """Write report.json, report.md and report.png into ``out_dir`` (each replaced atomically)."""
+    """Write report.json, report.md, report.png and, when a failure was shortened,
+    ``FAILURE_LOG`` into ``out_dir`` (each replaced atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report.to_json(), indent=2, default=str)),
-                       ("report.md", render_markdown(report))):
+    files = [("report.json", json.dumps(report.to_json(), indent=2, default=str)),
+             ("report.md", render_markdown(report))]
+    if log := failure_log(report.rounds):
+        files.append((FAILURE_LOG, log))
+    for name, text in files:
         tmp = out_dir / (name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out_dir / name)

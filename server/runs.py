@@ -2,7 +2,8 @@
 
 ``flwr run`` packs the staged app bundle, sends it to the SuperLink with the run config and
 returns the run id; ``flwr log --stream`` prints the run's log as it grows and ends with the
-run; ``flwr ls --run-id`` tells its status (``finished:completed`` when it went well).
+run; ``flwr ls --run-id`` tells its status (``finished:completed`` when it went well). A run
+that would resume checkpoints of another run or job is refused before it is submitted.
 """
 
 from __future__ import annotations
@@ -12,23 +13,47 @@ import threading
 import time
 from typing import Any
 
+from privatune.common.config import load_job_config, to_dict
 from privatune.common.flower_process import flower_env
+from privatune.common.run_record import RunIdentity, latest_checkpoint, resume_refusal
 from privatune.server.app_bundle import project_dir, stage_app
 from privatune.server.deployment import CoordinatorDeployment, DeploymentError, Progress, say
 from privatune.server.flwr_cli import flwr, flwr_command
 from privatune.server.run_inputs import RunInputs
+from privatune.server.site_keys import SiteKeys
 from privatune.server.superlink import stop_process
 
 FINISHED_OK = "finished:completed"
 
 
+def check_resume(inputs: RunInputs) -> None:
+    """A ``DeploymentError`` where the output directory holds checkpoints this job may not
+    continue (``run_record.resume_refusal``: another job's config, other sites, a finished
+    run), before anything is submitted: the ServerApp refuses them too, but only inside a
+    Flower run that then fails."""
+    latest = latest_checkpoint(inputs.out_dir)
+    if latest is None:
+        return
+    job = to_dict(load_job_config(inputs.job_config))
+    keys = SiteKeys.read(inputs.site_keys).keys if inputs.site_keys else ()
+    sites = tuple(key.site for key in keys)
+    try:
+        refusal = resume_refusal(latest, RunIdentity.read(latest), job, sites)
+    except ValueError as err:  # an unreadable state.json
+        refusal = f"{err}; it is kept as it is: give the new run another output directory"
+    if refusal:
+        raise DeploymentError(refusal)
+
+
 def submit_run(deployment: CoordinatorDeployment, inputs: RunInputs) -> int:
-    """``flwr run <app> privatune --run-config <file>``; returns the Flower run id."""
+    """``flwr run <app> privatune --run-config <file>``; returns the Flower run id. A run that
+    would resume checkpoints of another run or job is refused first (``check_resume``)."""
     for name, path in (("job config", inputs.job_config), ("model", inputs.model_dir)):
         if not path.exists():
             raise DeploymentError(f"{name} {path} does not exist")
     if inputs.central_eval and not inputs.central_eval.is_file():
         raise DeploymentError(f"run.central_eval: {inputs.central_eval} does not exist")
+    check_resume(inputs)
     inputs.out_dir.mkdir(parents=True, exist_ok=True)
     config_file = deployment.home / "run-config.toml"
     config_file.write_text(inputs.to_toml(), encoding="utf-8")

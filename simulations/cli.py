@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from privatune.client.cli import add_commands as add_hospital_commands
 from privatune.common.cli import add_commands as add_officer_commands
@@ -27,6 +28,9 @@ from privatune.common.config import ConfigError
 from privatune.server.cli import add_commands as add_coordinator_commands
 from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
 from privatune.simulations.experiment import VARIANTS, parse_variants
+
+if TYPE_CHECKING:
+    from privatune.server.report import RunReport
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -50,7 +54,23 @@ def _simulate(args: argparse.Namespace) -> int:
                 default=0.0)
     print(f"report: {Path(args.out) / 'report.md'} (highest share of a site budget spent: "
           f"{100 * worst:.0f}%)")
-    return 0
+    return _failed_federation(report)
+
+
+def _failed_federation(report: RunReport) -> int:
+    """1, with each distinct reason, when no site took part in any round because every train
+    request failed (a broken federation, not a finished run); else 0."""
+    from privatune.server.report import failure_reason
+
+    if any(record.participants for record in report.rounds):
+        return 0
+    reasons = sorted({failure_reason(failure) for record in report.rounds if record.training
+                      for failure in record.training.failures})
+    if not reasons:
+        return 0
+    print("privatune: no site took part in any round; the train requests failed:",
+          *[f"  {reason}" for reason in reasons], sep="\n", file=sys.stderr)
+    return 1
 
 
 def _experiment(args: argparse.Namespace) -> int:

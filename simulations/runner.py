@@ -37,7 +37,8 @@ from privatune.common.lora import LoraSettings, initial_adapter, lora_state, wit
 from privatune.common.process_heap import keep_for_process_lifetime
 from privatune.common.protocol import evaluate_request, train_request
 from privatune.server.app import make_server_app
-from privatune.server.coordinator import CoordinatorSettings, site_generation_scores
+from privatune.server.coordinator import (CoordinatorSettings, checkpoint_to_resume,
+                                          site_generation_scores)
 from privatune.server.report import RunReport, SiteSummary, write_report
 from privatune.server.tracking import check_tracking
 from privatune.simulations.hospitals import default_hospitals, generate_federation
@@ -181,12 +182,22 @@ def local_only_baselines(policies: Sequence[Path], out: Path, job: JobConfig, mo
     pool.shutdown()
 
 
+# what an earlier simulation leaves in its --out, any of which a new one must not mix with:
+# site ledgers, the coordinator's checkpoints (a run whose every node failed has only these),
+# the report
+EARLIER_RUN = ("sites/*/ledger.jsonl", "checkpoints/round_*/state.json", "report.json")
+
+
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Never mix a new simulation into old site ledgers unless asked to wipe them."""
-    if out.exists() and any(out.glob("sites/*/ledger.jsonl")):
+    """A simulation starts afresh: an earlier one in ``out`` is refused, or with
+    ``overwrite`` deleted whole, never continued or mixed into."""
+    found = sorted({str(path.relative_to(out)) for pattern in EARLIER_RUN
+                    for path in out.glob(pattern)}) if out.is_dir() else []
+    if found:
         if not overwrite:
-            raise ConfigError(f"{out} already holds a simulated federation (site ledgers exist); "
-                              "choose another --out or pass --overwrite to delete it")
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise ConfigError(f"{out} already holds a simulated federation ({shown}); choose "
+                              "another --out or pass --overwrite to delete it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -229,8 +240,11 @@ def simulate_sites(job: JobConfig, model_dir: Path, policies: Sequence[Path],
     """
     started = time.monotonic() if started is None else started
     run_id = f"sim-{job.seed}-{int(time.time())}"
+    # a simulation is always a new run: checkpoints already in ``out`` are refused, not resumed
     settings = CoordinatorSettings(job=job, model_dir=model_dir, out_dir=out, run_id=run_id,
-                                   central_eval=central_eval)
+                                   central_eval=central_eval, resume=False,
+                                   sites=tuple(load_site_policy(p).site.name for p in policies))
+    checkpoint_to_resume(settings)  # refused here, not inside Flower's engine
     summaries: list[RunReport] = []
     server_app = make_server_app(lambda _context: settings, on_summary=summaries.append,
                                  progress=progress)

@@ -139,3 +139,26 @@ def test_fault_drill_refuses_an_unknown_scenario_before_starting_anything(tmp_pa
     assert main(["fault-drill", "--out", str(tmp_path / "drill"), "--scenario", "flood"]) == 2
     assert "--scenario flood: not one of all, baseline, node-killed" in capsys.readouterr().err
     assert not (tmp_path / "drill").exists()
+
+
+def test_simulate_exits_1_with_each_reason_when_every_train_request_failed(tmp_path, monkeypatch,
+                                                                           capsys):
+    """A federation in which no site ever took part because every node failed is a failure,
+    not a finished run: exit 1 and each distinct one-line reason."""
+    from privatune.server.report import RoundRecord, RoundTraining, RunReport
+    from privatune.simulations import runner
+
+    failure = ("node 7: <class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::run()\n"
+               '  File "node.py", line 9, in train\n'
+               "ValueError: delta = 0.5 is not below 1/48\n'>")
+    failed = RunReport(run_id="sim", config={}, base_model="m", rounds=[
+        RoundRecord(0), *[RoundRecord(n, training=RoundTraining(failures=[failure]))
+                          for n in (1, 2)]])
+    monkeypatch.setattr(runner, "simulate", lambda *args, **kwargs: failed)
+    argv = ["simulate", "--config", "job.yaml", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no site took part in any round" in err
+    assert err.count("node 7: ValueError: delta = 0.5 is not below 1/48") == 1
+    failed.rounds[2].training.participants = ["north"]
+    assert main(argv) == 0

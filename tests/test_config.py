@@ -51,6 +51,20 @@ def test_out_of_range_value(tmp_path):
         load_job_config(path)
 
 
+@pytest.mark.parametrize("delta", ["1", "1.0", "2.5"])
+def test_delta_of_one_or_more_is_refused_naming_file_line_and_key(tmp_path, delta):
+    """At delta = 1 a mechanism promises nothing: the job stops at its config, not at every
+    node; an override is named too."""
+    path = write(tmp_path, f"seed: 1\nprivacy:\n  epsilon: 8\n  delta: {delta}\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}, line 4: privacy.delta: "
+                                          r"[0-9.]+ is out of range \(must be < 1\)"):
+        load_job_config(path)
+    with pytest.raises(ConfigError, match=r"--set privacy.delta=1\).*privacy.delta: 1.0 is out "
+                                          r"of range \(must be < 1\)"):
+        load_job_config(write(tmp_path, "seed: 1\n"), ["privacy.delta=1"])
+    assert load_job_config(path, ["privacy.delta=0.999"]).privacy.delta == 0.999
+
+
 def test_aggregation_mode_is_validated_and_reaches_the_train_request(tmp_path):
     from privatune.common.protocol import TrainRequest, train_request
 

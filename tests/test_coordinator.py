@@ -8,8 +8,10 @@ report records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,8 +27,8 @@ from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, Eva
                                        EvaluateRequest, TrainReply, TrainRequest, evaluate_request,
                                        train_request)
 from privatune.server.app import FlowerTransport
-from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings, SiteTally,
-                                          TrainResult, latest_checkpoint)
+from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings,
+                                          EvaluateResult, SiteTally, TrainResult, latest_checkpoint)
 from privatune.server.report import RoundRecord, RunReport, render_markdown, write_report
 from tests.conftest import write_notes
 
@@ -130,6 +132,9 @@ class FakeTransport:
     def node_ids(self) -> list[int]:
         return list(self.behaviours)
 
+    def node_sites(self) -> None:
+        return None  # not authenticated: sites are known by the names they report
+
     def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
               timeout_s: float) -> tuple[list[TrainResult], list[str]]:
         self.train_requests.append(next(iter(requests.values())))
@@ -140,11 +145,12 @@ class FakeTransport:
             (failures if isinstance(answer, str) else results).append(answer)
         return results, failures
 
-    def evaluate(self, node_ids: Sequence[int], request: EvaluateRequest, state: Mapping[str, torch.Tensor],
-                 timeout_s: float) -> tuple[list[EvaluateReply], list[str]]:
-        self.evaluate_requests.append(request)
-        return [EvaluateReply(site=SITES[n], num_examples=10, eval_loss=EVAL_LOSS[SITES[n]])
-                for n in node_ids], []
+    def evaluate(self, requests: Mapping[int, EvaluateRequest], state: Mapping[str, torch.Tensor],
+                 timeout_s: float) -> tuple[list[EvaluateResult], list[str]]:
+        self.evaluate_requests.append(next(iter(requests.values())))
+        return [EvaluateResult(n, EvaluateReply(site=SITES[n], num_examples=10,
+                                                eval_loss=EVAL_LOSS[SITES[n]]))
+                for n in requests], []
 
 
 def coordinator(tmp_path: Path, model_dir: Path, transport: FakeTransport, **job_args) -> Coordinator:
@@ -314,6 +320,58 @@ def test_silent_node_is_a_failure_and_the_round_goes_on(tmp_path, tiny_model_dir
     assert_same_state(coord.global_state, {n: (states[0][n] + 3 * states[1][n]) / 4 for n in start})
 
 
+# what Flower's simulation engine puts in the error reply of a ClientApp that raised (Ray's
+# chained traceback, colour codes included; paths shortened)
+RAY_FAILURE = (
+    "node 1: <class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+    ".run()\x1b[39m (pid=10295, ip=192.0.2.2, actor_id=03697246ab8deb85, repr=<flwr.simulation."
+    "ray_transport.ray_actor.ClientAppActor object at 0x7fd6a0e377d0>)\n"
+    '  File "/venv/flwr/clientapp/client_app.py", line 161, in __call__\n'
+    "    return self._registered_funcs[full_name](message, context)\n"
+    "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    '  File "/work/client/policy.py", line 170, in check_delta\n'
+    "    raise PolicyError(problem)\n"
+    "privatune.client.policy.PolicyError: sites/north/policy.yaml: delta = 1 is not below 1/48 "
+    "(this site has 48 records); choose delta < 0.0208\n\n"
+    "The above exception was the direct cause of the following exception:\n\n"
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=10295, ip=192.0.2.2)\n"
+    '  File "/venv/flwr/simulation/ray_transport/ray_actor.py", line 65, in run\n'
+    "    raise ClientAppException(str(ex)) from ex\n"
+    "flwr.clientapp.client_app.ClientAppException: \n"
+    "Exception ClientAppException occurred. Message: sites/north/policy.yaml: delta = 1 is not "
+    "below 1/48 (this site has 48 records); choose delta < 0.0208'>")
+RAY_REASON = ("node 1: PolicyError: sites/north/policy.yaml: delta = 1 is not below 1/48 (this "
+              "site has 48 records); choose delta < 0.0208")
+
+
+def test_a_failed_nodes_traceback_is_one_line_in_the_report_and_whole_in_its_log(
+        tmp_path, tiny_model_dir):
+    """report.json and report.md give each failure as one line, the exception the node raised;
+    the whole text goes to failures.log (only what was shortened)."""
+    from privatune.server.report import FAILURE_LOG, failure_reason
+
+    transport = FakeTransport({1: lambda *_: RAY_FAILURE, 2: update(2, 300), 3: silent})
+    report = coordinator(tmp_path, tiny_model_dir, transport, min_replies=1).run()
+    write_report(report, tmp_path / "out")
+
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["rounds"][1]["failures"] == [RAY_REASON, "node 3: no reply within 5 s"]
+    assert RunReport.read(tmp_path / "out" / "report.json").rounds[1].training.failures == [
+        RAY_REASON, "node 3: no reply within 5 s"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"- round 1 (training): {RAY_REASON}\n" in markdown and FAILURE_LOG in markdown
+    assert "Traceback" not in markdown and "ray_actor.py" not in markdown
+    log = (tmp_path / "out" / FAILURE_LOG).read_text()
+    assert log == f"round 1 (training): {RAY_FAILURE}\n"
+    # a SuperNode's error reply; a reply without an exception's line keeps its last line; a
+    # long one is cut
+    assert failure_reason("node 6: <class 'ValueError'>:<'site.data: no such file'>") == \
+        "node 6: ValueError: site.data: no such file"
+    assert failure_reason("node 4: boom\n  at frame\nsomething odd happened") == \
+        "node 4: something odd happened"
+    assert len(failure_reason("node 5: " + "x" * 1000)) == 300
+
+
 @pytest.mark.parametrize("defect, message", [("shape", "shape"), ("nan", "NaN")])
 def test_update_that_does_not_fit_is_rejected_with_its_reason(tmp_path, tiny_model_dir, defect, message):
     transport = FakeTransport({1: update(1, 100), 2: tampered(defect), 3: update(3, 100)})
@@ -371,6 +429,85 @@ def test_new_coordinator_resumes_at_the_next_round_with_the_same_adapter_and_his
     assert [r.round for r in report.rounds] == [0, 1, 2, 3]
     assert report.sites["alpha"].rounds_participated == [1, 2, 3]
     assert report.rounds[1] == first.rounds[1]
+
+
+def files_under(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_checkpoint_is_resumed_only_by_its_own_job_and_sites_and_is_kept(tmp_path,
+                                                                           tiny_model_dir):
+    """Another job's config, other sites, a new run or a finished run: refused before any
+    model is loaded, naming what differs and how to start afresh, with every file kept; a
+    longer timeout is no other job."""
+    from privatune.server.coordinator import ResumeRefused
+
+    behaviours = {1: update(1, 100), 2: update(2, 300), 3: decline("not today")}
+    first = coordinator(tmp_path, tiny_model_dir, crash_in_round(FakeTransport(behaviours), 2),
+                        rounds=2)
+    with pytest.raises(Crash):
+        first.run()
+    run = tmp_path / "run"
+    kept = files_under(run)
+
+    def settings(**changes) -> CoordinatorSettings:
+        base = CoordinatorSettings(job=job(rounds=2), model_dir=tiny_model_dir, out_dir=run,
+                                   run_id="test-run")
+        return CoordinatorSettings(**{**base.__dict__, **changes})
+
+    refusals = {
+        "federation.min_replies: 2 in the checkpoint, 1 in this job":
+            settings(job=job(rounds=2, min_replies=1)),
+        "gamma took part in the run; this job has no such site":
+            settings(sites=("alpha", "beta")),
+        "holds the checkpoints of run test-run (after round 1); run sim-2 is a new run":
+            settings(run_id="sim-2", resume=False),
+    }
+    for message, refused in refusals.items():
+        with pytest.raises(ResumeRefused, match=re.escape(message)) as err:
+            Coordinator(refused, FakeTransport(behaviours), progress=lambda _line: None)
+        assert "another output directory" in str(err.value)
+        assert files_under(run) == kept
+
+    lines: list[str] = []
+    longer = job(rounds=2)
+    longer = dataclasses.replace(longer, federation=dataclasses.replace(longer.federation,
+                                                                        round_timeout_s=60.0))
+    patient = settings(job=longer)
+    report = Coordinator(patient, FakeTransport(behaviours), progress=lines.append).run()
+    assert "resuming run test-run after round 1" in lines[0]
+    assert [r.round for r in report.rounds] == [0, 1, 2]
+    write_report(report, run)
+    finished = files_under(run)
+    with pytest.raises(ResumeRefused, match=r"the run is finished \(its 2 rounds are done"):
+        Coordinator(patient, FakeTransport(behaviours), progress=lambda _line: None)
+    assert files_under(run) == finished
+
+
+def test_a_deployed_run_is_refused_before_it_is_submitted(tmp_path):
+    """``privatune coordinator`` checks the checkpoints in --out against the job file (and the
+    sites of the registered keys) before it submits anything to the SuperLink."""
+    from privatune.common.config import to_dict
+    from privatune.server.deployment import DeploymentError
+    from privatune.server.run_inputs import RunInputs
+    from privatune.server.runs import check_resume
+
+    out = tmp_path / "out"
+    state = out / "checkpoints" / "round_001" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"run_id": "7", "round": 1, "rounds": [], "sites": {"north": {}},
+                                 "config": to_dict(job(rounds=3))}))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("seed: 5\nlora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}\n"
+                        "training: {learning_rate: 1.0}\nfederation: {rounds: 3, min_nodes: 3, "
+                        "min_replies: 2, node_wait_s: 1.0, round_timeout_s: 5.0}\n")
+    inputs = RunInputs(job_config=job_file, model_dir=tmp_path, out_dir=out)
+    check_resume(inputs)  # the same job: resumed
+    job_file.write_text(job_file.read_text() + "privacy: {delta: 1.0e-6}\n")
+    with pytest.raises(DeploymentError, match=r"will not resume run 7 \(after round 1\) with this "
+                                              r"job: privacy.delta: 1e-05 in the checkpoint, 1e-06"):
+        check_resume(inputs)
 
 
 def test_each_node_is_sent_its_sites_last_head_and_a_resumed_coordinator_keeps_them(
@@ -550,9 +687,10 @@ def test_evaluate_replies_decode_with_the_shared_codec(flower_task):
                        reply_to=message)
 
     grid = FakeGrid({21: answer})
-    replies, failures = FlowerTransport(grid).evaluate(
-        [21], evaluate_request(job(), "run", 0), {"x.lora_A.weight": torch.ones(1, 1)}, 1.0)
-    assert replies == [EvaluateReply(site="alpha", num_examples=9, eval_loss=None)] and failures == []
+    results, failures = FlowerTransport(grid).evaluate(
+        {21: evaluate_request(job(), "run", 0)}, {"x.lora_A.weight": torch.ones(1, 1)}, 1.0)
+    assert results == [EvaluateResult(21, EvaluateReply(site="alpha", num_examples=9,
+                                                        eval_loss=None))] and failures == []
 
 
 def test_reply_codec_round_trips_and_names_what_is_missing():
@@ -633,15 +771,16 @@ def test_robust_median_and_equal_weights(tmp_path, tiny_model_dir):
 class ScoringTransport(FakeTransport):
     """Sites answer a generation request with scores that grow by round; gamma withholds its."""
 
-    def evaluate(self, node_ids, request, state, timeout_s):
+    def evaluate(self, requests, state, timeout_s):
         import dataclasses
 
-        replies, failures = super().evaluate(node_ids, request, state, timeout_s)
+        results, failures = super().evaluate(requests, state, timeout_s)
+        request = next(iter(requests.values()))
         if request.generation:
-            replies = [r if r.site == "gamma" else dataclasses.replace(
-                r, rouge_l=0.05 + 0.1 * request.round, bleu=2.0 + request.round,
-                chrf=20.0 + request.round, generation_examples=4) for r in replies]
-        return replies, failures
+            results = [r if r.reply.site == "gamma" else EvaluateResult(r.node_id, dataclasses.replace(
+                r.reply, rouge_l=0.05 + 0.1 * request.round, bleu=2.0 + request.round,
+                chrf=20.0 + request.round, generation_examples=4)) for r in results]
+        return results, failures
 
 
 def test_generation_scores_and_samples_from_the_central_set_reach_the_report(tmp_path,

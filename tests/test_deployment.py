@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from privatune.common.certs import CertError, certificate_hosts, make_ca, make_node_keys, make_server_cert
 from privatune.common.ledger import SiteLedger
-from privatune.server.export import export_adapter
+from privatune.server.export import ReleaseRefused, export_adapter, release_findings
 from privatune.server.report import RunReport, site_records
 from privatune.simulations.loopback import LoopbackFederation, Proc
 from tests.conftest import write_notes
@@ -136,10 +136,20 @@ def test_two_rounds_finish_although_a_node_dies_mid_round(federation):
     assert federation.deployment().database.is_file()
 
     # the release gate of the deployed run: the ledgers collected from alpha and beta are
-    # audited against the coordinator's record; gamma's was not collected
+    # audited against the coordinator's record (gamma, killed, is unverified if the record has
+    # a reply of it); a site that took part whose ledger was not collected refuses the release,
+    # and a forced one names it
+    gate = release_findings(federation.out,
+                            {name: federation.ledger(name) for name in ("alpha", "beta")})
+    assert [a.name for a in gate.audits] == ["alpha", "beta"] and all(a.ok for a in gate.audits)
+    assert all(f.startswith("gamma: not independently verified") for f in gate.findings)
+    alpha_only = {"alpha": federation.ledger("alpha")}
+    with pytest.raises(ReleaseRefused, match="beta: not independently verified"):
+        export_adapter(federation.out, federation.out.parent / "release", ledgers=alpha_only)
     gate = export_adapter(federation.out, federation.out.parent / "release",
-                          ledgers={name: federation.ledger(name) for name in ("alpha", "beta")})
-    assert [a.name for a in gate.audits] == ["alpha", "beta"] and gate.findings == []
-    assert all(a.ok for a in gate.audits) and [r.site for r in gate.unverified] == ["gamma"]
+                          "beta's ledger follows", ledgers=alpha_only)
+    assert "beta" in [r.site for r in gate.unverified]
+    assert ("beta: not independently verified: its ledger was not collected (pass --ledger "
+            "beta=PATH)") in gate.findings
     assert all(record.heads for record in site_records(RunReport.read(
         federation.out / "report.json").rounds).values())

@@ -271,12 +271,19 @@ def test_deployed_run_exports_through_the_gate_with_collected_ledgers(deployed_r
                                                                       capsys):
     run, ledgers = deployed_run
     assert not (run / "sites").exists()
-    # without the sites' ledgers: the coordinator's record alone, every site named unverified
-    assert main(["export", str(run), "--out", str(tmp_path / "bare")]) == 0
+    # without the sites' ledgers: the coordinator's record alone verifies nothing, so the
+    # export is refused, naming each site and how to give its ledger
+    assert main(["export", str(run), "--out", str(tmp_path / "bare")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("not independently verified: its ledger was not collected") == 3
+    assert "--ledger alpha=PATH" in err and not (tmp_path / "bare").exists()
+    assert main(["export", str(run), "--out", str(tmp_path / "bare"), "--force", "--reason",
+                 "ledgers arrive next week"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("not independently verified") == 3 and "--ledger alpha=PATH" in printed
+    assert printed.count("not independently verified") == 3 and "FORCED over 3 findings" in printed
     entry = [json.loads(line) for line in (run / "releases.jsonl").read_text().splitlines()][-1]
     assert entry["unverified"] == ["alpha", "beta", "gamma"] and entry["audited"] == {}
+    assert entry["forced"] and entry["recorded"]
 
     collected = [f"--ledger={name}={path}" for name, path in ledgers.items()]
     assert main(["export", str(run), "--out", str(tmp_path / "checked"), *collected]) == 0
@@ -292,10 +299,52 @@ def test_deployed_run_exports_through_the_gate_with_collected_ledgers(deployed_r
     with pytest.raises(ValueError, match="no site 'delta'"):
         export_adapter(run, tmp_path / "refused", ledgers={"delta": cut})
 
-    # the model card says which sites were verified and which were not
-    gate = export_merged(run, tmp_path / "merged", ledgers={"alpha": ledgers["alpha"]})
-    assert [a.name for a in gate.audits] == ["alpha"] and gate.findings == []
+    # one ledger of three: refused; forced, the model card says which sites were verified and
+    # which were not
+    with pytest.raises(ReleaseRefused, match="beta: not independently verified"):
+        export_adapter(run, tmp_path / "refused", ledgers={"alpha": ledgers["alpha"]})
+    gate = export_merged(run, tmp_path / "merged", "approved by the ethics board",
+                         ledgers={"alpha": ledgers["alpha"]})
+    assert [a.name for a in gate.audits] == ["alpha"] and len(gate.findings) == 2
     card = (tmp_path / "merged" / "README.md").read_text()
     assert next(l for l in card.splitlines() if l.startswith("| alpha |")).endswith("| pass |")
     assert next(l for l in card.splitlines() if l.startswith("| beta |")).endswith(
         "| not independently verified: ledger not collected |")
+    assert "**Not independently verified** (released with `--force`):" in card
+    assert "- gamma: its ledger was not collected" in card and "Released despite" in card
+
+
+def test_ledgers_without_the_runs_record_never_pass_as_its_audit(run_dir, deployed_run, tmp_path,
+                                                                  capsys):
+    """A run directory with no record of the run (no report.json, no checkpoint) cannot tie any
+    ledger to itself: another run's honest ledgers are refused unless forced, and a forced
+    export's card says they were not verified as this run's, never "pass". With a record, a
+    ledger of a site it does not name is a finding too."""
+    other, _ = deployed_run
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir / "adapter", bare / "adapter")
+    shutil.copytree(run_dir / "sites", bare / "sites")  # another run's ledgers, sound on their own
+    with pytest.raises(ReleaseRefused, match=r"no record of the run \(no report.json, no "
+                                             r"checkpoint\), so the ledgers of alpha, beta, gamma "
+                                             r"cannot be checked as this run's"):
+        export_adapter(bare, tmp_path / "refused")
+    assert main(["export", str(bare), "--out", str(tmp_path / "refused")]) == 3
+    assert main(["export", str(bare), "--out", str(tmp_path / "forced"), "--force", "--reason",
+                 "test"]) == 0
+    printed = capsys.readouterr().out
+    assert "audited: pass" not in printed
+    assert printed.count("audited: sound, but not independently verified as this run's") == 3
+    entry = [json.loads(line) for line in (bare / "releases.jsonl").read_text().splitlines()][-1]
+    assert entry["forced"] and not entry["recorded"]
+
+    # a deployed run's record names alpha, beta and gamma: a sites/ ledger of another site is
+    # not this run's
+    run = copy_run(other, tmp_path / "deployed")
+    shutil.copytree(run_dir / "sites" / "alpha", run / "sites" / "delta")
+    with pytest.raises(ReleaseRefused, match="delta: the run's record has no site 'delta'"):
+        export_adapter(run, tmp_path / "refused")
+    from privatune.common.audit import audit_path
+    from privatune.common.run_record import read_run_record
+
+    audits = {a.name: a for a in audit_path(run, read_run_record(run))}  # privatune audit --run
+    assert not audits["delta"].ok and "may be another run's" in audits["delta"].problems[-1]

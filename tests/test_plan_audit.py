@@ -79,9 +79,20 @@ def test_plan_solves_noise_for_budget_and_warns_on_delta():
 
 
 def _fake_run(tmp_path, **site):
-    write_site(tmp_path, "a", **site)
+    """A run directory: an adapter, site a's ledger and the coordinator's record of the run
+    (report.json), whose last train reply from a carried the ledger's head and its update."""
+    from privatune.server.report import RoundRecord, RoundTraining, RunReport, SiteReply
+
+    ledger = SiteLedger(write_site(tmp_path, "a", **site))
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    last = ledger.adapter_updates()[-1]
+    reply = SiteReply(accepted=True, epsilon=last["epsilon"], delta=1e-5, epsilon_budget=8.0,
+                      accountant="opacus-rdp", ledger_seq=ledger.head.seq,
+                      ledger_hash=ledger.head.hash, update_sha256="x")
+    report = RunReport(run_id="r", config={}, base_model="m", rounds=[
+        RoundRecord(0), RoundRecord(1, training=RoundTraining(replies={"a": reply}))])
+    (tmp_path / "report.json").write_text(json.dumps(report.to_json()))
     return tmp_path
 
 

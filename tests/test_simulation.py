@@ -10,6 +10,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+import yaml
 import torch
 
 from privatune.client.node import SiteNode
@@ -46,6 +47,9 @@ def simulated_run(tmp_path_factory, tiny_model_dir):
                              write_notes(root / "data" / f"{name}.jsonl", records, seed),
                              tiny_model_dir)
                 for name, records, seed in (("north", 100, 11), ("south", 140, 12))]
+    for path in policies:  # these small sites release scores over their 8 generation tasks
+        policy = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**policy, "release": {"min_records": 8}}))
     central = write_notes(root / "central.jsonl", 40, 99)
     report = simulate_sites(job, tiny_model_dir, policies, central, root / "run")
     return job, root, report, policies
@@ -185,3 +189,41 @@ def test_virtual_nodes_get_the_gpus_the_job_reserves(tmp_path):
                               )["client_resources"]["num_gpus"] == 0
     with pytest.raises(ConfigError, match="simulation.gpus_per_node"):
         load_job_config(config, ["simulation.gpus_per_node=-1"])
+
+
+def test_overwrite_starts_afresh_after_a_run_that_left_only_checkpoints(tmp_path):
+    """A run whose every node failed leaves checkpoints and no ledgers: the same --out is
+    refused without --overwrite (nothing deleted), and deleted whole with it, never resumed."""
+    from privatune.simulations.runner import _prepare_out_dir
+
+    out = tmp_path / "run"
+    state = out / "checkpoints" / "round_001" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a simulated federation "
+                                          r"\(checkpoints/round_001/state.json\); choose another "
+                                          r"--out or pass --overwrite"):
+        _prepare_out_dir(out, overwrite=False)
+    assert state.read_text() == "{}"
+    _prepare_out_dir(out, overwrite=True)
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_a_simulation_never_resumes_checkpoints_left_in_its_out(tmp_path, tiny_model_dir):
+    """Every simulation is a new run: another run's checkpoint in its directory is refused
+    before Flower starts, and kept."""
+    from privatune.server.coordinator import ResumeRefused
+    from tests.conftest import write_policy
+
+    (tmp_path / "job.yaml").write_text(JOB)
+    job = load_job_config(tmp_path / "job.yaml")
+    policy = write_policy(tmp_path / "sites" / "north", "north",
+                          write_notes(tmp_path / "north.jsonl", 20, 1), tiny_model_dir)
+    state = tmp_path / "run" / "checkpoints" / "round_001" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"run_id": "sim-3-1", "round": 1, "rounds": [], "sites": {}}))
+    kept = state.read_bytes()
+    with pytest.raises(ResumeRefused, match=r"holds the checkpoints of run sim-3-1 \(after round "
+                                            r"1\); run sim-3-\d+ is a new run"):
+        simulate_sites(job, tiny_model_dir, [policy], None, tmp_path / "run")
+    assert state.read_bytes() == kept

@@ -59,7 +59,8 @@ def scaled_noise(monkeypatch, factor: float) -> None:
 
 def test_round_two_without_noise_is_refused_and_not_recorded(make_site, tiny_model_dir,
                                                              monkeypatch):
-    """A later round (LoRA B non-zero, so gradients non-zero) with Opacus' noise off is refused."""
+    """A later round (LoRA B non-zero, so gradients non-zero) with Opacus' noise off is refused:
+    the node declines it with the DP check's reason, and nothing of it is released."""
     node = SiteNode(load_site_policy(make_site(records=122)))  # 98 training records
     examples, batch = len(node.train_units), train_request().batch_size
     assert opacus_batch_size(examples, batch) != batch
@@ -75,8 +76,9 @@ def test_round_two_without_noise_is_refused_and_not_recorded(make_site, tiny_mod
         return dp_model, dp_optimizer, dp_loader
 
     monkeypatch.setattr(PrivacyEngine, "make_private", without_noise)
-    with pytest.raises(DPNotAppliedError, match="no noise was added"):
-        node.train(train_request(2), first.state)
+    refused = node.train(train_request(2), first.state)  # declined, nothing released
+    assert not refused.reply.accepted and not refused.state
+    assert "DP checks" in refused.reply.reason and "no noise was added" in refused.reply.reason
     ledger = SiteLedger(node.policy.ledger_path)
     assert [e["round"] for e in ledger.adapter_updates()] == [1]
     released = node.policy.ledger_path.parent / "released"
