@@ -51,7 +51,8 @@ with importing_libraries():
     from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
     from privatune.common.examples import (SampledWindows, TokenizedTexts, consecutive_windows,
                                            encode_pairs, evaluate_loss, tokenize_texts)
-    from privatune.common.generation import GenerationTasks, evaluate_generation, generation_tasks
+    from privatune.common.generation import (GenerationTasks, evaluate_generation, generation_tasks,
+                                             judged_pairs)
     from privatune.common.hardware import resolve_hardware
     from privatune.common.ledger import (ADAPTER_UPDATE, NO_HEAD, NON_PRIVATE,
                                          ROLLBACK_ACKNOWLEDGED, LedgerHead, LedgerWriteError,
@@ -68,10 +69,12 @@ ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"
 log = logging.getLogger(__name__)
 
 
-def privacy_units(records: Sequence[Record], unit: str) -> list[tuple[str, str]]:
-    """One (prompt, completion) example per privacy unit: a record, or all of a patient's."""
+def privacy_units(records: Sequence[Record], unit: str,
+                  loss_marker: str = "") -> list[tuple[str, str]]:
+    """One (prompt, completion) example per privacy unit: a record (its note split at
+    ``loss_marker`` for the loss, as judged), or all of a patient's text."""
     if unit == "record":
-        return [(r.prompt, r.completion) for r in records]
+        return judged_pairs([(r.prompt, r.completion) for r in records], loss_marker)
     by_patient: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         if record.patient_id is None:
@@ -210,6 +213,7 @@ class SiteNode:
                             f"(the first at {self.duplicates[0].source}); this site's policy "
                             "(site.duplicates: refuse) does not collapse them")
         train, heldout = split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
+        self._records = {"train": train, "heldout": heldout}
         self.train_units = privacy_units(train, policy.privacy.unit)
         self.heldout_units = privacy_units(heldout, policy.privacy.unit)
         # generation is scored per held-out record, whatever the privacy unit
@@ -230,10 +234,12 @@ class SiteNode:
         """The process's shared base model on this site's hardware, with the adapter attached."""
         return adapter_model(self.policy.model_dir, self.hardware, request_lora)
 
-    def _dataset(self, split: str, tokenizer, max_length: int, seed: int = 0) -> Dataset:
-        """A split as model inputs: one row per unit, cut at ``max_length``; with patient
-        windows, training draws a fresh window of a patient's text each time (under ``seed``)
-        and evaluation scores all of each held-out patient's consecutive windows."""
+    def _dataset(self, split: str, tokenizer, max_length: int, seed: int = 0,
+                 loss_marker: str = "") -> Dataset:
+        """A split as model inputs: one row per unit, cut at ``max_length``, its notes split at
+        ``loss_marker`` for the loss (record unit); with patient windows, training draws a fresh
+        window of a patient's text each time (under ``seed``) and evaluation scores all of each
+        held-out patient's consecutive windows."""
         units = self.train_units if split == "train" else self.heldout_units
         windows = self.policy.privacy.patient_windows
         if windows and split not in self._tokenized:
@@ -241,10 +247,11 @@ class SiteNode:
                                                                 for prompt, completion in units])
         if windows and split == "train":
             return SampledWindows(self._tokenized[split], max_length, seed)
-        key = (split, max_length)
+        key = (split, max_length, loss_marker)
         if key not in self._encoded:
+            judged = privacy_units(self._records[split], self.policy.privacy.unit, loss_marker)
             self._encoded[key] = (consecutive_windows(self._tokenized[split], max_length) if windows
-                                  else encode_pairs(tokenizer, units, max_length))
+                                  else encode_pairs(tokenizer, judged, max_length))
         return self._encoded[key]
 
     def epsilon(self) -> float:
@@ -365,7 +372,8 @@ class SiteNode:
         train_factors(model, request.aggregation)
         # which window of each patient is drawn comes from the site's own secret too, never the
         # coordinator's choice
-        dataset = self._dataset("train", tokenizer, request.max_length, secrets.randbits(63))
+        dataset = self._dataset("train", tokenizer, request.max_length, secrets.randbits(63),
+                                request.loss_marker)
         try:
             result = train_dp_round(model, dataset, DPTrainSettings(
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
@@ -599,15 +607,14 @@ class SiteNode:
                                              "release": "decline", "request": "evaluate",
                                              "reason": reason})
             return EvaluateReply(site=self.name, accepted=False, reason=reason)
-        dataset = self._dataset("heldout", tokenizer, request.max_length)
+        dataset = self._dataset("heldout", tokenizer, request.max_length,
+                                loss_marker=request.loss_marker)
         loss, _ = evaluate_loss(model, dataset, request.batch_size)
         release = self.policy.release
         scores: dict[str, float | int | None] = {}
         # withheld by the policy: not even computed, so nothing of it can leave
         if request.generation and release.generation_scores:
             scores = self._generation_scores(request, model, tokenizer)
-            if not release.example_count:
-                scores.pop("generation_examples", None)
         eval_loss = loss if release.eval_loss and math.isfinite(loss) else None
         self._record_metrics(request.run_id, request.round, "evaluate",
                              {"num_examples": len(self.heldout_units) if release.example_count
@@ -622,17 +629,33 @@ class SiteNode:
             self._tasks[marker] = generation_tasks(self.heldout_pairs, marker)
         return self._tasks[marker]
 
-    def _generation_scores(self, request: EvaluateRequest, model, tokenizer) -> dict[str, float | int]:
-        """ROUGE-L, BLEU and chrF of the adapter's greedy completions of the first
-        ``max_examples`` held-out tasks: aggregates only, never a completion or a record, and
-        none over fewer tasks than ``release.min_records``."""
+    def _generation_scores(self, request: EvaluateRequest, model,
+                           tokenizer) -> dict[str, float | int | None]:
+        """ROUGE-L, BLEU, chrF and the clinical scores of the adapter's greedy completions of
+        the first ``max_examples`` held-out tasks, as EvaluateReply fields: aggregates only,
+        never a completion or a record; none over fewer tasks than ``release.min_records``, and
+        no count (of notes, or of the checks the clinical scores pool, which tell about as much)
+        unless ``release.example_count``."""
         tasks = self.generation_tasks(request.marker).tasks[:request.max_examples]
         if len(tasks) < self.policy.release.min_records:  # a score over few notes tells of them
             return {}
         scores, _ = evaluate_generation(model, tokenizer, tasks, request.max_length,
                                         request.max_new_tokens, request.batch_size)
-        return {"rouge_l": scores.rouge_l, "bleu": scores.bleu, "chrf": scores.chrf,
-                "generation_examples": len(tasks)}
+        clinical = scores.clinical  # always scored here: the tasks have prompts
+        released: dict[str, float | int | None] = {
+            "rouge_l": scores.rouge_l, "bleu": scores.bleu, "chrf": scores.chrf,
+            "measurement_fidelity": clinical.measurement_fidelity,
+            "status_accuracy": clinical.status_accuracy,
+            "status_majority_share": clinical.status_majority_share,
+            "derivable_status_accuracy": clinical.derivable_status_accuracy,
+            "derivable_status_majority_share": clinical.derivable_status_majority_share,
+            "repeat_4gram": clinical.repeat_4gram}
+        if self.policy.release.example_count:
+            released |= {"generation_examples": len(tasks),
+                         "measurements_checked": clinical.measurements_checked,
+                         "statuses_checked": clinical.statuses_checked,
+                         "derivable_statuses_checked": clinical.derivable_statuses_checked}
+        return released
 
     def _record_metrics(self, run_id: str, round_number: int, phase: str,
                         values: Mapping[str, object]) -> None:

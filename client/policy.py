@@ -95,6 +95,7 @@ class RequestLimits:
 
 
 MAX_RUN_ID_LENGTH = 128
+MAX_MARKER_LENGTH = 64
 MIN_GRAD_NORM = 1e-4
 
 
@@ -205,6 +206,9 @@ def request_violation(limits: RequestLimits, request: TrainRequest | EvaluateReq
         checks += [("round", request.round, 0, limits.max_planned_rounds, False),
                    ("max_new_tokens", request.max_new_tokens, 0, limits.max_length, False),
                    ("max_examples", request.max_examples, 0, limits.max_generation_examples, False)]
+    if not (len(request.loss_marker) <= MAX_MARKER_LENGTH and request.loss_marker.isprintable()):
+        return (f"request loss_marker must be at most {MAX_MARKER_LENGTH} printable characters "
+                f"(got {len(request.loss_marker)} characters)")
     if not (0 < len(request.run_id) <= MAX_RUN_ID_LENGTH and request.run_id.isprintable()):
         return (f"request run_id must be 1 to {MAX_RUN_ID_LENGTH} printable characters "
                 f"(got {len(request.run_id)} characters)")

@@ -214,18 +214,19 @@ class ClinicalScores:
     """Clinical accuracy over many completions. Fidelity and accuracies pool every check over
     all notes (so the counts are their denominators); None where nothing was checkable. The
     majority shares are the accuracies of always answering the most common reference status,
-    the baseline an accuracy has to beat."""
+    the baseline an accuracy has to beat. The counts are None where a site withholds them with
+    its example counts (``release.example_count``): they tell how many notes it holds."""
 
     measurement_fidelity: float | None
-    measurements_checked: int
+    measurements_checked: int | None
     status_accuracy: float | None
-    statuses_checked: int
+    statuses_checked: int | None
     status_majority_share: float | None
     derivable_status_accuracy: float | None
-    derivable_statuses_checked: int
+    derivable_statuses_checked: int | None
     derivable_status_majority_share: float | None
     repeat_4gram: float | None  # mean over completions
-    completions: int
+    completions: int | None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,15 +236,18 @@ class ClinicalScores:
         def number(name: str) -> float | None:
             return None if data.get(name) is None else float(data[name])
 
+        def count(name: str) -> int | None:
+            return None if data.get(name) is None else int(data[name])
+
         return cls(measurement_fidelity=number("measurement_fidelity"),
-                   measurements_checked=int(data["measurements_checked"]),
+                   measurements_checked=count("measurements_checked"),
                    status_accuracy=number("status_accuracy"),
-                   statuses_checked=int(data["statuses_checked"]),
+                   statuses_checked=count("statuses_checked"),
                    status_majority_share=number("status_majority_share"),
                    derivable_status_accuracy=number("derivable_status_accuracy"),
-                   derivable_statuses_checked=int(data["derivable_statuses_checked"]),
+                   derivable_statuses_checked=count("derivable_statuses_checked"),
                    derivable_status_majority_share=number("derivable_status_majority_share"),
-                   repeat_4gram=number("repeat_4gram"), completions=int(data["completions"]))
+                   repeat_4gram=number("repeat_4gram"), completions=count("completions"))
 
 
 def clinical_scores(judgements: Iterable[ClinicalJudgement]) -> ClinicalScores:

@@ -95,6 +95,10 @@ class TrainingConfig:
     max_physical_batch_size: int = field(default=0, metadata=bounded(0, 4096))
     # recompute activations in the backward pass instead of keeping them: less memory, more compute
     gradient_checkpointing: bool = False
+    # what the loss is on: "completion", a note without a prompt is split at evaluation.marker as
+    # the generation task splits it, and the loss is on what follows (what the model is judged
+    # on), the end of the note before it the context; "note", the whole note from its start
+    loss_on: str = field(default="completion", metadata=choice("completion", "note"))
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,11 @@ class JobConfig:
     # where each round's figures go as the run goes (server/tracking.py): TensorBoard event files
     # under <run dir>/tensorboard, a local MLflow store (the optional extra 'mlflow'), or nowhere
     tracking: str = field(default="tensorboard", metadata=choice("tensorboard", "mlflow", "none"))
+
+    @property
+    def loss_marker(self) -> str:
+        """The marker notes are split at for the loss ("": whole notes), training.loss_on."""
+        return self.evaluation.marker if self.training.loss_on == "completion" else ""
 
 
 # --------------------------------------------------------------------------- loading

@@ -22,6 +22,7 @@ model was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,17 @@ class GenerationTasks:
         return text + (f"; skipped {', '.join(skipped)}" if skipped else "")
 
 
+def judged_pairs(pairs: Iterable[tuple[str, str]], marker: str) -> list[tuple[str, str]]:
+    """Pairs as the model is judged on them, for the loss: a note without a prompt split at
+    ``marker`` like a generation task (the loss on what follows it); a pair with a prompt, or a
+    note the marker does not split, as given. An empty ``marker`` leaves every pair as given."""
+    judged = []
+    for prompt, completion in pairs:
+        task = split_at_marker(completion, marker).task if marker and not prompt.strip() else None
+        judged.append((prompt, completion) if task is None else (task.prompt, task.reference))
+    return judged
+
+
 def generation_tasks(pairs: Iterable[tuple[str, str]], marker: str = DEFAULT_MARKER) -> GenerationTasks:
     """Every (prompt, completion) pair as a task where it makes one; the rest counted by reason."""
     result = GenerationTasks()
@@ -119,6 +131,9 @@ class GenerationScores:
     chrf: float  # corpus chrF (sacrebleu), 0..100
     examples: int | None = None  # None where a site withholds its example count
     clinical: ClinicalScores | None = None  # None where not scored (no prompts, not released)
+    # completions that used every one of max_new_tokens without an end of text: their scores
+    # judge a text cut short. None where not generated here (a site's scores, given text)
+    cut_off: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rouge_l": self.rouge_l, "bleu": self.bleu, "chrf": self.chrf}
@@ -126,14 +141,17 @@ class GenerationScores:
             data["examples"] = self.examples
         if self.clinical is not None:
             data["clinical"] = self.clinical.to_json()
+        if self.cut_off is not None:
+            data["cut_off"] = self.cut_off
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationScores:
-        examples, clinical = data.get("examples"), data.get("clinical")
+        examples, clinical, cut_off = data.get("examples"), data.get("clinical"), data.get("cut_off")
         return cls(rouge_l=float(data["rouge_l"]), bleu=float(data["bleu"]),
                    chrf=float(data["chrf"]), examples=None if examples is None else int(examples),
-                   clinical=None if clinical is None else ClinicalScores.from_json(clinical))
+                   clinical=None if clinical is None else ClinicalScores.from_json(clinical),
+                   cut_off=None if cut_off is None else int(cut_off))
 
 
 def score_completions(predictions: Sequence[str], references: Sequence[str],
@@ -170,10 +188,18 @@ def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                             bos_token_id=tokenizer.bos_token_id)
 
 
+@dataclass(frozen=True)
+class Completions:
+    """Greedy completions, in the prompts' order, and how many of them ``max_new_tokens`` cut off."""
+
+    texts: list[str]
+    cut_off: int
+
+
 @torch.no_grad()
 def generate_completions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                          prompts: Sequence[str], max_length: int, max_new_tokens: int,
-                         batch_size: int = 16) -> list[str]:
+                         batch_size: int = 16) -> Completions:
     """Greedy completions of ``prompts`` (each cut from its start to fit), decoded as text.
 
     Runs on the model's device, in eval mode (restored afterwards) and without gradients;
@@ -186,10 +212,14 @@ def generate_completions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerB
                          f"max_length={max_length} tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     config = _greedy(model, tokenizer, max_new_tokens)
+    eos = config.eos_token_id
+    eos_ids = torch.tensor([] if eos is None else eos if isinstance(eos, list) else [eos],
+                           dtype=torch.long)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     completions: list[str] = []
+    cut_off = 0
     try:
         for start in progress_bar(range(0, len(prompts), batch_size), "generating completions"):
             rows = [bos + head_ids(tokenizer, prompt, room, from_end=True)[0]
@@ -203,11 +233,14 @@ def generate_completions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerB
                     mask[i, width - len(row):] = 1
             output = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                     generation_config=config)
+            new = output[:, width:].cpu()
+            if new.shape[1] == max_new_tokens:  # shorter: every row of the batch ended
+                cut_off += int((~torch.isin(new, eos_ids).any(dim=1)).sum())
             completions += [text.strip() for text in
-                            tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+                            tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         model.train(was_training)
-    return completions
+    return Completions(completions, cut_off)
 
 
 @dataclass(frozen=True)
@@ -231,12 +264,13 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
                         tasks: Sequence[GenerationTask], max_length: int, max_new_tokens: int,
                         batch_size: int = 16) -> tuple[GenerationScores, list[GenerationSample]]:
     """Generate a completion for every task and score them against the references (and, for
-    the clinical scores, the prompts)."""
+    the clinical scores, the prompts), counting the completions ``max_new_tokens`` cut off."""
     prompts = [t.prompt for t in tasks]
     completions = generate_completions(model, tokenizer, prompts, max_length, max_new_tokens,
                                        batch_size)
-    scores = score_completions(completions, [t.reference for t in tasks], prompts)
-    return scores, [GenerationSample(t.prompt, t.reference, c) for t, c in zip(tasks, completions)]
+    scores = score_completions(completions.texts, [t.reference for t in tasks], prompts)
+    return (dataclasses.replace(scores, cut_off=completions.cut_off),
+            [GenerationSample(t.prompt, t.reference, c) for t, c in zip(tasks, completions.texts)])
 
 
 def is_generation_round(round_number: int, rounds: int, every_k_rounds: int) -> bool:

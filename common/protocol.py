@@ -107,6 +107,8 @@ class TrainRequest(_Request):
     # the site the coordinator knows this node as (by its authentication key); "" unaddressed.
     # A node of another name declines before spending anything.
     site: str = ""
+    # notes without a prompt are split at this marker for the loss ("": whole notes)
+    loss_marker: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class EvaluateRequest(_Request):
     max_new_tokens: int = 0
     max_examples: int = 0
     site: str = ""  # as in TrainRequest
+    loss_marker: str = ""  # as in TrainRequest: for the held-out loss
 
 
 # ------------------------------------------------------------------------------- replies
@@ -183,7 +186,8 @@ class TrainReply(_Reply):
 @dataclass(frozen=True)
 class EvaluateReply(_Reply):
     """A site's held-out loss of the global adapter (``eval_loss`` None when withheld), and its
-    aggregate generation scores when asked for and released (None otherwise); or a decline
+    aggregate generation scores when asked for and released (None otherwise), the clinical ones
+    (``common.clinical_metrics.ClinicalScores``, by the same names) among them; or a decline
     with its reason. ``accepted`` defaults to true so a reply without it still decodes."""
 
     site: str = _status()
@@ -195,6 +199,18 @@ class EvaluateReply(_Reply):
     bleu: float | None = _metric(None)
     chrf: float | None = _metric(None)
     generation_examples: int | None = _metric(None)  # None: not generated, or the count withheld
+    # clinical scores of the same completions: None where not generated, nothing was checkable
+    # (the shares), or counts are withheld with generation_examples (the counts). repeat_4gram
+    # is present whenever they were scored.
+    measurement_fidelity: float | None = _metric(None)
+    measurements_checked: int | None = _metric(None)
+    status_accuracy: float | None = _metric(None)
+    statuses_checked: int | None = _metric(None)
+    status_majority_share: float | None = _metric(None)
+    derivable_status_accuracy: float | None = _metric(None)
+    derivable_statuses_checked: int | None = _metric(None)
+    derivable_status_majority_share: float | None = _metric(None)
+    repeat_4gram: float | None = _metric(None)
     ledger_seq: int = _metric(-1)  # the site's ledger head after its entry for this reply
     ledger_hash: str = _status("")
 
@@ -213,7 +229,7 @@ def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainReques
         max_length=job.model.max_length,
         max_physical_batch_size=job.training.max_physical_batch_size,
         gradient_checkpointing=job.training.gradient_checkpointing, **_lora_fields(job),
-        aggregation=job.federation.aggregation)
+        aggregation=job.federation.aggregation, loss_marker=job.loss_marker)
 
 
 def evaluate_request(job: JobConfig, run_id: str, round_number: int,
@@ -224,4 +240,4 @@ def evaluate_request(job: JobConfig, run_id: str, round_number: int,
                            batch_size=job.training.eval_batch_size, **_lora_fields(job),
                            generation=generation, marker=evaluation.marker,
                            max_new_tokens=evaluation.max_new_tokens,
-                           max_examples=evaluation.max_examples)
+                           max_examples=evaluation.max_examples, loss_marker=job.loss_marker)

@@ -152,11 +152,12 @@ class RunIdentity:
             raise ValueError(f"{path}: not a readable checkpoint state ({err})") from err
 
 
-def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys (``privacy.delta``)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flat_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -164,7 +165,7 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(recorded: Mapping[str, Any], job: Mapping[str, Any]) -> list[str]:
     """Every dotted key whose value differs between two configs (as plain data), with both."""
-    before, after = _flat(recorded), _flat(json.loads(json.dumps(job)))  # tuples as JSON lists
+    before, after = flat_config(recorded), flat_config(json.loads(json.dumps(job)))  # tuples as JSON lists
     return [f"{key}: {before.get(key, '(absent)')!r} in the checkpoint, "
             f"{after.get(key, '(absent)')!r} in this job"
             for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]

@@ -25,6 +25,7 @@ import torch
 
 from privatune.common.certs import CertError, check_node_name
 from privatune.common.config import JobConfig, to_dict
+from privatune.common.clinical_metrics import ClinicalScores
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import NO_HEAD, LedgerHead
@@ -246,11 +247,24 @@ def _perplexity(loss: float | None) -> float | None:
 
 
 def site_generation_scores(reply: EvaluateReply) -> GenerationScores | None:
-    """The generation scores a site released, or None (not asked, withheld, no task)."""
+    """The generation scores a site released, or None (not asked, withheld, no task); their
+    clinical scores where the site sent them (``repeat_4gram`` is there whenever they were
+    scored; a node of an earlier version sends none), over its ``generation_examples``."""
     if reply.rouge_l is None or reply.bleu is None or reply.chrf is None:
         return None
-    return GenerationScores(reply.rouge_l, reply.bleu, reply.chrf,
-                            reply.generation_examples)
+    clinical = None
+    if reply.repeat_4gram is not None:
+        clinical = ClinicalScores(
+            measurement_fidelity=reply.measurement_fidelity,
+            measurements_checked=reply.measurements_checked,
+            status_accuracy=reply.status_accuracy, statuses_checked=reply.statuses_checked,
+            status_majority_share=reply.status_majority_share,
+            derivable_status_accuracy=reply.derivable_status_accuracy,
+            derivable_statuses_checked=reply.derivable_statuses_checked,
+            derivable_status_majority_share=reply.derivable_status_majority_share,
+            repeat_4gram=reply.repeat_4gram, completions=reply.generation_examples)
+    return GenerationScores(reply.rouge_l, reply.bleu, reply.chrf, reply.generation_examples,
+                            clinical)
 
 
 def _mean_train_loss(accepted: Sequence[TrainResult]) -> float | None:
@@ -281,7 +295,7 @@ class Coordinator:
         self.global_state = lora_state(self.model)
         self.evaluator = (CentralEvaluator(self.model, tokenizer, settings.central_eval,
                                            job.model.max_length, job.training.eval_batch_size,
-                                           job.evaluation.marker)
+                                           job.evaluation.marker, job.loss_marker)
                           if settings.central_eval else None)
         self.run_id = settings.run_id
         self.rounds: list[RoundRecord] = []
@@ -472,8 +486,9 @@ class Coordinator:
         shown = ", ".join(f"{s} {g.rouge_l:.3f}" for s, g in evaluation.site_generation.items())
         self.progress(f"[round {round_number}] generation: "
                       + (f"ROUGE-L {central.rouge_l:.3f}, BLEU {central.bleu:.1f}, "
-                         f"chrF {central.chrf:.1f} on {central.examples} held-out notes "
-                         f"({seconds:.1f} s)" if central else "no central score")
+                         f"chrF {central.chrf:.1f} on {central.examples} held-out notes, "
+                         f"{central.cut_off} cut off at max_new_tokens ({seconds:.1f} s)"
+                         if central else "no central score")
                       + f"; ROUGE-L at sites: {shown or 'none released'}")
 
     def _site(self, name: str) -> SiteTally:

@@ -15,7 +15,8 @@ import torch
 
 from privatune.common.examples import encode_pairs, evaluate_loss
 from privatune.common.generation import (DEFAULT_MARKER, GenerationSample, GenerationScores,
-                                         GenerationTasks, evaluate_generation, generation_tasks)
+                                         GenerationTasks, evaluate_generation, generation_tasks,
+                                         judged_pairs)
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -54,11 +55,13 @@ class CentralEvaluator:
     held-out set."""
 
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_path: Path,
-                 max_length: int, batch_size: int, marker: str = DEFAULT_MARKER):
+                 max_length: int, batch_size: int, marker: str = DEFAULT_MARKER,
+                 loss_marker: str = ""):
         self.model = model  # the coordinator's own model: one copy of the base weights
         self.tokenizer, self.max_length = tokenizer, max_length
         pairs = read_eval_pairs(eval_path)
-        self.dataset = encode_pairs(tokenizer, pairs, max_length)
+        # the loss on what the sites train on (notes split at loss_marker: the completion)
+        self.dataset = encode_pairs(tokenizer, judged_pairs(pairs, loss_marker), max_length)
         self.batch_size = batch_size
         self.tasks: GenerationTasks = generation_tasks(pairs, marker)
 

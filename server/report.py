@@ -531,6 +531,65 @@ def _scores(scores: GenerationScores | None) -> str:
     return f"{scores.rouge_l:.3f} | {scores.bleu:.1f} | {scores.chrf:.1f}"
 
 
+def _cut_off(scores: GenerationScores | None) -> str:
+    """The completions max_new_tokens cut off, of all, e.g. "3 of 8"."""
+    if scores is None or scores.cut_off is None:
+        return "n/a"
+    return f"{scores.cut_off} of {_fmt(scores.examples)}"
+
+
+def _against(value: float | None, baseline: float | None, checked: int | None) -> str:
+    """An accuracy against its trivial baseline, over ``checked`` checks where released."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.2f} vs {_fmt(baseline)}"
+    return text if checked is None else f"{text} ({checked})"
+
+
+def _clinical(scores: GenerationScores | None) -> str:
+    """ROUGE-L | fidelity | status accuracy | derivable status accuracy | repeat-4gram cells."""
+    rouge = "n/a" if scores is None else f"{scores.rouge_l:.3f}"
+    clinical = None if scores is None else scores.clinical
+    if clinical is None:
+        return " | ".join([rouge] + ["n/a"] * 4)
+    fidelity = _fmt(clinical.measurement_fidelity)
+    if clinical.measurement_fidelity is not None and clinical.measurements_checked is not None:
+        fidelity += f" ({clinical.measurements_checked})"
+    return " | ".join([
+        rouge, fidelity,
+        _against(clinical.status_accuracy, clinical.status_majority_share,
+                 clinical.statuses_checked),
+        _against(clinical.derivable_status_accuracy, clinical.derivable_status_majority_share,
+                 clinical.derivable_statuses_checked),
+        _fmt(clinical.repeat_4gram)])
+
+
+def clinical_lines(report: RunReport) -> list[str]:
+    """The clinical accuracy table of report.md: what the completions assert, beside ROUGE-L,
+    each accuracy against the share a constant answer gets (the baseline it has to beat)."""
+    central = report.central
+    rows: list[tuple[str, str, GenerationScores | None]] = []
+    if central.base_generation is not None or central.final_generation is not None:
+        rows += [("coordinator", "base", central.base_generation),
+                 ("coordinator", "final global", central.final_generation)]
+    for name, site in report.sites.items():
+        rows += [(name, "base", site.base_generation), (name, "final global", site.final_generation)]
+        if site.local_only_generation is not None:
+            rows.append((name, "local only", site.local_only_generation))
+    if not any(scores is not None and scores.clinical is not None for _, _, scores in rows):
+        return []
+    return ["", "Clinical accuracy of the same completions: *fidelity* is the share of the "
+            "measurements a completion restates from its prompt that carry the prompt's value; "
+            "*status* the share of the reference's control statuses (by problem) it states the "
+            "same, *vs* the majority share (always answering the most common status); "
+            "*derivable* only the statuses that follow from the prompt (hypertension from its "
+            "BP); *repeat-4gram* the share of repeated word 4-grams (clinosim's own references "
+            "score about 0.17; near 1 is a loop). In brackets: the checks pooled, where released.",
+            "", "| set | model | ROUGE-L | fidelity | status vs majority | derivable vs majority "
+            "| repeat-4gram |", "|---|---|---|---|---|---|---|",
+            *[f"| {name} | {label} | {_clinical(scores)} |" for name, label, scores in rows]]
+
+
 def _fenced(text: str) -> list[str]:
     """``text`` as a fenced block whatever backticks it holds (the fence is longer than any run)."""
     if not text.strip():
@@ -565,11 +624,13 @@ def generation_lines(report: RunReport) -> list[str]:
         lines += [f"Coordinator's held-out set: {central.generation_tasks} notes make a task"
                   + (f" (skipped: {skipped})" if skipped else "") + "."]
     if central.base_generation is not None or central.final_generation is not None:
-        lines += ["", "| coordinator's held-out set | ppl | ROUGE-L | BLEU | chrF |",
-                  "|---|---|---|---|---|",
-                  f"| base model | {_fmt(central.base_perplexity)} | {_scores(central.base_generation)} |",
+        lines += ["", "| coordinator's held-out set | ppl | ROUGE-L | BLEU | chrF | cut off |",
+                  "|---|---|---|---|---|---|",
+                  f"| base model | {_fmt(central.base_perplexity)} | {_scores(central.base_generation)} "
+                  f"| {_cut_off(central.base_generation)} |",
                   f"| final global model | {_fmt(central.final_perplexity)} | "
-                  f"{_scores(central.final_generation)} |"]
+                  f"{_scores(central.final_generation)} | {_cut_off(central.final_generation)} |",
+                  "", "*Cut off*: completions that used all max_new_tokens without ending."]
     if report.sites:
         lines += ["", "Per site, on its own held-out notes (aggregates the site released; *n/a*: "
                   "withheld by its policy, `release.generation_scores: false`, or no held-out note "
@@ -582,6 +643,7 @@ def generation_lines(report: RunReport) -> list[str]:
                     ("local only", site.local_only_perplexity, site.local_only_generation)):
                 if label != "local only" or ppl is not None or scores is not None:
                     lines.append(f"| {name} | {label} | {_fmt(ppl)} | {_scores(scores)} |")
+    lines += clinical_lines(report)
     if rounds:
         lines += ["", "Central scores per round:", "", "| round | ROUGE-L | BLEU | chrF |",
                   "|---|---|---|---|"]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from privatune.common.config import ConfigError
+from privatune.common.run_record import flat_config
 from privatune.server.report import RoundRecord
 
 TRACKERS = ("tensorboard", "mlflow", "none")
@@ -213,7 +214,7 @@ class MlflowTracker(RunTracker):
         self.mlflow_run_id = run.info.run_id
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)[:6000]) for key, value in _flat_params(self.config).items()]
+        params = [Param(key, str(value)[:6000]) for key, value in flat_config(self.config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.mlflow_run_id, params=params[start:start + 100])
         return set()
@@ -234,16 +235,6 @@ class MlflowTracker(RunTracker):
 
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
-
-
-def _flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _module_available(name: str) -> bool:

@@ -769,7 +769,8 @@ def test_robust_median_and_equal_weights(tmp_path, tiny_model_dir):
 
 
 class ScoringTransport(FakeTransport):
-    """Sites answer a generation request with scores that grow by round; gamma withholds its."""
+    """Sites answer a generation request with scores that grow by round, and clinical scores
+    (beta withholding its counts); gamma withholds its scores."""
 
     def evaluate(self, requests, state, timeout_s):
         import dataclasses
@@ -777,9 +778,14 @@ class ScoringTransport(FakeTransport):
         results, failures = super().evaluate(requests, state, timeout_s)
         request = next(iter(requests.values()))
         if request.generation:
+            counts = {"generation_examples": 4, "measurements_checked": 6, "statuses_checked": 8,
+                      "derivable_statuses_checked": 4}
             results = [r if r.reply.site == "gamma" else EvaluateResult(r.node_id, dataclasses.replace(
                 r.reply, rouge_l=0.05 + 0.1 * request.round, bleu=2.0 + request.round,
-                chrf=20.0 + request.round, generation_examples=4)) for r in results]
+                chrf=20.0 + request.round, measurement_fidelity=0.5, status_accuracy=0.25,
+                status_majority_share=0.625, derivable_status_accuracy=0.5,
+                derivable_status_majority_share=0.75, repeat_4gram=0.1 * request.round,
+                **(counts if r.reply.site == "alpha" else {}))) for r in results]
         return results, failures
 
 
@@ -815,6 +821,15 @@ def test_generation_scores_and_samples_from_the_central_set_reach_the_report(tmp
     assert central_summary.final_generation == report.rounds[3].evaluation.global_generation
     assert central_summary.generation_tasks == 12
     assert central_summary.generation_skipped == {NO_MARKER: 1, NOTHING_BEFORE: 1}
+    # the clinical scores and the cut-off count of the central completions, in range
+    for scores in (central_summary.base_generation, central_summary.final_generation):
+        clinical = scores.clinical
+        assert clinical.completions == 5 and 0 <= scores.cut_off <= 5
+        assert 0.0 <= clinical.repeat_4gram <= 1.0
+        for share in (clinical.measurement_fidelity, clinical.status_accuracy,
+                      clinical.status_majority_share, clinical.derivable_status_accuracy,
+                      clinical.derivable_status_majority_share):
+            assert share is None or 0.0 <= share <= 1.0
     # three samples of the coordinator's own notes: prompt up to the marker, the note's rest
     assert len(central_summary.samples) == 3
     for sample in central_summary.samples:
@@ -825,13 +840,31 @@ def test_generation_scores_and_samples_from_the_central_set_reach_the_report(tmp
     alpha = report.sites["alpha"]
     assert alpha.base_generation.rouge_l == pytest.approx(0.05)
     assert alpha.final_generation.rouge_l == pytest.approx(0.35) and alpha.final_generation.examples == 4
+    assert alpha.final_generation.clinical.repeat_4gram == pytest.approx(0.3)
+    assert alpha.final_generation.clinical.statuses_checked == 8
+    assert alpha.final_generation.clinical.completions == 4
+    beta = report.sites["beta"].final_generation.clinical  # its counts withheld
+    assert beta.status_accuracy == 0.25 and beta.statuses_checked is None and beta.completions is None
     assert report.sites["gamma"].base_generation is None and report.sites["gamma"].final_generation is None
+    # report.json keys them next to rouge_l, base and final, centrally and per site
+    saved = report.to_json()
+    for scores in (saved["central"]["base_generation"], saved["central"]["final_generation"],
+                   saved["sites"]["alpha"]["final_generation"]):
+        assert {"measurement_fidelity", "status_accuracy", "status_majority_share",
+                "derivable_status_accuracy", "derivable_status_majority_share",
+                "repeat_4gram"} <= set(scores["clinical"])
+    assert "cut_off" in saved["central"]["final_generation"]
 
     markdown = render_markdown(report)
     assert "## Generation" in markdown
     assert "| alpha | base | 7.39 | 0.050 | 2.0 | 20.0 |" in markdown
     assert "| alpha | final global | 7.39 | 0.350 | 5.0 | 23.0 |" in markdown
     assert "| gamma | final global | 54.60 | n/a | n/a | n/a |" in markdown
+    assert "| alpha | final global | 0.350 | 0.50 (6) | 0.25 vs 0.62 (8) | 0.50 vs 0.75 (4) | 0.30 |" \
+        in markdown
+    assert "| beta | base | 0.050 | 0.50 | 0.25 vs 0.62 | 0.50 vs 0.75 | 0.00 |" in markdown
+    assert "| gamma | final global | n/a | n/a | n/a | n/a | n/a |" in markdown
+    assert f"| {central_summary.final_generation.cut_off} of 5 |" in markdown  # cut off
     assert "12 notes make a task (skipped: 1 without the marker, 1 with nothing before the marker)" \
         in markdown
     assert "**Sample 3.** Prompt:" in markdown and "Final global model:" in markdown

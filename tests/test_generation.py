@@ -3,6 +3,8 @@ scores, and what a site releases of them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -12,11 +14,12 @@ from privatune.client.policy import load_site_policy
 from privatune.common.config import ConfigError, load_job_config
 from privatune.common.generation import (NO_MARKER, NOTHING_AFTER, NOTHING_BEFORE, GenerationTask,
                                          generate_completions, generation_tasks, is_generation_round,
-                                         score_completions, split_at_marker)
+                                         judged_pairs, score_completions, split_at_marker)
 from privatune.common.ledger import NON_PRIVATE, SiteLedger
 from privatune.common.lora import (LoraSettings, attach_seeded_lora, initial_adapter, load_base_model,
                                    lora_state)
-from privatune.common.protocol import EvaluateRequest
+from privatune.common.protocol import EvaluateReply, EvaluateRequest
+from privatune.server.coordinator import site_generation_scores
 
 NOTE = ("Subjective: 70-year-old with cough.\nObjective: T 38.9 C, HR 104.\n"
         "Assessment: 1. Pneumonia.\nPlan: start antibiotics.")
@@ -108,7 +111,8 @@ def test_greedy_completions_fit_the_length_and_leave_the_model_as_it_was(tiny_mo
     model.generate = spy  # type: ignore[method-assign]
     first = generate_completions(model, tokenizer, prompts, max_length=48, max_new_tokens=8)
     assert model.training  # restored
-    assert len(first) == 2 and all(isinstance(text, str) for text in first)
+    assert len(first.texts) == 2 and all(isinstance(text, str) for text in first.texts)
+    assert 0 <= first.cut_off <= 2
     ids = calls[0]["input_ids"]
     # the prompt is cut from its start to max_length - max_new_tokens (bos included)
     assert ids.shape[1] == 48 - 8
@@ -118,6 +122,23 @@ def test_greedy_completions_fit_the_length_and_leave_the_model_as_it_was(tiny_mo
     assert generate_completions(model, tokenizer, prompts, 48, 8, batch_size=1) == first
     with pytest.raises(ValueError, match="no room for a prompt"):
         generate_completions(model, tokenizer, prompts, max_length=48, max_new_tokens=47)
+
+
+def test_completions_that_use_every_new_token_without_an_end_are_counted_cut_off(tiny_model_dir):
+    base, tokenizer = load_base_model(tiny_model_dir)
+    eos, pad, word = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.encode("a")[-1]
+    new_tokens: list[list[int]] = []
+
+    def generate(input_ids, **_kwargs):  # the prompt, then the given new tokens
+        return torch.cat([input_ids, torch.tensor(new_tokens)], dim=1)
+
+    base.generate = generate  # type: ignore[method-assign]
+    # all 4 new tokens and no end of text: cut off; an end at the last token: not
+    new_tokens[:] = [[word] * 4, [word, eos, pad, pad], [word, word, word, eos]]
+    assert generate_completions(base, tokenizer, ["x"] * 3, 48, 4).cut_off == 1
+    # a batch shorter than max_new_tokens: every row ended
+    new_tokens[:] = [[word, eos]]
+    assert generate_completions(base, tokenizer, ["x"], 48, 4).cut_off == 0
 
 
 # ------------------------------------------------------------------------- at a site
@@ -138,6 +159,12 @@ def with_release(policy_path, **release):
     return policy_path
 
 
+# the clinical scores a site releases: shares (of checks) and the counts of checks pooled
+SHARES = ("measurement_fidelity", "status_accuracy", "status_majority_share",
+          "derivable_status_accuracy", "derivable_status_majority_share", "repeat_4gram")
+CHECK_COUNTS = ("measurements_checked", "statuses_checked", "derivable_statuses_checked")
+
+
 def metric_entries(node: SiteNode) -> list[dict]:
     return [e for e in SiteLedger(node.policy.ledger_path).entries
             if e["kind"] == NON_PRIVATE and e["release"] == "evaluate_metrics"]
@@ -149,11 +176,22 @@ def test_site_releases_its_generation_scores_as_a_non_private_release(make_site,
     reply = node.evaluate(evaluate_request(max_examples=5), state)
     assert reply.generation_examples == 5  # the first 5 held-out notes (all have the marker)
     assert all(isinstance(v, float) for v in (reply.rouge_l, reply.bleu, reply.chrf))
+    # the clinical scores of the same completions, each share in 0..1, and their counts
+    assert 0.0 <= reply.repeat_4gram <= 1.0
+    for share in SHARES:
+        assert getattr(reply, share) is None or 0.0 <= getattr(reply, share) <= 1.0, share
+    assert all(getattr(reply, count) >= 0 for count in CHECK_COUNTS)
     [entry] = metric_entries(node)
     assert entry["private"] is False
+    clinical = {name: getattr(reply, name) for name in SHARES + CHECK_COUNTS}
     assert entry["values"] == {"num_examples": reply.num_examples, "eval_loss": reply.eval_loss,
                                "rouge_l": reply.rouge_l, "bleu": reply.bleu, "chrf": reply.chrf,
-                               "generation_examples": 5}
+                               "generation_examples": 5,
+                               **{k: v for k, v in clinical.items() if v is not None}}
+    # the coordinator reads them back as the ClinicalScores of the site's 5 completions
+    released = site_generation_scores(EvaluateReply.from_record(reply.to_record())).clinical
+    assert released.completions == 5 and released.repeat_4gram == reply.repeat_4gram
+    assert released.measurements_checked == reply.measurements_checked
     # not asked for: nothing generated, nothing released
     plain = node.evaluate(evaluate_request(generation=False), state)
     assert plain.rouge_l is None and plain.generation_examples is None
@@ -173,7 +211,8 @@ def test_site_policy_withholds_generation_scores(make_site, tiny_model_dir, monk
     reply = node.evaluate(evaluate_request(), state)
     assert reply.rouge_l is None and reply.bleu is None and reply.chrf is None
     assert reply.generation_examples is None
-    assert not {"rouge_l", "bleu", "chrf", "generation_examples"} & set(reply.to_record()["metrics"])
+    assert not ({"rouge_l", "bleu", "chrf", "generation_examples", *SHARES, *CHECK_COUNTS}
+                & set(reply.to_record()["metrics"]))
     [entry] = metric_entries(node)
     assert set(entry["values"]) == {"num_examples", "eval_loss"}
 
@@ -183,7 +222,12 @@ def test_withheld_example_count_also_withholds_the_generation_count(make_site, t
     state = lora_state(initial_adapter(tiny_model_dir, LORA, seed=0))
     reply = node.evaluate(evaluate_request(max_examples=3), state)
     assert reply.rouge_l is not None and reply.generation_examples is None
-    assert "generation_examples" not in metric_entries(node)[0]["values"]
+    # the clinical checks pooled are counts too: withheld, their shares released
+    assert reply.repeat_4gram is not None
+    assert all(getattr(reply, count) is None for count in CHECK_COUNTS)
+    assert not {"generation_examples", *CHECK_COUNTS} & set(metric_entries(node)[0]["values"])
+    released = site_generation_scores(reply)
+    assert released.examples is None and released.clinical.completions is None
 
 
 # --------------------------------------------------------------------- request and config
@@ -210,3 +254,39 @@ def test_evaluation_section_is_validated(tmp_path):
         load_job_config(path, ["evaluation.marker= "])
     with pytest.raises(ConfigError, match="evaluation.max_examples"):
         load_job_config(path, ["evaluation.max_examples=0"])
+
+
+# --------------------------------------------------------------------- the loss on what is judged
+
+
+def test_judged_pairs_split_notes_like_the_generation_task():
+    note = "Objective: BP 165/93 mmHg\nAssessment: 1. Essential hypertension: poorly controlled."
+    pairs = [("", note), ("Question?", "Answer."), ("", "Imaging report\nFindings: none.")]
+    assert judged_pairs(pairs, "Assessment:") == [
+        ("Objective: BP 165/93 mmHg\nAssessment:", "1. Essential hypertension: poorly controlled."),
+        ("Question?", "Answer."), ("", "Imaging report\nFindings: none.")]
+    assert judged_pairs(pairs, "") == pairs
+
+
+def test_node_trains_and_evaluates_the_loss_on_the_completion(make_site, tiny_model_dir):
+    """With a loss marker the labels start after the marker, the note before it is context."""
+    from privatune.common.examples import IGNORE_INDEX
+    from privatune.common.protocol import TrainRequest
+
+    node = SiteNode(load_site_policy(make_site()))
+    _, tokenizer = load_base_model(tiny_model_dir)
+    whole = node._dataset("train", tokenizer, 128)
+    judged = node._dataset("train", tokenizer, 128, loss_marker="Assessment:")
+    ids, labels = judged.tensors[0][0], judged.tensors[1][0]
+    learned = tokenizer.decode(ids[labels != IGNORE_INDEX])
+    assert learned.strip().startswith(node.train_units[0][1].split("Assessment:")[1].strip()[:10])
+    assert (judged.tensors[1] != IGNORE_INDEX).sum() < (whole.tensors[1] != IGNORE_INDEX).sum()
+    state = lora_state(initial_adapter(tiny_model_dir, LORA, seed=0))
+    request = TrainRequest(run_id="run-1", round=1, planned_rounds=1, local_steps=2, batch_size=8,
+                           learning_rate=0.02, max_grad_norm=1.0, max_length=48, lora_r=LORA.r,
+                           lora_alpha=LORA.alpha, lora_targets="q_proj,v_proj",
+                           loss_marker="Assessment:")
+    assert node.train(request, state).reply.accepted
+    reply = node.evaluate(dataclasses.replace(evaluate_request(generation=False),
+                                              loss_marker="Assessment:"), state)
+    assert reply.accepted and reply.eval_loss is not None

@@ -108,6 +108,11 @@ def test_report_files_written(simulated_run):
     for field in ("base_perplexity", "final_perplexity", "local_only_perplexity", "epsilon",
                   "delta", "epsilon_budget"):
         assert field in saved["sites"]["north"]
+    # the clinical scores next to rouge_l: centrally (with the cut-off count) and per site
+    central = saved["central"]["final_generation"]
+    assert {"rouge_l", "clinical", "cut_off"} <= set(central)
+    for name in ("base_generation", "final_generation", "local_only_generation"):
+        assert "status_majority_share" in saved["sites"]["north"][name]["clinical"]
     assert RunReport.from_json(saved) == report  # report.json reads back as the same records
 
 
@@ -117,20 +122,27 @@ def test_generation_scores_centrally_at_sites_and_local_only(simulated_run):
     assert [r.round for r in report.rounds if r.evaluation.global_generation] == [0, 2]
     central = report.central
     assert central.base_generation.examples == central.final_generation.examples == 8
+    assert 0 <= central.final_generation.cut_off <= 8
     assert central.generation_tasks == 40 and not central.generation_skipped
     assert len(central.samples) == 3 and all(s.prompt.endswith("Assessment:") for s in central.samples)
     for name, site in report.sites.items():
         for scores in (site.base_generation, site.final_generation, site.local_only_generation):
             assert scores is not None and scores.examples == 8, name
             assert 0.0 <= scores.rouge_l <= 1.0 and 0.0 <= scores.chrf <= 100.0
+            # the clinical scores of the same completions, with their counts (released here)
+            clinical = scores.clinical
+            assert clinical.completions == 8 and clinical.measurements_checked >= 0, name
+            assert 0.0 <= clinical.repeat_4gram <= 1.0
+            assert clinical.measurement_fidelity is None or 0.0 <= clinical.measurement_fidelity <= 1.0
     # each site listed what it released as a non-private release, in the round it was asked
     for policy_path in policies:
         entries = [e for e in SiteLedger(load_site_policy(policy_path).ledger_path).entries
                    if e.get("release") == "evaluate_metrics"]
-        scored = [e["round"] for e in entries if "rouge_l" in e["values"]]
+        scored = [e["round"] for e in entries if {"rouge_l", "repeat_4gram"} <= set(e["values"])]
         assert scored == [0, 2] and all(e["private"] is False for e in entries)
     markdown = (root / "run" / "report.md").read_text()
     assert "## Generation" in markdown and "| north | local only |" in markdown
+    assert "| set | model | ROUGE-L | fidelity | status vs majority |" in markdown
     assert "**Sample 3.** Prompt:" in markdown
     assert (root / "run" / "report_generation.png").stat().st_size > 0
 
