@@ -144,10 +144,13 @@ def status_statements(text: str) -> dict[str, StatusStatement]:
     return statements
 
 
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks: "0.0.0.0" is a loop too
+
+
 def repeat_4gram(text: str) -> float:
-    """1 - distinct/total word 4-grams: 0 for text without repeats (or under 4 words), near 1
-    for a loop."""
-    words = text.split()
+    """1 - distinct/total 4-grams of words and punctuation marks: 0 for text without repeats
+    (or under 4 tokens), near 1 for a loop, spaced ("review. review.") or not ("0.0.0.0")."""
+    words = _TOKEN.findall(text)
     grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 

@@ -103,12 +103,13 @@ def test_status_vocabulary_and_what_each_status_rests_on():
 
 
 def test_a_loop_shows_as_repeated_4grams():
-    loop = "1. Obesity: defer review. " * 10  # 40 words, 37 4-grams, 4 of them distinct
-    assert repeat_4gram(loop) == pytest.approx(1 - 4 / 37)
+    loop = "1. Obesity: defer review. " * 10  # 70 words and marks, 67 4-grams, 7 distinct
+    assert repeat_4gram(loop) == pytest.approx(1 - 7 / 67)
     assert repeat_4gram("Essential hypertension at goal; Amlodipine continue.") == 0.0
     assert repeat_4gram("too short") == 0.0
+    assert repeat_4gram("0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.") > 0.8  # a loop without spaces
     judgement = judge_completion(PROMPT, REFERENCE, loop)
-    assert judgement.repeat_4gram == pytest.approx(1 - 4 / 37)
+    assert judgement.repeat_4gram == pytest.approx(1 - 7 / 67)
     assert judgement.measurements_checked == 0 and judgement.status_accuracy == 0.0
 
 
