@@ -91,6 +91,7 @@ def refused(node: Proc, timeout_s: float = 180) -> str:
     return node.output()
 
 
+@pytest.mark.e2e
 def test_node_states_what_leaves_the_site(federation):
     for name in SITES:
         federation.nodes[name].wait_for("What leaves this site", 5)
@@ -101,14 +102,17 @@ def test_node_states_what_leaves_the_site(federation):
     assert "site-policy=" in text and "--auth-supernode-private-key" in text
 
 
+@pytest.mark.e2e
 def test_unregistered_node_is_refused(federation):
     assert "Failed to activate SuperNode" in refused(federation.nodes["unregistered"])
 
 
+@pytest.mark.e2e
 def test_node_with_another_ca_is_refused(federation):
     assert "CERTIFICATE_VERIFY_FAILED" in refused(federation.nodes["wrong-ca"])
 
 
+@pytest.mark.e2e
 def test_two_rounds_finish_although_a_node_dies_mid_round(federation):
     coordinator = federation.start_coordinator()
     coordinator.wait_for("[round 1/2] training at 3 nodes", 240)
