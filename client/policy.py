@@ -202,9 +202,10 @@ def request_violation(limits: RequestLimits, request: TrainRequest | EvaluateReq
             ("planned_rounds", request.planned_rounds, 1, limits.max_planned_rounds, False),
             ("max_physical_batch_size", request.max_physical_batch_size, 0, 1_000_000, False),
         ]
-    else:  # generated tokens count against the same length bound as the prompt's
+    else:  # generated tokens count within the same max_length as the prompt's, leaving room
         checks += [("round", request.round, 0, limits.max_planned_rounds, False),
-                   ("max_new_tokens", request.max_new_tokens, 0, limits.max_length, False),
+                   ("max_new_tokens", request.max_new_tokens, 0,
+                    min(limits.max_length, request.max_length - 2), False),
                    ("max_examples", request.max_examples, 0, limits.max_generation_examples, False)]
     if not (len(request.loss_marker) <= MAX_MARKER_LENGTH and request.loss_marker.isprintable()):
         return (f"request loss_marker must be at most {MAX_MARKER_LENGTH} printable characters "

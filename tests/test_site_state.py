@@ -276,6 +276,13 @@ def test_a_hostile_global_adapter_is_declined_before_any_spend(make_site, start_
     assert not evaluation.accepted and expected in evaluation.reason
 
 
+def test_generation_longer_than_max_length_is_declined(make_site, start_state):
+    node = SiteNode(load_site_policy(make_site()))
+    reply = node.evaluate(evaluate_request(max_length=100, generation=True, marker="Assessment:",
+                                           max_new_tokens=2000, max_examples=20), start_state)
+    assert not reply.accepted and "request max_new_tokens = 2000" in reply.reason
+
+
 def test_lengths_beyond_the_models_positions_are_declined(make_site, start_state):
     node = SiteNode(load_site_policy(make_site()))  # the tiny model has 128 positions
     outcome = node.train(request(max_length=2000), start_state)
