@@ -28,7 +28,9 @@ JOB = """
 seed: 3
 model: {max_length: 48}
 lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
-training: {local_steps: 8, batch_size: 32, learning_rate: 0.05, max_grad_norm: 1.0}
+# the loss on whole notes: their template is what a 1-layer model surely learns in 16 DP steps
+# (the completion alone, a few tokens a note, fell by too little to assert on every run)
+training: {local_steps: 8, batch_size: 32, learning_rate: 0.05, max_grad_norm: 1.0, loss_on: note}
 privacy: {epsilon: 8.0, delta: 1.0e-4}
 federation: {rounds: 2, min_nodes: 2, min_replies: 2, node_wait_s: 60, round_timeout_s: 300}
 evaluation: {max_new_tokens: 8, every_k_rounds: 2, max_examples: 8}
