@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from privatune.common.config import ConfigError, JobConfig
+from privatune.common.config import JobConfig
 from privatune.server.deployment import CoordinatorDeployment, Progress, say
 
 
