@@ -35,7 +35,8 @@ def acknowledge_command(policy_path: Path) -> int:
     print(f"{policy.ledger_path}: rollback acknowledged (entry {entry['seq']}). The highest "
           f"spend reported with the lost releases (by the coordinator, which held ledger entry "
           f"{entry['reported_seq']}, or by a kept release) is epsilon "
-          f"{entry['reported_epsilon']:.4f}; it is counted as a floor under this site's spend: epsilon now {ledger.epsilon(privacy.delta, privacy.accountant_name):.4f} "
+          f"{entry['reported_epsilon']:.4f}; it is counted as a floor under this site's spend: "
+          f"epsilon now {ledger.epsilon(privacy.delta, privacy.accountant_name):.4f} "
           f"at delta {privacy.delta + ledger.floor().delta:g} (cap {privacy.epsilon_cap:g}). "
           "The node trains again when the coordinator next asks.")
     return 0

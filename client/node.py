@@ -223,7 +223,7 @@ class SiteNode:
         self.state = policy.state
         self.ledger = SiteLedger(policy.ledger_path)
         self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
-        self._encoded: dict[tuple[str, int], TensorDataset] = {}
+        self._encoded: dict[tuple[str, int, str], TensorDataset] = {}
         self._tokenized: dict[str, TokenizedTexts] = {}
 
     @property
@@ -324,7 +324,7 @@ class SiteNode:
         """This process alone answers for the site meanwhile (SiteBusy otherwise), with the
         ledger as it is on disk now: another process may have appended since."""
         with self.state.exclusive():
-            self.ledger = SiteLedger(self.policy.ledger_path)
+            self.ledger = SiteLedger(self.state.ledger_path)
             yield
 
     def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
@@ -335,16 +335,15 @@ class SiteNode:
             with self._answering():
                 return self._train(request, global_state)
         except SiteBusy as err:
+            self.ledger = SiteLedger(self.state.ledger_path)  # as the other process left it
             return self._record_decline(request.run_id, request.round, str(err))
         except LedgerWriteError as err:
             return self._decline(_unrecorded(err, "update"))
 
-    def _record_decline(self, run_id: str, round_number: int, reason: str,
-                        **fields: object) -> TrainOutcome:
+    def _record_decline(self, run_id: str, round_number: int, reason: str) -> TrainOutcome:
         """Decline a train request, its reason listed in the ledger (a non-private release)."""
-        self.ledger = SiteLedger(self.policy.ledger_path)
         self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
-                                         "release": "decline", "reason": reason, **fields})
+                                         "release": "decline", "reason": reason})
         return self._decline(reason)
 
     def _train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
@@ -564,16 +563,20 @@ class SiteNode:
                                          reason=rollback["reason"])
                 reason = self._evaluation_problem(request, global_state)
                 if reason:
-                    self.ledger.append(NON_PRIVATE, {"run_id": request.run_id,
-                                                     "round": request.round, "release": "decline",
-                                                     "request": "evaluate", "reason": reason})
-                    return EvaluateReply(site=self.name, accepted=False, reason=reason)
+                    return self._decline_evaluation(request, reason)
                 return self._evaluate(request, global_state)
         except SiteBusy as err:
             return EvaluateReply(site=self.name, accepted=False, reason=str(err))
         except LedgerWriteError as err:
             return EvaluateReply(site=self.name, accepted=False,
                                  reason=_unrecorded(err, "evaluation"))
+
+    def _decline_evaluation(self, request: EvaluateRequest, reason: str) -> EvaluateReply:
+        """Decline an evaluate request, its reason listed in the ledger (a non-private release)."""
+        self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
+                                         "release": "decline", "request": "evaluate",
+                                         "reason": reason})
+        return EvaluateReply(site=self.name, accepted=False, reason=reason)
 
     def _evaluation_problem(self, request: EvaluateRequest,
                             global_state: Mapping[str, torch.Tensor]) -> str:
@@ -603,10 +606,7 @@ class SiteNode:
         model, tokenizer = self._model(LoraSettings.from_request(request))
         reason = self._load_problem(model, global_state, request.max_length)
         if reason:
-            self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                             "release": "decline", "request": "evaluate",
-                                             "reason": reason})
-            return EvaluateReply(site=self.name, accepted=False, reason=reason)
+            return self._decline_evaluation(request, reason)
         dataset = self._dataset("heldout", tokenizer, request.max_length,
                                 loss_marker=request.loss_marker)
         loss, _ = evaluate_loss(model, dataset, request.batch_size)

@@ -163,12 +163,12 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(recorded: Mapping[str, Any], job: Mapping[str, Any]) -> list[str]:
+def config_changes(recorded: Mapping[str, Any], job: Mapping[str, Any]) -> dict[str, str]:
     """Every dotted key whose value differs between two configs (as plain data), with both."""
     before, after = flat_config(recorded), flat_config(json.loads(json.dumps(job)))  # tuples as JSON lists
-    return [f"{key}: {before.get(key, '(absent)')!r} in the checkpoint, "
-            f"{after.get(key, '(absent)')!r} in this job"
-            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    return {key: f"{key}: {before.get(key, '(absent)')!r} in the checkpoint, "
+                 f"{after.get(key, '(absent)')!r} in this job"
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)}
 
 
 def resume_refusal(checkpoint: Path, run: RunIdentity, job: Mapping[str, Any],
@@ -186,8 +186,8 @@ def resume_refusal(checkpoint: Path, run: RunIdentity, job: Mapping[str, Any],
         problems = ["the checkpoint records no job config (written by an older privatune), so "
                     "this job cannot be checked against it"]
     else:
-        problems = [change for change in config_changes(run.config, job)
-                    if change.split(":", 1)[0] not in RESUMABLE_CHANGES]
+        problems = [change for key, change in config_changes(run.config, job).items()
+                    if key not in RESUMABLE_CHANGES]
     if sites and run.sites and sorted(run.sites) != sorted(sites):
         problems.append(f"the run was started for sites {', '.join(sorted(run.sites))}; this job "
                         f"has {', '.join(sorted(sites))}")
