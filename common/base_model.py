@@ -139,6 +139,10 @@ def resolve_base_model(model: ModelConfig, seed: int, progress: Progress | None 
     if model.base == "builtin":
         spec = BaseModelSpec(pretrain_steps=model.builtin_pretrain_steps, seed=seed)
         return ensure_base_model(Path(model.cache_dir) / "models", spec, progress).resolve()
+    from privatune.common.model_source import ensure_gguf_model, is_gguf_source
+
+    if is_gguf_source(model.base):  # a .gguf file or a packaged model: dequantised once, cached
+        return ensure_gguf_model(model, progress)
     path = Path(model.base)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.base: {path} is not a local model directory (no config.json); "

@@ -65,7 +65,9 @@ def patient_windows(unit: str, patient_sampling: str) -> bool:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base: str = "builtin"  # "builtin" = the demo's own small model, else a local HF directory
+    # "builtin" = the demo's own small model; a packaged model's name (smollm2-135m), a local
+    # .gguf file (both dequantised once and cached: common/model_source.py); a local HF directory
+    base: str = "builtin"
     cache_dir: str = ".cache/privatune"
     max_length: int = field(default=128, metadata=bounded(8, 4096))
     builtin_pretrain_steps: int = field(default=600, metadata=bounded(0, 100_000))
