@@ -2,7 +2,7 @@
 
 Each side keeps its own commands next to its code and this module only gathers them:
 
-- one machine (here): ``simulate``, ``experiment``, ``empirical-audit``, ``fault-drill``;
+- one machine (here): ``simulate``, ``study``, ``empirical-audit``, ``fault-drill``;
 - the privacy officer, over shared code (``common.cli``): ``plan``, ``audit``;
 - the coordinator (``server.cli``): ``coordinator``, ``certs``, ``export``;
 - a hospital (``client.cli``): ``node``, ``keys``.
@@ -27,7 +27,7 @@ from privatune.common.cli import add_commands as add_officer_commands
 from privatune.common.config import ConfigError
 from privatune.server.cli import add_commands as add_coordinator_commands
 from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
-from privatune.simulations.experiment import VARIANTS, parse_variants
+from privatune.simulations.study import DEFAULT_EPSILONS, parse_epsilons
 
 if TYPE_CHECKING:
     from privatune.server.report import RunReport
@@ -73,21 +73,26 @@ def _failed_federation(report: RunReport) -> int:
     return 1
 
 
-def _experiment(args: argparse.Namespace) -> int:
+def _study(args: argparse.Namespace) -> int:
     from privatune.common.process_heap import importing_libraries
 
     with importing_libraries():
-        from privatune.simulations.experiment import run_experiment
+        from transformers.utils import logging as transformers_logging
+
+        from privatune.simulations.study import plan_study, run_study
 
     started = time.monotonic()
+    warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices
+    transformers_logging.disable_progress_bar()  # the pooled training's model loads
+    transformers_logging.set_verbosity_error()  # the copy tokenizes whole notes on purpose
 
     def progress(line: str) -> None:
         print(f"[{time.monotonic() - started:6.0f}s] {line}", flush=True)
 
-    command = " ".join(["privatune", *sys.argv[1:]])
-    run_experiment(Path(args.config), Path(args.out), args.variants, args.repetitions, args.set,
-                   command, progress)
-    print(f"report: {Path(args.out) / 'experiment.md'}")
+    plan = plan_study(Path(args.config), Path(args.out), args.epsilons, args.seeds,
+                      args.seeds_other, args.set)
+    run_study(plan, " ".join(["privatune", *sys.argv[1:]]), progress)
+    print(f"report: {Path(args.out) / 'study.md'} (table), {Path(args.out) / 'study.png'} (plot)")
     return 0
 
 
@@ -124,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  a hospital:          node, keys\n"
                "  the coordinator:     coordinator, certs, export\n"
                "  a privacy officer:   plan, audit\n"
-               "  a researcher:        simulate, experiment, empirical-audit, fault-drill (one machine)\n"
+               "  a researcher:        simulate, study, empirical-audit, fault-drill (one machine)\n"
                "'privatune COMMAND --help' shows a command's options.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -138,19 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="delete an earlier simulation in --out, its site ledgers included")
     simulate.set_defaults(handler=_simulate)
 
-    experiment = commands.add_parser(
-        "experiment", help="compare accountants, LoRA aggregation modes and patient sampling "
-        "on the same federation and budget (one simulation per variant and repetition)")
-    experiment.add_argument("--config", required=True, help="job config YAML, e.g. configs/demo.yaml")
-    experiment.add_argument("--out", required=True, help="directory for the runs and experiment.md")
-    experiment.add_argument("--repetitions", type=int, default=3,
-                            help="runs per variant, each with fresh DP noise and sampling (default 3)")
-    experiment.add_argument("--variants", type=parse_variants, default=VARIANTS,
-                            metavar="NAME,NAME,...",
-                            help="a subset of: " + ", ".join(v.name for v in VARIANTS))
-    experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a config value for every variant (repeatable)")
-    experiment.set_defaults(handler=_experiment)
+    study = commands.add_parser(
+        "study", help="the privacy-utility study: federated, each site alone, all sites pooled "
+        "without DP and the nearest-note copy, at each epsilon and non-private")
+    study.add_argument("--config", required=True, help="job config YAML, e.g. configs/demo.yaml")
+    study.add_argument("--out", required=True, help="directory for the runs and study.md, "
+                       "study.json, study.png (finished runs there are reused)")
+    study.add_argument("--epsilons", type=parse_epsilons, default=DEFAULT_EPSILONS,
+                       metavar="E,E,...", help="each site's budget in the private columns "
+                       "(default 1,3,8); a non-private column is always added")
+    study.add_argument("--seeds", type=int, default=3, help="seeds of the non-private column "
+                       "and the highest epsilon (default 3: mean and sd)")
+    study.add_argument("--seeds-other", type=int, default=1,
+                       help="seeds of every other epsilon (default 1)")
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value for every run (repeatable)")
+    study.set_defaults(handler=_study)
 
     add_empirical_audit_command(commands)
     add_fault_drill_command(commands)

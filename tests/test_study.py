@@ -1,0 +1,298 @@
+"""The privacy-utility study: its arguments, the nearest-note copy, the figures read from a
+report, the summaries and tables, and (e2e) the whole study on the smoke federation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from privatune.common.clinical_metrics import ClinicalScores
+from privatune.common.config import ConfigError
+from privatune.common.generation import GenerationScores
+from privatune.server.report import CentralSummary, RoundRecord, RoundTraining, RunReport, SiteSummary
+from privatune.simulations.cli import main
+from privatune.simulations.nearest_note import jaccard, nearest_references, word_set
+from privatune.simulations.study import (FEDERATED, LOCAL_ONLY, NEAREST_NOTE, NON_PRIVATE, POOLED,
+                                         Budget, Measurement, RunRecord, Scores, check_reuse,
+                                         draw_plot, federated_measurements, parse_epsilons,
+                                         plan_study, render_markdown, summarise)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# hand-written notes: (prompt, reference)
+TRAIN = [
+    ("Subjective: follow-up of hypertension. Objective: BP 150/95 mmHg. Assessment:",
+     "1. Hypertension: BP 150/95 mmHg, poorly controlled. Increase amlodipine."),
+    ("Subjective: follow-up of type 2 diabetes. Objective: HbA1c 6.8 %. Assessment:",
+     "1. Type 2 diabetes: HbA1c 6.8 %, at goal. Continue metformin."),
+    ("Subjective: follow-up of atrial fibrillation on warfarin. Objective: PT-INR 1.4. Assessment:",
+     "1. Atrial fibrillation: PT-INR 1.4, subtherapeutic. Increase warfarin."),
+]
+
+
+# --------------------------------------------------------------------------- nearest-note copy
+
+
+def test_word_sets_and_jaccard():
+    assert word_set("BP 150/95, bp!") == {"bp", "150", "95"}
+    assert jaccard(frozenset({"a", "b"}), frozenset({"b", "c"})) == pytest.approx(1 / 3)
+    assert jaccard(frozenset(), frozenset()) == 0.0
+
+
+def test_each_prompt_gets_the_reference_of_the_note_with_the_most_words_in_common():
+    prompts = ["Subjective: follow-up of diabetes. Objective: HbA1c 9.1 %. Assessment:",
+               "Subjective: atrial fibrillation, warfarin. Objective: PT-INR 3.5. Assessment:",
+               "Subjective: hypertension follow-up. Objective: BP 128/80 mmHg. Assessment:"]
+    assert nearest_references(TRAIN, prompts) == [TRAIN[1][1], TRAIN[2][1], TRAIN[0][1]]
+
+
+def test_a_tie_goes_to_the_earliest_note_and_no_notes_is_an_error():
+    twins = [("alpha beta", "first"), ("beta alpha", "second"), ("gamma", "third")]
+    assert nearest_references(twins, ["alpha beta", "nothing shared"]) == ["first", "first"]
+    with pytest.raises(ValueError, match="at least one training note"):
+        nearest_references([], ["a prompt"])
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1,x", "'x' is not a number"), ("0,8", "must be above 0"), ("8,10000", "below 10000"),
+    ("nan", "must be above 0"), ("3,8,3", "listed twice")])
+def test_bad_epsilons_are_refused_with_the_value(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_epsilons(text)
+
+
+def test_epsilons_are_sorted():
+    assert parse_epsilons("8, 1,3") == (1.0, 3.0, 8.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seeds": 0}, "--seeds must be at least 1, got 0"),
+    ({"other_seeds": -1}, "--seeds-other must be at least 1, got -1"),
+    ({"epsilons": ()}, "--epsilons must name at least one"),
+    ({"extra": ("seed=4",)}, "the study sets seed itself"),
+    ({"extra": ("privacy.epsilon=2",)}, "the study sets privacy.epsilon itself"),
+    ({"extra": ("lora.rank=4",)}, "lora.rank: unknown key"),
+    ({"extra": ("training.batch_size=0",)}, "training.batch_size: 0 is out of range")])
+def test_bad_study_arguments_stop_before_anything_runs(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_study(CONFIGS / "demo.yaml", tmp_path / "study", **kwargs)
+    assert not (tmp_path / "study").exists()
+
+
+def test_cli_names_a_bad_argument(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["study", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path),
+              "--epsilons", "1,abc"])
+    assert exit.value.code == 2
+    assert "argument --epsilons: 'abc' is not a number" in capsys.readouterr().err
+    assert main(["study", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path),
+                 "--seeds", "0"]) == 2
+    assert "--seeds must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_columns_seeds_and_the_jobs_they_run(tmp_path):
+    plan = plan_study(CONFIGS / "demo.yaml", tmp_path, (8.0, 1.0, 3.0), seeds=3, other_seeds=1,
+                      extra=("lora.r=4",))
+    assert [b.label for b in plan.budgets] == ["ε = 1", "ε = 3", "ε = 8", "non-private"]
+    assert plan.seeds_of(Budget(8.0)) == plan.seeds_of(NON_PRIVATE) == (0, 1, 2)
+    assert plan.seeds_of(Budget(1.0)) == plan.seeds_of(Budget(3.0)) == (0,)
+    private = plan.job(Budget(3.0), 0)
+    assert (private.privacy.epsilon, private.privacy.accountant, private.lora.r) == (3.0, "prv", 4)
+    assert private.simulation.local_only_baseline and private.evaluation.every_k_rounds == 3
+    open_job = plan.job(NON_PRIVATE, 2)
+    assert open_job.seed == 2
+    assert (open_job.privacy.epsilon, open_job.privacy.accountant,
+            open_job.privacy.min_noise_multiplier) == (10_000, "rdp", 0.0)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _generation(rouge: float, status: float | None, majority: float = 0.6) -> GenerationScores:
+    clinical = ClinicalScores(measurement_fidelity=None, measurements_checked=0,
+                              status_accuracy=status, statuses_checked=10,
+                              status_majority_share=majority, derivable_status_accuracy=status,
+                              derivable_statuses_checked=5, derivable_status_majority_share=0.5,
+                              repeat_4gram=0.2, completions=20)
+    return GenerationScores(rouge_l=rouge, bleu=1.0, chrf=10.0, examples=20, clinical=clinical)
+
+
+def test_federated_and_local_only_figures_average_the_sites_that_released_scores():
+    sites = {"h1": SiteSummary(final_perplexity=100.0, noise_multiplier=0.8,
+                               final_generation=_generation(0.2, 0.5),
+                               local_only_perplexity=120.0,
+                               local_only_generation=_generation(0.1, None)),
+             "h2": SiteSummary(final_perplexity=200.0, noise_multiplier=1.0,
+                               final_generation=_generation(0.4, 0.7),
+                               local_only_perplexity=220.0,
+                               local_only_generation=_generation(0.3, 0.3)),
+             "h3": SiteSummary(final_perplexity=50.0, noise_multiplier=0.9)}  # released nothing
+    report = RunReport(run_id="r", config={}, base_model="m", sites=sites,
+                       central=CentralSummary(final_perplexity=90.0,
+                                              final_generation=_generation(0.05, 0.25)),
+                       rounds=[RoundRecord(0), RoundRecord(1, training=RoundTraining(["h1"]))])
+    federated, alone = federated_measurements(report, Budget(8.0), 4)
+    assert (federated.setting, federated.budget, federated.seed) == (FEDERATED, "eps-8", 4)
+    assert federated.sites_scored == ("h1", "h2") and alone.sites_scored == ("h1", "h2")
+    assert federated.sites.rouge_l == pytest.approx(0.3)
+    assert federated.sites.perplexity == pytest.approx(150.0)  # h3's is left out with it
+    assert federated.central == Scores(0.05, 0.25, 0.6, 0.25, None, 0.2, 90.0)
+    assert federated.noise_multiplier == pytest.approx(0.9)
+    assert alone.central is None
+    assert alone.sites.status_accuracy == pytest.approx(0.3)  # h1 checked none: not a zero
+    assert alone.sites.rouge_l == pytest.approx(0.2)
+
+
+def _measurement(setting: str, budget: str, seed: int, rouge: float,
+                 status: float | None = 0.1) -> Measurement:
+    scores = Scores(rouge_l=rouge, status_accuracy=status, status_majority_share=0.68,
+                    perplexity=100.0 + seed)
+    return Measurement(setting, budget, seed, scores if setting != LOCAL_ONLY else None, scores,
+                       ("h1",), 0.0 if setting == POOLED else None)
+
+
+@pytest.fixture
+def summary(tmp_path):
+    plan = plan_study(CONFIGS / "demo.yaml", tmp_path, (1.0, 8.0), seeds=3, other_seeds=1)
+    measurements = [_measurement(FEDERATED, "eps-1", 0, 0.1),
+                    *[_measurement(FEDERATED, "eps-8", s, r) for s, r in ((0, 0.39), (1, 0.42),
+                                                                         (2, 0.45))],
+                    *[_measurement(FEDERATED, "non-private", s, 0.5) for s in (0, 1, 2)],
+                    _measurement(LOCAL_ONLY, "eps-8", 0, 0.2),
+                    *[_measurement(POOLED, "non-private", s, 0.6) for s in (0, 1)],
+                    _measurement(NEAREST_NOTE, "non-private", 0, 0.7, status=None)]
+    runs = [RunRecord("simulate", "eps-1", 0, "d", wall_s=60.0),
+            RunRecord("simulate", "eps-8", 0, "d", wall_s=61.0, reused=True),
+            RunRecord("pooled", "non-private", 2, "d", wall_s=1.0, failure="ValueError: boom")]
+    return plan, measurements, runs
+
+
+def test_cells_give_mean_and_sample_sd_over_seeds(summary):
+    plan, measurements, runs = summary
+    cells = {(c.setting, c.budget): c for c in summarise(plan, measurements, runs)}
+    assert set(cells) == {(s, b) for s in (FEDERATED, LOCAL_ONLY) for b in
+                          ("eps-1", "eps-8", "non-private")} | {(POOLED, "non-private"),
+                                                                (NEAREST_NOTE, "non-private")}
+    eight = cells[(FEDERATED, "eps-8")]
+    assert eight.seeds == (0, 1, 2)
+    assert eight.sites.rouge_l.mean == pytest.approx(0.42)
+    assert eight.sites.rouge_l.sd == pytest.approx(statistics.stdev([0.39, 0.42, 0.45]))
+    assert eight.central.perplexity.mean == pytest.approx(101.0)
+    assert cells[(FEDERATED, "eps-1")].sites.rouge_l.sd == 0.0
+    assert cells[(POOLED, "non-private")].failures == ("seed 2: ValueError: boom",)
+    assert cells[(LOCAL_ONLY, "eps-1")].seeds == () and cells[(LOCAL_ONLY, "eps-1")].sites is None
+    assert cells[(NEAREST_NOTE, "non-private")].sites.status_accuracy is None
+
+
+def test_tables_show_each_setting_by_column_and_every_failure(summary, tmp_path):
+    plan, measurements, runs = summary
+    cells = summarise(plan, measurements, runs)
+    table = render_markdown(plan, cells, runs, "privatune study --config x", 123.4)
+    assert "123 s wall clock (3 runs, 122 s between them; 1 of them reused" in table
+    assert "| setting | ε = 1 | ε = 8 | non-private |" in table
+    assert "| federated (DP FedAvg) | 0.100 | 0.420 ± 0.030 | 0.500 ± 0.000 |" in table
+    assert "| each site alone | n/a | 0.200 | n/a |" in table  # no measurement, no failure
+    assert "| all sites pooled, no DP | – | – | 0.600 ± 0.000 (1 failed) |" in table  # one column
+    assert "| nearest-note copy | – | – | 0.700 |" in table
+    status = table.split("## Status accuracy")[1]
+    assert "| nearest-note copy | – | – | n/a |" in status
+    assert "Always answering the most common status scores 0.68" in status
+    assert "| each site alone | ε = 8 | 1 | n/a | n/a |" in table  # never scored centrally
+    assert "- all sites pooled, no DP, non-private, seed 2: ValueError: boom" in table
+    draw_plot(plan, cells, tmp_path / "study.png")
+    assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_cell_says_so():
+    from privatune.simulations.study import Cell, _cell, _spread
+
+    failed = Cell(FEDERATED, "eps-8", (), None, None, None, ("seed 0: exit 1",))
+    assert _cell(failed, _spread("sites", "rouge_l"), 3) == "failed"
+
+
+def test_runs_of_another_job_under_out_are_refused(tmp_path):
+    from privatune.common.config import to_dict
+
+    plan = plan_study(CONFIGS / "smoke.yaml", tmp_path, (8.0,), seeds=1)
+    report = tmp_path / "federated" / "eps-8" / "seed-0" / "run" / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text(json.dumps({"config": to_dict(plan.job(Budget(8.0), 0))}))
+    check_reuse(plan)  # the same job: reused
+    other = plan_study(CONFIGS / "smoke.yaml", tmp_path, (8.0,), seeds=1, extra=("lora.r=2",))
+    with pytest.raises(ConfigError, match=r"report.json was made by another job \(it differs "
+                                          r"at lora.r\)"):
+        check_reuse(other)
+
+
+def test_failed_runs_are_listed_with_their_reason_and_the_study_goes_on(tmp_path, monkeypatch):
+    from privatune.simulations import study
+
+    plan = plan_study(CONFIGS / "smoke.yaml", tmp_path / "out", (8.0,), seeds=1)
+    monkeypatch.setattr(study, "_simulate", lambda *args: "exit 1 in each of 2 attempts: boom")
+    monkeypatch.setattr(study, "seed_data", lambda job, directory: None)
+
+    def pooled(job, data):
+        raise ValueError("no training notes")
+
+    monkeypatch.setattr(study, "pooled_measurement", pooled)
+    monkeypatch.setattr(study, "nearest_note_measurement",
+                        lambda job, data: _measurement(NEAREST_NOTE, "non-private", job.seed, 0.3))
+    result = study.run_study(plan, "privatune study", progress=lambda line: None)
+    assert [(r.kind, r.failure) for r in result.runs] == [
+        ("simulate", "exit 1 in each of 2 attempts: boom"),
+        ("simulate", "exit 1 in each of 2 attempts: boom"),
+        ("pooled", "ValueError: no training notes"), ("nearest-note", None)]
+    table = (tmp_path / "out" / "study.md").read_text()
+    assert "| federated (DP FedAvg) | failed | failed |" in table
+    assert "| nearest-note copy | – | 0.300 |" in table
+    assert "- federated (DP FedAvg), ε = 8, seed 0: exit 1 in each of 2 attempts: boom" in table
+    assert "- all sites pooled, no DP, non-private, seed 0: ValueError: no training notes" in table
+    saved = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert saved["runs"][2]["failure"] == "ValueError: no training notes"
+    # the copy is reused next time; the failed runs are tried again
+    assert (tmp_path / "out" / "nearest-note" / "seed-0" / "result.json").is_file()
+    assert not (tmp_path / "out" / "pooled" / "seed-0").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.e2e
+def test_the_study_runs_end_to_end_on_the_smoke_federation_and_resumes(tmp_path, tiny_model_dir):
+    out = tmp_path / "study"
+    argv = ["study", "--config", str(CONFIGS / "smoke.yaml"), "--out", str(out), "--seeds", "1",
+            "--epsilons", "8", "--set", f"model.base={tiny_model_dir}",
+            "--set", f"model.cache_dir={tmp_path / 'cache'}",
+            # 20 notes: as many as a site's policy needs before it releases a score
+            "--set", "evaluation.max_examples=20"]
+    assert main(argv) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert [(r["kind"], r["budget"], r["failure"]) for r in study["runs"]] == [
+        ("simulate", "eps-8", None), ("simulate", "non-private", None),
+        ("pooled", "non-private", None), ("nearest-note", "non-private", None)]
+    assert all(r["wall_s"] > 0 for r in study["runs"][:3])
+    cells = {(c["setting"], c["budget"]): c for c in study["cells"]}
+    for key in [(FEDERATED, "eps-8"), (FEDERATED, "non-private"), (LOCAL_ONLY, "eps-8"),
+                (POOLED, "non-private"), (NEAREST_NOTE, "non-private")]:
+        assert cells[key]["seeds"] == [0], key
+        assert cells[key]["sites"]["rouge_l"] is not None, key
+    assert cells[(POOLED, "non-private")]["central"]["perplexity"]["mean"] > 1
+    assert cells[(FEDERATED, "non-private")]["noise_multiplier"]["mean"] < 0.1  # practically off
+    table = (out / "study.md").read_text()
+    assert "| setting | ε = 8 | non-private |" in table and "## Failed runs" not in table
+    assert (out / "study.png").is_file()
+    # the study's copy of the coordinator's notes is the one the federation was scored on
+    assert ((out / "data" / "seed-0" / "central_eval.jsonl").read_text()
+            == (out / "federated" / "eps-8" / "seed-0" / "run" / "central_eval.jsonl").read_text())
+
+    assert main(argv) == 0  # again: every run is reused, the same figures come out
+    again = json.loads((out / "study.json").read_text())
+    assert all(r["reused"] for r in again["runs"])
+    assert again["cells"] == study["cells"]
