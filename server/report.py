@@ -15,6 +15,7 @@ from typing import Any
 
 from privatune.common.generation import GenerationSample, GenerationScores
 from privatune.common.ledger import LedgerHead
+from privatune.common.lengths import LengthFit
 from privatune.common.plots import report_figure
 from privatune.common.run_record import RECORD_KEY, ReceivedUpdate, ReportedHead, SiteRecord
 from privatune.server.overfitting import best_round, overfitting_flags, render_watch
@@ -307,6 +308,7 @@ class CentralSummary:
     generation_tasks: int | None = None
     generation_skipped: dict[str, int] = field(default_factory=dict)
     samples: list[SampleCompletions] = field(default_factory=list)
+    lengths: LengthFit | None = None  # how model.max_length and max_new_tokens fit the set
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"base_perplexity": self.base_perplexity,
@@ -319,6 +321,8 @@ class CentralSummary:
             data["generation_skipped"] = dict(self.generation_skipped)
         if self.samples:
             data["samples"] = [sample.to_json() for sample in self.samples]
+        if self.lengths is not None:
+            data["lengths"] = self.lengths.to_json()
         return data
 
     @classmethod
@@ -329,7 +333,8 @@ class CentralSummary:
                       for name in ("base_generation", "final_generation") if data.get(name)},
                    generation_tasks=data.get("generation_tasks"),
                    generation_skipped=dict(data.get("generation_skipped", {})),
-                   samples=[SampleCompletions.from_json(x) for x in data.get("samples", [])])
+                   samples=[SampleCompletions.from_json(x) for x in data.get("samples", [])],
+                   lengths=LengthFit.from_json(data["lengths"]) if data.get("lengths") else None)
 
 
 @dataclass(frozen=True)
@@ -624,6 +629,8 @@ def generation_lines(report: RunReport) -> list[str]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in central.generation_skipped.items() if n)
         lines += [f"Coordinator's held-out set: {central.generation_tasks} notes make a task"
                   + (f" (skipped: {skipped})" if skipped else "") + "."]
+    if central.lengths is not None:
+        lines += ["", f"Lengths on the coordinator's set: {central.lengths.summary()}"]
     if central.base_generation is not None or central.final_generation is not None:
         lines += ["", "| coordinator's held-out set | ppl | ROUGE-L | BLEU | chrF | cut off |",
                   "|---|---|---|---|---|---|",

@@ -854,9 +854,17 @@ def test_generation_scores_and_samples_from_the_central_set_reach_the_report(tmp
                 "derivable_status_accuracy", "derivable_status_majority_share",
                 "repeat_4gram"} <= set(scores["clinical"])
     assert "cut_off" in saved["central"]["final_generation"]
+    # how max_length 48 and max_new_tokens 4 fit the 14 notes and 12 references, reported
+    lengths = central_summary.lengths
+    assert (lengths.examples, lengths.references, lengths.max_length, lengths.max_new_tokens) == (
+        14, 12, 48, 4)
+    assert lengths.cut_references == 12 and lengths.max_new_tokens_covering > 4
+    assert 0 <= lengths.cut_examples <= 14 and lengths.max_length_covering > 0
+    assert RunReport.from_json(saved).central.lengths == lengths
 
     markdown = render_markdown(report)
     assert "## Generation" in markdown
+    assert f"cuts {lengths.cut_examples} of 14 notes" in markdown
     assert "| alpha | base | 7.39 | 0.050 | 2.0 | 20.0 |" in markdown
     assert "| alpha | final global | 7.39 | 0.350 | 5.0 | 23.0 |" in markdown
     assert "| gamma | final global | 54.60 | n/a | n/a | n/a |" in markdown

@@ -1,0 +1,88 @@
+"""Do the job's lengths fit the notes? Measured on the coordinator's own held-out set.
+
+A model trained on notes cut at ``model.max_length`` never sees what lies past the cut, and a
+completion stopped at ``evaluation.max_new_tokens`` is scored against the whole reference: both
+limits must be chosen from the data, not guessed. The coordinator measures them on its own set
+(never on a site's), reports how many notes and references fit, and the lengths that would make
+``coverage`` of them fit, so the next job can be sized by that rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+# the share of notes (and of references) a length chosen by the rule lets through whole
+DEFAULT_COVERAGE = 0.95
+
+
+@dataclass(frozen=True)
+class LengthFit:
+    """How the job's token limits fit the coordinator's held-out notes."""
+
+    coverage: float  # the share the *_covering lengths let through whole
+    examples: int  # notes as trained on (split at the loss marker where it is set)
+    max_length: int
+    cut_examples: int  # whose prompt lost its start or whose completion lost its end
+    max_length_covering: int  # tokens (with bos and eos) that fit `coverage` of the examples
+    references: int  # generation tasks' references
+    max_new_tokens: int
+    cut_references: int  # longer than max_new_tokens (with eos): a completion cannot match them
+    max_new_tokens_covering: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LengthFit:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+    def summary(self) -> str:
+        """One sentence for report.md."""
+        share = f"{self.coverage:.0%}"
+        text = (f"`model.max_length` {self.max_length} cuts {self.cut_examples} of {self.examples} "
+                f"notes as trained ({share} fit within {self.max_length_covering} tokens)")
+        if self.references:
+            text += (f"; `evaluation.max_new_tokens` {self.max_new_tokens} is shorter than "
+                     f"{self.cut_references} of {self.references} references ({share} fit within "
+                     f"{self.max_new_tokens_covering})")
+        return text + "."
+
+
+def quantile_length(lengths: Sequence[int], coverage: float) -> int:
+    """The smallest length that at least ``coverage`` of ``lengths`` fit within."""
+    if not lengths:
+        raise ValueError("no lengths to cover")
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    ordered = sorted(lengths)
+    return ordered[max(math.ceil(coverage * len(ordered)) - 1, 0)]
+
+
+def length_fit(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str, str]],
+               references: Sequence[str], max_length: int, max_new_tokens: int,
+               coverage: float = DEFAULT_COVERAGE) -> LengthFit:
+    """Measure ``max_length`` against the (prompt, completion) examples as trained on and
+    ``max_new_tokens`` against the generation references."""
+    specials = sum(token is not None for token in (tokenizer.bos_token_id, tokenizer.eos_token_id))
+    eos = int(tokenizer.eos_token_id is not None)
+    whole = [len(_tokens(tokenizer, prompt)) + len(_tokens(tokenizer, completion)) + specials
+             for prompt, completion in examples]
+    reference_lengths = [len(_tokens(tokenizer, reference)) + eos for reference in references]
+    return LengthFit(
+        coverage=coverage, examples=len(examples), max_length=max_length,
+        cut_examples=sum(length > max_length for length in whole),
+        max_length_covering=quantile_length(whole, coverage),
+        references=len(references), max_new_tokens=max_new_tokens,
+        cut_references=sum(length > max_new_tokens for length in reference_lengths),
+        max_new_tokens_covering=quantile_length(reference_lengths, coverage) if references else 0,
+    )
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """All of ``text``'s tokens, uncut: the point is to see how long it is."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []

@@ -1,0 +1,46 @@
+"""The length rule: how the job's token limits fit the coordinator's notes."""
+
+from __future__ import annotations
+
+import pytest
+
+from privatune.common.lengths import LengthFit, length_fit, quantile_length
+
+
+class WordTokenizer:
+    """One token per word, with bos and eos ids, like the tokenizers the project uses."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = False) -> dict:
+        return {"input_ids": [3] * len(text.split())}
+
+
+def test_quantile_length_is_the_smallest_length_that_covers_the_share():
+    lengths = list(range(1, 101))  # 1..100
+    assert quantile_length(lengths, 0.95) == 95
+    assert quantile_length(lengths, 1.0) == 100
+    assert quantile_length([7], 0.5) == 7
+    with pytest.raises(ValueError):
+        quantile_length([], 0.95)
+    with pytest.raises(ValueError):
+        quantile_length([1], 0.0)
+
+
+def test_length_fit_counts_the_notes_and_references_the_limits_cut():
+    # whole examples: words + bos + eos = 4, 6, 12 tokens; references + eos = 3, 5, 11 tokens
+    examples = [("a", "b c"), ("a b", "c d"), ("a b c d", "e f g h i j")]
+    references = ["x y", "x y z w", "x " * 10]
+    fit = length_fit(WordTokenizer(), examples, references, max_length=6, max_new_tokens=5,
+                     coverage=2 / 3)
+    assert (fit.examples, fit.cut_examples) == (3, 1)
+    assert fit.max_length_covering == 6
+    assert (fit.references, fit.cut_references) == (3, 1)
+    assert fit.max_new_tokens_covering == 5
+    assert "cuts 1 of 3 notes" in fit.summary() and "1 of 3 references" in fit.summary()
+    assert LengthFit.from_json(fit.to_json()) == fit
+
+
+def test_without_generation_tasks_the_summary_speaks_of_notes_only():
+    fit = length_fit(WordTokenizer(), [("a", "b")], [], max_length=8, max_new_tokens=4)
+    assert fit.references == 0 and "references" not in fit.summary()
