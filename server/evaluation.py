@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from privatune.common.examples import encode_pairs, evaluate_loss
-from privatune.common.lengths import length_fit
 from privatune.common.generation import (DEFAULT_MARKER, GenerationSample, GenerationScores,
                                          GenerationTasks, evaluate_generation, generation_tasks,
                                          judged_pairs)
+from privatune.common.lengths import length_fit
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
