@@ -1,0 +1,98 @@
+"""The non-private ceiling of a base model: LoRA trained on the simulated sites' training notes
+pooled, without DP, judged on the coordinator's held-out notes like the federation's model.
+
+A developer's probe, not part of the package: it answers "can this base learn to write the
+notes at all, with these lengths and this many steps?" before any noise is added. It reads the
+cached simulated hospitals (made by `privatune simulate`), never a site's held-out split.
+
+    .venv/bin/python benchmarks/ceiling.py --base .cache/privatune/models/<model dir> \
+        --steps 200 --batch 16 --max-length 768 --new-tokens 400 --eval-every 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from privatune.client.data import load_records, split_records
+from privatune.client.node import privacy_units
+from privatune.common.examples import encode_pairs, evaluate_loss, per_example_loss
+from privatune.common.generation import evaluate_generation, generation_tasks
+from privatune.common.lora import LoraSettings, attach_seeded_lora, load_base_model
+
+MARKER = "Assessment:"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="a local Hugging Face model directory")
+    parser.add_argument("--hospitals", default=".cache/privatune/hospitals")
+    parser.add_argument("--sites", default="hospital-1,hospital-2,hospital-3,hospital-4")
+    parser.add_argument("--central", default="coordinator-validation")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--new-tokens", type=int, default=400)
+    parser.add_argument("--eval-notes", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    hospitals = Path(args.hospitals)
+    train = [record for site in args.sites.split(",")
+             for record in split_records(load_records(hospitals / site), 0.2, 0)[0]]
+    central = load_records(hospitals / args.central)
+    tasks = generation_tasks([(r.prompt, r.completion) for r in central]).tasks[:args.eval_notes]
+    base, tokenizer = load_base_model(args.base)
+    model = attach_seeded_lora(base, LoraSettings(args.r, args.alpha), args.seed)
+    dataset = encode_pairs(tokenizer, privacy_units(train, "record", MARKER), args.max_length)
+    held_out = encode_pairs(tokenizer, privacy_units(central, "record", MARKER), args.max_length)
+    print(f"{len(dataset)} training notes ({dataset.cut_completions} completions cut), "
+          f"{len(tasks)} central prompts", flush=True)
+
+    def evaluate(label: str, seconds: float) -> None:
+        loss, _ = evaluate_loss(model, held_out, 16)
+        scores, samples = evaluate_generation(model, tokenizer, tasks, args.max_length,
+                                              args.new_tokens, 16)
+        clinical = scores.clinical
+        print(json.dumps({"at": label, "train_s": round(seconds), "ppl": round(math.exp(loss), 2),
+                          "rouge_l": round(scores.rouge_l, 4), "cut_off": scores.cut_off,
+                          "measurement_fidelity": clinical.measurement_fidelity,
+                          "status_accuracy": clinical.status_accuracy,
+                          "status_majority_share": clinical.status_majority_share,
+                          "repeat_4gram": clinical.repeat_4gram}), flush=True)
+        print(f"  e.g. {samples[0].completion[:160]!r}", flush=True)
+
+    evaluate("base", 0.0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.monotonic()
+    model.train()
+    for step in range(1, args.steps + 1):
+        optimizer.zero_grad()
+        for rows in torch.randint(0, len(dataset), (args.batch,), generator=generator).split(
+                args.micro_batch):
+            ids, labels, mask = (tensor[rows] for tensor in dataset.tensors)
+            width = int(mask.sum(dim=1).max())  # drop the columns that are padding in every row
+            logits = model(input_ids=ids[:, :width], attention_mask=mask[:, :width]).logits
+            (per_example_loss(logits, labels[:, :width]).sum() / args.batch).backward()
+        optimizer.step()
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            evaluate(f"step {step}", time.monotonic() - started)
+    evaluate(f"step {args.steps}", time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()
