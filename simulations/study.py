@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privatune.common.config import ConfigError, load_job_config, parse_override
+from privatune.common.run_record import flat_config
 from privatune.simulations.loopback import privatune
 
 if TYPE_CHECKING:
@@ -689,6 +690,11 @@ def data_dir(plan: StudyPlan, seed: int) -> Path:
     return plan.out / "data" / f"seed-{seed}"
 
 
+def _dotted(config: dict[str, Any]) -> dict[str, str]:
+    """A nested config as dotted key -> its value's JSON text (comparable in sets)."""
+    return {key: json.dumps(value) for key, value in flat_config(config).items()}
+
+
 def check_reuse(plan: StudyPlan) -> None:
     """Refuse an --out whose finished runs another job made (another --set, an edited config):
     reused, they would put two studies in one table."""
@@ -705,22 +711,11 @@ def check_reuse(plan: StudyPlan) -> None:
             continue
         made = json.loads(path.read_text(encoding="utf-8")).get("config", {})
         expected = json.loads(json.dumps(to_dict(plan.job(budget, seed))))
-        differing = sorted(set(_flat(made).items()) ^ set(_flat(expected).items()))
+        differing = sorted(set(_dotted(made).items()) ^ set(_dotted(expected).items()))
         if differing:
             keys = ", ".join(dict.fromkeys(key for key, _ in differing))
             raise ConfigError(f"{path} was made by another job (it differs at {keys}); give the "
                               "study another --out, or delete that run to have it run again")
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested config as dotted key -> its value's JSON text."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value)
-    return flat
 
 
 def simulation(plan: StudyPlan, budget: Budget, seed: int,
