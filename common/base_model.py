@@ -150,6 +150,29 @@ def resolve_base_model(model: ModelConfig, seed: int, progress: Progress | None 
     return path.resolve()
 
 
+def describe_base_model(model_dir: Path) -> str:
+    """One line naming a model directory's base model, its size and its source, for a report:
+    from the build info privatune wrote when it built or dequantised the model, else from the
+    Hugging Face config alone."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    shape = (f"{config.get('model_type', 'unknown')}, {config.get('num_hidden_layers', '?')} layers "
+             f"x {config.get('hidden_size', '?')} hidden, vocabulary {config.get('vocab_size', '?')}")
+    try:
+        info = json.loads((model_dir / BUILD_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{shape}; from {model_dir}"
+    if "sha256" in info and "parameters" in info:  # dequantised from a GGUF file
+        source = info.get("package") or info.get("file")
+        return (f"{info.get('description') or info.get('source')}: {shape}, "
+                f"{info['parameters'] / 1e6:.1f} M parameters; from {source} "
+                f"(sha256 {str(info['sha256'])[:16]})")
+    spec = info.get("spec", {})
+    corpus = info.get("corpus", {}).get("description", "public text")
+    return (f"privatune builtin: {shape}, pretrained {spec.get('pretrain_steps', '?')} steps on "
+            f"{corpus}; built here ({model_dir.name})")
+
+
 def collect_public_corpus(max_bytes: int) -> list[str]:
     """Public English documentation text from the Python installation, in a fixed order.
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from privatune.common.base_model import describe_base_model
 from privatune.common.certs import CertError, check_node_name
 from privatune.common.config import JobConfig, to_dict
 from privatune.common.clinical_metrics import ClinicalScores
@@ -592,6 +593,7 @@ class Coordinator:
             for name, tally in sorted(self.sites.items())}
         return RunReport(run_id=self.run_id, config=to_dict(self.settings.job),
                          base_model=str(self.settings.model_dir),
+                         base_model_description=describe_base_model(self.settings.model_dir),
                          central=self._central_summary(first, last),
                          rounds=list(self.rounds), sites=sites)
 

@@ -363,6 +363,7 @@ class RunReport:
     run_id: str
     config: dict[str, Any]
     base_model: str
+    base_model_description: str = ""  # its name, size and source (common/base_model.py)
     central: CentralSummary = field(default_factory=CentralSummary)
     rounds: list[RoundRecord] = field(default_factory=list)
     sites: dict[str, SiteSummary] = field(default_factory=dict)
@@ -371,6 +372,7 @@ class RunReport:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "run_id": self.run_id, "config": self.config, "base_model": self.base_model,
+            "base_model_description": self.base_model_description,
             "central": self.central.to_json(), "rounds": [r.to_json() for r in self.rounds],
             "sites": {name: site.to_json() for name, site in self.sites.items()}}
         for record in data["rounds"]:  # one line each; the full texts are in FAILURE_LOG
@@ -390,6 +392,7 @@ class RunReport:
     def from_json(cls, data: dict[str, Any]) -> RunReport:
         return cls(run_id=str(data["run_id"]), config=dict(data.get("config", {})),
                    base_model=str(data.get("base_model", "")),
+                   base_model_description=str(data.get("base_model_description", "")),
                    central=CentralSummary.from_json(data.get("central", {})),
                    rounds=[RoundRecord.from_json(r) for r in data.get("rounds", [])],
                    sites={name: SiteSummary.from_json(site)
@@ -419,6 +422,8 @@ def _change(base: float | None, final: float | None) -> str:
 def render_markdown(report: RunReport) -> str:
     """A human-readable summary: per-site perplexity and privacy, then round by round."""
     lines = [f"# privatune run {report.run_id}", ""]
+    if report.base_model_description:
+        lines += [f"Base model: {report.base_model_description}.", ""]
     central = report.central
     if central.base_perplexity is not None:
         lines += [f"Global model on the coordinator's held-out set: perplexity "

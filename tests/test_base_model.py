@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -123,3 +124,19 @@ def test_public_corpus_is_deterministic_and_bounded() -> None:
     assert first == collect_public_corpus(50_000)
     assert sum(len(doc.encode("utf-8")) for doc in first) <= 50_000
     assert len(set(first)) == len(first)
+
+
+def test_the_report_names_a_builtin_model_its_shape_and_its_training(
+        built: tuple[Path, list[str]], tmp_path: Path) -> None:
+    from privatune.common.base_model import describe_base_model
+
+    text = describe_base_model(built[0])
+    assert text.startswith("privatune builtin: llama,")
+    assert f"{SPEC.layers} layers x {SPEC.hidden_size} hidden" in text
+    assert f"pretrained {SPEC.pretrain_steps} steps" in text and built[0].name in text
+    # a Hugging Face directory privatune did not build: its config and its path
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(built[0] / "config.json", plain / "config.json")
+    assert describe_base_model(plain) == (f"llama, {SPEC.layers} layers x {SPEC.hidden_size} "
+                                          f"hidden, vocabulary {SPEC.vocab_size}; from {plain}")

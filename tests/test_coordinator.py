@@ -590,8 +590,9 @@ def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
     write_report(report, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert RunReport.read(tmp_path / "out" / "report.json") == report
-    assert set(saved) == {"run_id", "config", "base_model", "central", "rounds", "sites",
-                          "best_round", "overfitting", "ledger_record"}  # the last three derived
+    assert set(saved) == {"run_id", "config", "base_model", "base_model_description", "central",
+                          "rounds", "sites", "best_round", "overfitting",
+                          "ledger_record"}  # the last three derived
     assert set(saved["rounds"][0]) == {"round", "participants", "global_perplexity",
                                        "federated_perplexity", "site_perplexity", "evaluation_failures"}
     assert set(saved["rounds"][1]) == set(saved["rounds"][0]) | {"declined", "failures", "aggregated",

@@ -314,3 +314,12 @@ def test_packaged_smollm2_loads_and_then_comes_from_the_cache(tmp_path_factory):
     assert sum(p.numel() for p in model.parameters()) == info["parameters"]
     assert tokenizer.pad_token is not None
     assert cached < 30
+
+
+def test_the_report_names_a_gguf_model_its_size_and_its_file(gguf_file, gguf_model_dir):
+    from privatune.common.base_model import describe_base_model
+
+    info = json.loads((gguf_model_dir / BUILD_INFO_FILE).read_text())
+    text = describe_base_model(gguf_model_dir)
+    assert f"{info['parameters'] / 1e6:.1f} M parameters" in text
+    assert f"from {info['file']}" in text and info["sha256"][:16] in text
