@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privatune.common.config import ConfigError, load_job_config, parse_override
-from privatune.common.run_record import flat_config
 from privatune.simulations.loopback import privatune
 
 if TYPE_CHECKING:
@@ -692,6 +691,8 @@ def data_dir(plan: StudyPlan, seed: int) -> Path:
 
 def _dotted(config: dict[str, Any]) -> dict[str, str]:
     """A nested config as dotted key -> its value's JSON text (comparable in sets)."""
+    from privatune.common.run_record import flat_config  # loads torch: not at `--help`
+
     return {key: json.dumps(value) for key, value in flat_config(config).items()}
 
 
