@@ -296,11 +296,12 @@ class Coordinator:
         self.global_state = lora_state(self.model)
         self.evaluator = (CentralEvaluator(self.model, tokenizer, settings.central_eval,
                                            job.model.max_length, job.training.eval_batch_size,
-                                           job.evaluation.marker, job.loss_marker,
-                                           job.evaluation.max_new_tokens)
+                                           job.evaluation.marker, job.loss_marker)
                           if settings.central_eval else None)
-        if self.evaluator is not None:
-            progress(f"lengths (coordinator's set): {self.evaluator.lengths.summary()}")
+        self.lengths = (self.evaluator.length_fit(job.evaluation.max_new_tokens)
+                        if self.evaluator is not None else None)
+        if self.lengths is not None:
+            progress(f"lengths (coordinator's set): {self.lengths.summary()}")
         self.run_id = settings.run_id
         self.rounds: list[RoundRecord] = []
         self.sites: dict[str, SiteTally] = {}
@@ -606,8 +607,7 @@ class Coordinator:
         if self.evaluator is not None and self.settings.job.evaluation.every_k_rounds > 0:
             central.generation_tasks = len(self.evaluator.tasks.tasks)
             central.generation_skipped = dict(self.evaluator.tasks.skipped)
-        if self.evaluator is not None:
-            central.lengths = self.evaluator.lengths
+        central.lengths = self.lengths
         central.samples = [SampleCompletions(base.prompt, base.reference, base.completion,
                                              final.completion)
                            for base, final in zip(first.evaluation.samples, last.evaluation.samples)]

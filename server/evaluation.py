@@ -17,7 +17,7 @@ from privatune.common.examples import encode_pairs, evaluate_loss
 from privatune.common.generation import (DEFAULT_MARKER, GenerationSample, GenerationScores,
                                          GenerationTasks, evaluate_generation, generation_tasks,
                                          judged_pairs)
-from privatune.common.lengths import length_fit
+from privatune.common.lengths import LengthFit, length_fit
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -57,18 +57,21 @@ class CentralEvaluator:
 
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_path: Path,
                  max_length: int, batch_size: int, marker: str = DEFAULT_MARKER,
-                 loss_marker: str = "", max_new_tokens: int = 0):
+                 loss_marker: str = ""):
         self.model = model  # the coordinator's own model: one copy of the base weights
         self.tokenizer, self.max_length = tokenizer, max_length
         pairs = read_eval_pairs(eval_path)
         # the loss on what the sites train on (notes split at loss_marker: the completion)
-        judged = judged_pairs(pairs, loss_marker)
-        self.dataset = encode_pairs(tokenizer, judged, max_length)
+        self.judged = judged_pairs(pairs, loss_marker)
+        self.dataset = encode_pairs(tokenizer, self.judged, max_length)
         self.batch_size = batch_size
         self.tasks: GenerationTasks = generation_tasks(pairs, marker)
-        # how the job's lengths fit this set (max_new_tokens 0: no generation is scored)
-        self.lengths = length_fit(tokenizer, judged, [task.reference for task in self.tasks.tasks],
-                                  max_length, max_new_tokens)
+
+    def length_fit(self, max_new_tokens: int) -> LengthFit:
+        """How the job's lengths fit this set: measured on request, by the one caller that
+        reports it (the coordinator), not by every evaluator."""
+        return length_fit(self.tokenizer, self.judged, [task.reference for task in self.tasks.tasks],
+                          self.max_length, max_new_tokens)
 
     def perplexity(self, state: Mapping[str, torch.Tensor]) -> float:
         load_lora_state(self.model, state)

@@ -41,7 +41,7 @@ from privatune.server.coordinator import (CoordinatorSettings, checkpoint_to_res
                                           site_generation_scores)
 from privatune.server.report import RunReport, SiteSummary, write_report
 from privatune.server.tracking import check_tracking
-from privatune.simulations.hospitals import default_hospitals, generate_federation
+from privatune.simulations.hospitals import HospitalSpec, default_hospitals, generate_federation
 
 
 def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, job: JobConfig) -> Path:
@@ -202,6 +202,15 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def job_hospitals(job: JobConfig) -> tuple[list[HospitalSpec], HospitalSpec, Path]:
+    """The job's simulated sites, the coordinator's own hospital (outside the federation) and
+    the cache their exports are generated into."""
+    specs = default_hospitals(job.data.hospitals + 1, job.seed, job.data.patients)
+    coordinator = replace(specs[-1], name="coordinator-validation",
+                          patients=job.data.central_eval_patients)
+    return specs[:-1], coordinator, Path(job.model.cache_dir) / "hospitals"
+
+
 def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwrite: bool = False,
              progress: Callable[[str], None] = print) -> RunReport:
     """Run the whole simulated federation and write ``report.json``, ``report.md``, ``report.png``."""
@@ -215,10 +224,7 @@ def simulate(config_path: Path, out: Path, overrides: Sequence[str] = (), overwr
     model_dir = resolve_base_model(job.model, job.seed, progress)
     progress(f"base model: {model_dir}")
 
-    cache = Path(job.model.cache_dir) / "hospitals"
-    specs = default_hospitals(job.data.hospitals + 1, job.seed, job.data.patients)
-    sites, coordinator_spec = specs[:-1], replace(specs[-1], name="coordinator-validation",
-                                                  patients=job.data.central_eval_patients)
+    sites, coordinator_spec, cache = job_hospitals(job)
     progress(f"simulated hospitals: {', '.join(s.name for s in sites)} (cache {cache})")
     exports = generate_federation([*sites, coordinator_spec], cache)
     central_eval = write_central_eval(exports[coordinator_spec.name], out / "central_eval.jsonl")

@@ -203,8 +203,8 @@ class Scores:
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
-    known = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.fmean(known) if known else None
+    spread = Spread.of(list(values))
+    return spread.mean if spread is not None else None
 
 
 @dataclass(frozen=True)
@@ -277,20 +277,16 @@ def seed_data(job: JobConfig, directory: Path) -> SeedData:
     """The seed's notes, split as the simulation's sites split them; reused when written."""
     from privatune.client.data import collapse_duplicates, load_records, split_records
     from privatune.common.config import to_dict
-    from privatune.simulations.hospitals import default_hospitals, generate_federation
-    from privatune.simulations.runner import write_central_eval
+    from privatune.simulations.hospitals import generate_federation
+    from privatune.simulations.runner import job_hospitals, write_central_eval
 
     done = directory / "complete.json"
     if done.is_file():
         names = json.loads(done.read_text(encoding="utf-8"))["sites"]
         return SeedData(directory / "train.jsonl", directory / "central_eval.jsonl",
                         {name: directory / "heldout" / f"{name}.jsonl" for name in names})
-    # the hospitals as simulate() makes them: data.hospitals sites and the coordinator's own
-    specs = default_hospitals(job.data.hospitals + 1, job.seed, job.data.patients)
-    sites = specs[:-1]
-    coordinator = replace(specs[-1], name="coordinator-validation",
-                          patients=job.data.central_eval_patients)
-    exports = generate_federation([*sites, coordinator], Path(job.model.cache_dir) / "hospitals")
+    sites, coordinator, cache = job_hospitals(job)  # as simulate() makes them
+    exports = generate_federation([*sites, coordinator], cache)
     (directory / "heldout").mkdir(parents=True, exist_ok=True)
     central = write_central_eval(exports[coordinator.name], directory / "central_eval.jsonl")
     pooled, heldout = [], {}
@@ -371,10 +367,7 @@ def pooled_measurement(job: JobConfig, data: SeedData) -> Measurement:
                                           job.evaluation.max_examples)
         return Scores.of(generation[0] if generation else None, evaluator.perplexity(state))
 
-    sites = {name: scored(path, _min_records()) for name, path in data.heldout.items()}
-    kept = {name: s for name, s in sites.items() if s is not None}
-    return Measurement(POOLED, NON_PRIVATE.key, job.seed, scored(data.central),
-                       Scores.mean(list(kept.values())), tuple(kept), 0.0)
+    return _measured_on_every_set(POOLED, job, data, scored, noise_multiplier=0.0)
 
 
 def nearest_note_measurement(job: JobConfig, data: SeedData) -> Measurement:
@@ -406,10 +399,18 @@ def nearest_note_measurement(job: JobConfig, data: SeedData) -> Measurement:
         copies = [cut(text) for text in nearest_references(train, prompts)]
         return Scores.of(score_completions(copies, [t.reference for t in tasks], prompts))
 
+    return _measured_on_every_set(NEAREST_NOTE, job, data, scored, noise_multiplier=None)
+
+
+def _measured_on_every_set(setting: str, job: JobConfig, data: SeedData,
+                           scored: Callable[[Path, int], Scores | None],
+                           noise_multiplier: float | None) -> Measurement:
+    """A setting scored on the coordinator's notes and on each site's held-out split, the
+    sites averaged over those with enough notes for a site to release a score."""
     sites = {name: scored(path, _min_records()) for name, path in data.heldout.items()}
     kept = {name: s for name, s in sites.items() if s is not None}
-    return Measurement(NEAREST_NOTE, NON_PRIVATE.key, job.seed, scored(data.central),
-                       Scores.mean(list(kept.values())), tuple(kept), None)
+    return Measurement(setting, NON_PRIVATE.key, job.seed, scored(data.central, 0),
+                       Scores.mean(list(kept.values())), tuple(kept), noise_multiplier)
 
 
 # --------------------------------------------------------------------------- summaries
