@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: pip takes the CPU build from this machine's disk instead of a
 	# multi-GB CUDA download.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,simulation,report,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)

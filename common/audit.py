@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from privatune.common.config import read_yaml
+from privatune.common.extras import has_extra
 from privatune.common.ledger import (ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED, LedgerError,
                                      RollbackFloor, entry_problem, head_problem, mechanism_problem,
                                      mechanism_step, read_entries)
@@ -464,8 +465,10 @@ def plot_audit(audits: list[SiteAudit], path: Path) -> None:
 def write_audit(audits: list[SiteAudit], out_dir: Path, fmt: str = "md") -> Path:
     """Write audit.md or audit.html plus audit.png into ``out_dir``; return the report path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_audit(audits, out_dir / "audit.png")
-    text = render_markdown(audits, "audit.png")
+    drawn = has_extra("report")  # a hospital's installation may have no plotting: text only
+    if drawn:
+        plot_audit(audits, out_dir / "audit.png")
+    text = render_markdown(audits, "audit.png" if drawn else None)
     target = out_dir / ("audit.html" if fmt == "html" else "audit.md")
     target.write_text(render_html(text) if fmt == "html" else text, encoding="utf-8")
     return target

@@ -1,15 +1,26 @@
-"""Commands over shared code only, and what the node's and coordinator's commands share.
+"""The ``privatune`` front door, the commands over shared code only, and what the node's and
+coordinator's commands share.
 
-``plan`` and ``audit`` are the privacy officer's tools: they read a job config or ledgers and
-need neither the node nor the coordinator, so a hospital and a coordinator installation both
-have them. Heavy imports (accounting, plotting) happen inside the handlers: registering the
-commands stays cheap, so ``privatune --help`` never loads torch.
+Each side keeps its commands next to its code and declares them in the package metadata
+(entry points of the group ``privatune.commands``, one per command, in pyproject.toml):
+
+- a hospital (``client.cli``): ``node``, ``keys``;
+- the coordinator (``server.cli``): ``coordinator``, ``certs``, ``export``;
+- the privacy officer (here): ``plan``, ``audit``;
+- one machine (``simulations.cli``): ``simulate``, ``study``, ``empirical-audit``, ``fault-drill``.
+
+The front door imports only the side whose command runs (all of them for ``--help``), so a
+hospital's ``privatune node`` never imports the simulator, and shared code never imports a side.
+Heavy imports (torch, Flower, accounting, plotting) happen inside the handlers.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from privatune.common.config import ConfigError
@@ -114,3 +125,61 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--format", choices=("md", "html"), default="md")
     audit.add_argument("--out", help="where audit.md/html and audit.png go (default: next to PATH)")
     audit.set_defaults(handler=_audit)
+
+
+# ----------------------------------------------------------------------- the front door
+
+COMMAND_GROUP = "privatune.commands"
+CommandProvider = Callable[[argparse._SubParsersAction], None]
+
+
+def _providers(argv: Sequence[str]) -> list[CommandProvider]:
+    """The ``add_commands`` functions to load: the one that owns ``argv``'s command, or every
+    one (in the metadata's order, once each) when no known command is named."""
+    points = list(entry_points(group=COMMAND_GROUP))
+    if not points:
+        raise SystemExit(f"privatune: no commands are registered (entry points {COMMAND_GROUP!r});"
+                         " reinstall the package: pip install -e .")
+    named = [point for point in points if argv and point.name == argv[0]]
+    providers: list[CommandProvider] = []
+    seen: set[str] = set()
+    for point in named or points:
+        if point.value not in seen:
+            seen.add(point.value)
+            providers.append(point.load())
+    return providers
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``privatune`` parser with the commands ``argv`` needs (every one by default)."""
+    parser = argparse.ArgumentParser(
+        prog="privatune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Privacy-preserving federated LoRA fine-tuning for hospitals (Flower + Opacus).",
+        epilog="who runs what:\n"
+               "  a hospital:          node, keys\n"
+               "  the coordinator:     coordinator, certs, export\n"
+               "  a privacy officer:   plan, audit\n"
+               "  a researcher:        simulate, study, empirical-audit, fault-drill (one machine)\n"
+               "'privatune COMMAND --help' shows a command's options.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_commands_of_a_side in _providers(argv):
+        add_commands_of_a_side(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``privatune COMMAND ...``: a configuration or input error is one line on stderr, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as err:
+        print(f"privatune: configuration error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"privatune: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

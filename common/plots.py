@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from privatune.common.extras import require_extra
+
 
 @contextmanager
 def report_figure(path: Path, columns: int = 1, size: tuple[float, float] = (7, 4),
@@ -20,6 +22,7 @@ def report_figure(path: Path, columns: int = 1, size: tuple[float, float] = (7, 
     The file is written whole or not at all (temporary name, then rename), so a crash while
     drawing never leaves a truncated PNG next to a finished report.
     """
+    require_extra("report", f"drawing {path.name}")
     import matplotlib
 
     matplotlib.use("Agg")

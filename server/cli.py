@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from privatune.common.cli import interrupt_on_sigterm, make_hospital_keys
 from privatune.common.config import ConfigError
+from privatune.common.extras import require_extra
 
 if TYPE_CHECKING:
     from privatune.server.site_keys import SiteKeyFile
@@ -33,6 +34,7 @@ def coordinator_command(args: argparse.Namespace) -> int:
     deployment_path = Path(args.deployment) if args.deployment else job_path.parent / DEFAULT_DEPLOYMENT
     deployment = load_deployment(deployment_path)
     extra = [site_key_file(text) for text in args.register]
+    require_extra("report", "privatune coordinator (its report's figures)")
     interrupt_on_sigterm()
     try:
         job = load_job_config(job_path)  # fail here, not inside the ServerApp

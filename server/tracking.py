@@ -27,7 +27,6 @@ is a by-product: if writing fails mid-run, the run goes on and says that trackin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from privatune.common.config import ConfigError
+from privatune.common.extras import MissingExtraError, missing_modules, require_extra
 from privatune.common.run_record import flat_config
 from privatune.server.report import RoundRecord
 
@@ -237,22 +237,16 @@ def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def _module_available(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
 def check_tracking(kind: str) -> None:
     """Stop with a clear error if the tracker ``kind`` cannot run here (before any work starts)."""
     if kind not in TRACKERS:
         raise ConfigError(f"tracking: {kind!r} is not one of {', '.join(TRACKERS)}")
-    if kind == "tensorboard" and not _module_available("tensorboard"):
-        raise ConfigError("tracking: tensorboard needs the 'tensorboard' package (a dependency "
-                          "of privatune: reinstall it with pip install -e .), or set "
-                          "tracking: none")
-    if kind == "mlflow" and not _module_available("mlflow"):
-        raise ConfigError("tracking: mlflow needs MLflow, the optional extra 'mlflow': "
-                          "pip install 'privatune[mlflow]' (or pip install -e '.[mlflow]' "
-                          "in a checkout), or set tracking: tensorboard")
+    extra = {"tensorboard": "tracking", "mlflow": "mlflow"}.get(kind)
+    if extra and missing_modules(extra):
+        try:
+            require_extra(extra, f"tracking: {kind}")
+        except MissingExtraError as err:
+            raise ConfigError(f"{err}; or set tracking: none") from None
 
 
 def open_tracker(kind: str, out_dir: Path, run_id: str, config: Mapping[str, Any],

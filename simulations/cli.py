@@ -1,15 +1,7 @@
-"""The ``privatune`` command: one entry point with a subcommand per task.
-
-Each side keeps its own commands next to its code and this module only gathers them:
-
-- one machine (here): ``simulate``, ``study``, ``empirical-audit``, ``fault-drill``;
-- the privacy officer, over shared code (``common.cli``): ``plan``, ``audit``;
-- the coordinator (``server.cli``): ``coordinator``, ``certs``, ``export``;
-- a hospital (``client.cli``): ``node``, ``keys``.
-
-It lives in ``simulations`` because that is the one package allowed to import the node
-(client), the coordinator (server) and the shared code together. Registering a command
-imports only its options; torch, Flower and the rest load when a command runs.
+"""The researcher's commands, run on one machine: ``simulate``, ``study``,
+``empirical-audit`` and ``fault-drill`` (registered with the ``privatune`` front door,
+``common.cli``). Registering them imports only their options; the simulator's packages
+(Flower's simulation engine, clinosim) load when a command runs.
 """
 
 from __future__ import annotations
@@ -18,14 +10,10 @@ import argparse
 import sys
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from privatune.client.cli import add_commands as add_hospital_commands
-from privatune.common.cli import add_commands as add_officer_commands
-from privatune.common.config import ConfigError
-from privatune.server.cli import add_commands as add_coordinator_commands
+from privatune.common.extras import require_extra
 from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
 from privatune.simulations.study import DEFAULT_EPSILONS, parse_epsilons
 
@@ -33,7 +21,15 @@ if TYPE_CHECKING:
     from privatune.server.report import RunReport
 
 
+def require_simulator(command: str) -> None:
+    """The researcher's commands run Flower's simulation engine on clinosim's hospitals and
+    draw their reports: stop before any work when an extra is missing."""
+    for extra in ("simulation", "report"):
+        require_extra(extra, f"privatune {command}")
+
+
 def _simulate(args: argparse.Namespace) -> int:
+    require_simulator("simulate")
     from privatune.common.process_heap import importing_libraries
 
     with importing_libraries():
@@ -74,6 +70,7 @@ def _failed_federation(report: RunReport) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
+    require_simulator("study")
     from privatune.common.process_heap import importing_libraries
 
     with importing_libraries():
@@ -97,6 +94,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _fault_drill(args: argparse.Namespace) -> int:
+    require_simulator("fault-drill")
     from privatune.simulations.deployment_faults import run_drill
 
     return run_drill(args)
@@ -121,18 +119,9 @@ def add_fault_drill_command(commands: argparse._SubParsersAction) -> None:
     drill.set_defaults(handler=_fault_drill)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="privatune", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Privacy-preserving federated LoRA fine-tuning for hospitals (Flower + Opacus).",
-        epilog="who runs what:\n"
-               "  a hospital:          node, keys\n"
-               "  the coordinator:     coordinator, certs, export\n"
-               "  a privacy officer:   plan, audit\n"
-               "  a researcher:        simulate, study, empirical-audit, fault-drill (one machine)\n"
-               "'privatune COMMAND --help' shows a command's options.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``simulate``, ``study``, ``empirical-audit`` and ``fault-drill`` to the ``privatune``
+    subcommands."""
     simulate = commands.add_parser("simulate", help="run a whole federation of simulated "
                                    "hospitals on this machine")
     simulate.add_argument("--config", required=True, help="job config YAML, e.g. configs/demo.yaml")
@@ -162,23 +151,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_empirical_audit_command(commands)
     add_fault_drill_command(commands)
-    add_officer_commands(commands)
-    add_coordinator_commands(commands)
-    add_hospital_commands(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except ConfigError as err:
-        print(f"privatune: configuration error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"privatune: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

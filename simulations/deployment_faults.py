@@ -42,7 +42,6 @@ import random
 import resource
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -631,14 +630,3 @@ def run_drill(args: argparse.Namespace) -> int:
     print(text, flush=True)
     failed = [n for n in names if "error" in results[n] or results[n].get("exit_code") != 0]
     return 1 if failed else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m privatune.simulations.deployment_faults ...`` is ``privatune fault-drill ...``."""
-    from privatune.simulations.cli import main as privatune_main
-
-    return privatune_main(["fault-drill", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

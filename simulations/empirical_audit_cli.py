@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from privatune.common.config import ConfigError
+from privatune.common.extras import require_extra
 
 DEFAULT_REPETITIONS = (1, 4, 16)
 DEFAULT_CANARIES_PER_COUNT = 2
@@ -30,6 +31,8 @@ def parse_repetitions(text: str) -> tuple[int, ...]:
 
 def _handler(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    for extra in ("simulation", "report"):  # clinosim's hospitals; the report's figure
+        require_extra(extra, "privatune empirical-audit")
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     import torch

@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def privatune(*args: str) -> list[str]:
     """The ``privatune`` command as a user of this checkout runs it."""
-    return [sys.executable, "-m", "privatune.simulations.cli", *args]
+    return [sys.executable, "-m", "privatune.common.cli", *args]
 
 
 class Proc:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from privatune.common.certs import make_ca, make_server_cert
-from privatune.simulations.cli import main
+from privatune.common.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "flwr", "transformers", "opacus", "peft", "matplotlib", "dp_accounting")
@@ -24,7 +24,7 @@ COMMANDS = ("simulate", "empirical-audit", "fault-drill", "plan", "audit", "coor
 def test_help_lists_every_command_and_loads_nothing_heavy():
     code = f"""
 import json, sys
-from privatune.simulations.cli import main
+from privatune.common.cli import main
 for argv in (["--help"], ["node", "--help"], ["coordinator", "--help"], ["keys", "--help"]):
     try:
         main(argv)
@@ -46,6 +46,33 @@ print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}} & set({HE
     for option in ("--config", "--deployment", "--serve", "--register", "--out"):
         assert option in coordinator
     assert "--hospital" in keys
+
+
+@pytest.mark.parametrize(("argv", "other_sides"), [
+    (["node", "--help"], ("server", "simulations")),
+    (["keys", "--help"], ("server", "simulations")),
+    (["coordinator", "--help"], ("client", "simulations")),
+    (["plan", "--help"], ("client", "server", "simulations")),
+])
+def test_a_command_imports_only_its_own_side(argv, other_sides):
+    """A hospital's installation runs ``privatune node`` without the coordinator's or the
+    simulator's code ever being imported (nor their packages: Ray, clinosim)."""
+    code = f"""
+import json, sys
+from privatune.common.cli import main
+try:
+    main({argv!r})
+except SystemExit as exit:
+    assert exit.code == 0
+print(json.dumps(sorted(n for n in sys.modules if n.startswith("privatune.") or n in ("ray", "clinosim"))))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.rstrip().rsplit("\n", 1)[-1])
+    assert argv[0] in done.stdout
+    assert [name for name in loaded if name.split(".")[1] in other_sides
+            or name in ("ray", "clinosim")] == []
 
 
 def test_each_side_imports_only_what_it_may():
@@ -162,3 +189,17 @@ def test_simulate_exits_1_with_each_reason_when_every_train_request_failed(tmp_p
     assert err.count("node 7: ValueError: delta = 0.5 is not below 1/48") == 1
     failed.rounds[2].training.participants = ["north"]
     assert main(argv) == 0
+
+
+@pytest.mark.parametrize("command", ["simulate", "study"])
+def test_a_simulator_command_without_its_extra_names_it_and_does_nothing(command, tmp_path,
+                                                                         monkeypatch, capsys):
+    from privatune.common import extras
+
+    monkeypatch.setitem(extras.EXTRA_MODULES, "simulation", ("ray", "privatune_no_such_module"))
+    out = tmp_path / "run"
+    assert main([command, "--config", str(ROOT / "configs" / "smoke.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"privatune {command} needs the optional extra 'simulation'" in err
+    assert "missing: privatune_no_such_module" in err and "pip install 'privatune[simulation]'" in err
+    assert not out.exists()

@@ -26,7 +26,7 @@ from privatune.server.export import ReleaseRefused, export_adapter, export_merge
 from privatune.server.overfitting import best_round, overfitting_flags
 from privatune.server.report import (RoundEvaluation, RoundRecord, RoundTraining, RunReport,
                                      render_markdown, write_report)
-from privatune.simulations.cli import main
+from privatune.common.cli import main
 from tests.conftest import write_notes
 from tests.test_coordinator import SITES, FakeTransport, LedgeredSite, job
 from tests.test_plan_audit import write_site

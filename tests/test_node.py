@@ -261,7 +261,7 @@ def test_node_refuses_a_rolled_back_ledger_until_acknowledged(make_site, tiny_mo
     import shutil
 
     from privatune.common.audit import audit_ledger
-    from privatune.simulations.cli import main
+    from privatune.common.cli import main
 
     policy_path = make_site(epsilon_cap=20.0)
     node = SiteNode(load_site_policy(policy_path))

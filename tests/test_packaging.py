@@ -33,6 +33,15 @@ def test_wheel_installs_only_the_privatune_namespace(tmp_path):
     top_level = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert top_level == {"privatune", wheel.name.split("-py3")[0] + ".dist-info"}
 
+    # a hospital's `pip install privatune` brings no simulator, plotting or tracking packages
+    metadata = next(zipfile.ZipFile(wheel).read(name).decode() for name in zipfile.ZipFile(wheel).namelist()
+                    if name.endswith(".dist-info/METADATA"))
+    required = [line for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert [line for line in required for name in ("simulation", "clinosim", "matplotlib", "tensorboard")
+            if name in line] == []
+    assert any(line.startswith("Requires-Dist: flwr") for line in required)
+
     # A fresh environment with the wheel; the project's own environment only lends the
     # dependencies (a bare path line in a .pth: its editable install of privatune stays off).
     venv = tmp_path / "venv"

@@ -3,12 +3,23 @@
 import json
 
 import pytest
-
-from privatune.common.audit import (PLD_PER_RELEASE_LIMIT, IndependentRdp, audit_ledger, audit_path,
-                                    write_audit)
-from privatune.common.ledger import ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE, SiteLedger, entry_hash
+from privatune.common.audit import (
+    PLD_PER_RELEASE_LIMIT,
+    IndependentRdp,
+    audit_ledger,
+    audit_path,
+    write_audit,
+)
+from privatune.common.ledger import (
+    ADAPTER_UPDATE,
+    GENESIS_HASH,
+    NON_PRIVATE,
+    SiteLedger,
+    entry_hash,
+)
 from privatune.common.plan import plan_site
 from privatune.common.privacy import MechanismStep, independent_rdp_epsilon, rdp_epsilon
+
 from tests.test_ledger import forge
 
 
@@ -44,6 +55,17 @@ def test_audit_passes_on_honest_ledgers(tmp_path):
     assert (tmp_path / "audit" / "audit.png").stat().st_size > 0
     html = write_audit(audits, tmp_path / "audit", "html")
     assert html.read_text().startswith("<!doctype html>")
+
+
+def test_audit_without_the_report_extra_writes_the_text_alone(tmp_path, monkeypatch):
+    """A hospital's installation has no plotting: the officer still gets the whole verdict."""
+    from privatune.common import extras
+
+    monkeypatch.setitem(extras.EXTRA_MODULES, "report", ("privatune_no_such_module",))
+    write_site(tmp_path, "a")
+    report = write_audit(audit_path(tmp_path), tmp_path / "audit").read_text()
+    assert "Privacy audit: PASS" in report and "audit.png" not in report
+    assert not (tmp_path / "audit" / "audit.png").exists()
 
 
 def test_audit_flags_misreported_epsilon_and_over_budget(tmp_path):
@@ -123,7 +145,7 @@ def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path
 
 
 def test_cli_reports_config_errors_with_file_and_key(tmp_path, capsys):
-    from privatune.simulations.cli import main
+    from privatune.common.cli import main
 
     bad = tmp_path / "job.yaml"
     bad.write_text("lora:\n  rank: 4\n")
@@ -443,8 +465,8 @@ def test_hidden_release_fails_the_audit_against_the_runs_record(tmp_path):
 
 
 def test_audit_command_checks_a_ledger_against_a_report(tmp_path, capsys):
+    from privatune.common.cli import main
     from privatune.common.run_record import RECORD_KEY
-    from privatune.simulations.cli import main
 
     path, record = anchored_site(tmp_path)
     report = tmp_path / "report.json"

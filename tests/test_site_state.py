@@ -62,7 +62,7 @@ def edit_policy(path: Path, section: str, **values) -> Path:
 
 
 def acknowledge(policy_path: Path) -> int:
-    from privatune.simulations.cli import main
+    from privatune.common.cli import main
 
     return main(["node", "--site", str(policy_path), "--acknowledge-ledger-rollback"])
 

@@ -14,7 +14,7 @@ from privatune.common.clinical_metrics import ClinicalScores
 from privatune.common.config import ConfigError
 from privatune.common.generation import GenerationScores
 from privatune.server.report import CentralSummary, RoundRecord, RoundTraining, RunReport, SiteSummary
-from privatune.simulations.cli import main
+from privatune.common.cli import main
 from privatune.simulations.nearest_note import jaccard, nearest_references, word_set
 from privatune.simulations.study import (FEDERATED, LOCAL_ONLY, NEAREST_NOTE, NON_PRIVATE, POOLED,
                                          Budget, Measurement, RunRecord, Scores, check_reuse,

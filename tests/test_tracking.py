@@ -8,6 +8,7 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from privatune.common import extras
 from privatune.common.config import ConfigError, load_job_config
 from privatune.server import tracking
 from privatune.server.report import RoundEvaluation, RoundRecord, RoundTraining
@@ -100,18 +101,23 @@ def test_none_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _without_extras(monkeypatch, *names):
+    for name in names:
+        monkeypatch.setitem(extras.EXTRA_MODULES, name, ("privatune_no_such_module",))
+
+
 def test_mlflow_without_the_extra_fails_naming_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(tracking, "_module_available", lambda name: False)
+    _without_extras(monkeypatch, "mlflow", "tracking")
     with pytest.raises(ConfigError, match=r"pip install 'privatune\[mlflow\]'"):
         open_tracker("mlflow", tmp_path, "r", {})
-    with pytest.raises(ConfigError, match="tracking: tensorboard needs"):
+    with pytest.raises(ConfigError, match=r"tracking: tensorboard needs .*privatune\[tracking\]"):
         open_tracker("tensorboard", tmp_path, "r", {})
 
 
 def test_simulate_stops_before_any_work_when_the_tracker_is_missing(tmp_path, monkeypatch, capsys):
-    from privatune.simulations.cli import main
+    from privatune.common.cli import main
 
-    monkeypatch.setattr(tracking, "_module_available", lambda name: False)
+    _without_extras(monkeypatch, "mlflow")
     config = tmp_path / "job.yaml"
     config.write_text("tracking: mlflow\n")
     assert main(["simulate", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
