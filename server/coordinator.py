@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from privatune.common.base_model import describe_base_model
+from privatune.common.model_source import describe_base_model
 from privatune.common.certs import CertError, check_node_name
 from privatune.common.config import JobConfig, to_dict
 from privatune.common.clinical_metrics import ClinicalScores
@@ -43,8 +43,8 @@ from privatune.server.evaluation import CentralEvaluator
 from privatune.server.tracking import open_tracker
 from privatune.common.run_record import (RECORD_KEY, RunIdentity, latest_checkpoint,
                                          resume_refusal)
-from privatune.server.report import (CentralSummary, RoundEvaluation, RoundRecord, RoundTraining,
-                                     RunReport, SampleCompletions, SiteReply, SiteSummary,
+from privatune.server.report import CentralSummary, RunReport, SampleCompletions, SiteSummary
+from privatune.server.rounds import (RoundEvaluation, RoundRecord, RoundTraining, SiteReply,
                                      site_records)
 
 SAMPLE_COMPLETIONS = 3  # from the coordinator's own held-out set, shown in the report

@@ -36,7 +36,8 @@ from privatune.common.audit import SiteAudit, audit_in_run, audit_site
 from privatune.common.ledger import SiteLedger
 from privatune.common.run_record import SiteRecord, latest_checkpoint
 from privatune.server.overfitting import METRIC_NAMES, best_round, overfitting_flags
-from privatune.server.report import RoundRecord, RunReport, site_records
+from privatune.server.report import RunReport
+from privatune.server.rounds import RoundRecord, site_records
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

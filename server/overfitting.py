@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # report.py imports this module; the records are only read here
-    from privatune.server.report import RoundRecord
+from privatune.server.rounds import RoundRecord
 
 CENTRAL = "global_perplexity"
 FEDERATED = "federated_perplexity"

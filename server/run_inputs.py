@@ -42,7 +42,7 @@ def base_model_dir(deployment: CoordinatorDeployment, job: JobConfig,
     once from public text and cached; this imports torch) or a local Hugging Face model."""
     if deployment.run.model_dir:
         return deployment.resolve(deployment.run.model_dir)
-    from privatune.common.base_model import resolve_base_model  # imports torch
+    from privatune.common.model_source import resolve_base_model  # imports torch
 
     return resolve_base_model(job.model, job.seed, progress)
 

@@ -38,7 +38,7 @@ from typing import Any
 from privatune.common.config import ConfigError
 from privatune.common.extras import MissingExtraError, missing_modules, require_extra
 from privatune.common.run_record import flat_config
-from privatune.server.report import RoundRecord
+from privatune.server.rounds import RoundRecord
 
 TRACKERS = ("tensorboard", "mlflow", "none")
 TENSORBOARD_DIR = "tensorboard"

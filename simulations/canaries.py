@@ -27,6 +27,11 @@ MRN_DIGITS = 7
 MRN_SPACE_SIZE = 10 ** MRN_DIGITS
 CANARY_SOURCE = "canary:"  # Record.source prefix of planted copies
 CANARY_TEMPLATE = "Registration desk: patient identity confirmed with MRN {secret}."
+# The audit's default design: each canary planted 1, 4 or 16 times, two distinct secrets per
+# count, each ranked against 4,000 random secrets of the same format.
+DEFAULT_REPETITIONS = (1, 4, 16)
+DEFAULT_CANARIES_PER_COUNT = 2
+DEFAULT_CANDIDATES = 4000
 
 
 def mrn_check_digit(number: int) -> int:

@@ -39,6 +39,9 @@ from privatune.simulations.audit_sites import (
     site_with_most_heldout,
 )
 from privatune.simulations.canaries import (
+    DEFAULT_CANARIES_PER_COUNT,
+    DEFAULT_CANDIDATES,
+    DEFAULT_REPETITIONS,
     CANARY_TEMPLATE,
     MRN_SPACE_SIZE,
     Canary,
@@ -46,11 +49,6 @@ from privatune.simulations.canaries import (
     make_canaries,
     measure_exposures,
     sample_candidates,
-)
-from privatune.simulations.empirical_audit_cli import (
-    DEFAULT_CANARIES_PER_COUNT,
-    DEFAULT_CANDIDATES,
-    DEFAULT_REPETITIONS,
 )
 from privatune.simulations.membership import (
     ATTACKS,
@@ -224,7 +222,7 @@ def empirical_audit(config: Path, out: Path, overrides: Sequence[str] = (),
     """The audit on the simulated hospitals of a job config (the cached clinosim exports of
     ``privatune simulate``; ``hospitals`` takes the first N of the config's federation)."""
     from privatune.simulations.hospitals import default_hospitals, generate_federation
-    from privatune.common.base_model import resolve_base_model
+    from privatune.common.model_source import resolve_base_model
 
     job = load_job_config(config, overrides)
     count = job.data.hospitals if hospitals is None else hospitals

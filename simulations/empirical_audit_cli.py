@@ -13,9 +13,8 @@ from pathlib import Path
 from privatune.common.config import ConfigError
 from privatune.common.extras import require_extra
 
-DEFAULT_REPETITIONS = (1, 4, 16)
-DEFAULT_CANARIES_PER_COUNT = 2
-DEFAULT_CANDIDATES = 4000
+from privatune.simulations.canaries import (DEFAULT_CANARIES_PER_COUNT, DEFAULT_CANDIDATES,
+                                            DEFAULT_REPETITIONS)
 
 
 def parse_repetitions(text: str) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ from privatune.client.app import make_client_app
 from privatune.client.data import load_records
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.common.base_model import resolve_base_model
+from privatune.common.model_source import resolve_base_model
 from privatune.common.config import ConfigError, JobConfig, SimulationConfig, load_job_config
 from privatune.common.generation import GenerationScores
 from privatune.common.lora import LoraSettings, initial_adapter, lora_state, with_update

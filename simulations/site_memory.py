@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if counts[0] < 1 or args.local_steps < 1:
         parser.error("--sites counts and --local-steps must be at least 1")
 
-    from privatune.common.base_model import resolve_base_model
+    from privatune.common.model_source import resolve_base_model
     from privatune.common.config import ModelConfig
 
     model_dir = resolve_base_model(ModelConfig(base=args.model), seed=0)

@@ -332,7 +332,7 @@ def pooled_measurement(job: JobConfig, data: SeedData) -> Measurement:
     from privatune.client.data import load_records
     from privatune.client.node import privacy_units
     from privatune.client.trainer import DPTrainSettings, train_dp_round
-    from privatune.common.base_model import resolve_base_model
+    from privatune.common.model_source import resolve_base_model
     from privatune.common.examples import encode_pairs
     from privatune.common.hardware import resolve_hardware
     from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model,
@@ -375,7 +375,7 @@ def nearest_note_measurement(job: JobConfig, data: SeedData) -> Measurement:
     of the base model's tokenizer, the length a model's completion may have."""
     from transformers import AutoTokenizer
 
-    from privatune.common.base_model import resolve_base_model
+    from privatune.common.model_source import resolve_base_model
     from privatune.common.generation import generation_tasks, score_completions
     from privatune.server.evaluation import read_eval_pairs
     from privatune.simulations.nearest_note import nearest_references

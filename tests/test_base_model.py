@@ -128,7 +128,7 @@ def test_public_corpus_is_deterministic_and_bounded() -> None:
 
 def test_the_report_names_a_builtin_model_its_shape_and_its_training(
         built: tuple[Path, list[str]], tmp_path: Path) -> None:
-    from privatune.common.base_model import describe_base_model
+    from privatune.common.model_source import describe_base_model
 
     text = describe_base_model(built[0])
     assert text.startswith("privatune builtin: llama,")

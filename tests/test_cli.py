@@ -75,6 +75,39 @@ print(json.dumps(sorted(n for n in sys.modules if n.startswith("privatune.") or 
             or name in ("ray", "clinosim")] == []
 
 
+def _privatune_imports(file: Path) -> set[str]:
+    """The privatune modules ``file`` imports, at its top or inside a function alike."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("privatune."):
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.startswith("privatune.")}
+    return names
+
+
+def test_no_module_imports_back_a_module_that_imports_it():
+    """No import circles, not even ones hidden in a function: each module can be read (and
+    split) knowing only what it imports."""
+    modules = {f"privatune.{file.parent.name}.{file.stem}": file
+               for package in ("common", "client", "server", "simulations")
+               for file in sorted((ROOT / package).glob("*.py"))}
+    graph = {name: sorted(_privatune_imports(file) & set(modules) - {name})
+             for name, file in modules.items()}
+    circles = []
+    for start in graph:  # a path from each module's imports back to itself
+        seen, frontier = set(), [(start, [start])]
+        while frontier:
+            name, path = frontier.pop()
+            for imported in graph[name]:
+                if imported == start:
+                    circles.append(" -> ".join([*path, start]))
+                elif imported not in seen:
+                    seen.add(imported)
+                    frontier.append((imported, [*path, imported]))
+    assert circles == []
+
+
 def test_each_side_imports_only_what_it_may():
     """common imports neither client nor server; client and server never import each other,
     nor simulations: a hospital's or a coordinator's installation runs without the other."""
@@ -172,7 +205,8 @@ def test_simulate_exits_1_with_each_reason_when_every_train_request_failed(tmp_p
                                                                            capsys):
     """A federation in which no site ever took part because every node failed is a failure,
     not a finished run: exit 1 and each distinct one-line reason."""
-    from privatune.server.report import RoundRecord, RoundTraining, RunReport
+    from privatune.server.report import RunReport
+    from privatune.server.rounds import RoundRecord, RoundTraining
     from privatune.simulations import runner
 
     failure = ("node 7: <class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::run()\n"

@@ -29,7 +29,8 @@ from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, Eva
 from privatune.server.app import FlowerTransport
 from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings,
                                           EvaluateResult, SiteTally, TrainResult, latest_checkpoint)
-from privatune.server.report import RoundRecord, RunReport, render_markdown, write_report
+from privatune.server.report import RunReport, render_markdown, write_report
+from privatune.server.rounds import RoundRecord
 from tests.conftest import write_notes
 
 SITES = {1: "alpha", 2: "beta", 3: "gamma"}

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from privatune.common.certs import CertError, certificate_hosts, make_ca, make_node_keys, make_server_cert
 from privatune.common.ledger import SiteLedger
 from privatune.server.export import ReleaseRefused, export_adapter, release_findings
-from privatune.server.report import RunReport, site_records
+from privatune.server.report import RunReport
+from privatune.server.rounds import site_records
 from privatune.simulations.loopback import LoopbackFederation, Proc
 from tests.conftest import write_notes
 

@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from privatune.common import model_source
-from privatune.common.base_model import BUILD_INFO_FILE, resolve_base_model
+from privatune.common.base_model import BUILD_INFO_FILE
 from privatune.common.config import ConfigError, ModelConfig
 from privatune.common.lora import LoraSettings, attach_lora, load_adapter, load_base_model
-from privatune.common.model_source import file_sha256, is_gguf_source
+from privatune.common.model_source import file_sha256, is_gguf_source, resolve_base_model
 from privatune.server.coordinator import Coordinator, CoordinatorSettings
 from privatune.server.export import export_merged
 from privatune.server.report import write_report
@@ -317,7 +317,7 @@ def test_packaged_smollm2_loads_and_then_comes_from_the_cache(tmp_path_factory):
 
 
 def test_the_report_names_a_gguf_model_its_size_and_its_file(gguf_file, gguf_model_dir):
-    from privatune.common.base_model import describe_base_model
+    from privatune.common.model_source import describe_base_model
 
     info = json.loads((gguf_model_dir / BUILD_INFO_FILE).read_text())
     text = describe_base_model(gguf_model_dir)

@@ -103,7 +103,8 @@ def test_plan_solves_noise_for_budget_and_warns_on_delta():
 def _fake_run(tmp_path, **site):
     """A run directory: an adapter, site a's ledger and the coordinator's record of the run
     (report.json), whose last train reply from a carried the ledger's head and its update."""
-    from privatune.server.report import RoundRecord, RoundTraining, RunReport, SiteReply
+    from privatune.server.report import RunReport
+    from privatune.server.rounds import RoundRecord, RoundTraining, SiteReply
 
     ledger = SiteLedger(write_site(tmp_path, "a", **site))
     (tmp_path / "adapter").mkdir()

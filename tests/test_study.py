@@ -13,7 +13,8 @@ import pytest
 from privatune.common.clinical_metrics import ClinicalScores
 from privatune.common.config import ConfigError
 from privatune.common.generation import GenerationScores
-from privatune.server.report import CentralSummary, RoundRecord, RoundTraining, RunReport, SiteSummary
+from privatune.server.report import CentralSummary, RunReport, SiteSummary
+from privatune.server.rounds import RoundRecord, RoundTraining
 from privatune.common.cli import main
 from privatune.simulations.nearest_note import jaccard, nearest_references, word_set
 from privatune.simulations.study import (FEDERATED, LOCAL_ONLY, NEAREST_NOTE, NON_PRIVATE, POOLED,

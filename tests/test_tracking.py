@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from privatune.common import extras
 from privatune.common.config import ConfigError, load_job_config
 from privatune.server import tracking
-from privatune.server.report import RoundEvaluation, RoundRecord, RoundTraining
+from privatune.server.rounds import RoundEvaluation, RoundRecord, RoundTraining
 from privatune.server.tracking import open_tracker, round_scalars
 from tests.test_coordinator import (Crash, FakeTransport, coordinator, crash_in_round, decline,
                                     update)

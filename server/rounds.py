@@ -1,0 +1,184 @@
+"""One round's record, as the coordinator keeps it: what each site replied, what training and
+evaluation gave, and the cumulative epsilon. The run report (``report.py``), the overfitting
+watch, the tracker and the export gate all read these; ``to_json`` / ``from_json`` give the
+JSON of report.json and the checkpoints' state.json (a key absent there, such as the training
+keys of round 0, is left out here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from privatune.common.generation import GenerationSample, GenerationScores
+from privatune.common.ledger import LedgerHead
+from privatune.common.run_record import ReceivedUpdate, ReportedHead, SiteRecord
+
+
+@dataclass
+class SiteReply:
+    """What one site's train reply told the coordinator: its privacy figures, its ledger head
+    and (for an accepted reply) the SHA-256 of the update received, whatever became of it."""
+
+    accepted: bool
+    epsilon: float
+    delta: float
+    epsilon_budget: float
+    accountant: str
+    ledger_seq: int
+    ledger_hash: str
+    update_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SiteReply:
+        return cls(accepted=bool(data["accepted"]), epsilon=float(data["epsilon"]),
+                   delta=float(data["delta"]), epsilon_budget=float(data["epsilon_budget"]),
+                   accountant=str(data["accountant"]), ledger_seq=int(data["ledger_seq"]),
+                   ledger_hash=str(data["ledger_hash"]), update_sha256=data.get("update_sha256"))
+
+
+@dataclass
+class RoundTraining:
+    """What happened to the train requests of one round."""
+
+    participants: list[str] = field(default_factory=list)  # sites whose update was averaged
+    declined: dict[str, str] = field(default_factory=dict)  # site -> its reason
+    failures: list[str] = field(default_factory=list)  # no reply, error replies, rejected updates
+    aggregated: bool = False  # False: too few usable updates, the global adapter was kept
+    # example-weighted mean of the training losses the participants released (None: none did)
+    train_loss: float | None = None
+    # adapter bytes of the train exchange (float32 on the wire): the global adapter to every
+    # node asked, and the updates back from the sites that sent one (in total and per site;
+    # under ffa an update is B alone)
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    update_bytes: dict[str, int] = field(default_factory=dict)
+    replies: dict[str, SiteReply] = field(default_factory=dict)  # site -> its train reply
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"participants": list(self.participants),
+                                "declined": dict(self.declined), "failures": list(self.failures),
+                                "aggregated": self.aggregated}
+        for name in ("train_loss", "bytes_sent", "bytes_received"):  # absent in old checkpoints
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        if self.update_bytes:
+            data["update_bytes"] = dict(self.update_bytes)
+        if self.replies:
+            data["replies"] = {site: reply.to_json() for site, reply in self.replies.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundTraining:
+        return cls(participants=list(data.get("participants", [])),
+                   declined=dict(data.get("declined", {})), failures=list(data.get("failures", [])),
+                   aggregated=bool(data.get("aggregated", False)),
+                   train_loss=data.get("train_loss"), bytes_sent=data.get("bytes_sent"),
+                   bytes_received=data.get("bytes_received"),
+                   update_bytes={s: int(b) for s, b in data.get("update_bytes", {}).items()},
+                   replies={site: SiteReply.from_json(reply)
+                            for site, reply in data.get("replies", {}).items()})
+
+
+@dataclass
+class RoundEvaluation:
+    """Perplexity of the global adapter after a round: central, pooled over sites, per site."""
+
+    global_perplexity: float | None = None  # on the coordinator's own held-out set
+    federated_perplexity: float | None = None  # example-weighted over the sites that told
+    site_perplexity: dict[str, float | None] = field(default_factory=dict)
+    evaluation_failures: list[str] = field(default_factory=list)
+    # site -> why it declined the evaluation (no loss from it this round), e.g. its policy's
+    # limits.max_evaluations_per_run
+    evaluation_declined: dict[str, str] = field(default_factory=dict)
+    # generation rounds only (round 0, every k-th, the last): scores on the coordinator's
+    # held-out set, the scores each site released, and the first completions of the central set
+    global_generation: GenerationScores | None = None
+    site_generation: dict[str, GenerationScores] = field(default_factory=dict)
+    samples: list[GenerationSample] = field(default_factory=list)
+    ledger_heads: dict[str, LedgerHead] = field(default_factory=dict)  # from evaluate replies
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"global_perplexity": self.global_perplexity,
+                                "federated_perplexity": self.federated_perplexity,
+                                "site_perplexity": dict(self.site_perplexity),
+                                "evaluation_failures": list(self.evaluation_failures)}
+        if self.evaluation_declined:  # absent when every site answered
+            data["evaluation_declined"] = dict(self.evaluation_declined)
+        if self.global_generation is not None:  # absent in rounds without generation
+            data["global_generation"] = self.global_generation.to_json()
+        if self.site_generation:
+            data["site_generation"] = {s: g.to_json() for s, g in self.site_generation.items()}
+        if self.samples:
+            data["samples"] = [sample.to_json() for sample in self.samples]
+        if self.ledger_heads:
+            data["ledger_heads"] = {s: [h.seq, h.hash] for s, h in self.ledger_heads.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundEvaluation:
+        central = data.get("global_generation")
+        return cls(global_perplexity=data.get("global_perplexity"),
+                   federated_perplexity=data.get("federated_perplexity"),
+                   site_perplexity=dict(data.get("site_perplexity", {})),
+                   evaluation_failures=list(data.get("evaluation_failures", [])),
+                   evaluation_declined=dict(data.get("evaluation_declined", {})),
+                   global_generation=GenerationScores.from_json(central) if central else None,
+                   site_generation={s: GenerationScores.from_json(g)
+                                    for s, g in data.get("site_generation", {}).items()},
+                   samples=[GenerationSample.from_json(x) for x in data.get("samples", [])],
+                   ledger_heads={s: LedgerHead(int(seq), str(digest))
+                                 for s, (seq, digest) in data.get("ledger_heads", {}).items()})
+
+
+@dataclass
+class RoundRecord:
+    """One round of the run; round 0 is the base model, evaluated before any training."""
+
+    round: int
+    evaluation: RoundEvaluation = field(default_factory=RoundEvaluation)
+    training: RoundTraining | None = None  # None for round 0
+    epsilon: dict[str, float] | None = None  # cumulative epsilon per site after the round
+
+    @property
+    def participants(self) -> list[str]:
+        return self.training.participants if self.training else []
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"round": self.round}
+        data.update(self.training.to_json() if self.training else {"participants": []})
+        data.update(self.evaluation.to_json())
+        if self.epsilon is not None:
+            data["epsilon"] = dict(self.epsilon)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundRecord:
+        return cls(round=int(data["round"]), evaluation=RoundEvaluation.from_json(data),
+                   training=RoundTraining.from_json(data) if "aggregated" in data else None,
+                   epsilon=dict(data["epsilon"]) if data.get("epsilon") is not None else None)
+
+
+def site_records(rounds: list[RoundRecord]) -> dict[str, SiteRecord]:
+    """The record the audit compares each site's ledger with, derived from the rounds: every
+    head a reply carried, every update received, the highest epsilon reported."""
+    records: dict[str, SiteRecord] = {}
+    for record in rounds:
+        replies = record.training.replies if record.training else {}
+        for site, reply in replies.items():
+            entry = records.setdefault(site, SiteRecord(site))
+            if reply.ledger_seq >= 0:
+                entry.heads.append(ReportedHead(record.round, "train", reply.ledger_seq,
+                                                reply.ledger_hash))
+            if reply.update_sha256:
+                entry.received.append(ReceivedUpdate(record.round, reply.update_sha256))
+            entry.epsilon = max(entry.epsilon, reply.epsilon)
+            entry.delta, entry.epsilon_budget = reply.delta, reply.epsilon_budget
+            entry.accountant = reply.accountant
+        for site, head in record.evaluation.ledger_heads.items():
+            records.setdefault(site, SiteRecord(site)).heads.append(
+                ReportedHead(record.round, "evaluate", head.seq, head.hash))
+    return dict(sorted(records.items()))
