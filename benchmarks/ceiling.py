@@ -23,7 +23,8 @@ from privatune.client.data import load_records, split_records
 from privatune.client.node import privacy_units
 from privatune.common.examples import encode_pairs, evaluate_loss, per_example_loss
 from privatune.common.generation import evaluate_generation, generation_tasks
-from privatune.common.lora import LoraSettings, attach_seeded_lora, load_base_model
+from privatune.common.config import LoraConfig
+from privatune.common.lora import attach_seeded_lora, load_base_model
 
 MARKER = "Assessment:"
 
@@ -56,7 +57,7 @@ def main() -> None:
     central = load_records(hospitals / args.central)
     tasks = generation_tasks([(r.prompt, r.completion) for r in central]).tasks[:args.eval_notes]
     base, tokenizer = load_base_model(args.base)
-    model = attach_seeded_lora(base, LoraSettings(args.r, args.alpha), args.seed)
+    model = attach_seeded_lora(base, LoraConfig(args.r, args.alpha), args.seed)
     dataset = encode_pairs(tokenizer, privacy_units(train, "record", MARKER), args.max_length)
     held_out = encode_pairs(tokenizer, privacy_units(central, "record", MARKER), args.max_length)
     print(f"{len(dataset)} training notes ({dataset.cut_completions} completions cut), "

@@ -9,7 +9,6 @@ data steward can fix the record without guessing.
 from __future__ import annotations
 
 import base64
-import errno
 import gzip
 import hashlib
 import json
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+
+from privatune.common.config import os_reason
 
 FORMATS = ("auto", "jsonl", "fhir")
 
@@ -122,14 +123,7 @@ def _check_exists(path: Path) -> None:
         dangling = " (a symbolic link to nothing)" if path.is_symlink() else ""
         raise DataError(f"{path}: no such file or directory{dangling}") from err
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({_os_reason(err)})") from err
-
-
-def _os_reason(err: OSError) -> str:
-    if err.errno == errno.ELOOP:
-        return ("a symbolic link loop: following its links leads back to a link already "
-                "followed (ELOOP); point the path at the real file")
-    return err.strerror or str(err)
+        raise DataError(f"{path}: cannot read ({os_reason(err)})") from err
 
 
 def _detect_format(path: Path) -> str:
@@ -172,7 +166,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: not a valid gzip file ({err or 'truncated'}){after}; "
                         "re-download or re-compress it") from err
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({_os_reason(err)})") from err
+        raise DataError(f"{path}: cannot read ({os_reason(err)})") from err
 
 
 def _load_jsonl(path: Path) -> list[Record]:

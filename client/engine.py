@@ -16,21 +16,22 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from privatune.common.hardware import Hardware
-from privatune.common.lora import LoraSettings, attach_lora, load_base_model
+from privatune.common.config import LoraConfig
+from privatune.common.lora import attach_lora, load_base_model
 from privatune.common.process_heap import keep_for_process_lifetime
 
 @dataclass
 class _Loaded:
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
-    lora: LoraSettings
+    lora: LoraConfig
 
 
 _SHARED: dict[tuple[str, str, torch.dtype], _Loaded] = {}
 
 
 def adapter_model(model_dir: Path, hardware: Hardware,
-                  lora: LoraSettings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+                  lora: LoraConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The process's one base model at ``model_dir`` on this hardware, with a LoRA adapter of
     these settings attached (its values are whatever the last request loaded into it).
 

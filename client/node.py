@@ -57,11 +57,13 @@ with importing_libraries():
     from privatune.common.ledger import (ADAPTER_UPDATE, NO_HEAD, NON_PRIVATE,
                                          ROLLBACK_ACKNOWLEDGED, LedgerHead, LedgerWriteError,
                                          SiteLedger, head_problem, mechanism_step)
-    from privatune.common.lora import (LoraSettings, frozen_part, load_lora_state, lora_state,
-                                       train_factors, trained_part, update_hash)
+    from privatune.common.config import LoraConfig
+    from privatune.common.lora import (frozen_part, load_lora_state, lora_state, train_factors,
+                                       trained_part, update_hash)
     from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
                                           run_noise_multiplier)
-    from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+    from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply,
+                                           TrainRequest, requested_lora)
 
 ROLLBACK = "ledger_rollback"  # a decline's release name when the ledger lacks a reported head
 ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"
@@ -230,7 +232,7 @@ class SiteNode:
     def name(self) -> str:
         return self.policy.site.name
 
-    def _model(self, request_lora: LoraSettings):
+    def _model(self, request_lora: LoraConfig):
         """The process's shared base model on this site's hardware, with the adapter attached."""
         return adapter_model(self.policy.model_dir, self.hardware, request_lora)
 
@@ -364,7 +366,7 @@ class SiteNode:
         reason = plan.reason or frozen.reason or self._space_problem(global_state)
         if reason:
             return self._record_decline(request.run_id, request.round, reason)
-        model, tokenizer = self._model(LoraSettings.from_request(request))
+        model, tokenizer = self._model(requested_lora(request))
         reason = self._load_problem(model, global_state, request.max_length)
         if reason:
             return self._record_decline(request.run_id, request.round, reason)
@@ -603,7 +605,7 @@ class SiteNode:
 
     def _evaluate(self, request: EvaluateRequest,
                   global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
-        model, tokenizer = self._model(LoraSettings.from_request(request))
+        model, tokenizer = self._model(requested_lora(request))
         reason = self._load_problem(model, global_state, request.max_length)
         if reason:
             return self._decline_evaluation(request, reason)

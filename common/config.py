@@ -79,10 +79,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
+    """Shape of the LoRA adapter: rank, scaling (alpha / r) and which linear layers get one;
+    the job's ``lora`` section, and the one type every module passes (common/lora.py)."""
+
     r: int = field(default=8, metadata=bounded(1, 256))
     alpha: int = field(default=16, metadata=bounded(1, 1024))
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                        "gate_proj", "up_proj", "down_proj")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
 
 
 @dataclass(frozen=True)
@@ -271,7 +282,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({_os_reason(err)})") from err
+        raise ConfigError(f"{path}: cannot read config file ({os_reason(err)})") from err
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -293,7 +304,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, lines
 
 
-def _os_reason(err: OSError) -> str:
+def os_reason(err: OSError) -> str:
     """Why a path could not be read, in words; a symbolic link loop is said to be one."""
     if err.errno == errno.ELOOP:
         return ("a symbolic link loop: following its links leads back to a link already "
@@ -373,7 +384,10 @@ def _build(cls: type[T], data: Any, where: _Where, prefix: str) -> T:
             continue
         key = prefix + name
         values[name] = _convert(hints[name], data[name], fld.metadata, where, key)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as err:  # a rule over several keys, checked by the type itself
+        raise ConfigError(f"{where(prefix.rstrip('.') or '<top>')}: {err}") from None
 
 
 def _convert(hint: Any, value: Any, meta: Mapping[str, Any], where: _Where, key: str) -> Any:

@@ -13,13 +13,12 @@ import math
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import (
@@ -30,53 +29,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from privatune.common.config import AGGREGATIONS
+from privatune.common.config import AGGREGATIONS, LoraConfig
 from privatune.common.hardware import attention_implementation
-
-if TYPE_CHECKING:
-    from privatune.common.config import JobConfig
-    from privatune.common.protocol import EvaluateRequest, TrainRequest
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _LORA_FACTORS = ("lora_A", "lora_B")
 ALL_LINEAR = "all-linear"
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """Shape of the LoRA adapter: rank, scaling (alpha / r) and which linear layers get one."""
-
-    r: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
-
-    def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"LoraSettings.r must be positive, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoraSettings.alpha must be positive, got {self.alpha}")
-        if not self.target_modules:
-            raise ValueError("LoraSettings.target_modules must name at least one module")
-
-    @classmethod
-    def from_job(cls, job: JobConfig) -> LoraSettings:
-        """The adapter a job trains (its ``lora`` section)."""
-        return cls(r=job.lora.r, alpha=job.lora.alpha, target_modules=tuple(job.lora.target_modules))
-
-    @classmethod
-    def from_request(cls, request: TrainRequest | EvaluateRequest) -> LoraSettings:
-        """The adapter a node is asked to train or evaluate (the request's ``lora_*`` fields)."""
-        return cls(r=request.lora_r, alpha=request.lora_alpha,
-                   target_modules=tuple(request.lora_targets.split(",")))
 
 
 def load_base_model(model_dir: str | Path, device: torch.device | str = "cpu",
@@ -121,7 +80,7 @@ def load_base_model(model_dir: str | Path, device: torch.device | str = "cpu",
     return model, tokenizer
 
 
-def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+def attach_lora(model: PreTrainedModel, settings: LoraConfig) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter; only the LoRA factors stay trainable.
 
     Dropout is always 0: DP-SGD's accounting assumes each example's gradient is a fixed
@@ -129,7 +88,7 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     Note that PEFT injects the adapter layers into `model` itself.
     """
     targets = settings.target_modules
-    config = LoraConfig(
+    config = PeftLoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         # PEFT resolves "all-linear" to every linear layer but the output head
@@ -155,7 +114,7 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     return peft_model
 
 
-def initial_adapter(model_dir: str | Path, settings: LoraSettings, seed: int) -> PeftModel:
+def initial_adapter(model_dir: str | Path, settings: LoraConfig, seed: int) -> PeftModel:
     """The run's starting adapter: identical for everyone who uses the same seed.
 
     LoRA's A factors are initialised randomly (B is zero); seeding a private generator
@@ -165,7 +124,7 @@ def initial_adapter(model_dir: str | Path, settings: LoraSettings, seed: int) ->
     return attach_seeded_lora(base_model, settings, seed)
 
 
-def attach_seeded_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:
+def attach_seeded_lora(model: PreTrainedModel, settings: LoraConfig, seed: int) -> PeftModel:
     """``attach_lora`` with the run's seeded initialisation (see ``initial_adapter``): each
     lora_A drawn as PEFT draws it (Kaiming-uniform) from a float32 generator seeded with
     ``seed``, in model order, and B zero, so the start is the same whatever the base weights'

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from privatune.common.config import JobConfig
+from privatune.common.config import JobConfig, LoraConfig
 
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -92,7 +92,7 @@ class TrainRequest(_Request):
     max_length: int
     lora_r: int
     lora_alpha: int
-    lora_targets: str  # comma-separated module names (LoraSettings.from_request reads them)
+    lora_targets: str  # comma-separated module names (requested_lora reads them)
     # federation.aggregation: which LoRA factors the node trains and sends (lora.trained_factors)
     aggregation: str = "fedavg"
     # physical micro-batch limit (0: none); the node takes the smaller of this and its policy's
@@ -213,6 +213,12 @@ class EvaluateReply(_Reply):
     repeat_4gram: float | None = _metric(None)
     ledger_seq: int = _metric(-1)  # the site's ledger head after its entry for this reply
     ledger_hash: str = _status("")
+
+
+def requested_lora(request: TrainRequest | EvaluateRequest) -> LoraConfig:
+    """The adapter a node is asked to train or evaluate (the request's ``lora_*`` fields)."""
+    return LoraConfig(r=request.lora_r, alpha=request.lora_alpha,
+                      target_modules=tuple(request.lora_targets.split(",")))
 
 
 def _lora_fields(job: JobConfig) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from privatune.common.clinical_metrics import ClinicalScores
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import NO_HEAD, LedgerHead
-from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model, load_lora_state,
-                                   lora_state, read_adapter_state, save_adapter, trained_part,
-                                   update_hash, with_update)
+from privatune.common.lora import (attach_seeded_lora, load_base_model, load_lora_state, lora_state,
+                                   read_adapter_state, save_adapter, trained_part, update_hash,
+                                   with_update)
 from privatune.common.process_heap import keep_for_process_lifetime
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        evaluate_request, train_request)
@@ -288,7 +288,7 @@ class Coordinator:
         self.settings, self.transport, self.progress = settings, transport, progress
         job = settings.job
         resume_from = checkpoint_to_resume(settings)  # before any model is loaded
-        self.lora = LoraSettings.from_job(job)
+        self.lora = job.lora
         hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
         base, tokenizer = load_base_model(settings.model_dir, hardware.device, hardware.dtype)
         self.model = attach_seeded_lora(base, self.lora, job.seed)

@@ -148,7 +148,8 @@ def _build(job: Job):
     from privatune.client.lora_grad_sampler import LoraPrivacyEngine, stock_opacus
     from privatune.common.examples import per_example_loss
     from privatune.common.hardware import attention_implementation
-    from privatune.common.lora import LoraSettings, attach_lora
+    from privatune.common.config import LoraConfig
+    from privatune.common.lora import attach_lora
 
     hf_logging.set_verbosity_error()
     shape = job.shape
@@ -164,7 +165,7 @@ def _build(job: Job):
     with torch.device(job.device):
         base = AutoModelForCausalLM.from_config(
             config, dtype=dtype, **({"attn_implementation": attention} if attention else {}))
-    model = attach_lora(base, LoraSettings(r=shape.lora_r, alpha=2 * shape.lora_r))
+    model = attach_lora(base, LoraConfig(r=shape.lora_r, alpha=2 * shape.lora_r))
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     facts = {"params": sum(p.numel() for p in model.parameters()),

@@ -28,7 +28,8 @@ import torch
 
 from privatune.common.config import ConfigError, JobConfig, load_job_config, to_dict
 from privatune.common.examples import encode_pairs
-from privatune.common.lora import LoraSettings, initial_adapter, load_base_model, load_lora_state
+from privatune.common.config import LoraConfig
+from privatune.common.lora import initial_adapter, load_base_model, load_lora_state
 from privatune.simulations.audit_federation import NO_CLIPPING, Progress, train_federation
 from privatune.simulations.audit_report import epsilon_text, write_audit_report
 from privatune.simulations.audit_sites import (
@@ -155,7 +156,7 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
     candidate_secrets = sample_candidates(candidates, [c.secret for c in canaries], job.seed)
     with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
         warnings.simplefilter("ignore", FutureWarning)
-        template = initial_adapter(model_dir, LoraSettings(r=job.lora.r, alpha=job.lora.alpha,
+        template = initial_adapter(model_dir, LoraConfig(r=job.lora.r, alpha=job.lora.alpha,
                                                            target_modules=job.lora.target_modules),
                                    job.seed)
 

@@ -33,7 +33,7 @@ from privatune.client.policy import load_site_policy
 from privatune.common.model_source import resolve_base_model
 from privatune.common.config import ConfigError, JobConfig, SimulationConfig, load_job_config
 from privatune.common.generation import GenerationScores
-from privatune.common.lora import LoraSettings, initial_adapter, lora_state, with_update
+from privatune.common.lora import initial_adapter, lora_state, with_update
 from privatune.common.process_heap import keep_for_process_lifetime
 from privatune.common.protocol import evaluate_request, train_request
 from privatune.server.app import make_server_app
@@ -90,7 +90,7 @@ def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_di
     """
     policy = load_site_policy(policy_path)
     node = SiteNode(replace(policy, site=replace(policy.site, state_dir=str(scratch.resolve()))))
-    state = lora_state(initial_adapter(model_dir, LoraSettings.from_job(job), job.seed))
+    state = lora_state(initial_adapter(model_dir, job.lora, job.seed))
     for round_number in range(1, job.federation.rounds + 1):
         outcome = node.train(train_request(job, run_id, round_number), state)
         if not outcome.reply.accepted:

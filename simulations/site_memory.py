@@ -89,8 +89,8 @@ def _serve(policies: list[Path], local_steps: int, conn) -> None:
         from privatune.client.node import SiteNode
         from privatune.client.policy import load_site_policy
         from privatune.common.config import FederationConfig, JobConfig, TrainingConfig
-        from privatune.common.lora import LoraSettings, lora_state
-        from privatune.common.protocol import evaluate_request, train_request
+        from privatune.common.lora import lora_state
+        from privatune.common.protocol import evaluate_request, requested_lora, train_request
 
         start = _vm_mib("VmRSS")
         job = JobConfig(training=TrainingConfig(local_steps=local_steps, batch_size=8),
@@ -101,7 +101,7 @@ def _serve(policies: list[Path], local_steps: int, conn) -> None:
             node = SiteNode(load_site_policy(path))
             if state is None:  # the initial adapter, taken from the shared model itself
                 model, _ = adapter_model(node.policy.model_dir, node.hardware,
-                                         LoraSettings.from_request(request))
+                                         requested_lora(request))
                 state = {n: t.clone() for n, t in lora_state(model).items()}
                 weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                               if "lora_" not in n)

@@ -335,14 +335,13 @@ def pooled_measurement(job: JobConfig, data: SeedData) -> Measurement:
     from privatune.common.model_source import resolve_base_model
     from privatune.common.examples import encode_pairs
     from privatune.common.hardware import resolve_hardware
-    from privatune.common.lora import (LoraSettings, attach_seeded_lora, load_base_model,
-                                       lora_state, train_factors)
+    from privatune.common.lora import attach_seeded_lora, load_base_model, lora_state, train_factors
     from privatune.server.evaluation import CentralEvaluator
 
     model_dir = resolve_base_model(job.model, job.seed)
     hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
     base, tokenizer = load_base_model(model_dir, hardware.device, hardware.dtype)
-    model = attach_seeded_lora(base, LoraSettings.from_job(job), job.seed)
+    model = attach_seeded_lora(base, job.lora, job.seed)
     train_factors(model, job.federation.aggregation)
     units = privacy_units(load_records(data.train, "jsonl"), job.privacy.unit, job.loss_marker)
     dataset = encode_pairs(tokenizer, units, job.model.max_length)

@@ -51,6 +51,12 @@ def test_out_of_range_value(tmp_path):
         load_job_config(path)
 
 
+def test_a_rule_the_type_checks_itself_names_file_line_and_section(tmp_path):
+    path = write(tmp_path, "seed: 1\nlora:\n  r: 4\n  target_modules: []\n")
+    with pytest.raises(ConfigError, match=r"line 2: lora: lora.target_modules must name at least one"):
+        load_job_config(path)
+
+
 @pytest.mark.parametrize("delta", ["1", "1.0", "2.5"])
 def test_delta_of_one_or_more_is_refused_naming_file_line_and_key(tmp_path, delta):
     """At delta = 1 a mechanism promises nothing: the job stops at its config, not at every

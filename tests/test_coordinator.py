@@ -21,11 +21,11 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from privatune.common.config import FederationConfig, JobConfig, LoraConfig, TrainingConfig
-from privatune.common.lora import (LoraSettings, frozen_part, load_adapter, load_base_model,
-                                   lora_state, merged_model, trained_part)
+from privatune.common.lora import (frozen_part, load_adapter, load_base_model, lora_state,
+                                   merged_model, trained_part)
 from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, EvaluateReply,
                                        EvaluateRequest, TrainReply, TrainRequest, evaluate_request,
-                                       train_request)
+                                       requested_lora, train_request)
 from privatune.server.app import FlowerTransport
 from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings,
                                           EvaluateResult, SiteTally, TrainResult, latest_checkpoint)
@@ -189,7 +189,7 @@ def test_global_adapter_is_the_example_weighted_average(tmp_path, tiny_model_dir
     assert report.rounds[0].training is None and report.rounds[0].epsilon is None
     # the request carried the job's plan and LoRA shape
     request = transport.train_requests[0]
-    assert request.round == 1 and LoraSettings.from_request(request) == LoraSettings.from_job(coord.settings.job)
+    assert request.round == 1 and requested_lora(request) == coord.settings.job.lora
     # federated perplexity is example-weighted over the sites (10 examples each here)
     assert first.evaluation.federated_perplexity == pytest.approx(math.exp(3.0))
     alpha = report.sites["alpha"]

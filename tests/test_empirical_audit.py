@@ -14,7 +14,8 @@ from privatune.client.data import Record, load_records, split_records
 from privatune.client.trainer import DPRoundResult
 from privatune.common.privacy import poisson_sample_rate
 from privatune.common.config import load_job_config
-from privatune.common.lora import LoraSettings, initial_adapter
+from privatune.common.config import LoraConfig
+from privatune.common.lora import initial_adapter
 from privatune.simulations import audit_federation
 from privatune.simulations.audit_federation import train_federation
 from privatune.simulations.audit_sites import AuditSite, SiteSplit
@@ -200,7 +201,7 @@ def test_each_site_draws_its_own_noise_seed_every_round(tmp_path, tiny_model_dir
     one site in two rounds."""
     (tmp_path / "job.yaml").write_text(JOB)
     job = load_job_config(tmp_path / "job.yaml")
-    template = initial_adapter(tiny_model_dir, LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj")),
+    template = initial_adapter(tiny_model_dir, LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")),
                                job.seed)
     units = [("", f"note {i}") for i in range(40)]
     sites = [SiteSplit(name, units, [], units, train=torch.utils.data.TensorDataset(torch.zeros(40)))

@@ -12,10 +12,11 @@ from privatune.client.policy import load_site_policy
 from privatune.common import hardware as hardware_module
 from privatune.common.config import ConfigError
 from privatune.common.hardware import attention_implementation, resolve_hardware
-from privatune.common.lora import LoraSettings, initial_adapter, load_base_model, lora_state
+from privatune.common.config import LoraConfig
+from privatune.common.lora import initial_adapter, load_base_model, lora_state
 from privatune.common.protocol import TrainRequest
 
-LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
 @pytest.mark.parametrize("native_bfloat16", [True, False])
@@ -77,7 +78,7 @@ def test_one_base_model_per_process_whatever_the_lora_settings(tiny_model_dir):
     weights = first.get_base_model().model.embed_tokens.weight
     again, _ = adapter_model(tiny_model_dir, hardware, LORA)
     assert again is first
-    other, _ = adapter_model(tiny_model_dir, hardware, LoraSettings(r=4, alpha=8,
+    other, _ = adapter_model(tiny_model_dir, hardware, LoraConfig(r=4, alpha=8,
                                                                      target_modules=("q_proj",)))
     assert other.get_base_model().model.embed_tokens.weight is weights  # same base weights
     assert {t.shape for n, t in lora_state(other).items() if "lora_A" in n} == {(4, 32)}

@@ -16,14 +16,14 @@ from privatune.common.generation import (NO_MARKER, NOTHING_AFTER, NOTHING_BEFOR
                                          generate_completions, generation_tasks, is_generation_round,
                                          judged_pairs, score_completions, split_at_marker)
 from privatune.common.ledger import NON_PRIVATE, SiteLedger
-from privatune.common.lora import (LoraSettings, attach_seeded_lora, initial_adapter, load_base_model,
-                                   lora_state)
+from privatune.common.config import LoraConfig
+from privatune.common.lora import attach_seeded_lora, initial_adapter, load_base_model, lora_state
 from privatune.common.protocol import EvaluateReply, EvaluateRequest
 from privatune.server.coordinator import site_generation_scores
 
 NOTE = ("Subjective: 70-year-old with cough.\nObjective: T 38.9 C, HR 104.\n"
         "Assessment: 1. Pneumonia.\nPlan: start antibiotics.")
-LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
 # ------------------------------------------------------------------------------ the task

@@ -11,7 +11,8 @@ import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -21,7 +22,8 @@ from privatune.client.lora_grad_sampler import (FlatLayout, LoraDPOptimizer, Lor
                                                 LoraPrivacyEngine, UnsupportedLoraError,
                                                 lora_engine_enabled, stock_opacus)
 from privatune.common.examples import IGNORE_INDEX, per_example_loss
-from privatune.common.lora import LoraSettings, attach_lora
+from privatune.common.config import LoraConfig
+from privatune.common.lora import attach_lora
 
 VOCAB, BATCH, LENGTH = 64, 4, 12
 LENGTHS = [12, 7, 12, 4]  # real tokens per example; the rest is padding
@@ -41,10 +43,10 @@ def llama(dtype: torch.dtype = torch.float32, dropout: float = 0.0,
                          pad_token_id=0)
     base = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     if dropout:
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                target_modules=list(LoraSettings().target_modules)))
+        model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                target_modules=list(LoraConfig().target_modules)))
     else:
-        model = attach_lora(base, LoraSettings(r=4, alpha=8))  # the project's own LoRA (dropout 0)
+        model = attach_lora(base, LoraConfig(r=4, alpha=8))  # the project's own LoRA (dropout 0)
     return _nonzero_b(model)
 
 
@@ -53,7 +55,7 @@ def gpt2(device: torch.device | str = "cpu"):
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # deterministic
-    model = get_peft_model(GPT2LMHeadModel(config).to(device), LoraConfig(
+    model = get_peft_model(GPT2LMHeadModel(config).to(device), PeftLoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
         target_modules=["c_attn", "c_proj", "c_fc"]))
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
@@ -228,7 +230,7 @@ def test_bfloat16_lora_layers_match_stock_opacus_to_float32_precision(frozen_a):
     """Also with lora_A frozen (ffa), in both hook orders: B's per-sample gradients alone."""
     def build():
         torch.manual_seed(0)
-        model = _nonzero_b(get_peft_model(TwoLayers().to(torch.bfloat16), LoraConfig(
+        model = _nonzero_b(get_peft_model(TwoLayers().to(torch.bfloat16), PeftLoraConfig(
             r=4, lora_alpha=8, target_modules=["first", "second"])))
         return freeze_a(model) if frozen_a else model
 
@@ -267,7 +269,7 @@ def test_a_lora_layer_used_twice_sums_both_uses_per_example(flat):
     over its uses, as one example at a time gives it."""
     def build():
         torch.manual_seed(0)
-        return _nonzero_b(get_peft_model(SharedLayer(), LoraConfig(
+        return _nonzero_b(get_peft_model(SharedLayer(), PeftLoraConfig(
             r=4, lora_alpha=8, target_modules=["shared", "head"])))
 
     x, target = torch.randn(BATCH, LENGTH, 16), torch.randn(BATCH, LENGTH, 8)
@@ -296,7 +298,7 @@ def _two_layer_grad_samples(dtype: torch.dtype, loss_scale: float,
     """Per-sample gradients of a loss far below float16's normal range (gradients ~1e-9),
     backward on ``loss * loss_scale`` with the engine told the scale."""
     torch.manual_seed(0)
-    model = _nonzero_b(get_peft_model(TwoLayers().to(device=device, dtype=dtype), LoraConfig(
+    model = _nonzero_b(get_peft_model(TwoLayers().to(device=device, dtype=dtype), PeftLoraConfig(
         r=4, lora_alpha=8, target_modules=["first", "second"])))
     torch.manual_seed(1)
     x, target = (torch.randn(BATCH, LENGTH, n).to(device) for n in (24, 16))
@@ -440,23 +442,23 @@ def test_scale_grad_is_stock_opacus_arithmetic():
 def unsupported_models():
     def dora():
         torch.manual_seed(0)
-        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), LoraConfig(
+        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), PeftLoraConfig(
             r=4, target_modules=["q_proj"], use_dora=True))
 
     def two_active_adapters():
         model = llama()
-        model.add_adapter("other", LoraConfig(r=4, target_modules=list(LoraSettings().target_modules)))
+        model.add_adapter("other", PeftLoraConfig(r=4, target_modules=list(LoraConfig().target_modules)))
         model.base_model.set_adapter(["default", "other"])
         return model
 
     def lora_bias():
         torch.manual_seed(0)
-        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), LoraConfig(
+        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), PeftLoraConfig(
             r=4, target_modules=["q_proj"], lora_bias=True))
 
     def lora_on_embedding():
         torch.manual_seed(0)
-        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), LoraConfig(
+        return get_peft_model(LlamaForCausalLM(llama().base_model.model.config), PeftLoraConfig(
             r=4, target_modules=["embed_tokens", "q_proj"]))
 
     def trainable_base_weight():

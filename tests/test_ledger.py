@@ -250,19 +250,20 @@ def test_node_does_not_send_an_update_its_ledger_could_not_record(make_site, tin
                                                                   tmp_path):
     from privatune.client.node import SiteNode
     from privatune.client.policy import load_site_policy
-    from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+    from privatune.common.config import LoraConfig
+    from privatune.common.lora import initial_adapter, lora_state
     from privatune.common.protocol import TrainRequest
 
     policy_path = make_site()
     ledger_path = load_site_policy(policy_path).ledger_path
-    lora = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    lora = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
     rounds = [TrainRequest(run_id="run-1", round=r, planned_rounds=2, local_steps=2, batch_size=8,
                            learning_rate=0.02, max_grad_norm=1.0, max_length=48, lora_r=2,
                            lora_alpha=4, lora_targets="q_proj,v_proj") for r in (1, 2)]
     setup = (
         "from privatune.client.node import SiteNode\n"
         "from privatune.client.policy import load_site_policy\n"
-        "from privatune.common.lora import LoraSettings, initial_adapter, lora_state\n"
+        "from privatune.common.lora import LoraConfig, initial_adapter, lora_state\n"
         "from privatune.common.protocol import TrainRequest\n"
         f"node = SiteNode(load_site_policy({str(policy_path)!r}))\n"
         f"state = lora_state(initial_adapter({str(tiny_model_dir)!r}, {lora!r}, seed=0))\n"

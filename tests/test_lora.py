@@ -12,26 +12,13 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, ViTConfig
 
-from privatune.common.lora import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    LoraSettings,
-    arrayrecord_to_state,
-    attach_lora,
-    attach_seeded_lora,
-    initial_adapter,
-    load_adapter,
-    load_base_model,
-    load_lora_state,
-    lora_state,
-    save_adapter,
-    state_to_arrayrecord,
-    train_factors,
-    trained_part,
-    with_update,
-)
+from privatune.common.config import LoraConfig
+from privatune.common.lora import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, arrayrecord_to_state,
+                                   attach_lora, attach_seeded_lora, initial_adapter, load_adapter,
+                                   load_base_model, load_lora_state, lora_state, save_adapter,
+                                   state_to_arrayrecord, train_factors, trained_part, with_update)
 
-SETTINGS = LoraSettings(r=4, alpha=8)
+SETTINGS = LoraConfig(r=4, alpha=8)
 TEXTS = ["The patient list is empty.", "Return the value of the key.", "Open a new file for writing."]
 
 
@@ -260,20 +247,20 @@ def test_initial_adapter_is_the_same_whatever_the_base_precision(model_dir: Path
 
 def test_settings_are_validated(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="r must be positive"):
-        LoraSettings(r=0)
+        LoraConfig(r=0)
     with pytest.raises(ValueError, match="target_modules"):
-        LoraSettings(target_modules=())
+        LoraConfig(target_modules=())
     with pytest.raises(ValueError, match="c_attn"):
-        attach_lora(load_base_model(model_dir)[0], LoraSettings(target_modules=("c_attn",)))
+        attach_lora(load_base_model(model_dir)[0], LoraConfig(target_modules=("c_attn",)))
 
 
 def test_one_settings_type_from_the_job_and_back_from_requests() -> None:
     from privatune.common.config import JobConfig, LoraConfig
-    from privatune.common.protocol import EvaluateRequest, TrainRequest, evaluate_request, train_request
+    from privatune.common.protocol import (EvaluateRequest, TrainRequest, evaluate_request,
+                                           requested_lora, train_request)
 
-    job = JobConfig(lora=LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
-    settings = LoraSettings.from_job(job)
-    assert settings == LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    settings = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    job = JobConfig(lora=settings)
     train = TrainRequest.from_record(train_request(job, "run", 1).to_record())
     evaluate = EvaluateRequest.from_record(evaluate_request(job, "run", 1).to_record())
-    assert LoraSettings.from_request(train) == LoraSettings.from_request(evaluate) == settings
+    assert requested_lora(train) == requested_lora(evaluate) == settings

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from privatune.common import model_source
 from privatune.common.base_model import BUILD_INFO_FILE
 from privatune.common.config import ConfigError, ModelConfig
-from privatune.common.lora import LoraSettings, attach_lora, load_adapter, load_base_model
+from privatune.common.config import LoraConfig
+from privatune.common.lora import attach_lora, load_adapter, load_base_model
 from privatune.common.model_source import file_sha256, is_gguf_source, resolve_base_model
 from privatune.server.coordinator import Coordinator, CoordinatorSettings
 from privatune.server.export import export_merged
@@ -180,7 +181,7 @@ def test_the_second_call_uses_the_cache(gguf_file, tmp_path, monkeypatch):
 
 def test_lora_finds_q_proj_and_v_proj(gguf_model_dir):
     model, tokenizer = load_base_model(gguf_model_dir)
-    peft_model = attach_lora(model, LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
+    peft_model = attach_lora(model, LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
     trainable = sorted(name for name, p in peft_model.named_parameters() if p.requires_grad)
     assert len(trainable) == 2 * 2 * 2  # layers x modules x (A, B)
     assert all(("q_proj" in name or "v_proj" in name) and "lora_" in name for name in trainable)

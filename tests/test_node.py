@@ -12,11 +12,12 @@ from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_d
 from privatune.common.config import ConfigError
 from privatune.common.examples import encode_pairs
 from privatune.common.ledger import SiteLedger
-from privatune.common.lora import (LoraSettings, attach_lora, frozen_part, initial_adapter,
-                                   load_base_model, lora_state, update_hash, with_update)
+from privatune.common.config import LoraConfig
+from privatune.common.lora import (attach_lora, frozen_part, initial_adapter, load_base_model,
+                                   lora_state, update_hash, with_update)
 from privatune.common.privacy import independent_rdp_epsilon, pld_epsilon, poisson_sample_rate
 
-LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
 def request(round_number=1, planned=2, steps=3, run="run-1", aggregation="fedavg"):

@@ -17,7 +17,8 @@ from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.config import ConfigError, load_job_config
 from privatune.common.ledger import SiteLedger
-from privatune.common.lora import LoraSettings, initial_adapter, load_adapter, lora_state
+from privatune.common.config import LoraConfig
+from privatune.common.lora import initial_adapter, load_adapter, lora_state
 from privatune.common.plan import plan_site
 from privatune.server.report import RunReport
 from privatune.simulations.runner import (_start_baseline_worker, baseline_start_method,
@@ -59,7 +60,7 @@ def simulated_run(tmp_path_factory, tiny_model_dir):
 
 def test_global_adapter_changed_and_is_loadable(simulated_run, tiny_model_dir):
     job, root, _, _ = simulated_run
-    lora = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    lora = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
     start = lora_state(initial_adapter(tiny_model_dir, lora, job.seed))
     final = lora_state(load_adapter(tiny_model_dir, root / "run" / "adapter"))
     assert set(final) == set(start)

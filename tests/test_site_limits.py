@@ -19,13 +19,14 @@ from privatune.client.policy import load_site_policy
 from privatune.common.config import (ConfigError, EvaluationConfig, FederationConfig, JobConfig,
                                      LoraConfig, ModelConfig, TrainingConfig, load_job_config)
 from privatune.common.ledger import SiteLedger
-from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+from privatune.common.config import LoraConfig
+from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.privacy import calibrate_noise_multiplier
 from privatune.common.protocol import EvaluateRequest, TrainRequest
 from privatune.server.coordinator import Coordinator, CoordinatorSettings, EvaluateResult, TrainResult
 from privatune.server.report import RunReport, render_markdown
 
-LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
 def request(round_number: int = 1, planned: int = 2, run: str = "run-1", **changes) -> TrainRequest:

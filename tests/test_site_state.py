@@ -25,10 +25,11 @@ from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.audit import audit_ledger
 from privatune.common.ledger import SiteLedger
-from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+from privatune.common.config import LoraConfig
+from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.protocol import EvaluateRequest, TrainReply, TrainRequest
 
-LORA = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
 
 def request(round_number: int = 1, planned: int = 2, run: str = "run-1",
@@ -160,11 +161,12 @@ import json, sys, time
 from pathlib import Path
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.common.lora import LoraSettings, initial_adapter, lora_state
+from privatune.common.config import LoraConfig
+from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.protocol import TrainRequest
 
 policy, model, run, go = sys.argv[1:5]
-lora = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+lora = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 state = lora_state(initial_adapter(Path(model), lora, seed=0))
 node = SiteNode(load_site_policy(policy))
 node._model(lora)  # the base model loaded before the start signal: both reach the check at once
