@@ -21,8 +21,10 @@ import torch
 
 from privatune.client.data import load_records, split_records
 from privatune.client.node import privacy_units
+from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.examples import encode_pairs, evaluate_loss, per_example_loss
 from privatune.common.generation import evaluate_generation, generation_tasks
+from privatune.common.privacy import PRV, calibrate_noise_multiplier, poisson_sample_rate
 from privatune.common.config import LoraConfig
 from privatune.common.lora import attach_seeded_lora, load_base_model
 
@@ -47,6 +49,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                        help="LoRA target modules, comma-separated")
+    parser.add_argument("--epsilon", type=float, default=0.0,
+                        help="train with the node's DP-SGD engine at this epsilon over --steps "
+                        "(Poisson rate batch / pooled notes, noise from the PRV accountant) "
+                        "instead of plain SGD; 0: non-private")
+    parser.add_argument("--delta", type=float, default=1e-5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -57,11 +66,13 @@ def main() -> None:
     central = load_records(hospitals / args.central)
     tasks = generation_tasks([(r.prompt, r.completion) for r in central]).tasks[:args.eval_notes]
     base, tokenizer = load_base_model(args.base)
-    model = attach_seeded_lora(base, LoraConfig(args.r, args.alpha), args.seed)
+    model = attach_seeded_lora(base, LoraConfig(args.r, args.alpha, tuple(args.targets.split(","))),
+                               args.seed)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dataset = encode_pairs(tokenizer, privacy_units(train, "record", MARKER), args.max_length)
     held_out = encode_pairs(tokenizer, privacy_units(central, "record", MARKER), args.max_length)
     print(f"{len(dataset)} training notes ({dataset.cut_completions} completions cut), "
-          f"{len(tasks)} central prompts", flush=True)
+          f"{len(tasks)} central prompts, {trained} trained parameters", flush=True)
 
     def evaluate(label: str, seconds: float) -> None:
         loss, _ = evaluate_loss(model, held_out, 16)
@@ -77,6 +88,21 @@ def main() -> None:
         print(f"  e.g. {samples[0].completion[:160]!r}", flush=True)
 
     evaluate("base", 0.0)
+    if args.epsilon > 0:
+        rate = poisson_sample_rate(len(dataset), args.batch)
+        noise = calibrate_noise_multiplier(args.epsilon, args.delta, rate, args.steps, accountant=PRV)
+        print(f"DP-SGD: epsilon {args.epsilon:g}, delta {args.delta:g}, rate {rate:.4f}, "
+              f"{args.steps} steps, noise multiplier {noise:.3f}; noise norm on the mean "
+              f"gradient {noise * math.sqrt(trained) / args.batch:.2f} against a clipped "
+              "signal of at most 1", flush=True)
+        started = time.monotonic()
+        result = train_dp_round(model, dataset, DPTrainSettings(
+            noise_multiplier=noise, max_grad_norm=1.0, expected_batch_size=args.batch,
+            steps=args.steps, learning_rate=args.lr, seed=args.seed,
+            max_physical_batch_size=args.micro_batch))
+        print(f"mean train loss {result.mean_loss:.3f}", flush=True)
+        evaluate(f"step {args.steps} (DP)", time.monotonic() - started)
+        return
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     started = time.monotonic()

@@ -1,7 +1,7 @@
 """Step time and peak memory of LoRA fine-tuning: non-private, DP with the LoRA engine, DP with
 stock Opacus, side by side.
 
-    python -m privatune.simulations.benchmark --shapes demo,40m,190m --steps 9 --out bench.json
+    python benchmarks/dp_engine.py --shapes demo,40m,190m --steps 9 --out bench.json
 
 Each variant runs in its own worker process. On the CPU the workers take their steps in turns,
 one step each in a rotating order, so that a slow patch of a shared machine hits every variant
@@ -423,7 +423,7 @@ def _environment(device: str, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m privatune.simulations.benchmark",
+        prog="python benchmarks/dp_engine.py",
         description="Non-private vs DP (LoRA engine) vs DP (stock Opacus) LoRA step time and "
                     "peak memory, interleaved, one worker process per variant.")
     parser.add_argument("--shapes", default=None,

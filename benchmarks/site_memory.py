@@ -1,6 +1,6 @@
 """Peak memory of one process serving many simulated hospitals: one base model, not one per site.
 
-    python -m privatune.simulations.site_memory --sites 4,20 --out site_memory.json
+    python benchmarks/site_memory.py --sites 4,20 --out site_memory.json
 
 For each count N a fresh process (as a simulation worker is) builds N ``SiteNode`` objects, each
 with its own notes, policy and ledger, and has every site train one DP round and evaluate the
@@ -51,7 +51,7 @@ class SiteMemory:
 
 
 def _vm_mib(field_name: str) -> float:
-    from privatune.simulations.benchmark import vm_kib
+    from dp_engine import vm_kib  # beside this file
 
     return vm_kib(field_name) / 1024
 
@@ -121,7 +121,7 @@ def _serve(policies: list[Path], local_steps: int, conn) -> None:
 
 def measure(counts: list[int], model_dir: Path, local_steps: int) -> list[SiteMemory]:
     """One fresh process per count, one after another."""
-    from privatune.simulations.benchmark import TIGHT_MALLOC, environment_for_children
+    from dp_engine import TIGHT_MALLOC, environment_for_children  # beside this file
 
     context = multiprocessing.get_context("spawn")
     results: list[SiteMemory] = []
@@ -166,7 +166,7 @@ def format_table(results: list[SiteMemory]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m privatune.simulations.site_memory",
+        prog="python benchmarks/site_memory.py",
         description="Peak RSS of one process serving N simulated hospitals (one DP round each).")
     parser.add_argument("--sites", default="4,20", help="comma-separated site counts (default 4,20)")
     parser.add_argument("--model", default="builtin",
