@@ -190,11 +190,14 @@ def check_frozen_factors(request: TrainRequest, global_state: Mapping[str, torch
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """The node's answer to a train request before training: a decline reason, or the noise."""
+    """The node's answer to a train request before training: a decline reason, or the noise,
+    the step it prices and the site's cumulative epsilon after it (what the ledger records when
+    that step is the one that ran)."""
 
     reason: str
     noise_multiplier: float
     epsilon_after: float
+    step: MechanismStep | None = None
 
 
 @dataclass
@@ -319,7 +322,7 @@ class SiteNode:
             return RoundPlan(f"round {request.round} would raise this run's epsilon to "
                              f"{run_after:.3f}, over the site's per-run budget of "
                              f"{privacy.run_budget:g}", noise, after)
-        return RoundPlan("", noise, after)
+        return RoundPlan("", noise, after, this_round)
 
     @contextmanager
     def _answering(self) -> Iterator[None]:
@@ -394,8 +397,11 @@ class SiteNode:
                 f"{request.max_grad_norm:g}); nothing was released"))
         state = trained_part(lora_state(model), request.aggregation)  # ffa: never A
         privacy = self.policy.privacy
-        epsilon = self.ledger.epsilon(privacy.delta, privacy.accountant_name, then=[
-            MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)])
+        ran = MechanismStep(result.noise_multiplier, result.sample_rate, result.steps)
+        # the plan priced this step against this same ledger (this process answers alone): one
+        # accountant call per round; a step other than the planned one is priced as it ran
+        epsilon = (plan.epsilon_after if ran == plan.step else
+                   self.ledger.epsilon(privacy.delta, privacy.accountant_name, then=[ran]))
         mechanism = {
             "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
             **({"patient_sampling": privacy.patient_sampling} if privacy.unit == "patient" else {}),

@@ -54,6 +54,27 @@ def test_dp_round_changes_lora_and_ledger_recomputes(make_site, tiny_model_dir):
     assert kinds == ["adapter_update", "non_private"]
 
 
+def test_a_round_is_priced_by_one_accountant_call_and_records_what_ran(make_site, tiny_model_dir,
+                                                                       monkeypatch):
+    node = SiteNode(load_site_policy(make_site()))
+    calls = []
+    priced = SiteLedger.epsilon
+
+    def counted(ledger, *args, **kwargs):
+        calls.append(kwargs.get("then"))
+        return priced(ledger, *args, **kwargs)
+
+    monkeypatch.setattr(SiteLedger, "epsilon", counted)
+    outcome = node.train(request(), start_state(tiny_model_dir))
+    assert outcome.reply.accepted
+    assert len([then for then in calls if then]) == 1  # the plan's, reused for the ledger
+    ledger = SiteLedger(node.policy.ledger_path)
+    (ran,) = ledger.mechanism_history()
+    assert ran.steps == 3 and ledger.entries[0]["epsilon"] == outcome.reply.epsilon
+    assert outcome.reply.epsilon == priced(ledger, node.policy.privacy.delta,
+                                           node.policy.privacy.accountant_name)
+
+
 def test_epsilon_accumulates_across_restarts_and_over_budget_round_is_declined(make_site, tiny_model_dir):
     policy_path = make_site(epsilon_cap=3.0)
     state = start_state(tiny_model_dir)
