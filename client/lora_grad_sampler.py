@@ -67,7 +67,8 @@ class UnsupportedLoraError(ValueError):
 _engine_enabled = True  # off inside stock_opacus()
 
 # Autograd adds each per-example copy's gradient into the copy's view of the flat buffer, whose
-# rows hold every LoRA tensor: a layout autograd would not pick for a gradient, and the one meant
+# rows hold every LoRA tensor: a layout autograd would not pick for a gradient, but the one this
+# engine means, so autograd's warning that the layouts differ is silenced here.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
@@ -476,8 +477,10 @@ class LoraPrivacyEngine(PrivacyEngine):
 
     ``make_private`` wraps the model in LoraGradSampleModule and the optimizer in
     LoraDPOptimizer, and gives both one flat layout of the LoRA tensors (in the optimizer's
-    order). Inside ``stock_opacus()``, with another grad_sample_mode or clipping, or with a
-    model already wrapped, it is stock Opacus.
+    order). Inside ``stock_opacus()``, with another grad_sample_mode, or with a model already
+    wrapped, it is stock Opacus. With another clipping (per-layer, adaptive) or a distributed
+    optimizer, the optimizer is Opacus' own and the LoRA module feeds it the stock way: each
+    factor's ``p.grad_sample``.
     """
 
     def make_private(self, **kwargs):

@@ -83,8 +83,9 @@ def load_base_model(model_dir: str | Path, device: torch.device | str = "cpu",
 def attach_lora(model: PreTrainedModel, settings: LoraConfig) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter; only the LoRA factors stay trainable.
 
-    Dropout is always 0: DP-SGD's accounting assumes each example's gradient is a fixed
-    function of the parameters, and it keeps fine-tuning deterministic given the noise.
+    Dropout is always 0: the LoRA per-sample gradient engine (client/lora_grad_sampler.py) is
+    written and tested without it, and training stays deterministic given the noise. (The DP
+    guarantee would not need it: clipping bounds each example's gradient whatever the mask.)
     Note that PEFT injects the adapter layers into `model` itself.
     """
     targets = settings.target_modules
