@@ -61,10 +61,12 @@ class BaseModelSpec:
     layers: int = 4
     heads: int = 4
     intermediate_size: int = 352
-    max_positions: int = 256
+    # RoPE has no learned positions: 1024 lets a site train on whole notes (issue 24); the
+    # pretraining windows stay short because the budget is tokens, not positions
+    max_positions: int = 1024
     pretrain_steps: int = 800
-    pretrain_batch_size: int = 8
-    pretrain_seq_len: int = 128
+    pretrain_batch_size: int = 4
+    pretrain_seq_len: int = 256
     pretrain_learning_rate: float = 3e-3
     corpus_max_bytes: int = 3_000_000
     seed: int = 0
