@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
+from privatune.common.protocol import arrayrecord_to_state, state_to_arrayrecord
 from privatune.common.protocol import ADAPTER_KEY, REQUEST_KEY, EvaluateRequest, TrainRequest
 
 PolicyResolver = Callable[[Context], Path]

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -325,31 +324,6 @@ def update_hash(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(state[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
                       .numpy().tobytes())
     return digest.hexdigest()
-
-
-def state_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Encode LoRA tensors for a Flower message, as float32 (ArrayRecord has no bf16), same order."""
-    return ArrayRecord(torch_state_dict={
-        name: tensor.detach().to(device="cpu", dtype=torch.float32) for name, tensor in state.items()
-    })
-
-
-def arrayrecord_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Decode a Flower ArrayRecord into tensors, same names, order and dtype as sent."""
-    try:
-        return dict(record.to_torch_state_dict())
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"adapter array {_undecodable(record)!r} cannot be decoded: {error}") from error
-
-
-def _undecodable(record: ArrayRecord) -> str:
-    """The name of the first array in ``record`` that does not decode (for error messages)."""
-    for name, array in record.items():
-        try:
-            array.numpy()
-        except (TypeError, ValueError):
-            return name
-    return "?"
 
 
 def _lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:

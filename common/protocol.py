@@ -8,7 +8,8 @@ Each message type has one symmetric codec here, ``to_record`` / ``from_record``:
 is the flat ``REQUEST_KEY`` ConfigRecord; a reply is a RecordDict whose ``STATUS_KEY``
 ConfigRecord holds the fields marked ``_status`` and whose ``METRICS_KEY`` MetricRecord holds
 those marked ``_metric``. A new field is declared once, on its dataclass. The adapter
-(``ADAPTER_KEY``) travels beside them, encoded by ``common.lora``.
+(``ADAPTER_KEY``) travels beside them, encoded at the end of this module (float32 tensors:
+an ArrayRecord holds no bf16).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from privatune.common.config import JobConfig, LoraConfig
 
@@ -247,3 +250,31 @@ def evaluate_request(job: JobConfig, run_id: str, round_number: int,
                            generation=generation, marker=evaluation.marker,
                            max_new_tokens=evaluation.max_new_tokens,
                            max_examples=evaluation.max_examples, loss_marker=job.loss_marker)
+
+
+# ----------------------------------------------------------------------- the adapter codec
+
+
+def state_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Encode LoRA tensors for a Flower message, as float32 (ArrayRecord has no bf16), same order."""
+    return ArrayRecord(torch_state_dict={
+        name: tensor.detach().to(device="cpu", dtype=torch.float32) for name, tensor in state.items()
+    })
+
+
+def arrayrecord_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Decode a Flower ArrayRecord into tensors, same names, order and dtype as sent."""
+    try:
+        return dict(record.to_torch_state_dict())
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"adapter array {_undecodable(record)!r} cannot be decoded: {error}") from error
+
+
+def _undecodable(record: ArrayRecord) -> str:
+    """The name of the first array in ``record`` that does not decode (for error messages)."""
+    for name, array in record.items():
+        try:
+            array.numpy()
+        except (TypeError, ValueError):
+            return name
+    return "?"

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from privatune.common.config import load_job_config
-from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
+from privatune.common.protocol import arrayrecord_to_state, state_to_arrayrecord
 from privatune.common.protocol import (ADAPTER_KEY, EVALUATE, REQUEST_KEY, TRAIN, EvaluateReply,
                                        EvaluateRequest, TrainReply, TrainRequest)
 from privatune.server.coordinator import Coordinator, CoordinatorSettings, EvaluateResult, TrainResult

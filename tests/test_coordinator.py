@@ -551,7 +551,7 @@ def test_each_node_is_sent_its_sites_last_head_and_a_resumed_coordinator_keeps_t
     assert read_run_record(latest_checkpoint(tmp_path / "run")) == record
     assert "| alpha | 6, " in (tmp_path / "out" / "report.md").read_text()
     # the hash the coordinator computes of a received update is the node's, through Flower's codec
-    from privatune.common.lora import arrayrecord_to_state, state_to_arrayrecord
+    from privatune.common.protocol import arrayrecord_to_state, state_to_arrayrecord
     state = random_state(second.global_state, 4)
     assert update_hash(arrayrecord_to_state(state_to_arrayrecord(state))) == update_hash(state)
 

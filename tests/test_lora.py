@@ -13,10 +13,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, ViTConfig
 
 from privatune.common.config import LoraConfig
-from privatune.common.lora import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, arrayrecord_to_state,
-                                   attach_lora, attach_seeded_lora, initial_adapter, load_adapter,
+from privatune.common.lora import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, attach_lora,
+                                   attach_seeded_lora, initial_adapter, load_adapter,
                                    load_base_model, load_lora_state, lora_state, save_adapter,
-                                   state_to_arrayrecord, train_factors, trained_part, with_update)
+                                   train_factors, trained_part, with_update)
+from privatune.common.protocol import arrayrecord_to_state, state_to_arrayrecord
 
 SETTINGS = LoraConfig(r=4, alpha=8)
 TEXTS = ["The patient list is empty.", "Return the value of the key.", "Open a new file for writing."]

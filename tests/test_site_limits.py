@@ -19,7 +19,6 @@ from privatune.client.policy import load_site_policy
 from privatune.common.config import (ConfigError, EvaluationConfig, FederationConfig, JobConfig,
                                      LoraConfig, ModelConfig, TrainingConfig, load_job_config)
 from privatune.common.ledger import SiteLedger
-from privatune.common.config import LoraConfig
 from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.privacy import calibrate_noise_multiplier
 from privatune.common.protocol import EvaluateRequest, TrainRequest
