@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privatune.client.site_state import SiteState
-from privatune.common.config import (ConfigError, accountant_name, bounded, build, choice,
-                                     device_choice, patient_windows, read_yaml)
+from privatune.common.config import (ConfigError, MechanismSettings, bounded, build, choice,
+                                     device_choice, read_yaml)
 from privatune.common.privacy import delta_problem
 from privatune.common.protocol import EvaluateRequest, TrainRequest
 
@@ -40,30 +40,14 @@ class SiteSection:
 
 
 @dataclass(frozen=True)
-class PrivacySection:
-    unit: str = field(default="record", metadata=choice("record", "patient"))
-    # with the patient unit, what a patient is each time they are drawn: a fresh window of their
-    # whole text (all of it gets trained on), or their text cut once at max_length
-    patient_sampling: str = field(default="truncate", metadata=choice("window", "truncate"))
+class PrivacySection(MechanismSettings):
+    """The site's own ``privacy``: its lifetime cap and limits, enforced whatever is asked."""
+
     epsilon_cap: float = field(default=8.0, metadata=bounded(0, 1e4, low_open=True))
-    delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True, high_open=True))
-    min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))
     max_rounds: int = field(default=100, metadata=bounded(1, 1_000_000))
     # the most one run (one coordinator's job) may spend; unset means the lifetime cap
     epsilon_per_run: float | None = field(default=None, metadata=bounded(0, 1e4, low_open=True))
     max_runs: int = field(default=20, metadata=bounded(1, 1_000_000))
-    # prv: Opacus' PRV accountant, the tightest sound bound (less noise for the same epsilon);
-    # rdp: the looser RDP bound
-    accountant: str = field(default="prv", metadata=choice("prv", "rdp"))
-
-    @property
-    def accountant_name(self) -> str:
-        """The accountant's name as the ledger records it (``opacus-prv`` or ``opacus-rdp``)."""
-        return accountant_name(self.accountant)
-
-    @property
-    def patient_windows(self) -> bool:
-        return patient_windows(self.unit, self.patient_sampling)
 
     @property
     def run_budget(self) -> float:

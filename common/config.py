@@ -115,13 +115,16 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    epsilon: float = field(default=8.0, metadata=bounded(0, 1e4, low_open=True))
+class MechanismSettings:
+    """What a job's ``privacy`` section and a site policy's both state, in the same words:
+    the privacy unit, delta, the noise floor and the accountant (one type, one validation)."""
+
     # a mechanism may fail with probability delta: at 1 it promises nothing (each site's node
     # further refuses a delta not below 1 / its number of privacy units)
     delta: float = field(default=1e-5, metadata=bounded(0, 1, low_open=True, high_open=True))
     unit: str = field(default="record", metadata=choice("record", "patient"))
-    # each simulated site's privacy.patient_sampling (client/policy.py): window | truncate
+    # with the patient unit, what a patient is each time they are drawn: a fresh window of their
+    # whole text (all of it gets trained on), or their text cut once at max_length
     patient_sampling: str = field(default="truncate", metadata=choice("window", "truncate"))
     min_noise_multiplier: float = field(default=0.3, metadata=bounded(0, 1e3))
     # prv: Opacus' PRV accountant (tightest sound bound); rdp: the looser RDP bound
@@ -135,6 +138,13 @@ class PrivacyConfig:
     @property
     def patient_windows(self) -> bool:
         return patient_windows(self.unit, self.patient_sampling)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(MechanismSettings):
+    """The job's ``privacy``: each site's budget over the run (a site's policy may cap lower)."""
+
+    epsilon: float = field(default=8.0, metadata=bounded(0, 1e4, low_open=True))
 
 
 @dataclass(frozen=True)

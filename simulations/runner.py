@@ -8,6 +8,7 @@ simulation engine, trains the local-only baseline of every site, and writes the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,8 @@ from privatune.client.data import load_records
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.model_source import resolve_base_model
-from privatune.common.config import ConfigError, JobConfig, SimulationConfig, load_job_config
+from privatune.common.config import (ConfigError, JobConfig, MechanismSettings, SimulationConfig,
+                                     load_job_config)
 from privatune.common.generation import GenerationScores
 from privatune.common.lora import initial_adapter, lora_state, with_update
 from privatune.common.process_heap import keep_for_process_lifetime
@@ -51,11 +53,11 @@ def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, jo
         "site": {"name": name, "data": str(data.resolve()), "format": "fhir",
                  "model": str(model_dir.resolve()), "state_dir": ".",
                  "heldout_fraction": job.data.heldout_fraction, "split_seed": job.seed},
-        "privacy": {"unit": job.privacy.unit, "patient_sampling": job.privacy.patient_sampling,
-                    "epsilon_cap": job.privacy.epsilon,
-                    "delta": job.privacy.delta,
-                    "min_noise_multiplier": job.privacy.min_noise_multiplier,
-                    "max_rounds": job.federation.rounds, "accountant": job.privacy.accountant},
+        # the mechanism's settings as the job states them (one type, MechanismSettings), the
+        # job's budget as the site's cap
+        "privacy": {**{field.name: getattr(job.privacy, field.name)
+                       for field in dataclasses.fields(MechanismSettings)},
+                    "epsilon_cap": job.privacy.epsilon, "max_rounds": job.federation.rounds},
         "release": {"example_count": True, "train_loss": True, "eval_loss": True,
                     "generation_scores": True},
     }
