@@ -49,9 +49,12 @@ def make_hospital_keys(out_dir: Path, name: str, overwrite: bool = False) -> str
 
 def _plan(args: argparse.Namespace) -> int:
     from privatune.common.config import load_job_config
-    from privatune.common.plan import plan_site, plot_plans, render_table
+    from privatune.common.plan import (model_shape, plan_site, plot_plans, render_table,
+                                       trained_lora_parameters)
 
     job = load_job_config(args.config, args.set)
+    shape = model_shape(job.model)
+    trained = trained_lora_parameters(shape, job.lora) if shape else None
     sites = dict(item.split("=", 1) for item in args.site) if args.site else {"site": str(args.records)}
     plans = []
     for name, records in sites.items():
@@ -62,7 +65,8 @@ def _plan(args: argparse.Namespace) -> int:
                                epsilon=None if args.noise_multiplier else job.privacy.epsilon,
                                noise_multiplier=args.noise_multiplier,
                                min_noise_multiplier=job.privacy.min_noise_multiplier,
-                               accountant=job.privacy.accountant_name))
+                               accountant=job.privacy.accountant_name,
+                               trained_parameters=trained))
     print(render_table(plans))
     if args.out:
         plot_plans(plans, Path(args.out) / "plan.png", job.privacy.epsilon)

@@ -8,9 +8,14 @@ what a run then spends.
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from privatune.common.config import LoraConfig, ModelConfig
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (PRV, MechanismStep, accountant_note, delta_problem,
                                       epsilon_of, pld_epsilon, poisson_sample_rate, rdp_epsilon,
@@ -29,12 +34,45 @@ class SitePlan:
     rdp_epsilon_final: float  # the looser RDP bound of the whole plan, beside it
     pld_epsilon_final: float
     warnings: list[str]
+    # the noise each step adds to the mean clipped gradient, as a multiple of the largest
+    # signal that mean can have (sigma * sqrt(trained parameters) / batch); None: unknown shape
+    noise_to_signal: float | None = None
+
+
+# Llama-family projections: (input, output) widths from a Hugging Face config
+def _projection_widths(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    inner = int(config["intermediate_size"])
+    return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+            "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inner),
+            "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+
+
+def trained_lora_parameters(model_config: Mapping[str, Any], lora: LoraConfig) -> int | None:
+    """How many values a LoRA adapter trains on a Llama-family model (its Hugging Face config):
+    r x (input + output) per targeted projection and layer; None for another architecture."""
+    try:
+        widths = _projection_widths(model_config)
+        layers = int(model_config["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not set(lora.target_modules) <= set(widths):
+        return None
+    return layers * sum(lora.r * sum(widths[name]) for name in lora.target_modules)
 
 
 def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds: int,
               delta: float, epsilon: float | None = None, noise_multiplier: float | None = None,
-              min_noise_multiplier: float = 0.0, accountant: str = PRV) -> SitePlan:
-    """Forecast one site; give ``noise_multiplier``, or ``epsilon`` to solve for it."""
+              min_noise_multiplier: float = 0.0, accountant: str = PRV,
+              trained_parameters: int | None = None) -> SitePlan:
+    """Forecast one site; give ``noise_multiplier``, or ``epsilon`` to solve for it.
+
+    With ``trained_parameters``, also the noise a step adds to the mean clipped gradient
+    against the largest signal it can carry: above 1, DP-SGD mostly follows the noise (at 1.75
+    in the README's measurements the model learnt nothing to write; at 0.63 it kept 0.65 of
+    the non-private ROUGE-L), so the plan warns."""
     if records < 1:
         raise ValueError(f"{site}: records must be at least 1")
     sample_rate = poisson_sample_rate(records, batch_size)
@@ -54,21 +92,51 @@ def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds
     if epsilon is not None and per_round[-1] > epsilon * (1 + 1e-9):
         warnings.append(f"{site}: forecast epsilon {per_round[-1]:.3f} exceeds the budget {epsilon:g}; "
                         "the node will decline the last rounds")
+    noise_to_signal = None
+    if trained_parameters:
+        noise_to_signal = noise_multiplier * math.sqrt(trained_parameters) / batch_size
+        if noise_to_signal > 1:
+            warnings.append(
+                f"{site}: each step's noise on the mean gradient is {noise_to_signal:.2f} times "
+                f"the largest clipped signal ({trained_parameters} trained values, expected "
+                f"batch {batch_size}); DP-SGD will mostly follow the noise: raise "
+                "training.batch_size (more records at the site allow it), or train fewer values "
+                "(lora.r, lora.target_modules)")
     return SitePlan(site, records, sample_rate, noise_multiplier, delta, accountant, per_round,
                     rdp_epsilon([step] * rounds, delta), pld_epsilon([step] * rounds, delta),
-                    warnings)
+                    warnings, noise_to_signal)
+
+
+def model_shape(model: ModelConfig) -> dict[str, Any] | None:
+    """The Hugging Face config of the job's base model, without loading it: the builtin
+    model's from its recipe, a local directory's from its config.json; None where unknown
+    (a GGUF file not yet converted)."""
+    if model.base == "builtin":
+        from privatune.common.base_model import BaseModelSpec
+
+        spec = BaseModelSpec()
+        return {"hidden_size": spec.hidden_size, "num_attention_heads": spec.heads,
+                "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.layers}
+    config = Path(model.base) / "config.json"
+    try:
+        return dict(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
 
 
 def render_table(plans: list[SitePlan]) -> str:
     rounds = len(plans[0].epsilon_per_round) if plans else 0
     header = "| site | records | sampling rate | noise | " + " | ".join(
-        f"eps r{r}" for r in range(1, rounds + 1)) + " | RDP eps | PLD eps |"
-    lines = [*{f"Epsilon per round: {accountant_note(p.accountant)}." for p in plans}, "",
-             header, "|" + "---|" * (rounds + 6)]
+        f"eps r{r}" for r in range(1, rounds + 1)) + " | RDP eps | PLD eps | noise ÷ signal |"
+    lines = [*{f"Epsilon per round: {accountant_note(p.accountant)}." for p in plans},
+             "noise ÷ signal: the noise a step adds to the mean clipped gradient, against the "
+             "largest signal that mean can carry (above 1, DP-SGD mostly follows the noise).", "",
+             header, "|" + "---|" * (rounds + 7)]
     for p in plans:
+        ratio = "n/a" if p.noise_to_signal is None else f"{p.noise_to_signal:.2f}"
         lines.append(f"| {p.site} | {p.records} | {p.sample_rate:.4f} | {p.noise_multiplier:.4f} | "
                      + " | ".join(f"{e:.3f}" for e in p.epsilon_per_round)
-                     + f" | {p.rdp_epsilon_final:.3f} | {p.pld_epsilon_final:.3f} |")
+                     + f" | {p.rdp_epsilon_final:.3f} | {p.pld_epsilon_final:.3f} | {ratio} |")
     for p in plans:
         lines += [f"warning: {w}" for w in p.warnings]
     return "\n".join(lines)

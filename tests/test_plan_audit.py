@@ -17,7 +17,7 @@ from privatune.common.ledger import (
     SiteLedger,
     entry_hash,
 )
-from privatune.common.plan import plan_site
+from privatune.common.plan import plan_site, render_table
 from privatune.common.privacy import MechanismStep, independent_rdp_epsilon, rdp_epsilon
 
 from tests.test_ledger import forge
@@ -478,3 +478,24 @@ def test_audit_command_checks_a_ledger_against_a_report(tmp_path, capsys):
     assert "removed from its tail" in capsys.readouterr().out
     assert main(["audit", str(path), "--run", str(path.parent / "policy.yaml")]) == 2
     assert "not a usable record of a run" in capsys.readouterr().err
+
+
+def test_the_plan_weighs_each_steps_noise_against_the_signal_from_counts_alone():
+    """The DP hyperparameter rule reads the job and a site's record count, never a record."""
+    import inspect
+
+    from privatune.common.config import LoraConfig, ModelConfig
+    from privatune.common.plan import model_shape, trained_lora_parameters
+
+    shape = model_shape(ModelConfig())  # the builtin model, from its recipe: nothing is built
+    assert trained_lora_parameters(shape, LoraConfig()) == 78_848  # r 8 on all 7 projections
+    assert trained_lora_parameters(shape, LoraConfig(r=4, target_modules=("q_proj", "v_proj"))) == 8_192
+    assert trained_lora_parameters({"n_embd": 64}, LoraConfig()) is None  # not a Llama config
+    small = plan_site("small", 250, 16, 30, 3, 1e-5, epsilon=8.0, trained_parameters=78_848)
+    assert small.noise_to_signal == pytest.approx(small.noise_multiplier * 78_848 ** 0.5 / 16)
+    assert small.noise_to_signal > 10 and any("noise on the mean gradient" in w for w in small.warnings)
+    large = plan_site("large", 5_600, 256, 30, 1, 1e-5, epsilon=8.0, trained_parameters=78_848)
+    assert large.noise_to_signal < 1 and not large.warnings
+    assert "| 0." in render_table([large]).splitlines()[-1]
+    assert "noise ÷ signal" in render_table([small, large])
+    assert set(inspect.signature(plan_site).parameters).isdisjoint({"records_path", "data", "heldout"})
