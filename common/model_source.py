@@ -136,6 +136,19 @@ def locate_gguf(base: str) -> GgufSource:
     return GgufSource(name=package.name, path=path.resolve(), package=package)
 
 
+def _cached_gguf(model: ModelConfig) -> tuple[GgufSource, str, Path]:
+    """``model.base``'s GGUF file, its SHA-256 and the directory its dequantised copy has (or
+    will have) in the cache."""
+    source = locate_gguf(model.base)
+    digest = file_sha256(source.path)
+    return source, digest, Path(model.cache_dir) / "models" / f"gguf-{source.name}-{digest[:16]}"
+
+
+def cached_gguf_dir(model: ModelConfig) -> Path:
+    """Where ``model.base``'s dequantised copy is cached, built or not (nothing is built)."""
+    return _cached_gguf(model)[2]
+
+
 def ensure_gguf_model(model: ModelConfig, progress: Progress | None = None) -> Path:
     """The cached model directory for ``model.base`` (a .gguf file or a packaged model's
     name), dequantising the file the first time.
@@ -146,11 +159,8 @@ def ensure_gguf_model(model: ModelConfig, progress: Progress | None = None) -> P
     build leaves no half model and concurrent callers wait for one build.
     """
     report = progress or (lambda _line: None)
-    source = locate_gguf(model.base)
-    digest = file_sha256(source.path)
-    models_dir = Path(model.cache_dir) / "models"
-    directory_name = f"gguf-{source.name}-{digest[:16]}"
-    model_dir = models_dir / directory_name
+    source, digest, model_dir = _cached_gguf(model)
+    models_dir, directory_name = model_dir.parent, model_dir.name
     if model_dir.is_dir():
         report(f"base model: using cached {model_dir} (from {source.path.name})")
         return model_dir.resolve()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privatune.common.config import LoraConfig, ModelConfig
+from privatune.common.config import ConfigError, LoraConfig, ModelConfig
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (PRV, MechanismStep, accountant_note, delta_problem,
                                       epsilon_of, pld_epsilon, poisson_sample_rate, rdp_epsilon,
@@ -109,15 +109,21 @@ def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds
 
 def model_shape(model: ModelConfig) -> dict[str, Any] | None:
     """The Hugging Face config of the job's base model, without loading it: the builtin
-    model's from its recipe, a local directory's from its config.json; None where unknown
-    (a GGUF file not yet converted)."""
+    model's from its recipe, a local directory's from its config.json, a GGUF model's from its
+    dequantised copy in the cache; None where unknown (a GGUF file not yet dequantised)."""
+    from privatune.common.model_source import cached_gguf_dir, is_gguf_source
+
     if model.base == "builtin":
         from privatune.common.base_model import BaseModelSpec
 
         spec = BaseModelSpec()
         return {"hidden_size": spec.hidden_size, "num_attention_heads": spec.heads,
                 "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.layers}
-    config = Path(model.base) / "config.json"
+    try:
+        directory = cached_gguf_dir(model) if is_gguf_source(model.base) else Path(model.base)
+    except (ConfigError, OSError):  # a packaged model that is not installed, a missing file
+        return None
+    config = directory / "config.json"
     try:
         return dict(json.loads(config.read_text(encoding="utf-8")))
     except (OSError, ValueError):

@@ -499,3 +499,18 @@ def test_the_plan_weighs_each_steps_noise_against_the_signal_from_counts_alone()
     assert "| 0." in render_table([large]).splitlines()[-1]
     assert "noise ÷ signal" in render_table([small, large])
     assert set(inspect.signature(plan_site).parameters).isdisjoint({"records_path", "data", "heldout"})
+
+
+def test_the_plan_reads_a_local_model_directorys_shape_and_says_when_it_cannot(tiny_model_dir,
+                                                                               tmp_path):
+    from privatune.common.config import LoraConfig, ModelConfig
+    from privatune.common.plan import model_shape, trained_lora_parameters
+
+    shape = model_shape(ModelConfig(base=str(tiny_model_dir)))
+    lora = LoraConfig(r=2, target_modules=("q_proj", "v_proj"))
+    hidden, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    kv = shape.get("num_key_value_heads", shape["num_attention_heads"]) * (
+        hidden // shape["num_attention_heads"])
+    assert trained_lora_parameters(shape, lora) == layers * 2 * (2 * hidden + hidden + kv)
+    assert model_shape(ModelConfig(base=str(tmp_path / "absent.gguf"))) is None
+    assert model_shape(ModelConfig(base=str(tmp_path))) is None  # a directory without a model
