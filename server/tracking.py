@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from privatune.common.config import ConfigError
-from privatune.common.extras import MissingExtraError, missing_modules, require_extra
+from privatune.common.extras import MissingExtraError, require_extra
 from privatune.common.run_record import flat_config
 from privatune.server.rounds import RoundRecord
 
@@ -242,11 +242,11 @@ def check_tracking(kind: str) -> None:
     if kind not in TRACKERS:
         raise ConfigError(f"tracking: {kind!r} is not one of {', '.join(TRACKERS)}")
     extra = {"tensorboard": "tracking", "mlflow": "mlflow"}.get(kind)
-    if extra and missing_modules(extra):
-        try:
+    try:
+        if extra:
             require_extra(extra, f"tracking: {kind}")
-        except MissingExtraError as err:
-            raise ConfigError(f"{err}; or set tracking: none") from None
+    except MissingExtraError as err:
+        raise ConfigError(f"{err}; or set tracking: none") from None
 
 
 def open_tracker(kind: str, out_dir: Path, run_id: str, config: Mapping[str, Any],
