@@ -93,6 +93,13 @@ class BaseModelSpec:
             )
 
     @property
+    def shape(self) -> dict[str, int]:
+        """The model's shape in Hugging Face config keys (what the plan sizes LoRA from)."""
+        return {"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                "num_key_value_heads": self.heads, "max_position_embeddings": self.max_positions}
+
+    @property
     def cache_key(self) -> str:
         """Short hash of the spec and the build recipe version."""
         payload = json.dumps({"recipe": BUILD_RECIPE_VERSION, **asdict(self)}, sort_keys=True)
@@ -348,12 +355,7 @@ class _ThreadGovernor:
 def _llama_config(spec: BaseModelSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=spec.max_positions,
+        **spec.shape,
         tie_word_embeddings=True,
         rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,

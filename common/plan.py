@@ -116,9 +116,7 @@ def model_shape(model: ModelConfig) -> dict[str, Any] | None:
     if model.base == "builtin":
         from privatune.common.base_model import BaseModelSpec
 
-        spec = BaseModelSpec()
-        return {"hidden_size": spec.hidden_size, "num_attention_heads": spec.heads,
-                "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.layers}
+        return BaseModelSpec().shape
     try:
         directory = cached_gguf_dir(model) if is_gguf_source(model.base) else Path(model.base)
     except (ConfigError, OSError):  # a packaged model that is not installed, a missing file
