@@ -10,6 +10,8 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+from privatune.common.extras import EXTRA_MODULES
+
 REPO = Path(__file__).resolve().parents[1]
 GENERIC_NAMES = ("common", "client", "server", "simulations")
 
@@ -17,13 +19,26 @@ GENERIC_NAMES = ("common", "client", "server", "simulations")
 def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     # a fresh environment sees only what is installed in it: no PYTHONPATH from the caller
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True,
+    done = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, check=False,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
 
-def test_wheel_installs_only_the_privatune_namespace(tmp_path):
+def _without_extras(purelib: Path, into: Path) -> Path:
+    """A directory that lends every installed dependency except the extras' packages (and the
+    project's own editable privatune): links to the project environment's site-packages."""
+    extras = tuple(name for modules in EXTRA_MODULES.values() for name in modules)
+    into.mkdir()
+    for entry in purelib.iterdir():
+        name = entry.name.lower()
+        if name.startswith(extras + ("privatune", "__editable__")) or name.endswith(".pth"):
+            continue
+        (into / entry.name).symlink_to(entry)
+    return into
+
+
+def test_wheel_installs_only_the_privatune_namespace(tmp_path, make_site):
     source = tmp_path / "source"  # built from a copy: setuptools' build/ stays out of the checkout
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", ".cache", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
@@ -52,7 +67,8 @@ def test_wheel_installs_only_the_privatune_namespace(tmp_path):
                               cwd=tmp_path).stdout.strip())
     installed = {p.name for p in site_packages.iterdir()}
     assert not installed & set(GENERIC_NAMES), installed
-    (site_packages / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    lent = _without_extras(Path(sysconfig.get_paths()["purelib"]), tmp_path / "lent")
+    (site_packages / "zz_dependencies.pth").write_text(f"{lent}\n")
 
     probe = ("import importlib.util, privatune.server.app, privatune.client.app, privatune.common;"
              "import privatune.common.ledger as ledger;"
@@ -61,3 +77,12 @@ def test_wheel_installs_only_the_privatune_namespace(tmp_path):
     _run(venv / "bin" / "python", "-c", probe, cwd=tmp_path)
     help_text = _run(venv / "bin" / "privatune", "--help", cwd=tmp_path).stdout
     assert "node" in help_text and "coordinator" in help_text and "simulate" in help_text
+
+    # without any extra, a hospital's node validates its site and states what leaves it
+    extras = sorted(name for modules in EXTRA_MODULES.values() for name in modules)
+    _run(venv / "bin" / "python", "-c",
+         f"import importlib.util; assert all(importlib.util.find_spec(n) is None for n in {extras!r})",
+         cwd=tmp_path)
+    checked = _run(venv / "bin" / "privatune", "node", "--site", make_site("st-mary"), "--check",
+                   cwd=tmp_path).stdout
+    assert "What leaves this site" in checked and "check only" in checked
