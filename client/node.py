@@ -209,15 +209,16 @@ class TrainOutcome:
 class SiteNode:
     """One hospital: its policy, private data splits, base model and ledger."""
 
-    def __init__(self, policy: SitePolicy):
+    def __init__(self, policy: SitePolicy,
+                 split: tuple[Sequence[Record], Sequence[Record]] | None = None):
+        """``split``: (training, held-out) records already split, used as given (the empirical
+        audit's membership split, its canaries repeated on the training side on purpose);
+        None, the node's own: the policy's data file, duplicates collapsed, split as it says."""
         self.policy = policy
-        records, self.duplicates = collapse_duplicates(load_records(policy.data_path,
-                                                                    policy.site.format))
-        if self.duplicates and policy.site.duplicates == "refuse":
-            raise DataError(f"{policy.data_path}: {len(self.duplicates)} exact duplicate records "
-                            f"(the first at {self.duplicates[0].source}); this site's policy "
-                            "(site.duplicates: refuse) does not collapse them")
-        train, heldout = split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
+        self.duplicates: list[Record] = []
+        if split is None:
+            split = self._own_split(policy)
+        train, heldout = list(split[0]), list(split[1])
         self._records = {"train": train, "heldout": heldout}
         self.train_units = privacy_units(train, policy.privacy.unit)
         self.heldout_units = privacy_units(heldout, policy.privacy.unit)
@@ -230,6 +231,15 @@ class SiteNode:
         self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
         self._encoded: dict[tuple[str, int, str], TensorDataset] = {}
         self._tokenized: dict[str, TokenizedTexts] = {}
+
+    def _own_split(self, policy: SitePolicy) -> tuple[list[Record], list[Record]]:
+        records, self.duplicates = collapse_duplicates(load_records(policy.data_path,
+                                                                    policy.site.format))
+        if self.duplicates and policy.site.duplicates == "refuse":
+            raise DataError(f"{policy.data_path}: {len(self.duplicates)} exact duplicate records "
+                            f"(the first at {self.duplicates[0].source}); this site's policy "
+                            "(site.duplicates: refuse) does not collapse them")
+        return split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
 
     @property
     def name(self) -> str:

@@ -190,7 +190,11 @@ def _checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     (tests/test_grad_sampler.py; the non-reentrant kind is not tested). Reentrant
     checkpointing needs the blocks' input to require a gradient, hence the input hook.
     """
-    if enabled == bool(getattr(model, "is_gradient_checkpointing", False)):
+    # transformers 5 renamed the flag (the old name warns); older releases have only the old one
+    on = getattr(model, "is_activation_checkpointing", None)
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    if enabled == bool(on):
         return
     if not enabled:
         model.gradient_checkpointing_disable()

@@ -472,6 +472,15 @@ def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfi
     return job
 
 
+def with_overrides(job: JobConfig, overrides: Sequence[str], why: str) -> JobConfig:
+    """``job`` with ``--set`` style overrides, validated as a loaded job is; ``why`` names the
+    derived job in errors (e.g. "the audit's job")."""
+    source = f"{why} (--set {' '.join(overrides)})"
+    derived = build(JobConfig, apply_overrides(to_dict(job), overrides), source)
+    _check_job(derived, source)
+    return derived
+
+
 def _check_job(job: JobConfig, source: str) -> None:
     """Cross-field checks that a single range cannot express."""
     if not job.evaluation.marker.strip():

@@ -99,6 +99,9 @@ class CoordinatorSettings:
     # the sites the job runs with, where known before it starts (a simulation's): recorded in
     # the checkpoints, and a checkpoint of other sites is not resumed
     sites: tuple[str, ...] = ()
+    # False: only the final adapter is evaluated (a site's local-only model, whose base is the
+    # federation's round 0 and whose rounds nobody reads)
+    evaluate_each_round: bool = True
 
 
 class ResumeRefused(ValueError):
@@ -551,12 +554,16 @@ class Coordinator:
         fed = self.settings.job.federation
         wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
         self._state_identity()
+        each_round = self.settings.evaluate_each_round
         if not self.rounds:
-            self.progress(f"run {self.run_id}: {fed.rounds} rounds; evaluating the base model")
-            self.rounds.append(RoundRecord(round=0, evaluation=self.evaluate(0)))
+            self.progress(f"run {self.run_id}: {fed.rounds} rounds"
+                          + ("; evaluating the base model" if each_round else ""))
+            self.rounds.append(RoundRecord(round=0, evaluation=(self.evaluate(0) if each_round
+                                                                else RoundEvaluation())))
         for round_number in range(len(self.rounds), fed.rounds + 1):
             training = self.train_round(round_number)
-            evaluation = self.evaluate(round_number)
+            evaluation = (self.evaluate(round_number)
+                          if each_round or round_number == fed.rounds else RoundEvaluation())
             self.rounds.append(RoundRecord(
                 round=round_number, evaluation=evaluation, training=training,
                 epsilon={s: v.epsilon for s, v in sorted(self.sites.items())}))

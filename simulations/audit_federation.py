@@ -1,106 +1,90 @@
-"""The audit's federation, run in-process: every round, each site runs ``train_dp_round`` from
-the global adapter, then FedAvg weighted by example counts. It is the training the Flower nodes
-do, without the engine, so that the audit's run without DP never needs a node mode without DP.
+"""The audit's federations, trained through the real round: the coordinator's
+(`server.coordinator`) with every site's node in this process (`in_process`), so what is
+audited is what a federation runs, aggregation (fedavg, ffa, robust) and patient windows
+included.
 
-What makes a node's guarantee hold holds here too: the noise multiplier is the node's rule
-(`run_noise_multiplier` at the node's Poisson rate, never below the policy minimum), and
-each site draws its own secret seed for every release, as the node does.
+Each site is a ``SiteNode`` with its own policy file and ledger under the run's folder
+(``<out>/<run>/sites/<site>``): the noise is the node's own rule at its Poisson rate and
+secret seed, and its ledger is a real one that ``privatune audit`` checks. The node is handed
+the audit's membership split (canaries on the training side) rather than splitting its data
+itself. The counterfactual is the study's non-private setting (`non_private`): the same nodes
+at epsilon 10,000, never a node mode without DP.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import secrets
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from privatune.client.trainer import DPTrainSettings, train_dp_round
-from privatune.common.config import ConfigError, JobConfig
-from privatune.common.lora import load_lora_state, lora_state
-from privatune.common.privacy import (MechanismStep, delta_problem, epsilon_of, poisson_sample_rate,
-                                      run_noise_multiplier)
-from privatune.server.aggregation import fedavg
-from privatune.simulations.audit_sites import SiteSplit
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.common.config import JobConfig, with_overrides
+from privatune.server.coordinator import Coordinator, CoordinatorSettings
+from privatune.simulations.audit_sites import AuditSite, SiteSplit
+from privatune.simulations.in_process import InProcessTransport
+from privatune.simulations.non_private import NON_PRIVATE_OVERRIDES
+from privatune.simulations.runner import write_site_policy
 
 Progress = Callable[[str], None]
-
-# Clipping bound of the non-DP run: large enough that no per-example gradient is ever clipped.
-NO_CLIPPING = 1e6
 
 
 @dataclass
 class FederationOutcome:
-    """The final global adapter, each site's privacy spend and the per-round training loss."""
+    """The final global adapter, each site's privacy spend (from its ledger) and the rounds."""
 
     state: dict[str, torch.Tensor]
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
-def site_noise_multiplier(job: JobConfig, examples: int) -> float:
-    """The noise the node would fix for this run: solved for the site's epsilon and delta over
-    rounds x local steps at the Poisson rate of its loader, never below the policy minimum."""
-    problem = delta_problem(job.privacy.delta, examples, job.privacy.unit)
-    if problem:
-        raise ConfigError(f"privacy.{problem}: the node would refuse it")
-    privacy = job.privacy
-    return run_noise_multiplier(privacy.epsilon, privacy.epsilon, privacy.delta,
-                                poisson_sample_rate(examples, job.training.batch_size),
-                                job.federation.rounds * job.training.local_steps,
-                                min_noise_multiplier=privacy.min_noise_multiplier,
-                                accountant=privacy.accountant_name)
+def audit_job(job: JobConfig, sites: int, private: bool) -> JobConfig:
+    """The job as the audit runs it: over the audit's sites (its node and reply minimums at most
+    their number), scoring no generation (the audit's attacks are its measure), and, for the
+    counterfactual, at the study's non-private setting."""
+    federation = job.federation
+    overrides = [f"federation.min_nodes={min(federation.min_nodes, sites)}",
+                 f"federation.min_replies={min(federation.min_replies, sites)}",
+                 "evaluation.every_k_rounds=0", *(() if private else NON_PRIVATE_OVERRIDES)]
+    return with_overrides(job, overrides, "the audit's job")
 
 
-def train_federation(job: JobConfig, template: torch.nn.Module, sites: Sequence[SiteSplit],
-                     private: bool, progress: Progress = print, label: str = "") -> FederationOutcome:
-    """Rounds of: every site runs ``train_dp_round`` from the global adapter, then FedAvg.
+def train_federation(job: JobConfig, model_dir: Path, sites: Sequence[AuditSite],
+                     splits: Sequence[SiteSplit], private: bool, out: Path,
+                     progress: Progress = print, label: str = "") -> FederationOutcome:
+    """The job's rounds over nodes holding ``splits`` (one per site, in the order of ``sites``);
+    run files (policies, ledgers, checkpoints) under ``out``.
 
-    ``private=False`` is the audit's counterfactual (noise 0, clipping off); it exists only to
-    show what DP prevents and is never offered as a node mode.
+    ``private=False`` is the audit's counterfactual (`non_private`): it shows what DP prevents.
     """
-    outcome = FederationOutcome(state=lora_state(template))
-    history: dict[str, list[MechanismStep]] = {s.name: [] for s in sites}
-    noise = {s.name: site_noise_multiplier(job, len(s.train_units)) if private else 0.0 for s in sites}
-    clip = job.training.max_grad_norm if private else NO_CLIPPING
-    for round_number in range(1, job.federation.rounds + 1):
-        started = time.monotonic()
-        updates, weights, losses = [], [], {}
-        for site in sites:
-            if site.train is None:
-                raise ValueError(f"{site.name}: training records are not encoded yet")
-            model = copy.deepcopy(template)
-            load_lora_state(model, outcome.state)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices
-                result = train_dp_round(model, site.train, DPTrainSettings(
-                    noise_multiplier=noise[site.name], max_grad_norm=clip,
-                    expected_batch_size=job.training.batch_size, steps=job.training.local_steps,
-                    learning_rate=job.training.learning_rate,
-                    # as at the node: the site's own secret seed for every release, since two
-                    # releases sharing their noise would void the accounting
-                    seed=secrets.randbits(63)))
-            updates.append(lora_state(model))
-            weights.append(float(result.examples))
-            losses[site.name] = result.mean_loss
-            history[site.name].append(MechanismStep(result.noise_multiplier, result.sample_rate,
-                                                    result.steps))
-        outcome.state = fedavg(updates, weights)
-        outcome.rounds.append({"round": round_number, "train_loss": losses,
-                               "seconds": round(time.monotonic() - started, 1)})
-        progress(f"[{label}] round {round_number}/{job.federation.rounds}: train loss "
-                 + ", ".join(f"{n} {v:.3f}" for n, v in losses.items())
-                 + f" ({time.monotonic() - started:.0f} s)")
-    for site in sites:
-        outcome.sites[site.name] = {
-            "examples": len(site.train_units), "noise_multiplier": noise[site.name],
-            "sample_rate": poisson_sample_rate(len(site.train_units), job.training.batch_size),
-            "steps": sum(h.steps for h in history[site.name]),
-            "epsilon": (epsilon_of(history[site.name], job.privacy.delta, job.privacy.accountant_name)
-                        if private else math.inf)}
+    run_job = audit_job(job, len(sites), private)
+    nodes = []
+    for site, split in zip(sites, splits, strict=True):
+        policy = write_site_policy(out / "sites" / site.name, site.name, site.data, model_dir,
+                                   run_job, site.format)
+        nodes.append(SiteNode(load_site_policy(policy),
+                              split=(split.train_records, split.heldout_records)))
+    settings = CoordinatorSettings(job=run_job, model_dir=model_dir, out_dir=out,
+                                   run_id=f"audit-{label}-{job.seed}", resume=False,
+                                   sites=tuple(s.name for s in sites))
+    coordinator = Coordinator(settings, InProcessTransport(nodes),
+                              lambda line: progress(f"[{label}] {line.strip()}"))
+    coordinator.run()
+    outcome = FederationOutcome(state=dict(coordinator.global_state))
+    outcome.rounds = [{"round": r.round, "participants": r.participants,
+                       "train_loss": r.training.train_loss}
+                      for r in coordinator.rounds if r.training is not None]
+    for node in nodes:
+        releases = node.ledger.adapter_updates()
+        outcome.sites[node.name] = {
+            "examples": len(node.train_units),
+            "noise_multiplier": releases[0]["noise_multiplier"] if releases else None,
+            "sample_rate": releases[0]["sample_rate"] if releases else None,
+            "steps": sum(int(e["steps"]) for e in releases),
+            "epsilon": node.epsilon(), "delta": node.delta(),
+            "accountant": node.policy.privacy.accountant_name}
     return outcome
+

@@ -32,6 +32,8 @@ class SiteSplit:
     tokenizer is known, their encoded tensors."""
 
     name: str
+    train_records: list[Record]  # the node trains on these (canaries included) ...
+    heldout_records: list[Record]  # ... and is evaluated on these
     train_units: list[tuple[str, str]]
     heldout_units: list[tuple[str, str]]
     member_units: list[tuple[str, str]]  # training units that are not canaries
@@ -80,8 +82,8 @@ def prepare_sites(job: JobConfig, sites: Sequence[AuditSite], canary_site: str,
             train, heldout = split_records(records, job.data.heldout_fraction, job.seed)
         clean_train = [r for r in train if not r.source.startswith(CANARY_SOURCE)]
         unit = job.privacy.unit
-        splits.append(SiteSplit(site.name, privacy_units(train, unit), privacy_units(heldout, unit),
-                                privacy_units(clean_train, unit)))
+        splits.append(SiteSplit(site.name, train, heldout, privacy_units(train, unit),
+                                privacy_units(heldout, unit), privacy_units(clean_train, unit)))
     return splits
 
 

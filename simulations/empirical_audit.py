@@ -2,9 +2,10 @@
 
 Epsilon is an upper bound proven on paper; this audit measures what an attacker actually gets,
 so a privacy officer can see the bound at work. One hospital's training split gets canaries
-(`canaries`), the federation is trained twice from the same config (`audit_federation`), once
-with DP-SGD at the site's epsilon and once without DP (no noise, no clipping: an audit-only
-counterfactual, never a node mode), and the base model and both trained models are attacked:
+(`canaries`), the federation is trained twice from the same config through the real round
+(`audit_federation`: the coordinator's, with the nodes in this process), once at the sites'
+epsilon and once at the study's non-private setting (`non_private`, epsilon 10,000), and the
+base model and both trained models are attacked:
 canary exposure (`canaries`) and membership inference on every site's records (`membership`).
 The report (`audit_report`) puts the three side by side.
 
@@ -28,9 +29,8 @@ import torch
 
 from privatune.common.config import ConfigError, JobConfig, load_job_config, to_dict
 from privatune.common.examples import encode_pairs
-from privatune.common.config import LoraConfig
 from privatune.common.lora import initial_adapter, load_base_model, load_lora_state
-from privatune.simulations.audit_federation import NO_CLIPPING, Progress, train_federation
+from privatune.simulations.audit_federation import Progress, train_federation
 from privatune.simulations.audit_report import epsilon_text, write_audit_report
 from privatune.simulations.audit_sites import (
     AuditSite,
@@ -60,7 +60,7 @@ from privatune.simulations.membership import (
 )
 
 RUN_LABELS = {"base": "base model (before training)", "dp": "DP-SGD",
-              "non_dp": "no DP (audit only)"}
+              "non_dp": "non-private (epsilon 10,000)"}
 
 
 def model_scorer(model: torch.nn.Module, tokenizer: Any, max_length: int, batch_size: int) -> Scorer:
@@ -104,23 +104,6 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, job: JobConfig, splits:
     return {"exposure": by_count, "mia": mia}, losses
 
 
-def audited_mechanism_problem(job: JobConfig) -> str | None:
-    """Why the audit would measure another mechanism than this job trains, or None.
-
-    The audit's federation trains and averages both LoRA factors on one truncated example per
-    privacy unit; a job with ffa or patient windows would be audited as if it had neither, so
-    it is refused rather than reported under the wrong name.
-    """
-    if job.federation.aggregation != "fedavg":
-        return (f"federation.aggregation = {job.federation.aggregation}: the empirical audit "
-                "trains fedavg LoRA only; audit with --set federation.aggregation=fedavg")
-    if job.privacy.patient_windows:
-        return (f"privacy.patient_sampling = {job.privacy.patient_sampling}: the empirical audit "
-                "encodes each patient once (truncate); audit with --set "
-                "privacy.patient_sampling=truncate")
-    return None
-
-
 def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSite], out: Path,
                         repetitions: Sequence[int] = DEFAULT_REPETITIONS,
                         canary_site: str | None = None,
@@ -135,9 +118,6 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
     started = time.monotonic()
     if not sites:
         raise ValueError("the audit needs at least one site")
-    unsupported = audited_mechanism_problem(job)
-    if unsupported:
-        raise ConfigError(unsupported)
     canaries = make_canaries(list(repetitions), canaries_per_count, job.seed)
     if canary_site is None:
         canary_site = site_with_most_heldout(job, sites)
@@ -156,9 +136,7 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
     candidate_secrets = sample_candidates(candidates, [c.secret for c in canaries], job.seed)
     with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
         warnings.simplefilter("ignore", FutureWarning)
-        template = initial_adapter(model_dir, LoraConfig(r=job.lora.r, alpha=job.lora.alpha,
-                                                           target_modules=job.lora.target_modules),
-                                   job.seed)
+        template = initial_adapter(model_dir, job.lora, job.seed)
 
     runs: dict[str, dict[str, Any]] = {}
     run_started = time.monotonic()
@@ -169,19 +147,18 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
              + ", ".join(f"{k}: {v['mean']:.1f}" for k, v in runs["base"]["exposure"].items()))
     for key, private in (("dp", True), ("non_dp", False)):
         run_started = time.monotonic()
-        outcome = train_federation(job, template, splits, private, progress, key)
+        outcome = train_federation(job, model_dir, sites, splits, private, out / key, progress, key)
         model = copy.deepcopy(template)
         load_lora_state(model, outcome.state)
         train_s = time.monotonic() - run_started
         evaluation, _ = evaluate_run(model, tokenizer, job, splits, canaries, candidate_secrets,
                                      reference)
         site = outcome.sites[canary_site]
-        runs[key] = {"label": RUN_LABELS[key],
-                     "epsilon": site["epsilon"] if private else "inf",
-                     "delta": job.privacy.delta if private else None,
+        runs[key] = {"label": RUN_LABELS[key], "epsilon": site["epsilon"], "delta": site["delta"],
+                     "accountant": site["accountant"],
                      "noise_multiplier": site["noise_multiplier"],
-                     "max_grad_norm": job.training.max_grad_norm if private else NO_CLIPPING,
-                     **evaluation, "sites": _json_sites(outcome.sites), "rounds": outcome.rounds,
+                     "max_grad_norm": job.training.max_grad_norm,
+                     **evaluation, "sites": outcome.sites, "rounds": outcome.rounds,
                      "train_s": round(train_s, 1),
                      "wall_s": round(time.monotonic() - run_started, 1)}
         progress(f"[{key}] epsilon {epsilon_text(runs[key]['epsilon'])}, {_attack_summary(runs[key])}, "
@@ -209,11 +186,6 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
 
 def _attack_summary(run: dict[str, Any]) -> str:
     return "MIA AUC " + ", ".join(f"{ATTACKS[k].label} {a['auc']:.3f}" for k, a in run["mia"]["attacks"].items())
-
-
-def _json_sites(sites: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {name: {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in info.items()}
-            for name, info in sites.items()}
 
 
 def empirical_audit(config: Path, out: Path, overrides: Sequence[str] = (),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 from privatune.common.config import ConfigError
@@ -42,6 +43,7 @@ def _handler(args: argparse.Namespace) -> int:
     from privatune.simulations.membership import strongest_attack
 
     torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load
 
     def progress(line: str) -> None:

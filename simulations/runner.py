@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -33,24 +32,23 @@ from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.model_source import resolve_base_model
 from privatune.common.config import (ConfigError, JobConfig, MechanismSettings, SimulationConfig,
-                                     load_job_config)
+                                     load_job_config, with_overrides)
 from privatune.common.generation import GenerationScores
-from privatune.common.lora import initial_adapter, lora_state, with_update
 from privatune.common.process_heap import keep_for_process_lifetime
-from privatune.common.protocol import evaluate_request, train_request
 from privatune.server.app import make_server_app
-from privatune.server.coordinator import (CoordinatorSettings, checkpoint_to_resume,
-                                          site_generation_scores)
+from privatune.server.coordinator import Coordinator, CoordinatorSettings, checkpoint_to_resume
 from privatune.server.report import RunReport, SiteSummary, write_report
 from privatune.server.tracking import check_tracking
 from privatune.simulations.hospitals import HospitalSpec, default_hospitals, generate_federation
+from privatune.simulations.in_process import InProcessTransport
 
 
-def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, job: JobConfig) -> Path:
+def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, job: JobConfig,
+                      data_format: str = "fhir") -> Path:
     """The simulated hospital's own policy file (in a real federation the site writes it)."""
     site_dir.mkdir(parents=True, exist_ok=True)
     policy = {
-        "site": {"name": name, "data": str(data.resolve()), "format": "fhir",
+        "site": {"name": name, "data": str(data.resolve()), "format": data_format,
                  "model": str(model_dir.resolve()), "state_dir": ".",
                  "heldout_fraction": job.data.heldout_fraction, "split_seed": job.seed},
         # the mechanism's settings as the job states them (one type, MechanismSettings), the
@@ -85,23 +83,22 @@ class LocalOnlyResult:
 
 def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_dir: Path,
                       run_id: str) -> LocalOnlyResult:
-    """The same site training alone: same rounds, steps and budget, never averaging; evaluated
-    like the final global model (perplexity, and generation scores when the job scores them).
+    """The same site training alone: the federation's round with this one node (same rounds,
+    steps and budget), its final model evaluated like the final global model (perplexity, and
+    generation scores when the job scores them).
 
     Uses a scratch ledger so the counterfactual does not touch the site's real ledger.
     """
     policy = load_site_policy(policy_path)
     node = SiteNode(replace(policy, site=replace(policy.site, state_dir=str(scratch.resolve()))))
-    state = lora_state(initial_adapter(model_dir, job.lora, job.seed))
-    for round_number in range(1, job.federation.rounds + 1):
-        outcome = node.train(train_request(job, run_id, round_number), state)
-        if not outcome.reply.accepted:
-            break
-        state = with_update(state, outcome.state)  # under ffa the update is B alone
-    reply = node.evaluate(evaluate_request(job, run_id, job.federation.rounds,
-                                           generation=job.evaluation.every_k_rounds > 0), state)
-    return LocalOnlyResult(math.exp(reply.eval_loss) if reply.eval_loss is not None else None,
-                           site_generation_scores(reply))
+    alone = with_overrides(job, ("federation.min_nodes=1", "federation.min_replies=1",
+                                 "tracking=none"), f"{node.name}'s local-only job")
+    settings = CoordinatorSettings(job=alone, model_dir=model_dir, out_dir=scratch / "coordinator",
+                                   run_id=run_id, resume=False, sites=(node.name,),
+                                   evaluate_each_round=False)
+    report = Coordinator(settings, InProcessTransport([node]), progress=lambda line: None).run()
+    site = report.sites.get(node.name, SiteSummary())
+    return LocalOnlyResult(site.final_perplexity, site.final_generation)
 
 
 def _start_baseline_worker(threads: int) -> None:

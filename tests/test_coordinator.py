@@ -197,6 +197,19 @@ def test_global_adapter_is_the_example_weighted_average(tmp_path, tiny_model_dir
     assert alpha.base_perplexity == alpha.final_perplexity == pytest.approx(math.exp(2.0))
 
 
+def test_a_run_evaluated_only_at_its_end_asks_the_sites_once(tmp_path, tiny_model_dir):
+    """A local-only baseline's setting: rounds train as ever, only the final adapter is judged."""
+    transport = FakeTransport({1: update(1, 100), 2: update(2, 300), 3: update(3, 600)})
+    settings = CoordinatorSettings(job=job(rounds=3), model_dir=tiny_model_dir,
+                                   out_dir=tmp_path / "run", run_id="test-run",
+                                   evaluate_each_round=False)
+    report = Coordinator(settings, transport, progress=lambda _line: None).run()
+    assert [r.round for r in transport.evaluate_requests] == [3]
+    assert [r.round for r in report.rounds] == [0, 1, 2, 3] and len(transport.train_requests) == 3
+    alpha = report.sites["alpha"]
+    assert alpha.base_perplexity is None and alpha.final_perplexity == pytest.approx(math.exp(2.0))
+
+
 # ------------------------------------------------------------------------ FFA-LoRA against FedAvg
 
 WEIGHTS = (100, 300, 600)

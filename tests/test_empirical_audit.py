@@ -11,14 +11,11 @@ import pytest
 import torch
 
 from privatune.client.data import Record, load_records, split_records
-from privatune.client.trainer import DPRoundResult
-from privatune.common.privacy import poisson_sample_rate
+from privatune.common.audit import audit_ledger
 from privatune.common.config import load_job_config
-from privatune.common.config import LoraConfig
-from privatune.common.lora import initial_adapter
-from privatune.simulations import audit_federation
+from privatune.common.lora import initial_adapter, lora_state
 from privatune.simulations.audit_federation import train_federation
-from privatune.simulations.audit_sites import AuditSite, SiteSplit
+from privatune.simulations.audit_sites import AuditSite, prepare_sites
 from privatune.simulations.canaries import (
     MRN_SPACE_SIZE,
     Canary,
@@ -196,32 +193,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_each_site_draws_its_own_noise_seed_every_round(tmp_path, tiny_model_dir, monkeypatch):
-    """As at the node, no two releases may share their noise: not two sites in one round, not
-    one site in two rounds."""
+def test_the_audit_trains_through_the_nodes_so_ffa_and_patient_windows_run(tmp_path, tiny_model_dir,
+                                                                          one_thread):
+    """The audit's federation is the real round: the nodes' own DP, ledgers that the ledger
+    audit verifies, and the job's aggregation and privacy unit (once refused here)."""
     (tmp_path / "job.yaml").write_text(JOB)
-    job = load_job_config(tmp_path / "job.yaml")
-    template = initial_adapter(tiny_model_dir, LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")),
-                               job.seed)
-    units = [("", f"note {i}") for i in range(40)]
-    sites = [SiteSplit(name, units, [], units, train=torch.utils.data.TensorDataset(torch.zeros(40)))
-             for name in ("north", "south")]
-    site_of = {id(site.train): site.name for site in sites}
-    calls: list[tuple[str, int]] = []  # (site, seed) in call order: north, south, north, south
-
-    def fake_round(model, dataset, settings):
-        calls.append((site_of[id(dataset)], settings.seed))
-        return DPRoundResult(steps=settings.steps, sample_rate=poisson_sample_rate(40, 16),
-                             noise_multiplier=settings.noise_multiplier, mean_loss=1.0, examples=40)
-
-    monkeypatch.setattr(audit_federation, "train_dp_round", fake_round)
-    # the noise calibration is not what this test is about, and it is the slow part
-    monkeypatch.setattr(audit_federation, "site_noise_multiplier", lambda job, examples: 1.0)
-    train_federation(job, template, sites, private=True, progress=lambda line: None)
-    assert [site for site, _ in calls] == ["north", "south"] * job.federation.rounds
-    seeds = [seed for _, seed in calls]
-    assert seeds[0] != seeds[1] and seeds[2] != seeds[3]  # two sites, same round
-    assert len(set(seeds)) == len(seeds)
+    job = load_job_config(tmp_path / "job.yaml", ["federation.aggregation=ffa", "federation.rounds=1",
+                                                  "privacy.unit=patient",
+                                                  "privacy.patient_sampling=window"])
+    sites = [AuditSite(name, write_notes(tmp_path / f"{name}.jsonl", 60, seed), "jsonl")
+             for name, seed in (("north", 31), ("south", 32))]
+    canaries = make_canaries([1], 1, job.seed)
+    splits = prepare_sites(job, sites, "south", canaries)
+    template = initial_adapter(tiny_model_dir, job.lora, job.seed)
+    outcome = train_federation(job, tiny_model_dir, sites, splits, private=True,
+                               out=tmp_path / "dp", progress=lambda line: None, label="dp")
+    start = lora_state(template)
+    frozen_a = [k for k in start if "lora_A" in k]
+    assert frozen_a and all(torch.equal(outcome.state[k], start[k]) for k in frozen_a)  # ffa
+    assert any(not torch.equal(outcome.state[k], start[k]) for k in start if "lora_B" in k)
+    for split in splits:
+        ledger = tmp_path / "dp" / "sites" / split.name / "ledger.jsonl"
+        audit = audit_ledger(ledger)
+        assert audit.ok, (audit.chain_error, audit.problems)
+        site = outcome.sites[split.name]
+        assert 0 < site["epsilon"] <= 8.0 + 1e-6 and len(audit.rounds) == 1
+        assert site["epsilon"] == pytest.approx(audit.recorded_epsilon, rel=1e-9)
+        assert site["epsilon"] == pytest.approx(audit.recomputed_epsilon, rel=0.01)
+        # one unit per patient (two notes each), each canary copy its own pseudo patient
+        assert site["examples"] == len({r.patient_id for r in split.train_records})
 
 
 def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_thread):
@@ -240,7 +240,8 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
     assert set(written["runs"]) == {"base", "dp", "non_dp"}
     dp, non_dp = written["runs"]["dp"], written["runs"]["non_dp"]
     assert 0 < dp["epsilon"] <= 8.0 + 1e-6 and dp["noise_multiplier"] > 0
-    assert non_dp["epsilon"] == "inf" and non_dp["noise_multiplier"] == 0.0
+    # the counterfactual is the study's non-private setting, on the same nodes
+    assert 8.0 < non_dp["epsilon"] <= 10_000 and 0 < non_dp["noise_multiplier"] < dp["noise_multiplier"]
     for run in written["runs"].values():
         assert set(run["exposure"]) == {"1", "4"}
         assert all(0.0 <= c["exposure"] <= LOG2_SPACE for e in run["exposure"].values()
@@ -257,11 +258,11 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
     # Against itself the base model's loss drop is 0 for every record: chance by construction.
     assert written["runs"]["base"]["mia"]["attacks"]["loss_vs_base"]["auc"] == 0.5
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "membership inference AUC" in markdown and "∞" in markdown
+    assert "membership inference AUC" in markdown and "non-private (epsilon 10,000)" in markdown
     best = max(a["auc"] for a in non_dp["mia"]["attacks"].values())
     assert "| best attack's AUC above chance |" in markdown and f"{best - 0.5:+.3f}" in markdown
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
-    assert any("[dp] round 2/2" in line for line in lines)
+    assert any("[dp] [round 2/2]" in line for line in lines)
 
 
 def test_command_parses_its_options(tmp_path):
@@ -278,21 +279,3 @@ def test_command_parses_its_options(tmp_path):
 def test_audit_preset_loads():
     job = load_job_config("configs/audit.yaml")
     assert job.privacy.epsilon == 8.0
-
-
-@pytest.mark.parametrize("overrides, key", [
-    (["federation.aggregation=ffa"], "federation.aggregation"),
-    (["privacy.unit=patient", "privacy.patient_sampling=window"], "privacy.patient_sampling"),
-])
-def test_audit_refuses_a_mechanism_it_would_not_measure(tmp_path, overrides, key):
-    """An ffa or patient-window job would be audited as plain fedavg on truncated examples:
-    refused, naming the key, before any training."""
-    from privatune.common.config import ConfigError
-
-    config = tmp_path / "job.yaml"
-    config.write_text("seed: 0\n")
-    job = load_job_config(config, overrides)
-    site = AuditSite("h1", tmp_path / "missing.jsonl", "jsonl")
-    with pytest.raises(ConfigError, match=key):
-        run_empirical_audit(job, tmp_path / "model", [site], tmp_path / "out")
-    assert not (tmp_path / "out").exists()

@@ -1,0 +1,60 @@
+"""Nodes in this process as the coordinator's transport: the real round without an engine.
+
+``InProcessTransport`` hands each request to a ``SiteNode`` in this process and its reply back,
+through the same records Flower carries (requests and replies as records, adapters as
+``ArrayRecord``s), so the coordinator's round (sample, request, checks, aggregation, evaluation)
+and the node's (policy, budget, DP-SGD, ledger) run exactly as deployed. The empirical audit
+trains its federations this way; Flower's simulation engine and the SuperLink are the other two
+transports (``server.app.FlowerTransport``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from flwr.app import ConfigRecord
+
+from privatune.client.node import SiteNode
+from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
+                                       arrayrecord_to_state, state_to_arrayrecord)
+from privatune.server.coordinator import EvaluateResult, TrainResult
+
+
+def _wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter as the other side of the wire receives it."""
+    return arrayrecord_to_state(state_to_arrayrecord(state))
+
+
+class InProcessTransport:
+    """Nodes 1..n are the given sites, always connected and unauthenticated (a simulation):
+    each site is known by the name its replies report."""
+
+    def __init__(self, nodes: Sequence[SiteNode]):
+        self.nodes = {node_id: node for node_id, node in enumerate(nodes, start=1)}
+
+    def node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def node_sites(self) -> Mapping[int, str] | None:
+        return None
+
+    def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
+              timeout_s: float) -> tuple[list[TrainResult], list[str]]:
+        """Each node trains in turn (no timeout: nothing here can go silent)."""
+        results = []
+        for node_id, request in requests.items():
+            outcome = self.nodes[node_id].train(
+                TrainRequest.from_record(ConfigRecord(request.to_record())), _wire(state))
+            reply = TrainReply.from_record(outcome.reply.to_record())
+            results.append(TrainResult(node_id, reply, _wire(outcome.state) if reply.accepted else {}))
+        return results, []
+
+    def evaluate(self, requests: Mapping[int, EvaluateRequest], state: Mapping[str, torch.Tensor],
+                 timeout_s: float) -> tuple[list[EvaluateResult], list[str]]:
+        results = []
+        for node_id, request in requests.items():
+            reply = self.nodes[node_id].evaluate(
+                EvaluateRequest.from_record(ConfigRecord(request.to_record())), _wire(state))
+            results.append(EvaluateResult(node_id, EvaluateReply.from_record(reply.to_record())))
+        return results, []
