@@ -19,7 +19,7 @@ from privatune.common.config import ConfigError
 
 def acknowledge_command(policy_path: Path) -> int:
     """Record an operator's acknowledgement of this site's ledger rollback (see README)."""
-    from privatune.client.node import acknowledge_rollback
+    from privatune.client.rollback import acknowledge_rollback
     from privatune.client.policy import load_site_policy
     from privatune.client.site_state import SiteBusy
     from privatune.common.ledger import SiteLedger

@@ -10,7 +10,7 @@ its entry, and nothing is kept for re-sending.
 Every reply carries the ledger's head after the node's entry for it; the coordinator sends the
 head it last got back with each train request. A ledger that lacks that head (restored from an
 old backup, cut or rewritten) has lost releases: the node declines every round until an
-operator acknowledges the rollback (``acknowledge_rollback``), which records the spend the
+operator acknowledges the rollback (``client.rollback``), which records the spend the
 coordinator held as a floor under the site's epsilon (``common.ledger.RollbackFloor``).
 The node holds two more pieces of evidence of its own (``client.site_state``): the head
 recorded beside the ledger, and the releases it kept; a ledger that lacks its recorded head, or
@@ -46,27 +46,25 @@ with importing_libraries():
     from privatune.client.engine import adapter_model
     from privatune.client.policy import (SitePolicy, check_delta, physical_batch_size,
                                          request_violation)
-    from privatune.client.site_state import (RECOVERED_KEY, KeptRelease, SiteBusy,
-                                             listed_updates)
+    from privatune.client.request_checks import (FROZEN_A_KEY, adapter_problem,
+                                                 check_frozen_factors, runs_taken_part)
+    from privatune.client.rollback import rollback_decline
+    from privatune.client.site_state import SiteBusy, listed_updates
     from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
     from privatune.common.examples import (SampledWindows, TokenizedTexts, consecutive_windows,
                                            encode_pairs, evaluate_loss, tokenize_texts)
     from privatune.common.generation import (GenerationTasks, evaluate_generation, generation_tasks,
                                              judged_pairs)
     from privatune.common.hardware import resolve_hardware
-    from privatune.common.ledger import (ADAPTER_UPDATE, NO_HEAD, NON_PRIVATE,
-                                         ROLLBACK_ACKNOWLEDGED, LedgerHead, LedgerWriteError,
-                                         SiteLedger, head_problem, mechanism_step)
+    from privatune.common.ledger import (ADAPTER_UPDATE, NO_HEAD, NON_PRIVATE, LedgerHead,
+                                         LedgerWriteError, SiteLedger, mechanism_step)
     from privatune.common.config import LoraConfig
-    from privatune.common.lora import (frozen_part, load_lora_state, lora_state, train_factors,
+    from privatune.common.lora import (load_lora_state, lora_state, train_factors,
                                        trained_part, update_hash)
     from privatune.common.privacy import (MechanismStep, epsilon_of, poisson_sample_rate,
                                           run_noise_multiplier)
     from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply,
                                            TrainRequest, requested_lora)
-
-ROLLBACK = "ledger_rollback"  # a decline's release name when the ledger lacks a reported head
-ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"
 
 log = logging.getLogger(__name__)
 
@@ -85,107 +83,6 @@ def privacy_units(records: Sequence[Record], unit: str,
         by_patient[record.patient_id].append(record)
     return [("", "\n\n".join(r.prompt + r.completion for r in group))
             for _, group in sorted(by_patient.items())]
-
-
-def pending_rollback(entries: Sequence[Mapping]) -> Mapping | None:
-    """The latest rollback decline no acknowledgement follows, or None."""
-    for entry in reversed(entries):
-        if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
-            return None
-        if entry.get("release") == ROLLBACK:
-            return entry
-    return None
-
-
-def acknowledge_rollback(policy: SitePolicy) -> dict:
-    """An operator's acknowledgement of the pending rollback of this site's ledger, appended
-    to it; the node trains again after it, counting at least the spend it had reported.
-
-    Raises ValueError if no rollback is pending, SiteBusy while a node answers a request.
-    """
-    with policy.state.exclusive():
-        ledger = SiteLedger(policy.ledger_path)
-        pending = pending_rollback(ledger.entries)
-        if pending is None:
-            raise ValueError(f"{policy.ledger_path}: no ledger rollback to acknowledge (the node "
-                             "has not declined a round for one since the last acknowledgement)")
-        return ledger.append(ROLLBACK_ACKNOWLEDGED, {
-            "run_id": pending["run_id"], "detected_at": pending["seq"],
-            "reported_seq": pending["reported_seq"], "reported_hash": pending["reported_hash"],
-            "reported_epsilon": pending["reported_epsilon"],
-            "reported_delta": pending["reported_delta"],
-            RECOVERED_KEY: pending.get(RECOVERED_KEY, []),
-            "note": "the releases after the last entry this ledger shares with the reported head, "
-                    "and the kept releases it did not list, are lost from it; the highest spend "
-                    "reported with them is counted as a floor (basic composition)"})
-
-
-MAX_ADAPTER_MAGNITUDE = 1e4  # LoRA factors beyond this overflow a forward pass in half precision
-
-
-def adapter_problem(state: Mapping[str, torch.Tensor]) -> str:
-    """Why a received global adapter cannot be trained or evaluated on, or "": a value that is
-    not finite, or so large that the forward pass overflows (training it would spend epsilon
-    on an update that could not be sent)."""
-    for name, tensor in state.items():
-        if not torch.isfinite(tensor).all():
-            return (f"the global adapter from the coordinator is not finite (NaN or infinity in "
-                    f"{name}); nothing was trained or evaluated")
-        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
-        if largest > MAX_ADAPTER_MAGNITUDE:
-            return (f"the global adapter from the coordinator holds {largest:.3g} in {name}, "
-                    f"beyond {MAX_ADAPTER_MAGNITUDE:g} (a LoRA factor that large overflows the "
-                    "forward pass); nothing was trained or evaluated")
-    return ""
-
-
-def runs_taken_part(entries: Sequence[Mapping]) -> set[str]:
-    """Runs this site released anything in: an update, or evaluation metrics (an
-    evaluation-only run counts toward ``privacy.max_runs`` too)."""
-    return {e["run_id"] for e in entries
-            if e.get("kind") == ADAPTER_UPDATE
-            or (e.get("kind") == NON_PRIVATE and e.get("release") == "evaluate_metrics")}
-
-
-FROZEN_A_KEY = "frozen_a_sha256"  # in a run's adapter_update entries under ffa
-
-
-@dataclass(frozen=True)
-class FrozenFactors:
-    """A train request's frozen LoRA factors, checked against the run's first round here."""
-
-    reason: str  # why the node declines the request, or ""
-    sha256: str | None  # hash of the frozen factors received; None when the run freezes none
-
-
-def check_frozen_factors(request: TrainRequest, global_state: Mapping[str, torch.Tensor],
-                         run_entries: Sequence[Mapping]) -> FrozenFactors:
-    """Under ``ffa`` every site trains B against one shared A, or averaging B is meaningless.
-
-    The node pins the hash of the A it received in its first round of a run (``frozen_a_sha256``
-    of that ledger entry, fedavg entries have none) and declines a later request of the run whose
-    A differs, or whose aggregation differs from the run's first. The release would still be
-    DP (clipping bounds it whatever A is), but the global model would not be what ffa promises.
-    """
-    try:
-        frozen = frozen_part(global_state, request.aggregation)
-    except ValueError as err:
-        return FrozenFactors(f"aggregation: {err}", None)
-    received = update_hash(frozen) if frozen else None
-    pinned = run_entries[0].get(FROZEN_A_KEY) if run_entries else received
-    if received == pinned:
-        return FrozenFactors("", received)
-    if pinned is None:
-        reason = (f"this run trained both LoRA factors (aggregation fedavg) at this site in its "
-                  f"first round; a run's aggregation cannot change to {request.aggregation}")
-    elif received is None:
-        reason = ("this run keeps lora_A frozen (aggregation ffa) at this site since its first "
-                  f"round; a run's aggregation cannot change to {request.aggregation}")
-    else:
-        reason = (f"the frozen lora_A factors differ from those this site received in the run's "
-                  f"first round (sha256 {received[:12]}, pinned {pinned[:12]}): under ffa every "
-                  "site must train B against the same A")
-    return FrozenFactors(reason, received)
 
 
 @dataclass(frozen=True)
@@ -362,8 +259,9 @@ class SiteNode:
         return self._decline(reason)
 
     def _train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
-        rollback = self._rollback(LedgerHead(request.ledger_seq, request.ledger_hash),
-                                  request.ledger_epsilon, request.ledger_delta)
+        rollback = rollback_decline(self.policy, self.ledger,
+                                    LedgerHead(request.ledger_seq, request.ledger_hash),
+                                    request.ledger_epsilon, request.ledger_delta)
         if rollback is not None:
             self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
                                              **rollback})
@@ -455,41 +353,6 @@ class SiteNode:
                                        epsilon_budget=privacy.epsilon_cap,
                                        accountant=privacy.accountant_name, **self._head()))
 
-    def _rollback(self, reported: LedgerHead, reported_epsilon: float,
-                  reported_delta: float) -> dict | None:
-        """The decline entry's fields when the ledger has lost releases, or a rollback found
-        earlier is not acknowledged yet; None when the ledger is sound.
-
-        Lost releases show three ways: the ledger lacks the head the coordinator holds
-        (``reported``), or the head recorded beside it, or it does not list a release kept on
-        disk. The floor an acknowledgement will count is the highest spend any of them reported.
-        """
-        pending = pending_rollback(self.ledger.entries)
-        if pending is not None:
-            return {key: pending[key] for key in ("release", "reason", "reported_seq",
-                                                  "reported_hash", "reported_epsilon",
-                                                  "reported_delta") + (RECOVERED_KEY,)
-                    if key in pending}
-        entries = self.ledger.entries
-        unlisted = self.state.unlisted_releases(entries)
-        problems = [p for p in (
-            head_problem(entries, reported),
-            head_problem(entries, self.ledger.witnessed_head(),
-                         f"this node recorded (in {self.ledger.witness_path.name})"),
-            _unlisted_problem(unlisted)) if p]
-        if not problems:
-            return None
-        epsilon = max([reported_epsilon, *(r.epsilon for r in unlisted)])
-        delta = max([reported_delta, *(r.delta for r in unlisted)])
-        reason = (f"this site's ledger has lost releases: {'; '.join(problems)}. It may have "
-                  f"been restored from an old backup, deleted or edited (the highest spend "
-                  f"reported with the lost releases is epsilon {epsilon:.4g}). No round is "
-                  f"trained until an operator acknowledges it: privatune node --site "
-                  f"{self.policy.source} {ACKNOWLEDGE_FLAG}")
-        return {"release": ROLLBACK, "reason": reason, "reported_seq": reported.seq,
-                "reported_hash": reported.hash, "reported_epsilon": epsilon,
-                "reported_delta": delta, RECOVERED_KEY: [r.update_sha256 for r in unlisted]}
-
     def _address_problem(self, addressed_to: str) -> str:
         """A request the coordinator addressed to another site is declined before anything is
         spent: the coordinator knows this node by its key as that site."""
@@ -573,7 +436,7 @@ class SiteNode:
         for a metric, or a ledger that cannot record it."""
         try:
             with self._answering():
-                rollback = self._rollback(NO_HEAD, 0.0, 0.0)
+                rollback = rollback_decline(self.policy, self.ledger, NO_HEAD, 0.0, 0.0)
                 if rollback is not None:
                     self.ledger.append(NON_PRIVATE, {"run_id": request.run_id,
                                                      "round": request.round, **rollback})
@@ -682,16 +545,6 @@ class SiteNode:
         released = {k: v for k, v in values.items() if v is not None}
         self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
                                          "release": f"{phase}_metrics", "values": released})
-
-
-def _unlisted_problem(unlisted: Sequence[KeptRelease]) -> str | None:
-    """The rollback problem kept releases the ledger does not list make, or None."""
-    if not unlisted:
-        return None
-    first = unlisted[0]
-    return (f"{len(unlisted)} release(s) kept in {first.path.parent} are not listed in it "
-            f"(the first: {first.path.name}, round {first.round}, sent at epsilon "
-            f"{first.epsilon:.4g})")
 
 
 def _unrecorded(err: LedgerWriteError, what: str) -> str:
