@@ -95,7 +95,7 @@ def _study(args: argparse.Namespace) -> int:
 
 def _fault_drill(args: argparse.Namespace) -> int:
     require_simulator("fault-drill")
-    from privatune.simulations.deployment_faults import run_drill
+    from privatune.simulations.fault_drill import run_drill
 
     return run_drill(args)
 

@@ -27,30 +27,30 @@ Afterwards every site's epsilon in ``report.json`` is compared with what its own
 ``<out>/faults.md`` and ``<out>/faults.json``; process logs stay under
 ``<out>/<scenario>/logs``.
 
-Usage: ``privatune fault-drill --out runs/faults`` (all scenarios; ``--scenario NAME`` for one).
+Usage: ``privatune fault-drill --out runs/faults`` (all scenarios; ``--scenario NAME`` for one;
+``fault_drill`` runs them, ``fault_report`` writes the summary).
 Sizes are the smallest that still train (a tiny model, 120 notes per site): the time is
 dominated by Flower starting one ClientApp process (torch, Opacus) per message.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import random
-import resource
 import shutil
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from privatune.common.audit import audit_path
-from privatune.common.base_model import BaseModelSpec, ensure_base_model
+from privatune.common.base_model import BaseModelSpec
 from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger, read_entries
 from privatune.simulations.loopback import DELTA, LoopbackFederation, Proc
+from privatune.simulations.processes import (descendants, kill, limit_file_size, serverapp_pids,
+                                            tool_pids)
 
 SITES = ("alpha", "beta", "gamma")
 VICTIM = "gamma"  # the hospital killed in node-killed, whose disk fills in disk-full
@@ -71,64 +71,6 @@ ACTIONS = ("IV antibiotics", "insulin infusion", "IV furosemide", "nebulised sal
 def log(text: str) -> None:
     """Progress with a wall-clock stamp, flushed so a piped log keeps pace."""
     print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _processes() -> dict[int, tuple[int, list[str]]]:
-    """Every process now: pid -> (parent pid, argv)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), argv)
-    return found
-
-
-def tool_pids(tool: str, superlink_port: int) -> list[int]:
-    """PIDs of a Flower tool's processes serving or attached to OUR SuperLink (matched by its
-    port: other people's SuperLinks may run on this machine at the same time)."""
-    return sorted(pid for pid, (_, argv) in _processes().items()
-                  if any(Path(a).name == tool for a in argv[:2])
-                  and any(a == str(superlink_port) or a.endswith(f":{superlink_port}")
-                          for a in argv))
-
-
-def serverapp_pids(superlink_port: int) -> list[int]:
-    return tool_pids("flwr-serverapp", superlink_port)
-
-
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it (a SuperNode, its SuperExec and ClientApps)."""
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in _processes().items():
-        children.setdefault(parent, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return sorted(found)
-
-
-def limit_file_size(pids: Sequence[int], limit: int) -> list[int]:
-    """Set the soft file size limit of running processes (their children inherit it); Python
-    ignores SIGXFSZ, so a write past the limit fails with EFBIG. Returns those it was set on."""
-    done = []
-    for pid in pids:
-        try:
-            hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
-        except (ProcessLookupError, PermissionError):
-            continue
-        done.append(pid)
-    return done
 
 
 # --------------------------------------------------------------------------- set-up
@@ -340,14 +282,6 @@ def flower_run_status(fed: LoopbackFederation, run_id: str) -> str:
         return f"unknown ({err})"
 
 
-def kill(pids: Sequence[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def scenario_superlink_restarted(fed: LoopbackFederation, budget_s: float) -> dict[str, Any]:
     """SIGKILL the ``flower-superlink`` process in round 2 and start ``privatune coordinator
     --serve`` again on the same port and database; then see what the run does by itself
@@ -471,162 +405,3 @@ def run_scenario(name: str, out: Path, model_dir: Path, round_timeout_s: int, ro
 
 
 # --------------------------------------------------------------------------- summary
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
-
-
-def _after_round(line: str | None) -> str:
-    """'after round N' of a coordinator's 'resuming run ... after round N from ...' line."""
-    return ("resumed after " + line.split(" from ", 1)[0].split(" after ", 1)[1]) if line else "no resume"
-
-
-def outcome(name: str, r: dict[str, Any]) -> str:
-    """What happened in a scenario, in one table cell."""
-    if "error" in r:
-        return "-"
-    if name == "node-killed":
-        return (f"{r['killed_site']} killed at {r['killed_at_s']:.0f} s; in rounds "
-                f"{r.get('killed_site_rounds')}")
-    if name == "coordinator-killed":
-        return f"killed at {r['first_attempt_s']:.0f} s; restarted: {_after_round(r.get('resumed_line'))}"
-    if name == "superlink-restarted":
-        online = r.get("nodes_online_again_at_s")
-        online = f"{online:.0f} s" if isinstance(online, (int, float)) else str(online)
-        return (f"killed at {r['killed_at_s']:.0f} s, back at {r['superlink_back_at_s']:.0f} s; "
-                f"nodes online again at {online}; run went on by itself: "
-                f"{'yes' if r.get('run_finished_by_itself') else 'no'} (first coordinator: "
-                f"exit {r.get('coordinator_1_exit')}); restarted coordinator: "
-                f"{_after_round(r.get('resumed_line')) if 'resumed_attempt_s' in r else 'not needed'}")
-    if name == "disk-full":
-        reasons = {v for v in r.get("full_site_train_declines", {}).values() if v}
-        return (f"{r['full_site']}: appends fail from round 2; train declined in rounds "
-                f"{[int(k) for k, v in r.get('full_site_train_declines', {}).items() if v]}"
-                f" ({'; '.join(sorted(reasons)) or 'no reason'}); its ledger holds updates of "
-                f"rounds {r.get('full_site_updates_in_ledger')}, torn line: "
-                f"{'none' if not r.get('ledger_torn_line') else 'YES'}, side files: "
-                f"{len(r.get('side_files', []))}")
-    return "uninterrupted"
-
-
-def summary_markdown(results: dict[str, dict[str, Any]], command: str) -> str:
-    """The table the issue asks for, plus the checks behind it."""
-    lines = ["# Deployment fault tolerance", "",
-             f"Measured with `{command}` (3 hospital SuperNodes, SuperLink with TLS, node "
-             f"authentication and state database, loopback; tiny model, {NOTES_PER_SITE} notes "
-             "per site).", "",
-             "| scenario | rounds completed | wall time (s) | final global ppl | "
-             + " | ".join(f"{s} eps report / ledger" for s in SITES) + " | audit | what happened |",
-             "|---|---|---|---|" + "---|" * len(SITES) + "---|---|"]
-    for name in SCENARIOS:
-        r = results.get(name)
-        if r is None:
-            continue
-        sites = r.get("sites", {})
-        eps = [f"{_num(sites.get(s, {}).get('epsilon_report'))} / "
-               f"{_num(sites.get(s, {}).get('epsilon_ledger'))}" for s in SITES]
-        audits = ", ".join(f"{s} {sites[s]['audit']}" for s in SITES if s in sites) or "n/a"
-        rounds = (f"{r.get('rounds_completed', 'n/a')}/{r.get('rounds_planned')}"
-                  if "error" not in r else f"ERROR: {r['error']}")
-        lines.append(f"| {name} | {rounds} | {_num(r.get('wall_s'), 1)} | "
-                     f"{_num(r.get('final_global_perplexity'))} | " + " | ".join(eps)
-                     + f" | {audits} | {outcome(name, r)} |")
-    problems = sorted({f"{s}: {p}" for r in results.values()
-                       for s, info in r.get("sites", {}).items() for p in info["audit_problems"]})
-    if problems:
-        lines += ["", "Audit problems (`common.audit`, independent dp-accounting RDP):", ""]
-        lines += [f"- {p}" for p in problems]
-    count = 1 + max((int(r.get("rounds_planned", 0)) for r in results.values()), default=0)
-    lines += ["", "## Per-round global perplexity (coordinator's held-out set)", "",
-              "| scenario | " + " | ".join(f"round {i}" for i in range(count)) + " |",
-              "|---|" + "---|" * count]
-    for name in SCENARIOS:
-        r = results.get(name)
-        if r and "global_perplexity" in r:
-            ppl = r["global_perplexity"]
-            lines.append(f"| {name} | " + " | ".join(_num(ppl.get(str(i))) for i in range(count))
-                         + " |")
-    lines += ["", "## Details", ""]
-    for name in SCENARIOS:
-        r = results.get(name)
-        if not r:
-            continue
-        lines.append(f"### {name}")
-        lines.append("")
-        for key in ("participants", "aggregated", "declined", "killed_site", "killed_at_s",
-                    "killed_site_rounds", "killed_run_id", "killed_run_final_status",
-                    "first_attempt_s", "resumed_attempt_s", "checkpoints_at_kill",
-                    "round2_released_before_kill", "killed_superlink_pids",
-                    "serverapp_alive_after_kill", "coordinator_1_exit_after_kill",
-                    "superlink_back_at_s", "nodes_online_again_at_s", "coordinator_1_exit",
-                    "coordinator_1_last_lines", "run_finished_by_itself",
-                    "serverapp_alive_before_resume", "file_size_limit", "limited_pids",
-                    "ledger_entries_at_limit", "ledger_entries_after", "ledger_torn_line",
-                    "side_files", "full_site_train_declines", "full_site_evaluation_declines",
-                    "full_site_updates_in_ledger", "resumed_line", "round_end_s",
-                    "round_end_s_resumed", "error"):
-            if key in r:
-                lines.append(f"- {key}: `{json.dumps(r[key])}`")
-        for site, info in r.get("sites", {}).items():
-            problems = "; ".join(info["audit_problems"])
-            lines.append(f"- {site}: ledger releases (run, round, update hash) "
-                         f"`{json.dumps(info['ledger_releases'])}`, rounds in report "
-                         f"`{info['rounds_in_report']}`, releases not in the report "
-                         f"{info.get('releases_not_in_report')}, audit {info['audit']}"
-                         + (f" ({problems})" if problems else ""))
-        lines.append("")
-    b = results.get("baseline", {}).get("final_global_perplexity")
-    for name in SCENARIOS[1:]:
-        c = results.get(name, {}).get("final_global_perplexity")
-        if b and c:
-            lines.append(f"Final global perplexity, {name}: {c:.3f} vs baseline {b:.3f} "
-                         f"({100 * (c - b) / b:+.1f}%).")
-    return "\n".join(lines)
-
-
-def rescan(results: dict[str, Any], out: Path, model_dir: Path) -> None:
-    """Recompute the per-site figures from the scenario directories already on disk (ledgers,
-    report.json), e.g. after the checks here changed, without running anything again."""
-    for name, result in results.items():
-        root = out / name
-        if not (root / "sites").is_dir():
-            continue
-        fed = LoopbackFederation(root=root, model_dir=model_dir, port=0)
-        fed.policies = {s: root / "sites" / s / "policy.yaml" for s in SITES}
-        report = read_report(fed)
-        result["sites"] = site_figures(fed, report)
-        if report:
-            result.update(run_figures(fed, report))
-
-
-def run_drill(args: argparse.Namespace) -> int:
-    """``privatune fault-drill``: the scenarios asked for, the table in ``<out>/faults.md``."""
-    if args.rounds < 3:
-        raise ValueError("--rounds must be at least 3 (the faults are injected in round 2)")
-    if args.scenario not in ("all", *SCENARIOS):
-        raise ValueError(f"--scenario {args.scenario}: not one of all, {', '.join(SCENARIOS)}")
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    command = (f"privatune fault-drill --out {args.out} --rounds {args.rounds} "
-               f"--round-timeout {args.round_timeout}"
-               + (f" --scenario {args.scenario}" if args.scenario != "all" else ""))
-    model_dir = ensure_base_model(out / "model", TINY_MODEL, log)
-    results_path = out / "faults.json"
-    results: dict[str, Any] = (json.loads(results_path.read_text(encoding="utf-8"))
-                               if results_path.is_file() else {})
-    names = SCENARIOS if args.scenario == "all" else (args.scenario,)
-    if args.rescan:
-        rescan(results, out, model_dir)
-        results_path.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-        names = ()
-    for name in names:
-        results[name] = run_scenario(name, out, model_dir, args.round_timeout, args.rounds,
-                                     args.budget)
-        results[name]["command"] = command
-        results_path.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    text = summary_markdown(results, results.get("baseline", {}).get("command", command))
-    (out / "faults.md").write_text(text, encoding="utf-8")
-    print(text, flush=True)
-    failed = [n for n in names if "error" in results[n] or results[n].get("exit_code") != 0]
-    return 1 if failed else 0

@@ -237,3 +237,18 @@ def test_a_simulator_command_without_its_extra_names_it_and_does_nothing(command
     assert f"privatune {command} needs the optional extra 'simulation'" in err
     assert "missing: privatune_no_such_module" in err and "pip install 'privatune[simulation]'" in err
     assert not out.exists()
+
+
+def test_fault_summary_has_a_row_per_scenario_with_its_checks():
+    from privatune.simulations.fault_report import summary_markdown
+
+    site = {"epsilon_report": 1.25, "epsilon_ledger": 1.25, "audit": "ok", "audit_problems": [],
+            "ledger_releases": [], "rounds_in_report": [1, 2, 3]}
+    results = {"baseline": {"rounds_completed": 3, "rounds_planned": 3, "wall_s": 12.0,
+                            "final_global_perplexity": 100.0, "sites": {"alpha": site},
+                            "global_perplexity": {"0": 200.0, "3": 100.0}},
+               "node-killed": {"error": "the SuperLink did not start", "rounds_planned": 3}}
+    text = summary_markdown(results, "privatune fault-drill --out runs/faults")
+    assert "| baseline | 3/3 | 12.0 | 100.000 | 1.250 / 1.250 |" in text
+    assert "| node-killed | ERROR: the SuperLink did not start |" in text
+    assert "| baseline | 200.000 | n/a | n/a | 100.000 |" in text
