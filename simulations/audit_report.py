@@ -13,8 +13,8 @@ from privatune.simulations.membership import ATTACKS, MIN_K_FRACTION, strongest_
 
 
 def epsilon_text(epsilon: Any) -> str:
-    """ε as the report prints it: three digits, whole above 100 (the non-private 10,000)."""
-    return f"{float(epsilon):,.0f}" if float(epsilon) >= 100 else f"{float(epsilon):.3g}"
+    """ε as the report prints it: ∞ for the run without DP."""
+    return "∞" if epsilon == "inf" else f"{float(epsilon):.3g}"
 
 
 def render_audit_markdown(report: dict[str, Any]) -> str:
@@ -76,10 +76,10 @@ def render_audit_markdown(report: dict[str, Any]) -> str:
         "- DP bounds each *record*; a secret repeated k times is a group of k records, whose "
         "guarantee is about k times weaker, so some exposure at high repetition counts is "
         "expected even under DP.",
-        "- The non-private run is the same federation at epsilon 10,000 (the study's "
-        "non-private column): what the model remembers when the noise is practically off. Both "
-        "runs are the real round, coordinator and nodes; each run's folder (`dp/`, `non_dp/`) "
-        "holds the sites' policies and ledgers, which `privatune audit` checks.",
+        "- The no-DP run (no noise, no clipping) exists only for this comparison; no node can be "
+        "run that way. Both runs are the federation's real round (the coordinator's, the "
+        "nodes' data and aggregation); the DP run's folder (`dp/`) holds its sites' policies "
+        "and ledgers, which `privatune audit` checks.",
         "", f"Total time {report['elapsed_s']:.0f} s.", "",
         "![exposure by repetitions](report.png)", "",
     ]

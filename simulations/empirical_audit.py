@@ -3,9 +3,9 @@
 Epsilon is an upper bound proven on paper; this audit measures what an attacker actually gets,
 so a privacy officer can see the bound at work. One hospital's training split gets canaries
 (`canaries`), the federation is trained twice from the same config through the real round
-(`audit_federation`: the coordinator's, with the nodes in this process), once at the sites'
-epsilon and once at the study's non-private setting (`non_private`, epsilon 10,000), and the
-base model and both trained models are attacked:
+(`audit_federation`: the coordinator's, with the nodes in this process), once with DP-SGD at
+the sites' epsilon and once without DP (no noise, no clipping: an audit-only counterfactual,
+never a node mode), and the base model and both trained models are attacked:
 canary exposure (`canaries`) and membership inference on every site's records (`membership`).
 The report (`audit_report`) puts the three side by side.
 
@@ -30,7 +30,7 @@ import torch
 from privatune.common.config import ConfigError, JobConfig, load_job_config, to_dict
 from privatune.common.examples import encode_pairs
 from privatune.common.lora import initial_adapter, load_base_model, load_lora_state
-from privatune.simulations.audit_federation import Progress, train_federation
+from privatune.simulations.audit_federation import NO_CLIPPING, Progress, train_federation
 from privatune.simulations.audit_report import epsilon_text, write_audit_report
 from privatune.simulations.audit_sites import (
     AuditSite,
@@ -60,7 +60,7 @@ from privatune.simulations.membership import (
 )
 
 RUN_LABELS = {"base": "base model (before training)", "dp": "DP-SGD",
-              "non_dp": "non-private (epsilon 10,000)"}
+              "non_dp": "no DP (audit only)"}
 
 
 def model_scorer(model: torch.nn.Module, tokenizer: Any, max_length: int, batch_size: int) -> Scorer:
@@ -154,10 +154,10 @@ def run_empirical_audit(job: JobConfig, model_dir: Path, sites: Sequence[AuditSi
         evaluation, _ = evaluate_run(model, tokenizer, job, splits, canaries, candidate_secrets,
                                      reference)
         site = outcome.sites[canary_site]
-        runs[key] = {"label": RUN_LABELS[key], "epsilon": site["epsilon"], "delta": site["delta"],
-                     "accountant": site["accountant"],
+        runs[key] = {"label": RUN_LABELS[key], "epsilon": site["epsilon"],
+                     "delta": site.get("delta"), "accountant": site.get("accountant"),
                      "noise_multiplier": site["noise_multiplier"],
-                     "max_grad_norm": job.training.max_grad_norm,
+                     "max_grad_norm": job.training.max_grad_norm if private else NO_CLIPPING,
                      **evaluation, "sites": outcome.sites, "rounds": outcome.rounds,
                      "train_s": round(train_s, 1),
                      "wall_s": round(time.monotonic() - run_started, 1)}

@@ -212,6 +212,10 @@ def test_the_audit_trains_through_the_nodes_so_ffa_and_patient_windows_run(tmp_p
     frozen_a = [k for k in start if "lora_A" in k]
     assert frozen_a and all(torch.equal(outcome.state[k], start[k]) for k in frozen_a)  # ffa
     assert any(not torch.equal(outcome.state[k], start[k]) for k in start if "lora_B" in k)
+    plain = train_federation(job, tiny_model_dir, sites, splits, private=False,
+                             out=tmp_path / "non_dp", progress=lambda line: None, label="non_dp")
+    assert all(torch.equal(plain.state[k], start[k]) for k in frozen_a)  # ffa without DP too
+    assert {s["epsilon"] for s in plain.sites.values()} == {"inf"}
     for split in splits:
         ledger = tmp_path / "dp" / "sites" / split.name / "ledger.jsonl"
         audit = audit_ledger(ledger)
@@ -240,8 +244,8 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
     assert set(written["runs"]) == {"base", "dp", "non_dp"}
     dp, non_dp = written["runs"]["dp"], written["runs"]["non_dp"]
     assert 0 < dp["epsilon"] <= 8.0 + 1e-6 and dp["noise_multiplier"] > 0
-    # the counterfactual is the study's non-private setting, on the same nodes
-    assert 8.0 < non_dp["epsilon"] <= 10_000 and 0 < non_dp["noise_multiplier"] < dp["noise_multiplier"]
+    assert non_dp["epsilon"] == "inf" and non_dp["noise_multiplier"] == 0.0
+    assert non_dp["sites"]["south"]["steps"] == job.federation.rounds * job.training.local_steps
     for run in written["runs"].values():
         assert set(run["exposure"]) == {"1", "4"}
         assert all(0.0 <= c["exposure"] <= LOG2_SPACE for e in run["exposure"].values()
@@ -258,7 +262,7 @@ def test_tiny_end_to_end_audit_reports_both_runs(tmp_path, tiny_model_dir, one_t
     # Against itself the base model's loss drop is 0 for every record: chance by construction.
     assert written["runs"]["base"]["mia"]["attacks"]["loss_vs_base"]["auc"] == 0.5
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "membership inference AUC" in markdown and "non-private (epsilon 10,000)" in markdown
+    assert "membership inference AUC" in markdown and "∞" in markdown
     best = max(a["auc"] for a in non_dp["mia"]["attacks"].values())
     assert "| best attack's AUC above chance |" in markdown and f"{best - 0.5:+.3f}" in markdown
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
