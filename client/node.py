@@ -46,8 +46,8 @@ with importing_libraries():
     from privatune.client.engine import adapter_model
     from privatune.client.policy import (SitePolicy, check_delta, physical_batch_size,
                                          request_violation)
-    from privatune.client.request_checks import (FROZEN_A_KEY, adapter_problem,
-                                                 check_frozen_factors, runs_taken_part)
+    from privatune.client.request_checks import (adapter_problem, check_frozen_factors,
+                                                 runs_taken_part)
     from privatune.client.rollback import rollback_decline
     from privatune.client.site_state import SiteBusy, listed_updates
     from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
@@ -56,8 +56,8 @@ with importing_libraries():
     from privatune.common.generation import (GenerationTasks, evaluate_generation, generation_tasks,
                                              judged_pairs)
     from privatune.common.hardware import resolve_hardware
-    from privatune.common.ledger import (ADAPTER_UPDATE, NO_HEAD, NON_PRIVATE, LedgerHead,
-                                         LedgerWriteError, SiteLedger, mechanism_step)
+    from privatune.common.ledger import (NO_HEAD, NON_PRIVATE, AdapterRelease, LedgerHead,
+                                         LedgerWriteError, SiteLedger)
     from privatune.common.config import LoraConfig
     from privatune.common.lora import (load_lora_state, lora_state, train_factors,
                                        trained_part, update_hash)
@@ -175,18 +175,15 @@ class SiteNode:
         """The delta of ``epsilon``: the policy's, plus the floor's after a rollback."""
         return self.policy.privacy.delta + self.ledger.floor().delta
 
-    def _run_entries(self, run_id: str) -> list[dict]:
-        return [e for e in self.ledger.adapter_updates() if e["run_id"] == run_id]
-
     def _run_noise_multiplier(self, request: TrainRequest, sample_rate: float) -> float:
         """The run's noise multiplier: fixed at the site's first round of the run, then reused.
 
         Calibrated so that the planned run keeps both the lifetime spend within the cap and
         the run's own spend within the per-run budget, whatever rounds the coordinator plans.
         """
-        earlier = self._run_entries(request.run_id)
+        earlier = self.ledger.releases(request.run_id)
         if earlier:
-            return float(earlier[0]["noise_multiplier"])
+            return float(earlier[0].noise_multiplier)
         privacy = self.policy.privacy
         floor = self.ledger.floor().epsilon
         return run_noise_multiplier(privacy.epsilon_cap - floor, privacy.run_budget - floor,
@@ -202,7 +199,7 @@ class SiteNode:
         violation = request_violation(self.policy.limits, request)
         if violation:
             return RoundPlan(violation, 0.0, spent)
-        run_entries = self._run_entries(request.run_id)
+        run_entries = self.ledger.releases(request.run_id)
         if len(run_entries) >= privacy.max_rounds:
             return RoundPlan(f"site policy allows at most {privacy.max_rounds} rounds per run; "
                              f"this site already took part in {len(run_entries)}", 0.0, spent)
@@ -222,7 +219,7 @@ class SiteNode:
             return RoundPlan(f"round {request.round} would raise this site's epsilon to {after:.3f}, "
                              f"over its cap of {privacy.epsilon_cap:g} (delta={privacy.delta:g}); "
                              f"spent so far {spent:.3f}", noise, after)
-        run_history = [mechanism_step(e) for e in run_entries]
+        run_history = [release.step for release in run_entries]
         floor = self.ledger.floor().epsilon  # the run's lost releases may be in it: counted too
         run_after = floor + epsilon_of([*run_history, this_round], privacy.delta, accountant)
         if run_after > privacy.run_budget:
@@ -273,7 +270,7 @@ class SiteNode:
         if resent is not None:
             return resent
         plan = self.check_request(request)
-        frozen = check_frozen_factors(request, global_state, self._run_entries(request.run_id))
+        frozen = check_frozen_factors(request, global_state, self.ledger.releases(request.run_id))
         reason = plan.reason or frozen.reason or self._space_problem(global_state)
         if reason:
             return self._record_decline(request.run_id, request.round, reason)
@@ -310,13 +307,13 @@ class SiteNode:
         # accountant call per round; a step other than the planned one is priced as it ran
         epsilon = (plan.epsilon_after if ran == plan.step else
                    self.ledger.epsilon(privacy.delta, privacy.accountant_name, then=[ran]))
-        mechanism = {
-            "run_id": request.run_id, "round": request.round, "privacy_unit": privacy.unit,
-            **({"patient_sampling": privacy.patient_sampling} if privacy.unit == "patient" else {}),
-            "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
-            "steps": result.steps, "max_grad_norm": request.max_grad_norm,
-            "accountant": privacy.accountant_name, "epsilon": epsilon, "delta": privacy.delta,
-            **({FROZEN_A_KEY: frozen.sha256} if frozen.sha256 else {})}
+        mechanism = AdapterRelease(
+            run_id=request.run_id, round=request.round, privacy_unit=privacy.unit,
+            patient_sampling=privacy.patient_sampling if privacy.unit == "patient" else None,
+            noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
+            steps=result.steps, max_grad_norm=request.max_grad_norm,
+            accountant=privacy.accountant_name, epsilon=epsilon, delta=privacy.delta,
+            frozen_a_sha256=frozen.sha256)
         non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
         if non_finite:
             # The training ran, so its epsilon is spent whether or not the result leaves: the
@@ -324,9 +321,9 @@ class SiteNode:
             reason = (f"the update is not finite (NaN or infinity in {non_finite[0]}); it is "
                       f"withheld, and the epsilon of the training that produced it stays counted "
                       f"(learning rate {request.learning_rate:g})")
-            self.ledger.append(ADAPTER_UPDATE, {**mechanism, "withheld": reason})
+            self.ledger.append_release(dataclasses.replace(mechanism, withheld=reason))
             return self._decline(reason)
-        self.ledger.append(ADAPTER_UPDATE, {**mechanism, "update_sha256": update_hash(state)})
+        self.ledger.append_release(dataclasses.replace(mechanism, update_sha256=update_hash(state)))
         release = self.policy.release
         count = len(self.train_units) if release.example_count else 1
         loss = result.mean_loss if release.train_loss else None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE
+from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, AdapterRelease
 from privatune.common.lora import frozen_part, update_hash
 from privatune.common.protocol import TrainRequest
 
@@ -39,9 +39,6 @@ def runs_taken_part(entries: Sequence[Mapping]) -> set[str]:
             or (e.get("kind") == NON_PRIVATE and e.get("release") == "evaluate_metrics")}
 
 
-FROZEN_A_KEY = "frozen_a_sha256"  # in a run's adapter_update entries under ffa
-
-
 @dataclass(frozen=True)
 class FrozenFactors:
     """A train request's frozen LoRA factors, checked against the run's first round here."""
@@ -51,7 +48,7 @@ class FrozenFactors:
 
 
 def check_frozen_factors(request: TrainRequest, global_state: Mapping[str, torch.Tensor],
-                         run_entries: Sequence[Mapping]) -> FrozenFactors:
+                         run_releases: Sequence[AdapterRelease]) -> FrozenFactors:
     """Under ``ffa`` every site trains B against one shared A, or averaging B is meaningless.
 
     The node pins the hash of the A it received in its first round of a run (``frozen_a_sha256``
@@ -64,7 +61,7 @@ def check_frozen_factors(request: TrainRequest, global_state: Mapping[str, torch
     except ValueError as err:
         return FrozenFactors(f"aggregation: {err}", None)
     received = update_hash(frozen) if frozen else None
-    pinned = run_entries[0].get(FROZEN_A_KEY) if run_entries else received
+    pinned = run_releases[0].frozen_a_sha256 if run_releases else received
     if received == pinned:
         return FrozenFactors("", received)
     if pinned is None:

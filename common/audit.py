@@ -46,9 +46,9 @@ import numpy as np
 
 from privatune.common.config import read_yaml
 from privatune.common.extras import has_extra
-from privatune.common.ledger import (ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED, LedgerError,
-                                     RollbackFloor, entry_problem, head_problem, mechanism_problem,
-                                     mechanism_step, read_entries)
+from privatune.common.ledger import (ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED, AdapterRelease,
+                                     LedgerError, RollbackFloor, entry_problem, head_problem,
+                                     mechanism_problem, read_entries)
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
                                       accountant_note, pld_epsilon)
@@ -231,16 +231,16 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                 result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot account "
                                        "this release, and stops here")
                 break
-            step = mechanism_step(entry)
-            rdp.add(step)
-            history.append(step)
-            delta = float(entry["delta"])
+            release = AdapterRelease.from_entry(entry)
+            rdp.add(release.step)
+            history.append(release.step)
+            delta = float(release.delta)
             if result.delta is not None and delta != result.delta:
                 result.problems.append(f"line {entry['seq']}: delta changed from "
                                        f"{result.delta:g} to {delta:g}")
             result.delta = delta
-            recorded = float(entry["epsilon"])
-            accountant = entry.get("accountant", RDP)
+            recorded = float(release.epsilon)
+            accountant = release.accountant or RDP
             if accountant not in ACCOUNTANTS:
                 result.problems.append(f"line {entry['seq']}: unknown accountant {accountant!r}; "
                                        "the audit cannot check this release, and stops here")
@@ -249,15 +249,15 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
             final = len(result.rounds) + 1 == releases
             pld_eps = (floor.epsilon + pld_epsilon(history, delta) if per_release_pld or final
                        else None)
-            row = {"seq": entry["seq"], "run_id": entry.get("run_id"), "round": entry.get("round"),
-                   "time": entry.get("time"), "unit": entry.get("privacy_unit"),
-                   "noise_multiplier": entry["noise_multiplier"],
-                   "sample_rate": entry["sample_rate"], "steps": entry["steps"],
-                   "max_grad_norm": entry.get("max_grad_norm"), "accountant": accountant,
+            row = {"seq": entry["seq"], "run_id": release.run_id, "round": release.round,
+                   "time": entry.get("time"), "unit": release.privacy_unit,
+                   "noise_multiplier": release.noise_multiplier,
+                   "sample_rate": release.sample_rate, "steps": release.steps,
+                   "max_grad_norm": release.max_grad_norm, "accountant": accountant,
                    "recorded_epsilon": recorded,
                    "recomputed_epsilon": rdp_eps if accountant == RDP else pld_eps,
                    "rdp_epsilon": rdp_eps, "pld_epsilon": pld_eps,
-                   "withheld": entry.get("withheld"), "update_sha256": entry.get("update_sha256"),
+                   "withheld": release.withheld, "update_sha256": release.update_sha256,
                    "floor_epsilon": floor.epsilon}
             _check_row(result, row)
             result.rounds.append(row)

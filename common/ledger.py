@@ -32,6 +32,7 @@ forgotten, and the surviving ones may be counted twice, an over-count, never an 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -193,10 +194,45 @@ def entry_problem(entry: Mapping[str, Any]) -> str | None:
     return None
 
 
-def mechanism_step(entry: Mapping[str, Any]) -> MechanismStep:
-    """The DP mechanism of an adapter update that passed ``mechanism_problem``."""
-    return MechanismStep(float(entry["noise_multiplier"]), float(entry["sample_rate"]),
-                         int(entry["steps"]))
+@dataclass(frozen=True)
+class AdapterRelease:
+    """An adapter update's ledger entry (``ADAPTER_UPDATE``) as one type: the DP mechanism that
+    produced it, enough for anyone to recompute its epsilon, and the update sent (its hash) or
+    why it was withheld. The node writes it; the node, the audit and the simulations read it.
+
+    Fields a ledger's entry lacks read as None (older entries, and the mechanism's options:
+    patient sampling under the patient unit, the frozen factors' hash under ffa); the written
+    entry holds exactly the fields that are not None, so its bytes are what they always were.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon: float  # the site's cumulative epsilon after this release, by ``accountant``
+    delta: float
+    run_id: str | None = None
+    round: int | None = None
+    privacy_unit: str | None = None
+    patient_sampling: str | None = None
+    max_grad_norm: float | None = None
+    accountant: str | None = None
+    frozen_a_sha256: str | None = None
+    update_sha256: str | None = None
+    withheld: str | None = None
+
+    @property
+    def step(self) -> MechanismStep:
+        return MechanismStep(float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
+
+    def fields(self) -> dict[str, Any]:
+        """The entry's own fields, as ``SiteLedger.append`` takes them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> AdapterRelease:
+        """An adapter update entry that passed ``mechanism_problem``."""
+        return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls) if f.name in entry})
 
 
 def _verified(line: str, number: int, previous: str, path: Path) -> dict[str, Any]:
@@ -437,11 +473,20 @@ class SiteLedger:
             return NO_HEAD
 
     def adapter_updates(self) -> list[dict[str, Any]]:
+        """The adapter update entries as written (with their seq, time and hashes)."""
         return [e for e in self.entries if e.get("kind") == ADAPTER_UPDATE]
+
+    def releases(self, run_id: str | None = None) -> list[AdapterRelease]:
+        """Every adapter update (of ``run_id``, if given), in order (each checked when read)."""
+        return [release for release in map(AdapterRelease.from_entry, self.adapter_updates())
+                if run_id is None or release.run_id == run_id]
+
+    def append_release(self, release: AdapterRelease) -> dict[str, Any]:
+        return self.append(ADAPTER_UPDATE, release.fields())
 
     def mechanism_history(self) -> list[MechanismStep]:
         """Every DP mechanism this site has released, in order (each checked when read)."""
-        return [mechanism_step(e) for e in self.adapter_updates()]
+        return [release.step for release in self.releases()]
 
     def floor(self) -> RollbackFloor:
         return rollback_floor(self.entries)

@@ -23,6 +23,21 @@ from typing import Any
 from privatune.common.ledger import LedgerHead
 
 RECORD_KEY = "ledger_record"
+# The shape of report.json and of a checkpoint's state.json; raise it when a reader of the old
+# shape would misread the new one. Files written before it was recorded are version 1.
+SCHEMA_KEY = "schema_version"
+SCHEMA_VERSION = 1
+
+
+def schema_problem(data: Mapping[str, Any]) -> str | None:
+    """Why this privatune cannot read a run's file of this schema (a newer one), or None."""
+    version = data.get(SCHEMA_KEY, 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return f"{SCHEMA_KEY} is {version!r}, not a version number"
+    if version > SCHEMA_VERSION:
+        return (f"written with {SCHEMA_KEY} {version} by a newer privatune; this one reads up to "
+                f"{SCHEMA_VERSION}: upgrade privatune to read it")
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,9 @@ def read_run_record(path: Path) -> dict[str, SiteRecord]:
         path = found
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        problem = schema_problem(data) if isinstance(data, dict) else None
+        if problem:
+            raise ValueError(problem)
         if not isinstance(data, dict) or RECORD_KEY not in data:
             raise ValueError(f"no {RECORD_KEY!r} key (a run recorded before ledger heads were "
                              "kept, or not a privatune report or checkpoint)")

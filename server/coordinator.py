@@ -41,8 +41,8 @@ from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggr
                                          validate_update, weight_problem)
 from privatune.server.evaluation import CentralEvaluator
 from privatune.server.tracking import open_tracker
-from privatune.common.run_record import (RECORD_KEY, RunIdentity, latest_checkpoint,
-                                         resume_refusal)
+from privatune.common.run_record import (RECORD_KEY, SCHEMA_KEY, SCHEMA_VERSION, RunIdentity,
+                                         latest_checkpoint, resume_refusal, schema_problem)
 from privatune.server.report import CentralSummary, RunReport, SampleCompletions, SiteSummary
 from privatune.server.rounds import (RoundEvaluation, RoundRecord, RoundTraining, SiteReply,
                                      site_records)
@@ -164,7 +164,7 @@ class CheckpointState:
     job_sites: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        data = {"run_id": self.run_id, "round": self.round,
+        data = {SCHEMA_KEY: SCHEMA_VERSION, "run_id": self.run_id, "round": self.round,
                 "rounds": [r.to_json() for r in self.rounds],
                 "sites": {name: site.to_json() for name, site in self.sites.items()}}
         if self.config is not None:
@@ -178,6 +178,8 @@ class CheckpointState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CheckpointState:
+        if problem := schema_problem(data):
+            raise ValueError(f"state.json: {problem}")
         return cls(run_id=str(data["run_id"]), round=int(data["round"]),
                    rounds=[RoundRecord.from_json(r) for r in data["rounds"]],
                    sites={name: SiteTally.from_json(site) for name, site in data["sites"].items()},

@@ -12,7 +12,7 @@ from typing import Any
 from privatune.common.generation import GenerationScores
 from privatune.common.lengths import LengthFit
 from privatune.common.plots import report_figure
-from privatune.common.run_record import RECORD_KEY
+from privatune.common.run_record import RECORD_KEY, SCHEMA_KEY, SCHEMA_VERSION, schema_problem
 from privatune.server.overfitting import best_round, overfitting_flags, render_watch
 from privatune.server.rounds import RoundRecord, RoundTraining, site_records
 
@@ -198,6 +198,7 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
+            SCHEMA_KEY: SCHEMA_VERSION,
             "run_id": self.run_id, "config": self.config, "base_model": self.base_model,
             "base_model_description": self.base_model_description,
             "central": self.central.to_json(), "rounds": [r.to_json() for r in self.rounds],
@@ -217,6 +218,8 @@ class RunReport:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunReport:
+        if problem := schema_problem(data):
+            raise ValueError(f"report.json: {problem}")
         return cls(run_id=str(data["run_id"]), config=dict(data.get("config", {})),
                    base_model=str(data.get("base_model", "")),
                    base_model_description=str(data.get("base_model_description", "")),

@@ -136,10 +136,10 @@ def train_federation(job: JobConfig, model_dir: Path, sites: Sequence[AuditSite]
 
 def _private_spend(node: SiteNode) -> dict[str, Any]:
     """A site's spend in the DP run, as its ledger records it."""
-    releases = node.ledger.adapter_updates()
+    releases = node.ledger.releases()
     return {"examples": len(node.train_units),
-            "noise_multiplier": releases[0]["noise_multiplier"] if releases else None,
-            "sample_rate": releases[0]["sample_rate"] if releases else None,
-            "steps": sum(int(e["steps"]) for e in releases),
+            "noise_multiplier": releases[0].noise_multiplier if releases else None,
+            "sample_rate": releases[0].sample_rate if releases else None,
+            "steps": sum(r.steps for r in releases),
             "epsilon": node.epsilon(), "delta": node.delta(),
             "accountant": node.policy.privacy.accountant_name}

@@ -594,7 +594,22 @@ def test_checkpoint_state_reads_old_checkpoints_and_writes_the_same_json():
                                              delta=1e-4, epsilon_budget=8.0, noise_multiplier=1.3)
     assert state.sites["south"].delta is None and state.rounds[0].training is None
     assert state.rounds[1].training.declined == {"south": "over budget"}
-    assert json.loads(json.dumps(state.to_json())) == old
+    assert json.loads(json.dumps(state.to_json())) == {"schema_version": 1, **old}
+
+
+def test_a_run_file_of_a_newer_schema_is_refused_by_name(tmp_path):
+    """report.json and state.json say their schema; a newer one than this privatune reads is
+    refused with what to do, never misread."""
+    from privatune.common.run_record import read_run_record
+
+    newer = {"schema_version": 2, "run_id": "r", "round": 1, "rounds": [], "sites": {},
+             "ledger_record": {}}
+    for read in (CheckpointState.from_json, RunReport.from_json):
+        with pytest.raises(ValueError, match="schema_version 2 by a newer privatune.*upgrade"):
+            read(newer)
+    (tmp_path / "report.json").write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match="report.json: not a usable record.*newer privatune"):
+        read_run_record(tmp_path)
 
 
 def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
@@ -604,9 +619,10 @@ def test_report_json_round_trips_and_keeps_its_shape(tmp_path, tiny_model_dir):
     write_report(report, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert RunReport.read(tmp_path / "out" / "report.json") == report
-    assert set(saved) == {"run_id", "config", "base_model", "base_model_description", "central",
-                          "rounds", "sites", "best_round", "overfitting",
-                          "ledger_record"}  # the last three derived
+    assert set(saved) == {"schema_version", "run_id", "config", "base_model",
+                          "base_model_description", "central", "rounds", "sites", "best_round",
+                          "overfitting", "ledger_record"}  # the last three derived
+    assert saved["schema_version"] == 1
     assert set(saved["rounds"][0]) == {"round", "participants", "global_perplexity",
                                        "federated_perplexity", "site_perplexity", "evaluation_failures"}
     assert set(saved["rounds"][1]) == set(saved["rounds"][0]) | {"declined", "failures", "aggregated",

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from privatune.common.ledger import (ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE, LedgerError,
-                                     SiteLedger, entry_hash, read_entries)
+from privatune.common.ledger import (ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE, AdapterRelease,
+                                     LedgerError, SiteLedger, entry_hash, read_entries)
 from privatune.common.privacy import MechanismStep, prv_epsilon
 
 
@@ -39,6 +39,33 @@ def test_reopened_ledger_recomputes_the_same_epsilon(tmp_path):
     assert reopened.epsilon(1e-5) == pytest.approx(expected)
     assert ledger.epsilon(1e-5) == pytest.approx(expected)
     assert [e["private"] for e in reopened.entries] == [True, False] * 3
+
+
+ENVELOPE = ("seq", "kind", "private", "time", "prev_hash", "hash")
+
+
+def test_a_release_is_one_type_that_writes_and_reads_the_same_entry(tmp_path):
+    """What the node writes through AdapterRelease is the entry the ledger always held (its
+    bytes depend only on its keys and values), and an older entry with fewer fields reads too."""
+    ledger = make_ledger(tmp_path / "old.jsonl", rounds=1)  # written as a dict, as before
+    old = ledger.adapter_updates()[0]
+    release = AdapterRelease.from_entry(old)
+    assert release.run_id == "run" and release.accountant is None and release.withheld is None
+    assert release.fields() == {k: v for k, v in old.items() if k not in ENVELOPE}
+    assert release.step == MechanismStep(0.9, 0.05, 20)
+
+    sent = AdapterRelease(noise_multiplier=0.9, sample_rate=0.05, steps=20, epsilon=1.5,
+                          delta=1e-5, run_id="run", round=1, privacy_unit="patient",
+                          patient_sampling="window", max_grad_norm=1.0, accountant="opacus-prv",
+                          frozen_a_sha256="a" * 64, update_sha256="b" * 64)
+    as_dict = SiteLedger(tmp_path / "dict.jsonl")
+    as_dict.append(ADAPTER_UPDATE, sent.fields())
+    typed = SiteLedger(tmp_path / "typed.jsonl")
+    typed.append_release(sent)
+    strip = [{k: v for k, v in e.items() if k not in ("time", "hash")}
+             for e in (as_dict.entries[0], typed.entries[0])]
+    assert strip[0] == strip[1] and typed.releases("run") == [sent] and typed.releases("other") == []
+    assert typed.mechanism_history() == [MechanismStep(0.9, 0.05, 20)]
 
 
 def test_changed_line_is_located(tmp_path):
