@@ -58,6 +58,7 @@ def simulated_run(tmp_path_factory, tiny_model_dir):
     return job, root, report, policies
 
 
+@pytest.mark.e2e
 def test_global_adapter_changed_and_is_loadable(simulated_run, tiny_model_dir):
     job, root, _, _ = simulated_run
     lora = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
@@ -71,6 +72,7 @@ def test_global_adapter_changed_and_is_loadable(simulated_run, tiny_model_dir):
         assert json.loads((checkpoint / "state.json").read_text())["round"] == round_number
 
 
+@pytest.mark.e2e
 def test_epsilon_grows_each_round_and_stays_within_budget(simulated_run):
     _, _, report, policies = simulated_run
     for name in ("north", "south"):
@@ -82,6 +84,7 @@ def test_epsilon_grows_each_round_and_stays_within_budget(simulated_run):
     assert [r.participants for r in report.rounds[1:]] == [["north", "south"]] * 2
 
 
+@pytest.mark.e2e
 def test_heldout_loss_fell_at_every_site_and_centrally(simulated_run):
     _, _, report, _ = simulated_run
     for name, site in report.sites.items():
@@ -90,6 +93,7 @@ def test_heldout_loss_fell_at_every_site_and_centrally(simulated_run):
     assert report.central.final_perplexity < report.central.base_perplexity
 
 
+@pytest.mark.e2e
 def test_plan_matches_what_the_run_spent(simulated_run):
     job, _, _, policies = simulated_run
     for policy_path in policies:
@@ -102,6 +106,7 @@ def test_plan_matches_what_the_run_spent(simulated_run):
         assert spent == pytest.approx(plan.epsilon_per_round, rel=1e-9)
 
 
+@pytest.mark.e2e
 def test_report_files_written(simulated_run):
     _, root, report, _ = simulated_run
     run = root / "run"
@@ -119,6 +124,7 @@ def test_report_files_written(simulated_run):
     assert RunReport.from_json(saved) == report  # report.json reads back as the same records
 
 
+@pytest.mark.e2e
 def test_generation_scores_centrally_at_sites_and_local_only(simulated_run):
     _, root, report, policies = simulated_run
     # rounds 0 (the base model) and 2 (every 2nd, also the last); not round 1
