@@ -152,6 +152,19 @@ class _Reply:
         return RecordDict({STATUS_KEY: ConfigRecord(parts[STATUS_KEY]),
                            METRICS_KEY: MetricRecord(parts[METRICS_KEY])})
 
+    def to_json(self) -> dict[str, Any]:
+        """The reply as the run's files (report.json, state.json) hold it; a None is left out."""
+        return {fld.name: getattr(self, fld.name) for fld in dataclasses.fields(self)  # type: ignore[arg-type]
+                if getattr(self, fld.name) is not None}
+
+    @classmethod
+    def from_json(cls: type[T], data: Mapping[str, Any]) -> T:
+        """A reply from ``to_json``'s form; a field it lacks (an older file's) takes its default."""
+        values = {fld.name: _decode(cls.__name__, fld, data[fld.name], finite=False)
+                  for fld in dataclasses.fields(cls)  # type: ignore[arg-type]
+                  if data.get(fld.name) is not None}
+        return cls(**values)
+
     @classmethod
     def from_record(cls: type[T], content: RecordDict) -> T:
         values: dict[str, Any] = {}

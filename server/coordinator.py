@@ -44,8 +44,7 @@ from privatune.server.tracking import open_tracker
 from privatune.common.run_record import (RECORD_KEY, SCHEMA_KEY, SCHEMA_VERSION, RunIdentity,
                                          latest_checkpoint, resume_refusal, schema_problem)
 from privatune.server.report import CentralSummary, RunReport, SampleCompletions, SiteSummary
-from privatune.server.rounds import (RoundEvaluation, RoundRecord, RoundTraining, SiteReply,
-                                     site_records)
+from privatune.server.rounds import RoundEvaluation, RoundRecord, RoundTraining, site_records
 
 SAMPLE_COMPLETIONS = 3  # from the coordinator's own held-out set, shown in the report
 
@@ -402,11 +401,9 @@ class Coordinator:
                                                              reply.epsilon_budget)
             site.node_id = result.node_id
             site.note_head(reply.ledger_seq, reply.ledger_hash)
-            outcome.replies[reply.site] = SiteReply(
-                accepted=reply.accepted, epsilon=reply.epsilon, delta=reply.delta,
-                epsilon_budget=reply.epsilon_budget, accountant=reply.accountant,
-                ledger_seq=reply.ledger_seq, ledger_hash=reply.ledger_hash,
-                update_sha256=update_hash(result.state) if reply.accepted else None)
+            outcome.replies[reply.site] = reply
+            if reply.accepted:
+                outcome.update_sha256[reply.site] = update_hash(result.state)
             if not reply.accepted:
                 outcome.declined[reply.site] = reply.reason
                 self.progress(f"  {reply.site} declined: {reply.reason}")

@@ -12,32 +12,8 @@ from typing import Any
 
 from privatune.common.generation import GenerationSample, GenerationScores
 from privatune.common.ledger import LedgerHead
+from privatune.common.protocol import TrainReply
 from privatune.common.run_record import ReceivedUpdate, ReportedHead, SiteRecord
-
-
-@dataclass
-class SiteReply:
-    """What one site's train reply told the coordinator: its privacy figures, its ledger head
-    and (for an accepted reply) the SHA-256 of the update received, whatever became of it."""
-
-    accepted: bool
-    epsilon: float
-    delta: float
-    epsilon_budget: float
-    accountant: str
-    ledger_seq: int
-    ledger_hash: str
-    update_sha256: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SiteReply:
-        return cls(accepted=bool(data["accepted"]), epsilon=float(data["epsilon"]),
-                   delta=float(data["delta"]), epsilon_budget=float(data["epsilon_budget"]),
-                   accountant=str(data["accountant"]), ledger_seq=int(data["ledger_seq"]),
-                   ledger_hash=str(data["ledger_hash"]), update_sha256=data.get("update_sha256"))
 
 
 @dataclass
@@ -56,7 +32,10 @@ class RoundTraining:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     update_bytes: dict[str, int] = field(default_factory=dict)
-    replies: dict[str, SiteReply] = field(default_factory=dict)  # site -> its train reply
+    # site -> its train reply, as the node sent it (privacy figures, ledger head; the update
+    # itself is not kept), and the SHA-256 of each update received, whatever became of it
+    replies: dict[str, TrainReply] = field(default_factory=dict)
+    update_sha256: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"participants": list(self.participants),
@@ -67,8 +46,10 @@ class RoundTraining:
                 data[name] = getattr(self, name)
         if self.update_bytes:
             data["update_bytes"] = dict(self.update_bytes)
-        if self.replies:
-            data["replies"] = {site: reply.to_json() for site, reply in self.replies.items()}
+        if self.replies:  # each reply beside its update's hash (the site is the key)
+            data["replies"] = {site: {**{k: v for k, v in reply.to_json().items() if k != "site"},
+                                      "update_sha256": self.update_sha256.get(site)}
+                               for site, reply in self.replies.items()}
         return data
 
     @classmethod
@@ -79,8 +60,11 @@ class RoundTraining:
                    train_loss=data.get("train_loss"), bytes_sent=data.get("bytes_sent"),
                    bytes_received=data.get("bytes_received"),
                    update_bytes={s: int(b) for s, b in data.get("update_bytes", {}).items()},
-                   replies={site: SiteReply.from_json(reply)
-                            for site, reply in data.get("replies", {}).items()})
+                   replies={site: TrainReply.from_json({**reply, "site": site})
+                            for site, reply in data.get("replies", {}).items()},
+                   update_sha256={site: str(reply["update_sha256"])
+                                  for site, reply in data.get("replies", {}).items()
+                                  if reply.get("update_sha256")})
 
 
 @dataclass
@@ -168,13 +152,14 @@ def site_records(rounds: list[RoundRecord]) -> dict[str, SiteRecord]:
     records: dict[str, SiteRecord] = {}
     for record in rounds:
         replies = record.training.replies if record.training else {}
+        updates = record.training.update_sha256 if record.training else {}
         for site, reply in replies.items():
             entry = records.setdefault(site, SiteRecord(site))
             if reply.ledger_seq >= 0:
                 entry.heads.append(ReportedHead(record.round, "train", reply.ledger_seq,
                                                 reply.ledger_hash))
-            if reply.update_sha256:
-                entry.received.append(ReceivedUpdate(record.round, reply.update_sha256))
+            if site in updates:
+                entry.received.append(ReceivedUpdate(record.round, updates[site]))
             entry.epsilon = max(entry.epsilon, reply.epsilon)
             entry.delta, entry.epsilon_budget = reply.delta, reply.epsilon_budget
             entry.accountant = reply.accountant

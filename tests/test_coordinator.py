@@ -553,7 +553,8 @@ def test_each_node_is_sent_its_sites_last_head_and_a_resumed_coordinator_keeps_t
         reply = report.rounds[3].training.replies[name]
         assert (reply.ledger_seq, reply.ledger_hash) == (ledger.head.seq, ledger.head.hash)
         assert reply.accountant == "opacus-rdp" and reply.epsilon_budget == 8.0
-        assert reply.update_sha256 == ledger.adapter_updates()[-1]["update_sha256"]
+        assert (report.rounds[3].training.update_sha256[name]
+                == ledger.adapter_updates()[-1]["update_sha256"])
     write_report(report, tmp_path / "out")
     record = read_run_record(tmp_path / "out" / "report.json")
     alpha = record["alpha"]
@@ -595,6 +596,29 @@ def test_checkpoint_state_reads_old_checkpoints_and_writes_the_same_json():
     assert state.sites["south"].delta is None and state.rounds[0].training is None
     assert state.rounds[1].training.declined == {"south": "over budget"}
     assert json.loads(json.dumps(state.to_json())) == {"schema_version": 1, **old}
+
+
+def test_a_train_reply_is_one_type_from_the_node_to_the_runs_files():
+    """The round record keeps the node's TrainReply itself; it round-trips through report.json's
+    form, and a reply of an older file (the fields the coordinator used to keep) still reads."""
+    from privatune.server.rounds import RoundTraining
+
+    reply = TrainReply(site="north", accepted=True, num_examples=120, epsilon=1.5, delta=1e-5,
+                       epsilon_budget=8.0, noise_multiplier=0.9, train_loss=2.5,
+                       accountant="opacus-prv", ledger_seq=4, ledger_hash="h" * 64)
+    training = RoundTraining(replies={"north": reply}, update_sha256={"north": "u" * 64})
+    again = RoundTraining.from_json(json.loads(json.dumps(training.to_json())))
+    assert again.replies == {"north": reply} and again.update_sha256 == {"north": "u" * 64}
+    older = {"replies": {"south": {"accepted": False, "epsilon": 0.5, "delta": 1e-5,
+                                   "epsilon_budget": 8.0, "accountant": "opacus-rdp",
+                                   "ledger_seq": 2, "ledger_hash": "g" * 64,
+                                   "update_sha256": None}}}
+    south = RoundTraining.from_json(older)
+    assert south.replies["south"] == TrainReply(site="south", accepted=False, epsilon=0.5,
+                                                delta=1e-5, epsilon_budget=8.0,
+                                                accountant="opacus-rdp", ledger_seq=2,
+                                                ledger_hash="g" * 64)
+    assert south.update_sha256 == {}
 
 
 def test_a_run_file_of_a_newer_schema_is_refused_by_name(tmp_path):

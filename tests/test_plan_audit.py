@@ -104,17 +104,19 @@ def _fake_run(tmp_path, **site):
     """A run directory: an adapter, site a's ledger and the coordinator's record of the run
     (report.json), whose last train reply from a carried the ledger's head and its update."""
     from privatune.server.report import RunReport
-    from privatune.server.rounds import RoundRecord, RoundTraining, SiteReply
+    from privatune.common.protocol import TrainReply
+    from privatune.server.rounds import RoundRecord, RoundTraining
 
     ledger = SiteLedger(write_site(tmp_path, "a", **site))
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     last = ledger.adapter_updates()[-1]
-    reply = SiteReply(accepted=True, epsilon=last["epsilon"], delta=1e-5, epsilon_budget=8.0,
-                      accountant="opacus-rdp", ledger_seq=ledger.head.seq,
-                      ledger_hash=ledger.head.hash, update_sha256="x")
+    reply = TrainReply(site="a", accepted=True, epsilon=last["epsilon"], delta=1e-5,
+                       epsilon_budget=8.0, accountant="opacus-rdp", ledger_seq=ledger.head.seq,
+                       ledger_hash=ledger.head.hash)
     report = RunReport(run_id="r", config={}, base_model="m", rounds=[
-        RoundRecord(0), RoundRecord(1, training=RoundTraining(replies={"a": reply}))])
+        RoundRecord(0), RoundRecord(1, training=RoundTraining(replies={"a": reply},
+                                                              update_sha256={"a": "x"}))])
     (tmp_path / "report.json").write_text(json.dumps(report.to_json()))
     return tmp_path
 
