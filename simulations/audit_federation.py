@@ -14,7 +14,7 @@ its sites are ``NoDPSite``s, the node's data and round with plain training in pl
 That site exists only here, in process: no node can be run that way. (The study's
 "non-private" setting, epsilon 10,000, is no stand-in: measured on this audit's config its
 noise multiplier is 0.11 to 0.13, noise about 6 times the clipped signal at LoRA rank 64,
-and the model remembered a canary seen once 1.3 bits against 17 without noise.)
+and the model remembered a canary seen once 1.3 bits, against 15.9 without noise.)
 """
 
 from __future__ import annotations
