@@ -85,6 +85,17 @@ def privacy_units(records: Sequence[Record], unit: str,
             for _, group in sorted(by_patient.items())]
 
 
+def _own_records(policy: SitePolicy) -> tuple[list[Record], list[Record]]:
+    """The policy's data file, exact duplicates collapsed (or refused, as the policy says);
+    returns the records and the duplicates collapsed."""
+    records, duplicates = collapse_duplicates(load_records(policy.data_path, policy.site.format))
+    if duplicates and policy.site.duplicates == "refuse":
+        raise DataError(f"{policy.data_path}: {len(duplicates)} exact duplicate records "
+                        f"(the first at {duplicates[0].source}); this site's policy "
+                        "(site.duplicates: refuse) does not collapse them")
+    return records, duplicates
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """The node's answer to a train request before training: a decline reason, or the noise,
@@ -114,7 +125,8 @@ class SiteNode:
         self.policy = policy
         self.duplicates: list[Record] = []
         if split is None:
-            split = self._own_split(policy)
+            records, self.duplicates = _own_records(policy)
+            split = split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
         train, heldout = list(split[0]), list(split[1])
         self._records = {"train": train, "heldout": heldout}
         self.train_units = privacy_units(train, policy.privacy.unit)
@@ -128,15 +140,6 @@ class SiteNode:
         self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
         self._encoded: dict[tuple[str, int, str], TensorDataset] = {}
         self._tokenized: dict[str, TokenizedTexts] = {}
-
-    def _own_split(self, policy: SitePolicy) -> tuple[list[Record], list[Record]]:
-        records, self.duplicates = collapse_duplicates(load_records(policy.data_path,
-                                                                    policy.site.format))
-        if self.duplicates and policy.site.duplicates == "refuse":
-            raise DataError(f"{policy.data_path}: {len(self.duplicates)} exact duplicate records "
-                            f"(the first at {self.duplicates[0].source}); this site's policy "
-                            "(site.duplicates: refuse) does not collapse them")
-        return split_records(records, policy.site.heldout_fraction, policy.site.split_seed)
 
     @property
     def name(self) -> str:

@@ -232,8 +232,9 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                                        "this release, and stops here")
                 break
             release = AdapterRelease.from_entry(entry)
-            rdp.add(release.step)
-            history.append(release.step)
+            step = release.step
+            rdp.add(step)
+            history.append(step)
             delta = float(release.delta)
             if result.delta is not None and delta != result.delta:
                 result.problems.append(f"line {entry['seq']}: delta changed from "

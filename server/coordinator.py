@@ -402,12 +402,11 @@ class Coordinator:
             site.node_id = result.node_id
             site.note_head(reply.ledger_seq, reply.ledger_hash)
             outcome.replies[reply.site] = reply
-            if reply.accepted:
-                outcome.update_sha256[reply.site] = update_hash(result.state)
             if not reply.accepted:
                 outcome.declined[reply.site] = reply.reason
                 self.progress(f"  {reply.site} declined: {reply.reason}")
                 continue
+            outcome.update_sha256[reply.site] = update_hash(result.state)  # whatever becomes of it
             problem = weight_problem(reply.num_examples, fed)
             if problem:
                 outcome.failures.append(f"{reply.site}: update rejected: {problem}")

@@ -11,6 +11,7 @@ transports (``server.app.FlowerTransport``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from flwr.app import ConfigRecord
@@ -18,12 +19,20 @@ from flwr.app import ConfigRecord
 from privatune.client.node import SiteNode
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        arrayrecord_to_state, state_to_arrayrecord)
+
+Message = TypeVar("Message", TrainRequest, EvaluateRequest, TrainReply, EvaluateReply)
 from privatune.server.coordinator import EvaluateResult, TrainResult
 
 
 def _wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An adapter as the other side of the wire receives it."""
     return arrayrecord_to_state(state_to_arrayrecord(state))
+
+
+def _received(message: Message) -> Message:
+    """A request or reply as the other side of the wire decodes it (its own codec)."""
+    record = message.to_record()
+    return type(message).from_record(ConfigRecord(record) if isinstance(record, dict) else record)
 
 
 class InProcessTransport:
@@ -44,17 +53,13 @@ class InProcessTransport:
         """Each node trains in turn (no timeout: nothing here can go silent)."""
         results = []
         for node_id, request in requests.items():
-            outcome = self.nodes[node_id].train(
-                TrainRequest.from_record(ConfigRecord(request.to_record())), _wire(state))
-            reply = TrainReply.from_record(outcome.reply.to_record())
+            outcome = self.nodes[node_id].train(_received(request), _wire(state))
+            reply = _received(outcome.reply)
             results.append(TrainResult(node_id, reply, _wire(outcome.state) if reply.accepted else {}))
         return results, []
 
     def evaluate(self, requests: Mapping[int, EvaluateRequest], state: Mapping[str, torch.Tensor],
                  timeout_s: float) -> tuple[list[EvaluateResult], list[str]]:
-        results = []
-        for node_id, request in requests.items():
-            reply = self.nodes[node_id].evaluate(
-                EvaluateRequest.from_record(ConfigRecord(request.to_record())), _wire(state))
-            results.append(EvaluateResult(node_id, EvaluateReply.from_record(reply.to_record())))
-        return results, []
+        return [EvaluateResult(node_id, _received(self.nodes[node_id].evaluate(
+                    _received(request), _wire(state))))
+                for node_id, request in requests.items()], []
