@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from privatune.common.extras import require_extra
 from privatune.simulations.empirical_audit_cli import add_empirical_audit_command
-from privatune.simulations.study import DEFAULT_EPSILONS, parse_epsilons
+from privatune.simulations.study_plan import DEFAULT_EPSILONS, parse_epsilons
 
 if TYPE_CHECKING:
     from privatune.server.report import RunReport
@@ -76,7 +76,8 @@ def _study(args: argparse.Namespace) -> int:
     with importing_libraries():
         from transformers.utils import logging as transformers_logging
 
-        from privatune.simulations.study import plan_study, run_study
+        from privatune.simulations.study import run_study
+        from privatune.simulations.study_plan import plan_study
 
     started = time.monotonic()
     warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices

@@ -17,10 +17,12 @@ from privatune.server.report import CentralSummary, RunReport, SiteSummary
 from privatune.server.rounds import RoundRecord, RoundTraining
 from privatune.common.cli import main
 from privatune.simulations.nearest_note import jaccard, nearest_references, word_set
-from privatune.simulations.study import (FEDERATED, LOCAL_ONLY, NEAREST_NOTE, NON_PRIVATE, POOLED,
-                                         Budget, Measurement, RunRecord, Scores, check_reuse,
-                                         draw_plot, federated_measurements, parse_epsilons,
-                                         plan_study, render_markdown, summarise)
+from privatune.simulations.study import check_reuse
+from privatune.simulations.study_measurements import (Measurement, RunRecord, Scores,
+                                                      federated_measurements)
+from privatune.simulations.study_plan import (FEDERATED, LOCAL_ONLY, NEAREST_NOTE, NON_PRIVATE,
+                                              POOLED, Budget, parse_epsilons, plan_study)
+from privatune.simulations.study_report import draw_plot, render_markdown, summarise
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -212,7 +214,7 @@ def test_tables_show_each_setting_by_column_and_every_failure(summary, tmp_path)
 
 
 def test_a_failed_cell_says_so():
-    from privatune.simulations.study import Cell, _cell, _spread
+    from privatune.simulations.study_report import Cell, _cell, _spread
 
     failed = Cell(FEDERATED, "eps-8", (), None, None, None, ("seed 0: exit 1",))
     assert _cell(failed, _spread("sites", "rouge_l"), 3) == "failed"

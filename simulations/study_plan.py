@@ -1,0 +1,131 @@
+"""What the privacy-utility study runs (``privatune study``): its settings (federated,
+local-only, pooled, nearest-note), its columns (each ε and non-private), their seeds, and every
+run's job config, checked before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from privatune.common.config import ConfigError, load_job_config, parse_override
+
+if TYPE_CHECKING:
+    from privatune.common.config import JobConfig
+
+FEDERATED, LOCAL_ONLY, POOLED, NEAREST_NOTE = "federated", "local-only", "pooled", "nearest-note"
+SETTINGS = (FEDERATED, LOCAL_ONLY, POOLED, NEAREST_NOTE)
+SETTING_LABELS = {FEDERATED: "federated (DP FedAvg)", LOCAL_ONLY: "each site alone",
+                  POOLED: "all sites pooled, no DP", NEAREST_NOTE: "nearest-note copy"}
+DEFAULT_EPSILONS = (1.0, 3.0, 8.0)
+# "Non-private" for a job that always runs DP-SGD: the highest epsilon a job accepts, calibrated
+# with RDP (PRV at a huge epsilon costs minutes and about 10 GB) and no floor on the noise, so
+# each site's noise multiplier is what epsilon 10,000 needs (about 0.06 in the demo)
+NON_PRIVATE_EPSILON = 10_000
+NON_PRIVATE_OVERRIDES = ("privacy.accountant=rdp", f"privacy.epsilon={NON_PRIVATE_EPSILON}",
+                         "privacy.min_noise_multiplier=0")
+# keys the study sets on every run itself; a --set of one would be silently overridden
+STUDY_KEYS = ("seed", "privacy.epsilon", "simulation.local_only_baseline",
+              "evaluation.every_k_rounds")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One column of the study: a per-site ε, or non-private (``epsilon`` None)."""
+
+    epsilon: float | None
+
+    @property
+    def key(self) -> str:
+        """The column's name in directories and study.json."""
+        return "non-private" if self.epsilon is None else f"eps-{self.epsilon:g}"
+
+    @property
+    def label(self) -> str:
+        return "non-private" if self.epsilon is None else f"ε = {self.epsilon:g}"
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        if self.epsilon is None:
+            return NON_PRIVATE_OVERRIDES
+        return (f"privacy.epsilon={self.epsilon:g}",)
+
+
+NON_PRIVATE = Budget(None)
+
+
+def parse_epsilons(text: str) -> tuple[float, ...]:
+    """``1,3,8`` -> (1.0, 3.0, 8.0), ascending; argparse type for --epsilons."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a number (expected e.g. 1,3,8)") from None
+        if not (math.isfinite(value) and 0 < value < NON_PRIVATE_EPSILON):
+            raise argparse.ArgumentTypeError(f"{part}: each ε must be above 0 and below "
+                                             f"{NON_PRIVATE_EPSILON} (the non-private column)")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: an ε is listed twice")
+    return tuple(sorted(values))
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What to run: the config, its user overrides, the columns and each column's seeds."""
+
+    config: Path
+    out: Path
+    epsilons: tuple[float, ...]
+    seeds: tuple[int, ...]  # the non-private column and the highest ε
+    other_seeds: tuple[int, ...]  # every other ε
+    extra: tuple[str, ...] = ()  # the user's --set, applied to every run first
+    rounds: int = 1
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return (*(Budget(e) for e in self.epsilons), NON_PRIVATE)
+
+    def seeds_of(self, budget: Budget) -> tuple[int, ...]:
+        full = budget.epsilon is None or budget.epsilon == max(self.epsilons)
+        return self.seeds if full else self.other_seeds
+
+    def job_overrides(self, budget: Budget, seed: int) -> tuple[str, ...]:
+        """Every --set of one run: the user's, then the study's (generation scored at round 0
+        and the last round only, the local-only baselines on), then the column's."""
+        return (*self.extra, f"seed={seed}", "simulation.local_only_baseline=true",
+                f"evaluation.every_k_rounds={self.rounds}", *budget.overrides)
+
+    def job(self, budget: Budget, seed: int) -> JobConfig:
+        return load_job_config(self.config, self.job_overrides(budget, seed))
+
+
+def plan_study(config: Path, out: Path, epsilons: Sequence[float] = DEFAULT_EPSILONS,
+               seeds: int = 3, other_seeds: int = 1, extra: Sequence[str] = ()) -> StudyPlan:
+    """Check the arguments and every run's job config before anything runs: a bad value
+    stops here, not hours into the study."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if other_seeds < 1:
+        raise ConfigError(f"--seeds-other must be at least 1, got {other_seeds}")
+    if not epsilons:
+        raise ConfigError("--epsilons must name at least one ε")
+    for text in extra:
+        key, _ = parse_override(text)
+        if key in STUDY_KEYS:
+            raise ConfigError(f"--set {text!r}: the study sets {key} itself on every run "
+                              f"(seeds: --seeds, --seeds-other; ε: --epsilons)")
+    base = load_job_config(config, extra)
+    plan = StudyPlan(config=config, out=out, epsilons=tuple(sorted(epsilons)),
+                     seeds=tuple(base.seed + i for i in range(seeds)),
+                     other_seeds=tuple(base.seed + i for i in range(other_seeds)),
+                     extra=tuple(extra), rounds=base.federation.rounds)
+    for budget in plan.budgets:
+        for seed in plan.seeds_of(budget):
+            plan.job(budget, seed)
+    return plan
