@@ -56,7 +56,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _failed_federation(report: RunReport) -> int:
     """1, with each distinct reason, when no site took part in any round because every train
     request failed (a broken federation, not a finished run); else 0."""
-    from privatune.server.report import failure_reason
+    from privatune.server.failure_reasons import failure_reason
 
     if any(record.participants for record in report.rounds):
         return 0

@@ -37,7 +37,8 @@ from privatune.common.generation import GenerationScores
 from privatune.common.process_heap import keep_for_process_lifetime
 from privatune.server.app import make_server_app
 from privatune.server.coordinator import Coordinator, CoordinatorSettings, checkpoint_to_resume
-from privatune.server.report import RunReport, SiteSummary, write_report
+from privatune.server.report import RunReport, SiteSummary
+from privatune.server.report_files import write_report
 from privatune.server.tracking import check_tracking
 from privatune.simulations.hospitals import HospitalSpec, default_hospitals, generate_federation
 from privatune.simulations.in_process import InProcessTransport

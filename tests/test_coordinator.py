@@ -29,7 +29,9 @@ from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, Eva
 from privatune.server.app import FlowerTransport
 from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings,
                                           EvaluateResult, SiteTally, TrainResult, latest_checkpoint)
-from privatune.server.report import RunReport, render_markdown, write_report
+from privatune.server.report import RunReport
+from privatune.server.report_files import write_report
+from privatune.server.report_markdown import render_markdown
 from privatune.server.rounds import RoundRecord
 from tests.conftest import write_notes
 
@@ -362,7 +364,7 @@ def test_a_failed_nodes_traceback_is_one_line_in_the_report_and_whole_in_its_log
         tmp_path, tiny_model_dir):
     """report.json and report.md give each failure as one line, the exception the node raised;
     the whole text goes to failures.log (only what was shortened)."""
-    from privatune.server.report import FAILURE_LOG, failure_reason
+    from privatune.server.failure_reasons import FAILURE_LOG, failure_reason
 
     transport = FakeTransport({1: lambda *_: RAY_FAILURE, 2: update(2, 300), 3: silent})
     report = coordinator(tmp_path, tiny_model_dir, transport, min_replies=1).run()

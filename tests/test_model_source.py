@@ -24,7 +24,7 @@ from privatune.common.lora import attach_lora, load_adapter, load_base_model
 from privatune.common.model_source import file_sha256, is_gguf_source, resolve_base_model
 from privatune.server.coordinator import Coordinator, CoordinatorSettings
 from privatune.server.export import export_merged
-from privatune.server.report import write_report
+from privatune.server.report_files import write_report
 from tests.conftest import write_notes
 from tests.test_coordinator import SITES, FakeTransport, LedgeredSite, job
 from tests.test_export import small_update
