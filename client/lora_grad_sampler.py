@@ -49,15 +49,15 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers import optimizer as opacus_optimizer
 from opacus.utils.module_utils import requires_grad
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from privatune.common import opacus_internals
 
 
 class UnsupportedLoraError(ValueError):
@@ -246,13 +246,14 @@ class LoraGradSampleModule(GradSampleModule):
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
                   force_functorch: bool = False) -> None:
-        if hasattr(self._module, "autograd_grad_sample_hooks"):
+        model = opacus_internals.wrapped_module(self)
+        if hasattr(model, "autograd_grad_sample_hooks"):
             raise ValueError("Trying to add hooks twice to the same model")
         replaced: list[_PerExampleFactor] = []
         # Opacus' remove_hooks() calls remove() on each of these
-        self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks = replaced
-        for name, adapter in check_lora_model(self._module).items():
-            layer = self._module.get_submodule(name)
+        model.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks = replaced
+        for name, adapter in check_lora_model(model).items():
+            layer = model.get_submodule(name)
             for factor in (layer.lora_A[adapter], layer.lora_B[adapter]):
                 if factor.weight.requires_grad:
                     replaced.append(_PerExampleFactor(self, factor))
@@ -264,7 +265,8 @@ class LoraGradSampleModule(GradSampleModule):
         self._per_example, self._gather_queued = [], False
         self._flat, self._written, self._present = None, [], []
         output = super().forward(*args, **kwargs)
-        if self.hooks_enabled and self._module.training and torch.is_grad_enabled():
+        recording = opacus_internals.wrapped_module(self).training and torch.is_grad_enabled()
+        if self.hooks_enabled and recording:
             for tensor in _tensors(output):
                 if tensor.requires_grad:
                     tensor.register_hook(self._backward_started)
@@ -410,7 +412,7 @@ class LoraDPOptimizer(DPOptimizer):
         flat = source.per_sample_buffer() if source is not None else None
         if flat is None:
             return super().clip_and_accumulate()
-        opacus_optimizer._check_processed_flag(flat)
+        opacus_internals.check_unprocessed(flat)
         per_sample_norms = flat.norm(2, dim=1)
         clip_factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
         if self._holds("summed_grad", self._summed):  # a micro-batch after another
@@ -422,20 +424,20 @@ class LoraDPOptimizer(DPOptimizer):
             if earlier:  # micro-batches that took Opacus' own path (an empty one, say)
                 self._summed.values += torch.cat([p.summed_grad.reshape(-1) for p in self.params])
             self._summed.attach("summed_grad")
-        opacus_optimizer._mark_as_processed(flat)
+        opacus_internals.mark_processed(flat)
 
     def add_noise(self):
         if not self._holds("summed_grad", self._summed):
             return super().add_noise()
         summed = self._summed.values
-        opacus_optimizer._check_processed_flag(summed)
-        noise = opacus_optimizer._generate_noise(
+        opacus_internals.check_unprocessed(summed)
+        noise = opacus_internals.gaussian_noise(
             std=self.noise_multiplier * self.max_grad_norm, reference=summed,
             generator=self.generator, secure_mode=self.secure_mode)
         self._grads = _FlatBuffer.reuse(self._grads, self.per_sample_source.flat_layout, summed)
         torch.add(summed, noise, out=self._grads.values)
         self._grads.attach("grad")
-        opacus_optimizer._mark_as_processed(summed)
+        opacus_internals.mark_processed(summed)
 
     def scale_grad(self):
         if self.loss_reduction != "mean":
@@ -463,7 +465,7 @@ class _FlatBuffer:
         if (buffer is None or buffer.params is not layout.params
                 or buffer.values.dtype != like.dtype or buffer.values.device != like.device):
             return cls(layout, like)
-        buffer.values.__dict__.pop("_processed", None)
+        opacus_internals.unmark_processed(buffer.values)
         return buffer
 
     def attach(self, attribute: str) -> None:
@@ -472,7 +474,7 @@ class _FlatBuffer:
             setattr(param, attribute, view)
 
 
-class LoraPrivacyEngine(PrivacyEngine):
+class LoraPrivacyEngine(opacus_internals.ExtensiblePrivacyEngine):
     """Opacus' PrivacyEngine with the LoRA per-sample gradients of LoraGradSampleModule.
 
     ``make_private`` wraps the model in LoraGradSampleModule and the optimizer in
@@ -491,22 +493,16 @@ class LoraPrivacyEngine(PrivacyEngine):
             optimizer.per_sample_source = module
         return made
 
-    def _prepare_model(self, module: nn.Module, *, batch_first: bool = True,
-                       max_grad_norm=1.0, loss_reduction: str = "mean",
-                       grad_sample_mode: str = "hooks", wrap_model: bool = True):
+    def grad_sample_module(self, module: nn.Module, *, batch_first: bool, loss_reduction: str,
+                           grad_sample_mode: str, wrap_model: bool) -> nn.Module | None:
         if (grad_sample_mode != "hooks" or not wrap_model or not lora_engine_enabled()
                 or isinstance(module, AbstractGradSampleModule)):
-            return super()._prepare_model(module, batch_first=batch_first,
-                                          max_grad_norm=max_grad_norm,
-                                          loss_reduction=loss_reduction,
-                                          grad_sample_mode=grad_sample_mode, wrap_model=wrap_model)
+            return None
         self.validate(module=module, optimizer=None, data_loader=None)
         return LoraGradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction)
 
-    def _prepare_optimizer(self, **kwargs) -> DPOptimizer:
-        optimizer = super()._prepare_optimizer(**kwargs)
-        if (type(optimizer) is DPOptimizer and lora_engine_enabled()
-                and kwargs.get("grad_sample_mode", "hooks") == "hooks"):
-            # Same object and state as Opacus built it; only scale_grad differs.
-            optimizer.__class__ = LoraDPOptimizer
-        return optimizer
+    def optimizer_class(self, optimizer: DPOptimizer, *,
+                        grad_sample_mode: str) -> type[DPOptimizer] | None:
+        if type(optimizer) is DPOptimizer and lora_engine_enabled() and grad_sample_mode == "hooks":
+            return LoraDPOptimizer  # Opacus' optimizer, state and all; only the step differs
+        return None

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.lora_grad_sampler import LoraPrivacyEngine
 from privatune.common.examples import labelled_predictions, per_example_loss
+from privatune.common.opacus_internals import last_step_skipped
 from privatune.common.privacy import poisson_sample_rate
 from privatune.common.progress import progress_bar
 
@@ -156,7 +157,7 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                         param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype,
                                                         device=param.device)
                 dp_optimizer.step()
-                if dp_optimizer._is_last_step_skipped:
+                if last_step_skipped(dp_optimizer):
                     continue  # a physical micro-batch clipped into summed_grad; no noise yet
                 _check_noise_added(trainable, _noise_divisor(dp_optimizer), settings, steps)
                 if loss_count:
@@ -166,7 +167,7 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                 next(ticks, None)
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
-        dp_model._close()  # detach the engine; the PEFT model keeps the trained tensors
+        dp_model.to_standard_module()  # detach the engine; the PEFT model keeps its tensors
         _checkpointing(model, False)  # the base model is shared with the process's other sites
 
     _check_parameters_changed(model, before, frozen_before)

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as opacus_rdp
+
+from privatune.common.opacus_internals import remember_rdp_of_one_step
 
 RDP = "opacus-rdp"
 PRV = "opacus-prv"
@@ -33,21 +34,8 @@ BRACKET_STEPS = 20  # points tried below the search's first guess before bracket
 SEARCH_TOLERANCE = 1e-3  # calibration's answer is within this share above the exact root
 
 
-def _remember_rdp_of_one_step() -> None:
-    """Keep each RDP of one subsampled Gaussian step that Opacus computes, by (sampling rate,
-    noise multiplier, order): a pure function of three numbers, and most of accounting's time.
-
-    Opacus' PRV accountant bounds its domain with RDP, computing the same 151 orders twice
-    per epsilon, and a node asks for the epsilon of its history at one noise multiplier every
-    round; measured on the demo's model, privacy accounting was 1.6 s of a 16.5 s local-only
-    baseline of 3 rounds, most of it these orders. RDP over many steps is this times the steps.
-    """
-    compute = opacus_rdp._compute_rdp
-    if not hasattr(compute, "cache_info"):
-        opacus_rdp._compute_rdp = functools.lru_cache(maxsize=2**16)(compute)
-
-
-_remember_rdp_of_one_step()
+# one step's RDP is most of accounting's time; cached for the whole process
+remember_rdp_of_one_step()
 
 
 @dataclass(frozen=True)
@@ -169,7 +157,7 @@ def _spending(prior: Sequence[MechanismStep], sample_rate: float, steps: int,
     """Epsilon of ``prior`` plus ``steps`` new steps, as a function of their noise multiplier."""
     def spent(sigma: float) -> float:
         value = epsilon([*prior, MechanismStep(sigma, sample_rate, steps)])
-        return value if value == value else math.inf  # NaN counts as over the budget
+        return math.inf if math.isnan(value) else value  # NaN counts as over the budget
 
     return spent
 
