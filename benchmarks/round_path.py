@@ -61,7 +61,8 @@ def main() -> int:
     from privatune.common.base_model import BaseModelSpec, ensure_base_model
     from privatune.common.config import (EvaluationConfig, FederationConfig, JobConfig, LoraConfig,
                                          ModelConfig, TrainingConfig)
-    from privatune.server.coordinator import Coordinator, CoordinatorSettings
+    from privatune.server.coordinator import Coordinator
+    from privatune.server.coordinator_settings import CoordinatorSettings
     from privatune.simulations.in_process import InProcessTransport
 
     root = Path(tempfile.mkdtemp(prefix="round-path-"))

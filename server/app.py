@@ -13,10 +13,12 @@ from privatune.common.config import load_job_config
 from privatune.common.protocol import arrayrecord_to_state, state_to_arrayrecord
 from privatune.common.protocol import (ADAPTER_KEY, EVALUATE, REQUEST_KEY, TRAIN, EvaluateReply,
                                        EvaluateRequest, TrainReply, TrainRequest)
-from privatune.server.coordinator import Coordinator, CoordinatorSettings, EvaluateResult, TrainResult
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.report import RunReport
 from privatune.server.report_files import write_report
 from privatune.server.site_keys import SiteKeys
+from privatune.server.transport import EvaluateResult, TrainResult
 
 
 class FlowerTransport:

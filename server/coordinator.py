@@ -6,245 +6,48 @@ validate and average the accepted updates (if at least ``min_replies`` came back
 evaluate the merged adapter centrally and at every node (perplexity; and, at round 0, every
 ``evaluation.every_k_rounds`` and the last round, generation scores), and checkpoint adapter +
 state.
+
+What it is given: ``coordinator_settings`` and a ``transport``; which node is which site:
+``site_addressing``; its checkpoints and resuming: ``checkpoints``; the run's report:
+``report``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
 
 import torch
 
-from privatune.common.model_source import describe_base_model
-from privatune.common.certs import CertError, check_node_name
-from privatune.common.config import JobConfig, to_dict
 from privatune.common.clinical_metrics import ClinicalScores
+from privatune.common.config import to_dict
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
-from privatune.common.ledger import NO_HEAD, LedgerHead
+from privatune.common.ledger import LedgerHead
 from privatune.common.lora import (attach_seeded_lora, load_base_model, load_lora_state, lora_state,
                                    read_adapter_state, save_adapter, trained_part, update_hash,
                                    with_update)
+from privatune.common.model_source import describe_base_model
 from privatune.common.process_heap import keep_for_process_lifetime
-from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
-                                       evaluate_request, train_request)
+from privatune.common.protocol import EvaluateReply, TrainRequest, evaluate_request, train_request
 from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggregate,
                                          optimizer_move_bound, round_norm_bound, update_norm,
                                          validate_update, weight_problem)
+from privatune.server.checkpoints import CheckpointState, SiteTally, checkpoint_to_resume
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.evaluation import CentralEvaluator
-from privatune.server.tracking import open_tracker
-from privatune.common.run_record import (RECORD_KEY, SCHEMA_KEY, SCHEMA_VERSION, RunIdentity,
-                                         latest_checkpoint, resume_refusal, schema_problem)
 from privatune.server.report import CentralSummary, RunReport, SampleCompletions, SiteSummary
-from privatune.server.rounds import RoundEvaluation, RoundRecord, RoundTraining, site_records
+from privatune.server.rounds import RoundEvaluation, RoundRecord, RoundTraining
+from privatune.server.site_addressing import addressable, addressee, identified, state_identity
+from privatune.server.tracking import open_tracker
+from privatune.server.transport import TrainResult, Transport, adapter_bytes, wait_for_nodes
 
 SAMPLE_COMPLETIONS = 3  # from the coordinator's own held-out set, shown in the report
-
-
-class NodesUnavailableError(RuntimeError):
-    """Too few nodes connected within the bounded wait."""
-
-
-@dataclass
-class TrainResult:
-    node_id: int
-    reply: TrainReply
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluateResult:
-    node_id: int
-    reply: EvaluateReply
-
-
-Result = TypeVar("Result", TrainResult, EvaluateResult)
-
-
-class Transport(Protocol):
-    """How the coordinator reaches nodes (Flower's Grid in practice)."""
-
-    def node_ids(self) -> list[int]: ...
-
-    def node_sites(self) -> Mapping[int, str] | None:
-        """The site each node is bound to by its authentication key; None where nodes are not
-        authenticated (simulation): then a site is known by the name its replies report."""
-
-    def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
-              timeout_s: float) -> tuple[list[TrainResult], list[str]]: ...
-
-    def evaluate(self, requests: Mapping[int, EvaluateRequest], state: Mapping[str, torch.Tensor],
-                 timeout_s: float) -> tuple[list[EvaluateResult], list[str]]: ...
-
-
-@dataclass(frozen=True)
-class CoordinatorSettings:
-    job: JobConfig
-    model_dir: Path
-    out_dir: Path
-    run_id: str
-    central_eval: Path | None = None
-    # continue the run of the newest checkpoint in out_dir (after a crash), if it is this job's
-    # (common.run_record.resume_refusal); False: a new run, refused where checkpoints exist
-    resume: bool = True
-    # the sites the job runs with, where known before it starts (a simulation's): recorded in
-    # the checkpoints, and a checkpoint of other sites is not resumed
-    sites: tuple[str, ...] = ()
-    # False: only the final adapter is evaluated (a site's local-only model, whose base is the
-    # federation's round 0 and whose rounds nobody reads)
-    evaluate_each_round: bool = True
-
-
-class ResumeRefused(ValueError):
-    """The output directory holds checkpoints of a run this job may not continue."""
-
-
-@dataclass
-class SiteTally:
-    """What the coordinator knows of one site so far: rounds, perplexity by round, privacy
-    spend, and the node that answers for it with the ledger head of its last reply (sent back
-    with the next train request, so the node can tell that its ledger lost entries)."""
-
-    rounds: list[int] = field(default_factory=list)  # rounds whose update was accepted
-    perplexity: dict[int, float | None] = field(default_factory=dict)  # round -> held-out ppl
-    epsilon: float = 0.0  # cumulative, as the site last reported it
-    delta: float | None = None
-    epsilon_budget: float | None = None
-    noise_multiplier: float | None = None
-    node_id: int | None = None
-    head: LedgerHead = NO_HEAD
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"rounds": list(self.rounds),
-                                "perplexity": {str(k): v for k, v in self.perplexity.items()},
-                                "epsilon": self.epsilon}
-        for name in ("delta", "epsilon_budget", "noise_multiplier", "node_id"):  # until reported
-            if getattr(self, name) is not None:
-                data[name] = getattr(self, name)
-        if self.head.known:
-            data["ledger_head"] = [self.head.seq, self.head.hash]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SiteTally:
-        # JSON turned the integer round keys into text
-        seq, digest = data.get("ledger_head", (NO_HEAD.seq, NO_HEAD.hash))
-        return cls(rounds=[int(r) for r in data.get("rounds", [])],
-                   perplexity={int(k): v for k, v in data.get("perplexity", {}).items()},
-                   epsilon=float(data.get("epsilon", 0.0)), delta=data.get("delta"),
-                   epsilon_budget=data.get("epsilon_budget"),
-                   noise_multiplier=data.get("noise_multiplier"), node_id=data.get("node_id"),
-                   head=LedgerHead(int(seq), str(digest)))
-
-    def note_head(self, seq: int, digest: str) -> None:
-        """Keep the head a reply carried (a reply that told none leaves the last one)."""
-        if seq >= 0:
-            self.head = LedgerHead(seq, digest)
-
-
-@dataclass
-class CheckpointState:
-    """A checkpoint's state.json: the run, its last completed round, history and site tallies,
-    and what a resume is checked against (``RunIdentity``): the job's config and sites."""
-
-    run_id: str
-    round: int
-    rounds: list[RoundRecord]
-    sites: dict[str, SiteTally]
-    config: dict[str, Any] | None = None  # None: a checkpoint written before it was recorded
-    job_sites: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        data = {SCHEMA_KEY: SCHEMA_VERSION, "run_id": self.run_id, "round": self.round,
-                "rounds": [r.to_json() for r in self.rounds],
-                "sites": {name: site.to_json() for name, site in self.sites.items()}}
-        if self.config is not None:
-            data["config"] = self.config
-        if self.job_sites:
-            data["job_sites"] = list(self.job_sites)
-        record = site_records(self.rounds)  # derived from the rounds, for the audit; not read back
-        if record:
-            data[RECORD_KEY] = {site: r.to_json() for site, r in record.items()}
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CheckpointState:
-        if problem := schema_problem(data):
-            raise ValueError(f"state.json: {problem}")
-        return cls(run_id=str(data["run_id"]), round=int(data["round"]),
-                   rounds=[RoundRecord.from_json(r) for r in data["rounds"]],
-                   sites={name: SiteTally.from_json(site) for name, site in data["sites"].items()},
-                   config=data.get("config"), job_sites=tuple(data.get("job_sites", ())))
-
-    @classmethod
-    def read(cls, directory: Path) -> CheckpointState:
-        return cls.from_json(json.loads((directory / "state.json").read_text(encoding="utf-8")))
-
-    def write(self, directory: Path) -> None:
-        """state.json, replaced atomically (it marks the checkpoint complete, so it goes last)."""
-        tmp = directory / "state.json.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=2, default=str), encoding="utf-8")
-        tmp.replace(directory / "state.json")
-
-
-def wait_for_nodes(transport: Transport, minimum: int, timeout_s: float,
-                   poll_s: float = 1.0) -> list[int]:
-    """Node ids once at least ``minimum`` are connected; an error after ``timeout_s``, never forever."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ids = sorted(transport.node_ids())
-        if len(ids) >= minimum:
-            return ids
-        if time.monotonic() >= deadline:
-            raise NodesUnavailableError(f"only {len(ids)} of the required {minimum} nodes connected "
-                                        f"within {timeout_s:g} s")
-        time.sleep(poll_s)
-
-
-def checkpoint_to_resume(settings: CoordinatorSettings) -> Path | None:
-    """The checkpoint the coordinator continues from (None: a fresh run); ``ResumeRefused``
-    where out_dir holds a run this job may not continue, so that nothing of it is overwritten
-    and no report mixes two runs."""
-    latest = latest_checkpoint(settings.out_dir)
-    if latest is None:
-        return None
-    run = RunIdentity.read(latest)
-    if not settings.resume:
-        raise ResumeRefused(f"{settings.out_dir} holds the checkpoints of run {run.run_id} (after "
-                            f"round {run.round}); run {settings.run_id} is a new run and would "
-                            "mix with them. They are kept as they are; give the new run another "
-                            "output directory")
-    refusal = resume_refusal(latest, run, to_dict(settings.job), settings.sites)
-    if refusal:
-        raise ResumeRefused(refusal)
-    return latest
-
-
-def _addressee(sites: Mapping[int, str] | None, node_id: int) -> str:
-    """The site a request to ``node_id`` is addressed to ("": unaddressed, no authentication)."""
-    return "" if sites is None else sites[node_id]
-
-
-def _is_site_name(name: str) -> bool:
-    """Site names end up in file names and reports: the rule of hospital key names."""
-    try:
-        check_node_name(name)
-    except CertError:
-        return False
-    return True
-
-
-def _shown(name: str) -> str:
-    """A reported name in a failure line: quoted, escaped and cut short."""
-    return repr(name[:64]) + ("..." if len(name) > 64 else "")
 
 
 def _perplexity(loss: float | None) -> float | None:
@@ -276,12 +79,7 @@ def _mean_train_loss(accepted: Sequence[TrainResult]) -> float | None:
     """Example-weighted mean of the training losses the participants released."""
     told = [(r.reply.train_loss, max(r.reply.num_examples, 1)) for r in accepted
             if r.reply.train_loss is not None]
-    return sum(l * n for l, n in told) / sum(n for _, n in told) if told else None
-
-
-def adapter_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of LoRA tensors on the wire (ArrayRecord carries float32): an adapter or an update."""
-    return sum(4 * tensor.numel() for tensor in state.values())
+    return sum(loss * n for loss, n in told) / sum(n for _, n in told) if told else None
 
 
 class Coordinator:
@@ -292,10 +90,9 @@ class Coordinator:
         self.settings, self.transport, self.progress = settings, transport, progress
         job = settings.job
         resume_from = checkpoint_to_resume(settings)  # before any model is loaded
-        self.lora = job.lora
         hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
         base, tokenizer = load_base_model(settings.model_dir, hardware.device, hardware.dtype)
-        self.model = attach_seeded_lora(base, self.lora, job.seed)
+        self.model = attach_seeded_lora(base, job.lora, job.seed)
         keep_for_process_lifetime()
         self.global_state = lora_state(self.model)
         self.evaluator = (CentralEvaluator(self.model, tokenizer, settings.central_eval,
@@ -333,16 +130,16 @@ class Coordinator:
 
     def train_round(self, round_number: int) -> RoundTraining:
         fed = self.settings.job.federation
-        ids, sites = self._addressable(wait_for_nodes(self.transport, fed.min_nodes,
-                                                      fed.node_wait_s))
+        ids, sites = addressable(self.transport, wait_for_nodes(self.transport, fed.min_nodes,
+                                                                fed.node_wait_s), self.progress)
         chosen = self._sample(ids)
         self.progress(f"[round {round_number}/{fed.rounds}] training at {len(chosen)} nodes")
         request = train_request(self.settings.job, self.run_id, round_number)
         results, failures = self.transport.train(
-            {node: dataclasses.replace(self._anchored(node, request), site=_addressee(sites, node))
+            {node: dataclasses.replace(self._anchored(node, request), site=addressee(sites, node))
              for node in chosen}, self.global_state, fed.round_timeout_s)
         outcome = RoundTraining(failures=list(failures))
-        results = self._identified(results, sites, outcome.failures)
+        results = identified(results, sites, outcome.failures)
         # what the sites train and send back: under ffa only B, A staying as initialised
         trained = trained_part(self.global_state, fed.aggregation)
         fitting = self._fitting_updates(results, trained, outcome)
@@ -384,7 +181,7 @@ class Coordinator:
                          outcome: RoundTraining) -> list[TrainResult]:
         """Accepted replies whose update fits the adapter's ``trained`` part and whose weight is sane.
 
-        Where nodes are not bound to sites by key (``_identified``), two nodes claiming one site
+        Where nodes are not bound to sites by key (``identified``), two nodes claiming one site
         name in a round are both left out, since the coordinator cannot tell which one is that site.
         """
         fed = self.settings.job.federation
@@ -438,15 +235,15 @@ class Coordinator:
     def evaluate(self, round_number: int) -> RoundEvaluation:
         """Central and federated perplexity of the current global adapter."""
         job = self.settings.job
-        ids, sites = self._addressable(sorted(self.transport.node_ids()))
+        ids, sites = addressable(self.transport, sorted(self.transport.node_ids()), self.progress)
         generation = is_generation_round(round_number, job.federation.rounds,
                                          job.evaluation.every_k_rounds)
         request = evaluate_request(job, self.run_id, round_number, generation=generation)
         results, failures = self.transport.evaluate(
-            {node: dataclasses.replace(request, site=_addressee(sites, node)) for node in ids},
+            {node: dataclasses.replace(request, site=addressee(sites, node)) for node in ids},
             self.global_state, job.federation.round_timeout_s)
         failures = list(failures)
-        answers = [r.reply for r in self._identified(results, sites, failures)]
+        answers = [r.reply for r in identified(results, sites, failures)]
         replies = [r for r in answers if r.accepted]
         declined = {r.site: r.reason for r in answers if not r.accepted}
         for site, reason in sorted(declined.items()):
@@ -460,7 +257,7 @@ class Coordinator:
             if reply.ledger_seq >= 0:
                 heads[reply.site] = LedgerHead(reply.ledger_seq, reply.ledger_hash)
         weighted = [(r.eval_loss, r.num_examples) for r in replies if r.eval_loss is not None]
-        federated = (math.exp(sum(l * n for l, n in weighted) / sum(n for _, n in weighted))
+        federated = (math.exp(sum(loss * n for loss, n in weighted) / sum(n for _, n in weighted))
                      if weighted else None)
         central = self.evaluator.perplexity(self.global_state) if self.evaluator else None
         shown = ", ".join(f"{s} {p:.1f}" for s, p in sorted(site_ppl.items()) if p is not None)
@@ -500,58 +297,11 @@ class Coordinator:
     def _site(self, name: str) -> SiteTally:
         return self.sites.setdefault(name, SiteTally())
 
-    # -- which node is which site -----------------------------------------------------------
-    def _addressable(self, ids: Sequence[int]) -> tuple[list[int], Mapping[int, str] | None]:
-        """The nodes to ask and the site each is bound to by its key (None: nodes are not
-        authenticated). A node whose key is bound to no site is not asked: whatever it answered
-        could not be recorded, and a site must not spend budget on a refused reply."""
-        sites = self.transport.node_sites()
-        if sites is None:
-            return list(ids), None
-        unbound = [node for node in ids if node not in sites]
-        if unbound:
-            self.progress(f"  not asked: node(s) {', '.join(map(str, unbound))}, whose keys are "
-                          "bound to no site (nodes.public_keys)")
-        return [node for node in ids if node in sites], sites
-
-    def _identified(self, results: Sequence[Result], sites: Mapping[int, str] | None,
-                    failures: list[str]) -> list[Result]:
-        """The replies whose site may be recorded: a valid site name and, where nodes are bound
-        to sites by key, the site bound to the node that answered. Any other reply is refused
-        before anything of it is recorded (tally, ledger head, epsilon, update, metrics): a node
-        speaking for another site would rewrite that site's record."""
-        kept = []
-        for result in results:
-            node, claimed = result.node_id, result.reply.site
-            if not _is_site_name(claimed):
-                failures.append(f"node {node}: reply refused: it reports site {_shown(claimed)}, "
-                                "not a site name (1-64 letters, digits, '.', '_' or '-', "
-                                "starting with a letter or digit)")
-            elif sites is not None and claimed != sites.get(node):
-                bound = f"site {sites[node]!r}" if node in sites else "no site"
-                failures.append(f"node {node}: reply refused: it claims site {_shown(claimed)}, "
-                                f"but its key is bound to {bound}; nothing of it is recorded")
-            else:
-                kept.append(result)
-        return kept
-
-    def _state_identity(self) -> None:
-        """Say how this run tells sites apart."""
-        sites = self.transport.node_sites()
-        if sites is None:
-            self.progress("nodes are not authenticated here: each site is known by the name its "
-                          "replies report (two nodes reporting one name are both left out)")
-            return
-        bound = ", ".join(f"{site} = node {node}" for node, site in sorted(sites.items(),
-                                                                          key=lambda i: i[1]))
-        self.progress("sites are known by their registered keys: "
-                      + (bound or "no connected node's key is bound to a site"))
-
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> RunReport:
         fed = self.settings.job.federation
         wait_for_nodes(self.transport, fed.min_nodes, fed.node_wait_s)
-        self._state_identity()
+        state_identity(self.transport, self.progress)
         each_round = self.settings.evaluate_each_round
         if not self.rounds:
             self.progress(f"run {self.run_id}: {fed.rounds} rounds"

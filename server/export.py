@@ -65,7 +65,7 @@ def _round_history(run_dir: Path) -> list[RoundRecord]:
     """The run's rounds: from report.json, else from the newest checkpoint (an unfinished run)."""
     if (run_dir / REPORT).is_file():
         return RunReport.read(run_dir / REPORT).rounds
-    from privatune.server.coordinator import CheckpointState
+    from privatune.server.checkpoints import CheckpointState
 
     latest = latest_checkpoint(run_dir)
     return CheckpointState.read(latest).rounds if latest is not None else []

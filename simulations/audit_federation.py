@@ -36,7 +36,8 @@ from privatune.common.config import JobConfig, with_overrides
 from privatune.common.lora import lora_state, train_factors, trained_part
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        requested_lora)
-from privatune.server.coordinator import Coordinator, CoordinatorSettings
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.simulations.audit_sites import AuditSite, SiteSplit
 from privatune.simulations.in_process import InProcessTransport
 from privatune.simulations.runner import write_site_policy

@@ -19,9 +19,9 @@ from flwr.app import ConfigRecord
 from privatune.client.node import SiteNode
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        arrayrecord_to_state, state_to_arrayrecord)
+from privatune.server.transport import EvaluateResult, TrainResult
 
 Message = TypeVar("Message", TrainRequest, EvaluateRequest, TrainReply, EvaluateReply)
-from privatune.server.coordinator import EvaluateResult, TrainResult
 
 
 def _wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

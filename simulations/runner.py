@@ -36,7 +36,9 @@ from privatune.common.config import (ConfigError, JobConfig, MechanismSettings, 
 from privatune.common.generation import GenerationScores
 from privatune.common.process_heap import keep_for_process_lifetime
 from privatune.server.app import make_server_app
-from privatune.server.coordinator import Coordinator, CoordinatorSettings, checkpoint_to_resume
+from privatune.server.checkpoints import checkpoint_to_resume
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.report import RunReport, SiteSummary
 from privatune.server.report_files import write_report
 from privatune.server.tracking import check_tracking

@@ -26,13 +26,16 @@ from privatune.common.lora import (frozen_part, load_adapter, load_base_model, l
 from privatune.common.protocol import (ADAPTER_KEY, METRICS_KEY, STATUS_KEY, EvaluateReply,
                                        EvaluateRequest, TrainReply, TrainRequest, evaluate_request,
                                        requested_lora, train_request)
+from privatune.common.run_record import latest_checkpoint
 from privatune.server.app import FlowerTransport
-from privatune.server.coordinator import (CheckpointState, Coordinator, CoordinatorSettings,
-                                          EvaluateResult, SiteTally, TrainResult, latest_checkpoint)
+from privatune.server.checkpoints import CheckpointState, SiteTally
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.report import RunReport
 from privatune.server.report_files import write_report
 from privatune.server.report_markdown import render_markdown
 from privatune.server.rounds import RoundRecord
+from privatune.server.transport import EvaluateResult, TrainResult
 from tests.conftest import write_notes
 
 SITES = {1: "alpha", 2: "beta", 3: "gamma"}
@@ -457,7 +460,7 @@ def test_a_checkpoint_is_resumed_only_by_its_own_job_and_sites_and_is_kept(tmp_p
     """Another job's config, other sites, a new run or a finished run: refused before any
     model is loaded, naming what differs and how to start afresh, with every file kept; a
     longer timeout is no other job."""
-    from privatune.server.coordinator import ResumeRefused
+    from privatune.server.checkpoints import ResumeRefused
 
     behaviours = {1: update(1, 100), 2: update(2, 300), 3: decline("not today")}
     first = coordinator(tmp_path, tiny_model_dir, crash_in_round(FakeTransport(behaviours), 2),

@@ -21,13 +21,15 @@ from transformers import AutoTokenizer
 
 from privatune.common.lora import load_adapter, read_adapter_state
 from privatune.common.protocol import TrainReply, TrainRequest
-from privatune.server.coordinator import Coordinator, CoordinatorSettings, TrainResult
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.export import ReleaseRefused, export_adapter, export_merged, select_adapter
 from privatune.server.overfitting import best_round, overfitting_flags
 from privatune.server.report import RunReport
 from privatune.server.report_files import write_report
 from privatune.server.report_markdown import render_markdown
 from privatune.server.rounds import RoundEvaluation, RoundRecord, RoundTraining
+from privatune.server.transport import TrainResult
 from privatune.common.cli import main
 from tests.conftest import write_notes
 from tests.test_coordinator import SITES, FakeTransport, LedgeredSite, job

@@ -22,7 +22,8 @@ from privatune.common.config import ConfigError, ModelConfig
 from privatune.common.config import LoraConfig
 from privatune.common.lora import attach_lora, load_adapter, load_base_model
 from privatune.common.model_source import file_sha256, is_gguf_source, resolve_base_model
-from privatune.server.coordinator import Coordinator, CoordinatorSettings
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.export import export_merged
 from privatune.server.report_files import write_report
 from tests.conftest import write_notes

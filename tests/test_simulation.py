@@ -233,7 +233,7 @@ def test_overwrite_starts_afresh_after_a_run_that_left_only_checkpoints(tmp_path
 def test_a_simulation_never_resumes_checkpoints_left_in_its_out(tmp_path, tiny_model_dir):
     """Every simulation is a new run: another run's checkpoint in its directory is refused
     before Flower starts, and kept."""
-    from privatune.server.coordinator import ResumeRefused
+    from privatune.server.checkpoints import ResumeRefused
     from tests.conftest import write_policy
 
     (tmp_path / "job.yaml").write_text(JOB)

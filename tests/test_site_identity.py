@@ -28,11 +28,13 @@ from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainRequ
                                        evaluate_request, train_request)
 from privatune.server.app import FlowerTransport
 from privatune.server.cli import site_key_file
-from privatune.server.coordinator import Coordinator, CoordinatorSettings, EvaluateResult, TrainResult
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.deployment import load_deployment
 from privatune.server.export import export_adapter
 from privatune.server.run_inputs import RunInputs
 from privatune.server.site_keys import SiteKeyFile, SiteKeys
+from privatune.server.transport import EvaluateResult, TrainResult
 from privatune.simulations.loopback import LoopbackFederation
 from tests.conftest import write_notes
 from tests.test_coordinator import FakeTransport, job, update

@@ -22,9 +22,11 @@ from privatune.common.ledger import SiteLedger
 from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.privacy import calibrate_noise_multiplier
 from privatune.common.protocol import EvaluateRequest, TrainRequest
-from privatune.server.coordinator import Coordinator, CoordinatorSettings, EvaluateResult, TrainResult
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.report import RunReport
 from privatune.server.report_markdown import render_markdown
+from privatune.server.transport import EvaluateResult, TrainResult
 
 LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
