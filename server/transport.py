@@ -36,7 +36,8 @@ Result = TypeVar("Result", TrainResult, EvaluateResult)
 
 
 class Transport(Protocol):
-    """How the coordinator reaches nodes (Flower's Grid in practice)."""
+    """How the coordinator reaches nodes: Flower's Grid in a deployment or a Flower simulation,
+    the nodes themselves where they run in this process."""
 
     def node_ids(self) -> list[int]: ...
 
