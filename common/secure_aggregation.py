@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import functools
 import hashlib
 import os
 import random
@@ -66,10 +67,8 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-if TYPE_CHECKING:
-    from typing import (
-        Self,  # Python 3.11; annotations are strings here, so 3.10 runs this module
-    )
+if TYPE_CHECKING:  # typing.Self is Python 3.11; annotations are strings here, so 3.10 runs this
+    from typing import Self
 
 SEED_BYTES = 32
 """The self-mask seed: an AES-256 key."""
@@ -266,8 +265,8 @@ class SecAggConfig(_Wire):
                     f"SecAggConfig.threshold {self.threshold} is not above half of site {site}'s "
                     f"{holders} share holders: a coordinator could collect both kinds of its shares")
 
-    def graph(self) -> dict[int, tuple[int, ...]]:
-        """Site -> its neighbours (self excluded)."""
+    @functools.cached_property
+    def _adjacency(self) -> dict[int, tuple[int, ...]]:
         out: dict[int, tuple[int, ...]] = {}
         start = 0
         for site, count in zip(self.site_ids, self.neighbour_counts, strict=True):
@@ -275,9 +274,17 @@ class SecAggConfig(_Wire):
             start += count
         return out
 
+    @functools.cached_property
+    def _holders(self) -> dict[int, tuple[int, ...]]:
+        return {site: tuple(sorted((*peers, site))) for site, peers in self._adjacency.items()}
+
+    def graph(self) -> dict[int, tuple[int, ...]]:
+        """Site -> its neighbours (self excluded)."""
+        return dict(self._adjacency)
+
     def share_holders(self, site_id: int) -> tuple[int, ...]:
         """Who holds ``site_id``'s shares, sorted; share number k + 1 belongs to the k-th."""
-        return tuple(sorted((*self.graph()[site_id], site_id)))
+        return self._holders[site_id]
 
     @property
     def packed_bytes(self) -> int:
