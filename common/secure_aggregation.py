@@ -518,7 +518,6 @@ class SecAggSite:
         self.site_id = site_id
         self.config = config
         self._holders = config.share_holders(site_id)
-        self._neighbours = set(config.graph()[site_id])
         self._encryption_sk, encryption_pk = generate_key_pairs()
         self._mask_sk, mask_pk = generate_key_pairs()
         self._public = PublicKeys(config.round_id, site_id, public_key_to_bytes(encryption_pk),
