@@ -23,6 +23,7 @@ Skellam with the summed variance, so t shares of V/t are exactly Skellam(V).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ DEFAULT_SENSITIVITY_INFLATION = 1e-3
 DEFAULT_MAX_BITS = 32
 MAX_BITS = 62  # a sum of two values below 2^62 still fits in an unsigned 64-bit integer
 Guarantee = Literal["aggregate", "fallback"]
+_ROTATION_DOMAIN = b"privatune distributed-noise rotation v1:"
 
 
 class AggregateOverflowError(ValueError):
@@ -87,9 +89,16 @@ def _hadamard(values: np.ndarray) -> np.ndarray:
 
 
 def _signs(rotation_seed: int, padded: int) -> np.ndarray:
-    if int(rotation_seed) != rotation_seed or rotation_seed < 0:
-        raise ValueError(f"rotation_seed must be a non-negative integer, got {rotation_seed!r}")
-    return np.random.default_rng(int(rotation_seed)).choice(np.array([-1.0, 1.0]), size=padded)
+    """The rotation's public random signs: bits of SHAKE-128 of the seed, the same on every
+    machine and NumPy version (NumPy keeps no promise that its distributions stay the same
+    across versions, and a site that rotated with other signs than the coordinator would be
+    decoded into a wrong update, not into an error)."""
+    if isinstance(rotation_seed, bool) or int(rotation_seed) != rotation_seed or not (
+            0 <= rotation_seed < 1 << 128):
+        raise ValueError(f"rotation_seed must be an integer in [0, 2^128), got {rotation_seed!r}")
+    stream = hashlib.shake_128(_ROTATION_DOMAIN + int(rotation_seed).to_bytes(16, "little"))
+    bits = np.unpackbits(np.frombuffer(stream.digest((padded + 7) // 8), dtype=np.uint8))
+    return 1.0 - 2.0 * bits[:padded]
 
 
 def rotate(vector: np.ndarray, rotation_seed: int) -> np.ndarray:

@@ -190,6 +190,57 @@ def test_skellam_bound_is_above_the_exact_renyi_divergence():
                     assert bound <= 1.1 * exact, (variance, shift, order)
 
 
+def test_skellam_bound_holds_for_a_vector_shift():
+    """A shift of several coordinates: the exact divergence of the product is the sum over
+    coordinates, against the bound with the vector's L2 and L1 norms."""
+    k = np.arange(-200, 201)
+    variance = 12.0
+    base = skellam(variance / 2, variance / 2)
+    shift = np.array([1, -2, 0, 3, 1])
+    for order in (2, 4, 9):
+        exact = sum(np.logaddexp.reduce(order * base.logpmf(k - w) + (1 - order) * base.logpmf(k))
+                    for w in shift) / (order - 1)
+        bound = acc.skellam_rdp([order], np.linalg.norm(shift), np.abs(shift).sum(), variance)
+        assert exact <= bound[0]
+
+
+def test_rounding_bound_holds_against_the_exact_rounded_mechanism():
+    """One coordinate, small noise: the exact Rényi divergence between the stochastically
+    rounded, Skellam-noised outputs for inputs x and x + v (both directions, every fractional
+    part and shift on a grid) never exceeds ``rounded_skellam_rdp``."""
+    k = np.arange(-100, 101)  # every log-pmf here is finite (above -300), the rest negligible
+    variance, scaled_clip, orders = 8.0, 2.5, [2, 3, 5, 8]
+    noise = skellam(variance / 2, variance / 2)
+
+    def log_output(y):  # log-pmf of round(y) + noise over k
+        low = math.floor(y)
+        with np.errstate(divide="ignore"):
+            return np.logaddexp(np.log(1 - (y - low)) + noise.logpmf(k - low),
+                                np.log(y - low) + noise.logpmf(k - low - 1))
+
+    worst = np.zeros(len(orders))
+    for x in np.linspace(0, 0.8, 5):
+        for v in np.linspace(-scaled_clip, scaled_clip, 21):
+            p, q = log_output(x), log_output(x + v)
+            for i, order in enumerate(orders):
+                for a, b in ((p, q), (q, p)):
+                    value = np.logaddexp.reduce(order * a + (1 - order) * b) / (order - 1)
+                    assert np.isfinite(value)
+                    worst[i] = max(worst[i], value)
+    bound = acc.rounded_skellam_rdp(orders, scaled_clip, 1, variance)
+    assert np.all(worst <= bound), (worst, bound)
+    # rounding costs something: the bound is above the unrounded shift's
+    assert np.all(bound > acc.skellam_rdp(orders, scaled_clip, scaled_clip, variance))
+
+
+def test_rotation_signs_are_a_fixed_public_function_of_the_seed():
+    """Every site and the coordinator must draw the same signs, whatever their NumPy."""
+    assert dn._signs(0, 16).tolist() == [1, 1, -1, 1, -1, 1, -1, 1, -1, -1, 1, 1, -1, -1, 1, 1]
+    assert dn._signs(2 ** 128 - 1, 8).tolist() == [1, 1, 1, 1, -1, 1, -1, 1]
+    with pytest.raises(ValueError, match="rotation_seed"):
+        dn.rotate(np.ones(4), -1)
+
+
 def test_skellam_converges_to_the_gaussian_at_the_same_variance():
     orders = np.array(acc.ORDERS)
     gaussian = acc.gaussian_rdp(orders, 1.0)
