@@ -310,7 +310,7 @@ def encode_contribution(summed_gradients: np.ndarray, params: DistributedNoisePa
         raise ValueError("summed_gradients has non-finite values")
     norm = float(np.linalg.norm(values))
     limit = params.clip * params.max_records_per_site
-    if norm > limit * (1 + 1e-9):
+    if norm > limit * (1 + 1e-6):  # float32 clipping may leave a norm a hair above C
         raise ValueError(f"summed_gradients has norm {norm:.6g}, above clip * "
                          f"max_records_per_site = {limit:.6g}: the modular range was not "
                          f"sized for it")
