@@ -56,8 +56,9 @@ with importing_libraries():
     from privatune.common.generation import (GenerationTasks, evaluate_generation, generation_tasks,
                                              judged_pairs)
     from privatune.common.hardware import resolve_hardware
-    from privatune.common.ledger import (NO_HEAD, NON_PRIVATE, AdapterRelease, LedgerHead,
-                                         LedgerWriteError, SiteLedger)
+    from privatune.common.ledger import (EVALUATE_METRICS, NO_HEAD, NON_PRIVATE, AdapterRelease,
+                                         LedgerHead, LedgerWriteError, NonPrivateRelease,
+                                         SiteLedger)
     from privatune.common.config import LoraConfig
     from privatune.common.lora import (load_lora_state, lora_state, train_factors,
                                        trained_part, update_hash)
@@ -206,7 +207,7 @@ class SiteNode:
         if len(run_entries) >= privacy.max_rounds:
             return RoundPlan(f"site policy allows at most {privacy.max_rounds} rounds per run; "
                              f"this site already took part in {len(run_entries)}", 0.0, spent)
-        runs = runs_taken_part(self.ledger.entries)
+        runs = runs_taken_part(self.ledger.records())
         if request.run_id not in runs and len(runs) >= privacy.max_runs:
             return RoundPlan(f"site policy allows at most {privacy.max_runs} runs; this site "
                              f"already took part in {len(runs)}", 0.0, spent)
@@ -410,7 +411,7 @@ class SiteNode:
         kept = self.state.kept(request.run_id, request.round)
         if kept is None or kept.input_sha256 != update_hash(global_state):
             return None
-        if kept.update_sha256 not in listed_updates(self.ledger.entries):
+        if kept.update_sha256 not in listed_updates(self.ledger.records()):
             return None
         state = self.state.update(kept)
         if state is None:
@@ -424,8 +425,8 @@ class SiteNode:
     def evaluations_answered(self, run_id: str) -> int:
         """Evaluations of a run this site answered (each has its ledger entry, even when the
         policy withheld every metric)."""
-        return sum(1 for e in self.ledger.entries if e.get("kind") == NON_PRIVATE
-                   and e.get("release") == "evaluate_metrics" and e.get("run_id") == run_id)
+        return sum(1 for r in self.ledger.records() if isinstance(r, NonPrivateRelease)
+                   and r.release == EVALUATE_METRICS and r.run_id == run_id)
 
     def evaluate(self, request: EvaluateRequest,
                  global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
@@ -471,7 +472,7 @@ class SiteNode:
             return (f"site policy allows at most {self.policy.max_evaluations_per_run} "
                     f"evaluations per run (limits.max_evaluations_per_run); this site already "
                     f"answered {answered}")
-        runs = runs_taken_part(self.ledger.entries)
+        runs = runs_taken_part(self.ledger.records())
         max_runs = self.policy.privacy.max_runs
         if request.run_id not in runs and len(runs) >= max_runs:
             return (f"site policy allows at most {max_runs} runs (privacy.max_runs, evaluation-"

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, AdapterRelease
+from privatune.common.ledger import (EVALUATE_METRICS, AdapterRelease, LedgerRecord,
+                                     NonPrivateRelease)
 from privatune.common.lora import frozen_part, update_hash
 from privatune.common.protocol import TrainRequest
 
@@ -31,12 +32,12 @@ def adapter_problem(state: Mapping[str, torch.Tensor]) -> str:
     return ""
 
 
-def runs_taken_part(entries: Sequence[Mapping]) -> set[str]:
+def runs_taken_part(records: Sequence[LedgerRecord]) -> set[str | None]:
     """Runs this site released anything in: an update, or evaluation metrics (an
     evaluation-only run counts toward ``privacy.max_runs`` too)."""
-    return {e["run_id"] for e in entries
-            if e.get("kind") == ADAPTER_UPDATE
-            or (e.get("kind") == NON_PRIVATE and e.get("release") == "evaluate_metrics")}
+    return {r.run_id for r in records
+            if isinstance(r, AdapterRelease)
+            or (isinstance(r, NonPrivateRelease) and r.release == EVALUATE_METRICS)}
 
 
 @dataclass(frozen=True)

@@ -9,27 +9,32 @@ a floor under the site's epsilon (``common.ledger.RollbackFloor``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 from privatune.client.policy import SitePolicy
-from privatune.client.site_state import RECOVERED_KEY, KeptRelease
-from privatune.common.ledger import ROLLBACK_ACKNOWLEDGED, LedgerHead, SiteLedger, head_problem
+from privatune.client.site_state import KeptRelease
+from privatune.common.ledger import (LedgerHead, LedgerRecord, NonPrivateRelease, Numbered,
+                                     RollbackAcknowledgement, SiteLedger, head_problem)
 
 ROLLBACK = "ledger_rollback"  # a decline's release name when the ledger lacks a reported head
 ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"
 
 
-def pending_rollback(entries: Sequence[Mapping]) -> Mapping | None:
-    """The latest rollback decline no acknowledgement follows, or None."""
-    for entry in reversed(entries):
-        if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
+def pending_rollback(records: Sequence[LedgerRecord]) -> Numbered[NonPrivateRelease] | None:
+    """The latest rollback decline no acknowledgement follows, with its entry's number, or
+    None (``records`` are a whole ledger's, in order)."""
+    for seq in range(len(records), 0, -1):
+        record = records[seq - 1]
+        if isinstance(record, RollbackAcknowledgement):
             return None
-        if entry.get("release") == ROLLBACK:
-            return entry
+        if isinstance(record, NonPrivateRelease) and record.release == ROLLBACK:
+            return Numbered(seq, record)
     return None
 
 
-def acknowledge_rollback(policy: SitePolicy) -> dict:
+def acknowledge_rollback(policy: SitePolicy) -> dict[str, Any]:
     """An operator's acknowledgement of the pending rollback of this site's ledger, appended
     to it; the node trains again after it, counting at least the spend it had reported.
 
@@ -37,38 +42,37 @@ def acknowledge_rollback(policy: SitePolicy) -> dict:
     """
     with policy.state.exclusive():
         ledger = SiteLedger(policy.ledger_path)
-        pending = pending_rollback(ledger.entries)
+        pending = pending_rollback(ledger.records())
         if pending is None:
             raise ValueError(f"{policy.ledger_path}: no ledger rollback to acknowledge (the node "
                              "has not declined a round for one since the last acknowledgement)")
-        return ledger.append(ROLLBACK_ACKNOWLEDGED, {
-            "run_id": pending["run_id"], "detected_at": pending["seq"],
-            "reported_seq": pending["reported_seq"], "reported_hash": pending["reported_hash"],
-            "reported_epsilon": pending["reported_epsilon"],
-            "reported_delta": pending["reported_delta"],
-            RECOVERED_KEY: pending.get(RECOVERED_KEY, []),
-            "note": "the releases after the last entry this ledger shares with the reported head, "
-                    "and the kept releases it did not list, are lost from it; the highest spend "
-                    "reported with them is counted as a floor (basic composition)"})
+        decline = pending.record
+        return ledger.append_record(RollbackAcknowledgement(
+            run_id=decline.run_id, detected_at=pending.seq,
+            reported_seq=decline.reported_seq, reported_hash=decline.reported_hash,
+            reported_epsilon=decline.reported_epsilon, reported_delta=decline.reported_delta,
+            recovered_releases=decline.recovered_releases or [],
+            note="the releases after the last entry this ledger shares with the reported head, "
+                 "and the kept releases it did not list, are lost from it; the highest spend "
+                 "reported with them is counted as a floor (basic composition)"))
 
 
 def rollback_decline(policy: SitePolicy, ledger: SiteLedger, reported: LedgerHead,
-                     reported_epsilon: float, reported_delta: float) -> dict | None:
-    """The decline entry's fields when the ledger has lost releases, or a rollback found
-    earlier is not acknowledged yet; None when the ledger is sound.
+                     reported_epsilon: float, reported_delta: float) -> dict[str, Any] | None:
+    """The decline entry's fields but its run and round (the request's) when the ledger has
+    lost releases, or a rollback found earlier is not acknowledged yet; None when the ledger
+    is sound.
 
     Lost releases show three ways: the ledger lacks the head the coordinator holds
     (``reported``), or the head recorded beside it, or it does not list a release kept on
     disk. The floor an acknowledgement will count is the highest spend any of them reported.
     """
-    pending = pending_rollback(ledger.entries)
+    records = ledger.records()
+    pending = pending_rollback(records)
     if pending is not None:
-        return {key: pending[key] for key in ("release", "reason", "reported_seq",
-                                              "reported_hash", "reported_epsilon",
-                                              "reported_delta") + (RECOVERED_KEY,)
-                if key in pending}
+        return dataclasses.replace(pending.record, run_id=None, round=None).fields()
     entries = ledger.entries
-    unlisted = policy.state.unlisted_releases(entries)
+    unlisted = policy.state.unlisted_releases(records)
     problems = [p for p in (
         head_problem(entries, reported),
         head_problem(entries, ledger.witnessed_head(),
@@ -83,9 +87,10 @@ def rollback_decline(policy: SitePolicy, ledger: SiteLedger, reported: LedgerHea
               f"reported with the lost releases is epsilon {epsilon:.4g}). No round is "
               f"trained until an operator acknowledges it: privatune node --site "
               f"{policy.source} {ACKNOWLEDGE_FLAG}")
-    return {"release": ROLLBACK, "reason": reason, "reported_seq": reported.seq,
-            "reported_hash": reported.hash, "reported_epsilon": epsilon,
-            "reported_delta": delta, RECOVERED_KEY: [r.update_sha256 for r in unlisted]}
+    return NonPrivateRelease(release=ROLLBACK, reason=reason, reported_seq=reported.seq,
+                             reported_hash=reported.hash, reported_epsilon=epsilon,
+                             reported_delta=delta,
+                             recovered_releases=[r.update_sha256 for r in unlisted]).fields()
 
 
 def _unlisted_problem(unlisted: Sequence[KeptRelease]) -> str | None:

@@ -33,12 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from privatune.common.durable import write_atomically
-from privatune.common.ledger import ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED
+from privatune.common.ledger import AdapterRelease, LedgerRecord, RollbackAcknowledgement
 from privatune.common.lora import update_hash
 
 log = logging.getLogger(__name__)
-
-RECOVERED_KEY = "recovered_releases"  # update hashes a rollback acknowledgement lists again
 
 
 class SiteBusy(RuntimeError):
@@ -66,14 +64,14 @@ class KeptRelease:
         return float(self.reply.get("delta", 0.0))
 
 
-def listed_updates(entries: Sequence[Mapping[str, Any]]) -> set[str]:
+def listed_updates(records: Sequence[LedgerRecord]) -> set[str]:
     """Update hashes the ledger lists: its adapter updates', and those a rollback
     acknowledgement took back in after they were found lost from it."""
-    listed = {e["update_sha256"] for e in entries
-              if e.get("kind") == ADAPTER_UPDATE and "update_sha256" in e}
-    for entry in entries:
-        if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
-            listed.update(entry.get(RECOVERED_KEY, ()))
+    listed = {r.update_sha256 for r in records
+              if isinstance(r, AdapterRelease) and r.update_sha256 is not None}
+    for record in records:
+        if isinstance(record, RollbackAcknowledgement):
+            listed.update(record.recovered_releases or ())
     return listed
 
 
@@ -166,7 +164,7 @@ class SiteState:
         found = (self._read(p) for p in sorted(self.released_dir.glob("*.json")))
         return [release for release in found if release is not None]
 
-    def unlisted_releases(self, entries: Sequence[Mapping[str, Any]]) -> list[KeptRelease]:
+    def unlisted_releases(self, records: Sequence[LedgerRecord]) -> list[KeptRelease]:
         """Kept releases whose update the ledger does not list: the ledger lost them."""
-        listed = listed_updates(entries)
+        listed = listed_updates(records)
         return [r for r in self.kept_releases() if r.update_sha256 not in listed]

@@ -31,6 +31,7 @@ out of range, and an epsilon cap that is not a finite positive number are each a
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import html
 import json
@@ -46,9 +47,9 @@ import numpy as np
 
 from privatune.common.config import read_yaml
 from privatune.common.extras import has_extra
-from privatune.common.ledger import (ADAPTER_UPDATE, ROLLBACK_ACKNOWLEDGED, AdapterRelease,
-                                     LedgerError, RollbackFloor, entry_problem, head_problem,
-                                     mechanism_problem, read_entries)
+from privatune.common.ledger import (AdapterRelease, LedgerError, NonPrivateRelease, Numbered,
+                                     RollbackAcknowledgement, RollbackFloor, entry_problem,
+                                     head_problem, is_adapter_update, read_entries, record_of)
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
                                       accountant_note, pld_epsilon)
@@ -114,13 +115,38 @@ class IndependentRdp:
         return 0.0 if self.empty else float(compute_epsilon(self.orders, self.rdp, delta)[0])
 
 
+@dataclass(frozen=True)
+class AuditRow:
+    """One adapter release as the audit checked it: its entry's number, the release, and the
+    site's epsilon after it recomputed independently, each figure including the floor of the
+    acknowledged rollback before it (``floor_epsilon``). PLD is None where it is computed for
+    the whole history only; the recomputed figure is then None too for a PRV release."""
+
+    seq: int
+    release: AdapterRelease
+    recomputed_epsilon: float | None  # by the independent implementation of ``accountant``
+    rdp_epsilon: float  # the looser RDP bound of the same history
+    pld_epsilon: float | None
+    floor_epsilon: float
+
+    @property
+    def accountant(self) -> str:
+        """The release's accountant; an entry that names none was written under RDP."""
+        return self.release.accountant or RDP
+
+    @property
+    def recorded_epsilon(self) -> float:
+        """The node's own figure, by ``accountant``."""
+        return float(self.release.epsilon)
+
+
 @dataclass
 class SiteAudit:
     name: str
     path: Path
     chain_error: str | None = None
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    non_private: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[AuditRow] = field(default_factory=list)
+    non_private: list[Numbered[NonPrivateRelease]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     delta: float | None = None
     budget: float | None = None
@@ -131,7 +157,7 @@ class SiteAudit:
     pld_epsilon: float = 0.0
     # acknowledged rollbacks: each carries a floor (the spend the site had reported) that the
     # epsilon figures after it include, at delta plus the floor's delta
-    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    rollbacks: list[Numbered[RollbackAcknowledgement]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -188,7 +214,9 @@ def record_problems(entries: list[dict[str, Any]], record: SiteRecord,
         later = f" (and {len(missing) - 1} later reported heads)" if len(missing) > 1 else ""
         problems.append(f"the ledger does not hold the head the site reported in "
                         f"{head.describe()}: {problem}{later}")
-    listed = {e.get("update_sha256") for e in entries if e.get("kind") == ADAPTER_UPDATE}
+    # from the JSON, not AdapterRelease: an update whose mechanism cannot be accounted (the
+    # audit's own problem) still lists the update it sent
+    listed = {e.get("update_sha256") for e in entries if is_adapter_update(e)}
     problems += [f"the coordinator received an update from this site in round {u.round} "
                  f"(sha256 {u.sha256[:16]}...) that the ledger does not list"
                  for u in record.received if u.sha256 not in listed]
@@ -207,75 +235,65 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
         return result
     entries, result.chain_error, torn = _entries_until_break(path)
     result.problems += _tail_problems(path, torn)
-    releases = sum(e.get("kind") == ADAPTER_UPDATE for e in entries)
+    releases = sum(map(is_adapter_update, entries))
     per_release_pld = releases <= PLD_PER_RELEASE_LIMIT
     rdp = IndependentRdp()
     history: list[MechanismStep] = []
     floor = RollbackFloor()
     with _quiet_absl():
         for entry in entries:
-            if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
-                problem = entry_problem(entry)
-                if problem:
-                    result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot "
-                                           "account this acknowledgement, and stops here")
-                    break
-                floor = RollbackFloor.of(entry)
-                result.rollbacks.append(entry)
-                continue
-            if entry.get("kind") != ADAPTER_UPDATE:
-                result.non_private.append(entry)
-                continue
-            problem = mechanism_problem(entry)
+            seq = entry["seq"]
+            problem = entry_problem(entry)
             if problem:
-                result.problems.append(f"line {entry['seq']}: {problem}; the audit cannot account "
-                                       "this release, and stops here")
+                what = "release" if is_adapter_update(entry) else "acknowledgement"
+                result.problems.append(f"line {seq}: {problem}; the audit cannot account this "
+                                       f"{what}, and stops here")
                 break
-            release = AdapterRelease.from_entry(entry)
-            step = release.step
+            typed = record_of(entry)
+            if isinstance(typed, RollbackAcknowledgement):
+                floor = typed.floor
+                result.rollbacks.append(Numbered(seq, typed))
+                continue
+            if isinstance(typed, NonPrivateRelease):
+                result.non_private.append(Numbered(seq, typed))
+                continue
+            step = typed.step
             rdp.add(step)
             history.append(step)
-            delta = float(release.delta)
+            delta = float(typed.delta)
             if result.delta is not None and delta != result.delta:
-                result.problems.append(f"line {entry['seq']}: delta changed from "
+                result.problems.append(f"line {seq}: delta changed from "
                                        f"{result.delta:g} to {delta:g}")
             result.delta = delta
-            recorded = float(release.epsilon)
-            accountant = release.accountant or RDP
+            accountant = typed.accountant or RDP
             if accountant not in ACCOUNTANTS:
-                result.problems.append(f"line {entry['seq']}: unknown accountant {accountant!r}; "
+                result.problems.append(f"line {seq}: unknown accountant {accountant!r}; "
                                        "the audit cannot check this release, and stops here")
                 break
             rdp_eps = floor.epsilon + rdp.epsilon(delta)
             final = len(result.rounds) + 1 == releases
             pld_eps = (floor.epsilon + pld_epsilon(history, delta) if per_release_pld or final
                        else None)
-            row = {"seq": entry["seq"], "run_id": release.run_id, "round": release.round,
-                   "time": entry.get("time"), "unit": release.privacy_unit,
-                   "noise_multiplier": release.noise_multiplier,
-                   "sample_rate": release.sample_rate, "steps": release.steps,
-                   "max_grad_norm": release.max_grad_norm, "accountant": accountant,
-                   "recorded_epsilon": recorded,
-                   "recomputed_epsilon": rdp_eps if accountant == RDP else pld_eps,
-                   "rdp_epsilon": rdp_eps, "pld_epsilon": pld_eps,
-                   "withheld": release.withheld, "update_sha256": release.update_sha256,
-                   "floor_epsilon": floor.epsilon}
+            row = AuditRow(seq, typed, rdp_eps if accountant == RDP else pld_eps, rdp_eps,
+                           pld_eps, floor.epsilon)
             _check_row(result, row)
             result.rounds.append(row)
     if result.rounds:
         last = result.rounds[-1]
-        if last["pld_epsilon"] is None:  # PLD of the whole history only
-            last["pld_epsilon"] = last["floor_epsilon"] + pld_epsilon(history, float(result.delta))
-            if last["accountant"] == PRV:
-                last["recomputed_epsilon"] = last["pld_epsilon"]
+        if last.pld_epsilon is None:  # PLD of the whole history only
+            whole = last.floor_epsilon + pld_epsilon(history, float(result.delta))
+            last = dataclasses.replace(
+                last, pld_epsilon=whole,
+                recomputed_epsilon=whole if last.accountant == PRV else last.recomputed_epsilon)
+            result.rounds[-1] = last
             _check_row(result, last)
-        result.accountant = last["accountant"]
-        result.recorded_epsilon = last["recorded_epsilon"]
-        result.recomputed_epsilon = last["recomputed_epsilon"]
-        result.rdp_epsilon = last["rdp_epsilon"]
-        result.pld_epsilon = last["pld_epsilon"]
+        result.accountant = last.accountant
+        result.recorded_epsilon = last.recorded_epsilon
+        result.recomputed_epsilon = last.recomputed_epsilon
+        result.rdp_epsilon = last.rdp_epsilon
+        result.pld_epsilon = last.pld_epsilon
     # an acknowledgement after the last release raises the site's figures by its floor too
-    later = floor.epsilon - (result.rounds[-1]["floor_epsilon"] if result.rounds else 0.0)
+    later = floor.epsilon - (result.rounds[-1].floor_epsilon if result.rounds else 0.0)
     result.recorded_epsilon += later
     result.recomputed_epsilon += later
     result.rdp_epsilon += later
@@ -288,19 +306,19 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     return result
 
 
-def _check_row(result: SiteAudit, row: dict[str, Any]) -> None:
+def _check_row(result: SiteAudit, row: AuditRow) -> None:
     """The recorded figure against the independent one of its own method (RDP against
     dp-accounting's RDP, PRV against dp-accounting's PLD: like with like, 1%), and the looser
     bounds never below the tighter ones."""
-    seq, recorded, recomputed = row["seq"], row["recorded_epsilon"], row["recomputed_epsilon"]
+    seq, recorded, recomputed = row.seq, row.recorded_epsilon, row.recomputed_epsilon
     if recomputed is not None and abs(recorded - recomputed) > TOLERANCE * max(recomputed, 1e-12):
-        method = "" if row["accountant"] == RDP else " (PRV, recomputed as dp-accounting's PLD)"
+        method = "" if row.accountant == RDP else " (PRV, recomputed as dp-accounting's PLD)"
         result.problems.append(f"line {seq}: recorded epsilon {recorded:.4f} differs from the "
                                f"recomputed {recomputed:.4f} by more than 1%{method}")
-    if row["accountant"] == PRV and row["rdp_epsilon"] < recorded - PRV_EPS_ERROR - 1e-9:
-        result.problems.append(f"line {seq}: the RDP bound {row['rdp_epsilon']:.4f} is below the "
+    if row.accountant == PRV and row.rdp_epsilon < recorded - PRV_EPS_ERROR - 1e-9:
+        result.problems.append(f"line {seq}: the RDP bound {row.rdp_epsilon:.4f} is below the "
                                f"recorded PRV epsilon {recorded:.4f}")
-    if row["pld_epsilon"] is not None and row["pld_epsilon"] > row["rdp_epsilon"] * (1 + 1e-9):
+    if row.pld_epsilon is not None and row.pld_epsilon > row.rdp_epsilon * (1 + 1e-9):
         result.problems.append(f"line {seq}: PLD epsilon above RDP epsilon")
 
 
@@ -410,23 +428,29 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
                   "| accountant | recomputed eps | RDP eps | PLD eps |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in a.rounds:
-            withheld = " (withheld, counted)" if r.get("withheld") else ""
-            lines.append(f"| {r['seq']} | {r['run_id']} | {r['round']}{withheld} | {r['unit']} | "
-                         f"{_fmt(r['noise_multiplier'])} | {_fmt(r['sample_rate'])} | {r['steps']} | "
-                         f"{r['max_grad_norm']} | {_fmt(r['recorded_epsilon'])} | {r['accountant']} | "
-                         f"{_fmt(r['recomputed_epsilon'])} | {_fmt(r['rdp_epsilon'])} | "
-                         f"{_fmt(r['pld_epsilon'])} |")
-        for ack in a.rollbacks:
-            lines.append(f"- **acknowledged rollback** (#{ack['seq']}): the ledger had lost entries "
-                         f"up to the head {ack['reported_seq']} the site reported; its reported "
-                         f"epsilon {ack['reported_epsilon']:.4f} (delta {ack['reported_delta']:g}) "
-                         "is a floor under the figures after it (basic composition)")
+            release = r.release
+            withheld = " (withheld, counted)" if release.withheld else ""
+            lines.append(f"| {r.seq} | {release.run_id} | {release.round}{withheld} | "
+                         f"{release.privacy_unit} | {_fmt(release.noise_multiplier)} | "
+                         f"{_fmt(release.sample_rate)} | {release.steps} | "
+                         f"{release.max_grad_norm} | {_fmt(r.recorded_epsilon)} | {r.accountant} | "
+                         f"{_fmt(r.recomputed_epsilon)} | {_fmt(r.rdp_epsilon)} | "
+                         f"{_fmt(r.pld_epsilon)} |")
+        for numbered in a.rollbacks:
+            ack = numbered.record
+            lines.append(f"- **acknowledged rollback** (#{numbered.seq}): the ledger had lost "
+                         f"entries up to the head {ack.reported_seq} the site reported; its "
+                         f"reported epsilon {ack.reported_epsilon:.4f} (delta "
+                         f"{ack.reported_delta:g}) is a floor under the figures after it (basic "
+                         "composition)")
         lines += ["", "Non-private releases (not covered by DP-SGD):", ""]
         if not a.non_private:
             lines.append("- none")
-        for e in a.non_private:
-            what = e.get("values", e.get("reason", ""))
-            lines.append(f"- #{e['seq']} round {e.get('round')}: {e.get('release')} {what}")
+        for numbered in a.non_private:
+            release = numbered.record
+            what = (release.values if release.values is not None
+                    else release.reason if release.reason is not None else "")
+            lines.append(f"- #{numbered.seq} round {release.round}: {release.release} {what}")
     return "\n".join(lines) + "\n"
 
 
@@ -452,10 +476,10 @@ def plot_audit(audits: list[SiteAudit], path: Path) -> None:
     with report_figure(path) as (axis,):
         for a in audits:
             xs = list(range(1, len(a.rounds) + 1))
-            axis.plot(xs, [r["recorded_epsilon"] for r in a.rounds], "-o",
+            axis.plot(xs, [r.recorded_epsilon for r in a.rounds], "-o",
                       label=f"{a.name} recorded ({a.accountant})")
-            axis.plot(xs, [r["rdp_epsilon"] for r in a.rounds], "--", label=f"{a.name} RDP")
-            pld = [(x, r["pld_epsilon"]) for x, r in zip(xs, a.rounds) if r["pld_epsilon"] is not None]
+            axis.plot(xs, [r.rdp_epsilon for r in a.rounds], "--", label=f"{a.name} RDP")
+            pld = [(x, r.pld_epsilon) for x, r in zip(xs, a.rounds) if r.pld_epsilon is not None]
             if pld:
                 axis.plot(*zip(*pld), ":" if len(pld) > 1 else "s", label=f"{a.name} PLD")
         for budget in {a.budget for a in audits if a.budget}:

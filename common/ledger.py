@@ -3,7 +3,9 @@
 One entry per release that left the site. Adapter updates are DP releases and carry their
 full mechanism (so epsilon can be recomputed by anyone); everything else (example counts,
 losses, declines) is marked as a non-private release. Each entry holds the hash of the
-previous one, so a changed, removed or reordered line is detected and located. Writes are
+previous one, so a changed, removed or reordered line is detected and located. The chain is
+checked on the JSON as written; what an entry means is read through its type
+(``AdapterRelease``, ``NonPrivateRelease``, ``RollbackAcknowledgement``), which also writes it. Writes are
 fsync'ed and made under an exclusive ``flock``. No NaN or infinity is ever written, and an
 adapter update whose mechanism cannot be accounted is refused on write and on read: a NaN
 compares false with every cap, so it would pass any budget check.
@@ -44,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar, Generic, Self, TypeVar
 
 from privatune.common.durable import fsync_dir, write_atomically
 from privatune.common.privacy import PRV, MechanismStep, epsilon_of
@@ -124,21 +126,6 @@ class RollbackFloor:
     epsilon: float = 0.0
     delta: float = 0.0
 
-    @classmethod
-    def of(cls, acknowledgement: Mapping[str, Any]) -> RollbackFloor:
-        """The floor a ``rollback_acknowledged`` entry carries."""
-        return cls(float(acknowledgement["reported_epsilon"]),
-                   float(acknowledgement["reported_delta"]))
-
-
-def rollback_floor(entries: list[dict[str, Any]]) -> RollbackFloor:
-    """The floor of the latest acknowledged rollback (an earlier one is inside the spend the
-    site reported since, so only the latest counts); zero without one."""
-    for entry in reversed(entries):
-        if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
-            return RollbackFloor.of(entry)
-    return RollbackFloor()
-
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """Hash of an entry's canonical JSON, excluding its own ``hash`` field."""
@@ -163,7 +150,7 @@ _MECHANISM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def mechanism_problem(entry: Mapping[str, Any]) -> str | None:
+def _mechanism_problem(entry: Mapping[str, Any]) -> str | None:
     """Why an adapter update cannot be accounted, or None when it can.
 
     The hash chain proves a line is the one written, not that its numbers are sane.
@@ -182,28 +169,55 @@ _FLOOR_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def entry_problem(entry: Mapping[str, Any]) -> str | None:
-    """Why an entry that counts in the spend (an adapter update's mechanism, a rollback
-    acknowledgement's floor) cannot be accounted, or None."""
-    if entry.get("kind") == ADAPTER_UPDATE:
-        return mechanism_problem(entry)
-    if entry.get("kind") == ROLLBACK_ACKNOWLEDGED:
-        for key, (valid, expected) in _FLOOR_RULES.items():
-            if not valid(entry.get(key)):
-                return f"rollback acknowledgement's {key} is {entry.get(key)!r}, expected {expected}"
+def _floor_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why a rollback acknowledgement's floor cannot be accounted, or None when it can."""
+    for key, (valid, expected) in _FLOOR_RULES.items():
+        if not valid(entry.get(key)):
+            return f"rollback acknowledgement's {key} is {entry.get(key)!r}, expected {expected}"
     return None
 
 
+class TypedEntry:
+    """What a typed ledger entry shares (a mixin of frozen dataclasses): its ``KIND``, and the
+    one conversion each way between the type and the entry's own fields (``SiteLedger.append``
+    adds seq, kind, private, time and the hashes).
+
+    A field an entry lacks reads as None (older entries, and options a release did not use),
+    and the written entry holds exactly the fields that are not None: its bytes are what they
+    were before the type existed, since the ledger hashes sorted JSON.
+    """
+
+    KIND: ClassVar[str]
+
+    @staticmethod
+    def problem(entry: Mapping[str, Any]) -> str | None:
+        """Why an entry of this kind cannot be accounted (checked on the JSON before it is
+        read as the type, which trusts its values), or None; most kinds count nothing."""
+        return None
+
+    def fields(self) -> dict[str, Any]:
+        """The entry's own fields, as ``SiteLedger.append`` takes them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> Self:
+        """The entry read as this type; an entry that counts must have passed ``problem``."""
+        return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)
+                      if f.name in entry})
+
+
 @dataclass(frozen=True)
-class AdapterRelease:
+class AdapterRelease(TypedEntry):
     """An adapter update's ledger entry (``ADAPTER_UPDATE``) as one type: the DP mechanism that
     produced it, enough for anyone to recompute its epsilon, and the update sent (its hash) or
     why it was withheld. The node writes it; the node, the audit and the simulations read it.
 
-    Fields a ledger's entry lacks read as None (older entries, and the mechanism's options:
-    patient sampling under the patient unit, the frozen factors' hash under ffa); the written
-    entry holds exactly the fields that are not None, so its bytes are what they always were.
+    Optional fields: patient sampling under the patient unit, the frozen factors' hash under
+    ffa, and whatever an older entry lacks.
     """
+
+    KIND: ClassVar[str] = ADAPTER_UPDATE
 
     noise_multiplier: float
     sample_rate: float
@@ -220,19 +234,108 @@ class AdapterRelease:
     update_sha256: str | None = None
     withheld: str | None = None
 
+    @staticmethod
+    def problem(entry: Mapping[str, Any]) -> str | None:
+        return _mechanism_problem(entry)
+
     @property
     def step(self) -> MechanismStep:
         return MechanismStep(float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
 
-    def fields(self) -> dict[str, Any]:
-        """The entry's own fields, as ``SiteLedger.append`` takes them."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None}
 
-    @classmethod
-    def from_entry(cls, entry: Mapping[str, Any]) -> AdapterRelease:
-        """An adapter update entry that passed ``mechanism_problem``."""
-        return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls) if f.name in entry})
+EVALUATE_METRICS = "evaluate_metrics"  # a non-private release: the metrics an evaluation sent
+
+
+@dataclass(frozen=True)
+class NonPrivateRelease(TypedEntry):
+    """A ``NON_PRIVATE`` entry: something that left the site uncovered by DP-SGD, named by
+    ``release``: a reply's metrics (``train_metrics``, ``evaluate_metrics``: the ``values`` the
+    policy let out), a ``decline`` and its ``reason`` (``request`` is "evaluate" for an
+    evaluation's), a ``resend`` of a kept update, or a rollback decline (``client.rollback``)
+    with the head and spend the coordinator held (``reported_*``) and the kept releases the
+    ledger did not list.
+    """
+
+    KIND: ClassVar[str] = NON_PRIVATE
+
+    release: str | None = None
+    run_id: str | None = None
+    round: int | None = None
+    reason: str | None = None
+    request: str | None = None
+    values: dict[str, Any] | None = None
+    update_sha256: str | None = None
+    reported_seq: int | None = None
+    reported_hash: str | None = None
+    reported_epsilon: float | None = None
+    reported_delta: float | None = None
+    recovered_releases: list[str] | None = None  # update hashes of kept, unlisted releases
+
+
+@dataclass(frozen=True)
+class RollbackAcknowledgement(TypedEntry):
+    """An operator's acknowledgement (``ROLLBACK_ACKNOWLEDGED``) that the ledger lost releases:
+    the rollback decline that found it (``detected_at``, its entry's number), the head and spend
+    the coordinator held, the kept releases the ledger lists again, and the floor they carry."""
+
+    KIND: ClassVar[str] = ROLLBACK_ACKNOWLEDGED
+
+    reported_epsilon: float
+    reported_delta: float
+    run_id: str | None = None
+    detected_at: int | None = None
+    reported_seq: int | None = None
+    reported_hash: str | None = None
+    recovered_releases: list[str] | None = None
+    note: str | None = None
+
+    @staticmethod
+    def problem(entry: Mapping[str, Any]) -> str | None:
+        return _floor_problem(entry)
+
+    @property
+    def floor(self) -> RollbackFloor:
+        return RollbackFloor(float(self.reported_epsilon), float(self.reported_delta))
+
+
+LedgerRecord = AdapterRelease | NonPrivateRelease | RollbackAcknowledgement
+RecordT = TypeVar("RecordT", AdapterRelease, NonPrivateRelease, RollbackAcknowledgement)
+
+
+def _record_type(entry: Mapping[str, Any]) -> type[LedgerRecord]:
+    """The type an entry reads as, by its kind. Any kind but an adapter update and a rollback
+    acknowledgement is a non-private release: the ledger marks only adapter updates private."""
+    kind = entry.get("kind")
+    if kind == ADAPTER_UPDATE:
+        return AdapterRelease
+    if kind == ROLLBACK_ACKNOWLEDGED:
+        return RollbackAcknowledgement
+    return NonPrivateRelease
+
+
+def entry_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why an entry that counts in the spend (an adapter update's mechanism, a rollback
+    acknowledgement's floor) cannot be accounted, or None."""
+    return _record_type(entry).problem(entry)
+
+
+def record_of(entry: Mapping[str, Any]) -> LedgerRecord:
+    """A verified entry read as its type (one that counts must have passed ``entry_problem``)."""
+    return _record_type(entry).from_entry(entry)
+
+
+def is_adapter_update(entry: Mapping[str, Any]) -> bool:
+    """Whether an entry is an adapter update, before its fields are checked."""
+    return _record_type(entry) is AdapterRelease
+
+
+@dataclass(frozen=True)
+class Numbered(Generic[RecordT]):
+    """A record with the number of its entry in the ledger (``seq``, from 1): what an audit
+    line or a rollback acknowledgement names it by."""
+
+    seq: int
+    record: RecordT
 
 
 def _verified(line: str, number: int, previous: str, path: Path) -> dict[str, Any]:
@@ -474,22 +577,35 @@ class SiteLedger:
 
     def adapter_updates(self) -> list[dict[str, Any]]:
         """The adapter update entries as written (with their seq, time and hashes)."""
-        return [e for e in self.entries if e.get("kind") == ADAPTER_UPDATE]
+        return [e for e in self.entries if is_adapter_update(e)]
+
+    def records(self) -> list[LedgerRecord]:
+        """Every entry read as its type, in order: the record at index i is entry i + 1 (each
+        checked when the ledger was read)."""
+        return [record_of(e) for e in self.entries]
 
     def releases(self, run_id: str | None = None) -> list[AdapterRelease]:
-        """Every adapter update (of ``run_id``, if given), in order (each checked when read)."""
-        return [release for release in map(AdapterRelease.from_entry, self.adapter_updates())
-                if run_id is None or release.run_id == run_id]
+        """Every adapter update (of ``run_id``, if given), in order."""
+        return [r for r in self.records() if isinstance(r, AdapterRelease)
+                and (run_id is None or r.run_id == run_id)]
+
+    def append_record(self, record: TypedEntry) -> dict[str, Any]:
+        """Durably append a typed entry (see ``append``) and return it as written."""
+        return self.append(record.KIND, record.fields())
 
     def append_release(self, release: AdapterRelease) -> dict[str, Any]:
-        return self.append(ADAPTER_UPDATE, release.fields())
+        """Durably append an adapter update (the node's writer of its DP releases)."""
+        return self.append_record(release)
 
     def mechanism_history(self) -> list[MechanismStep]:
-        """Every DP mechanism this site has released, in order (each checked when read)."""
+        """Every DP mechanism this site has released, in order."""
         return [release.step for release in self.releases()]
 
     def floor(self) -> RollbackFloor:
-        return rollback_floor(self.entries)
+        """The floor of the latest acknowledged rollback (an earlier one is inside the spend the
+        site reported since, so only the latest counts); zero without one."""
+        acknowledged = [r for r in self.records() if isinstance(r, RollbackAcknowledgement)]
+        return acknowledged[-1].floor if acknowledged else RollbackFloor()
 
     def epsilon(self, delta: float, accountant: str = PRV,
                 then: Sequence[MechanismStep] = ()) -> float:

@@ -338,7 +338,8 @@ def model_card(report: RunReport, gate: GateResult, source: ExportSource, base: 
 
 def _privacy_section(report: RunReport, gate: GateResult, privacy: dict) -> list[str]:
     audits = gate.audits
-    units = sorted({str(row["unit"]) for a in audits for row in a.rounds if row.get("unit")})
+    units = sorted({str(row.release.privacy_unit) for a in audits for row in a.rounds
+                    if row.release.privacy_unit})
     unit = ", ".join(units) or str(privacy.get("unit", "record"))
     lines = ["## Privacy", "",
              f"Privacy unit: **{unit}** ("
@@ -353,7 +354,7 @@ def _privacy_section(report: RunReport, gate: GateResult, privacy: dict) -> list
              "same method) | ε (RDP, a looser bound) | δ | ε budget | rounds taken part | audit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for audit in audits:
-        accountants = sorted({str(r["accountant"]) for r in audit.rounds if r.get("accountant")}
+        accountants = sorted({r.accountant for r in audit.rounds}
                              or ({str(audit.accountant)} if getattr(audit, "accountant", None) else set()))
         summary = report.sites.get(audit.name)
         taken = ", ".join(map(str, summary.rounds_participated)) if summary else ""

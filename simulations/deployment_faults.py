@@ -47,7 +47,8 @@ from typing import Any
 
 from privatune.common.audit import audit_path
 from privatune.common.base_model import BaseModelSpec
-from privatune.common.ledger import ADAPTER_UPDATE, NON_PRIVATE, SiteLedger, read_entries
+from privatune.common.ledger import (AdapterRelease, NonPrivateRelease, SiteLedger,
+                                     read_entries, record_of)
 from privatune.simulations.loopback import DELTA, LoopbackFederation, Proc
 from privatune.simulations.processes import (descendants, kill, limit_file_size, serverapp_pids,
                                             tool_pids)
@@ -137,8 +138,8 @@ def ledger_rounds(fed: LoopbackFederation, site: str) -> list[list[Any]]:
     (``read_entries``): opening a live ledger with ``SiteLedger`` would set aside a line the
     node is still writing."""
     entries, _ = read_entries(fed.ledger(site))
-    return [[e.get("run_id"), e.get("round"), str(e.get("update_sha256", ""))[:12]]
-            for e in entries if e["kind"] == ADAPTER_UPDATE]
+    return [[r.run_id, r.round, (r.update_sha256 or "")[:12]]
+            for r in map(record_of, entries) if isinstance(r, AdapterRelease)]
 
 
 def site_figures(fed: LoopbackFederation, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -345,9 +346,8 @@ with a limit below that, the first try of this scenario, every ClientApp failed 
 def scenario_disk_full(fed: LoopbackFederation, budget_s: float) -> dict[str, Any]:
     """After round 1, limit the file size of the victim hospital's processes to its ledger's
     length + 10 bytes: its round-2 ledger append fails part-way, as on a full disk."""
-    SiteLedger(fed.ledger(VICTIM)).append(NON_PRIVATE, {
-        "run_id": "earlier", "round": 0, "release": "note",
-        "values": {"padding": "x" * LEDGER_PADDING}})
+    SiteLedger(fed.ledger(VICTIM)).append_record(NonPrivateRelease(
+        release="note", run_id="earlier", round=0, values={"padding": "x" * LEDGER_PADDING}))
     coordinator = fed.start_coordinator()
     coordinator.wait_for("[round 1] global perplexity", budget_s)
     ledger = fed.ledger(VICTIM)
@@ -369,8 +369,8 @@ def scenario_disk_full(fed: LoopbackFederation, budget_s: float) -> dict[str, An
             "ledger_torn_line": torn, "side_files": sorted(p.name for p in
                                                            ledger.parent.glob("ledger.jsonl.torn-*")),
             "full_site_train_declines": declines, "full_site_evaluation_declines": eval_declines,
-            "full_site_updates_in_ledger": [e["round"] for e in entries
-                                            if e["kind"] == ADAPTER_UPDATE],
+            "full_site_updates_in_ledger": [r.round for r in map(record_of, entries)
+                                            if isinstance(r, AdapterRelease)],
             "round_end_s": round_times(coordinator),
             **run_figures(fed, report), "sites": site_figures(fed, report)}
 

@@ -7,11 +7,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from privatune.common.ledger import (ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE, AdapterRelease,
-                                     LedgerError, SiteLedger, entry_hash, read_entries)
+from privatune.common.ledger import (ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE,
+                                     ROLLBACK_ACKNOWLEDGED, AdapterRelease, LedgerError,
+                                     NonPrivateRelease, RollbackAcknowledgement, SiteLedger,
+                                     entry_hash, read_entries, record_of)
 from privatune.common.privacy import MechanismStep, prv_epsilon
 
 
@@ -66,6 +69,83 @@ def test_a_release_is_one_type_that_writes_and_reads_the_same_entry(tmp_path):
              for e in (as_dict.entries[0], typed.entries[0])]
     assert strip[0] == strip[1] and typed.releases("run") == [sent] and typed.releases("other") == []
     assert typed.mechanism_history() == [MechanismStep(0.9, 0.05, 20)]
+
+
+def written_both_ways(tmp_path, monkeypatch, kind, fields, record) -> tuple[bytes, bytes]:
+    """The ledger's bytes after one entry appended as a dict (as before the types) and as the
+    typed record, at one fixed time."""
+    monkeypatch.setattr(time, "strftime", lambda *_: "2026-01-01T00:00:00Z")
+    SiteLedger(tmp_path / "dict.jsonl").append(kind, fields)
+    SiteLedger(tmp_path / "typed.jsonl").append_record(record)
+    return (tmp_path / "dict.jsonl").read_bytes(), (tmp_path / "typed.jsonl").read_bytes()
+
+
+# the non-private entries as the node writes them: a reply's metrics, a declined train or
+# evaluate request, a resend, a rollback decline (``client.rollback``)
+NON_PRIVATE_ENTRIES = [
+    {"run_id": "run", "round": 1, "release": "train_metrics",
+     "values": {"num_examples": 100, "train_loss": 2.5}},
+    {"run_id": "run", "round": 1, "release": "evaluate_metrics", "values": {}},
+    {"run_id": "run", "round": 2, "release": "decline", "reason": "over the cap"},
+    {"run_id": "run", "round": 2, "release": "decline", "request": "evaluate",
+     "reason": "too few records"},
+    {"run_id": "run", "round": 2, "release": "resend", "update_sha256": "b" * 64},
+    {"run_id": "run", "round": 3, "release": "ledger_rollback", "reason": "lost releases",
+     "reported_seq": 4, "reported_hash": "c" * 64, "reported_epsilon": 1.5,
+     "reported_delta": 1e-5, "recovered_releases": ["d" * 64]},
+]
+
+
+@pytest.mark.parametrize("fields", NON_PRIVATE_ENTRIES,
+                         ids=lambda f: f["release"] + ("-" + f["request"] if "request" in f else ""))
+def test_a_non_private_release_is_one_type_that_writes_the_same_bytes(tmp_path, monkeypatch,
+                                                                       fields):
+    typed = NonPrivateRelease(**fields)
+    as_dict, as_type = written_both_ways(tmp_path, monkeypatch, NON_PRIVATE, fields, typed)
+    assert as_type == as_dict  # the fields it does not use stay absent, never null
+    (read,) = SiteLedger(tmp_path / "typed.jsonl").records()
+    assert read == typed and read.fields() == fields
+
+
+ACKNOWLEDGEMENT = {"run_id": "run", "detected_at": 3, "reported_seq": 4,
+                   "reported_hash": "c" * 64, "reported_epsilon": 1.5, "reported_delta": 1e-5,
+                   "recovered_releases": ["d" * 64], "note": "the releases ... are lost"}
+
+
+def test_a_rollback_acknowledgement_is_one_type_that_writes_the_same_bytes(tmp_path, monkeypatch):
+    typed = RollbackAcknowledgement(**ACKNOWLEDGEMENT)
+    as_dict, as_type = written_both_ways(tmp_path, monkeypatch, ROLLBACK_ACKNOWLEDGED,
+                                         ACKNOWLEDGEMENT, typed)
+    assert as_type == as_dict
+    ledger = SiteLedger(tmp_path / "typed.jsonl")
+    assert ledger.records() == [typed] and ledger.floor().epsilon == 1.5
+
+
+def test_older_entries_read_with_the_fields_they_lack_as_none(tmp_path):
+    """A rollback decline and an acknowledgement written before kept releases were listed in
+    them, and a bare non-private entry, read; the floor is the latest acknowledgement's."""
+    ledger = make_ledger(tmp_path / "ledger.jsonl", rounds=1)
+    older = {key: value for key, value in ACKNOWLEDGEMENT.items() if key != "recovered_releases"}
+    ledger.append(NON_PRIVATE, {key: value for key, value in NON_PRIVATE_ENTRIES[-1].items()
+                                if key != "recovered_releases"})
+    ledger.append(ROLLBACK_ACKNOWLEDGED, older)
+    ledger.append(ROLLBACK_ACKNOWLEDGED, {**older, "reported_epsilon": 2.5})
+    ledger.append(NON_PRIVATE, {"release": "after-crash"})
+    records = SiteLedger(tmp_path / "ledger.jsonl").records()
+    assert [type(r) for r in records] == [AdapterRelease, NonPrivateRelease, NonPrivateRelease,
+                                          RollbackAcknowledgement, RollbackAcknowledgement,
+                                          NonPrivateRelease]
+    assert records[2].recovered_releases is None and records[2].reported_epsilon == 1.5
+    assert records[3].recovered_releases is None and records[3].floor.epsilon == 1.5
+    assert records[-1] == NonPrivateRelease(release="after-crash")
+    assert SiteLedger(tmp_path / "ledger.jsonl").floor().epsilon == 2.5
+
+
+def test_an_entry_of_an_unknown_kind_reads_as_a_non_private_release():
+    """The ledger marks only adapter updates private: whatever else it holds left the site
+    uncovered by DP, and the audit lists it so."""
+    entry = {"seq": 1, "kind": "something_new", "private": False, "release": "x", "round": 2}
+    assert record_of(entry) == NonPrivateRelease(release="x", round=2)
 
 
 def test_changed_line_is_located(tmp_path):

@@ -11,7 +11,7 @@ from privatune.client.policy import load_site_policy
 from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
 from privatune.common.config import ConfigError
 from privatune.common.examples import encode_pairs
-from privatune.common.ledger import SiteLedger
+from privatune.common.ledger import AdapterRelease, NonPrivateRelease, SiteLedger
 from privatune.common.config import LoraConfig
 from privatune.common.lora import (attach_lora, frozen_part, initial_adapter, load_base_model,
                                    lora_state, update_hash, with_update)
@@ -50,8 +50,9 @@ def test_dp_round_changes_lora_and_ledger_recomputes(make_site, tiny_model_dir):
     theirs = pld_epsilon(history, delta)
     assert abs(outcome.reply.epsilon - theirs) <= 0.01 * theirs
     assert independent_rdp_epsilon(history, delta) >= outcome.reply.epsilon - 0.01
-    kinds = [e["kind"] for e in ledger.entries]
-    assert kinds == ["adapter_update", "non_private"]
+    train_metrics = ledger.records()[1]
+    assert [type(r) for r in ledger.records()] == [AdapterRelease, NonPrivateRelease]
+    assert train_metrics.release == "train_metrics" and train_metrics.run_id == "run-1"
 
 
 def test_a_round_is_priced_by_one_accountant_call_and_records_what_ran(make_site, tiny_model_dir,
@@ -200,7 +201,8 @@ def test_repeated_round_with_same_input_is_resent_without_new_spend(make_site, t
     assert all(torch.equal(again.state[n], first.state[n]) for n in first.state)
     ledger = SiteLedger(node.policy.ledger_path)
     assert len(ledger.adapter_updates()) == 1
-    assert ledger.entries[-1]["release"] == "resend"
+    resend = ledger.records()[-1]
+    assert resend.release == "resend" and resend.update_sha256 == update_hash(first.state)
 
 
 def test_noise_seed_is_the_sites_own(make_site, tiny_model_dir):
@@ -264,7 +266,7 @@ def test_ffa_node_refuses_an_a_that_differs_from_the_runs_first(make_site, tiny_
         declined = node.train(request(2, aggregation=asked), global_state)
         assert not declined.reply.accepted and reason in declined.reply.reason, asked
     assert node.epsilon() == spent  # nothing trained, nothing spent
-    assert SiteLedger(node.policy.ledger_path).entries[-1]["release"] == "decline"
+    assert SiteLedger(node.policy.ledger_path).records()[-1].release == "decline"
     assert node.train(request(2, aggregation="ffa"), after).reply.accepted  # the run's own A
 
 

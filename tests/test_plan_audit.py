@@ -14,6 +14,7 @@ from privatune.common.ledger import (
     ADAPTER_UPDATE,
     GENESIS_HASH,
     NON_PRIVATE,
+    ROLLBACK_ACKNOWLEDGED,
     SiteLedger,
     entry_hash,
 )
@@ -55,6 +56,60 @@ def test_audit_passes_on_honest_ledgers(tmp_path):
     assert (tmp_path / "audit" / "audit.png").stat().st_size > 0
     html = write_audit(audits, tmp_path / "audit", "html")
     assert html.read_text().startswith("<!doctype html>")
+
+
+def test_the_report_lists_each_kind_of_entry_as_it_always_did(tmp_path):
+    """A withheld release, every kind of non-private release and an acknowledged rollback, in
+    the report's words: these lines are the ones the audit wrote before its rows and entries
+    were typed."""
+    ledger = SiteLedger(tmp_path / "ledger.jsonl")
+    history = []
+
+    def update(r, **extra):
+        history.append(MechanismStep(0.9, 0.05, 20))
+        ledger.append(ADAPTER_UPDATE, {
+            "run_id": "r", "round": r, "privacy_unit": "record", "noise_multiplier": 0.9,
+            "sample_rate": 0.05, "steps": 20, "max_grad_norm": 1.0, "accountant": "opacus-rdp",
+            "epsilon": rdp_epsilon(history, 1e-5), "delta": 1e-5, **extra})
+
+    update(1, update_sha256="a" * 64)
+    ledger.append(NON_PRIVATE, {"run_id": "r", "round": 1, "release": "train_metrics",
+                                "values": {"num_examples": 320, "train_loss": 2.5}})
+    ledger.append(NON_PRIVATE, {"run_id": "r", "round": 1, "release": "evaluate_metrics",
+                                "values": {}})
+    update(2, withheld="the update is not finite")
+    ledger.append(NON_PRIVATE, {"run_id": "r", "round": 3, "release": "decline",
+                                "request": "evaluate", "reason": "too few records"})
+    ledger.append(NON_PRIVATE, {"run_id": "r", "round": 2, "release": "resend",
+                                "update_sha256": "a" * 64})
+    ledger.append(NON_PRIVATE, {"run_id": "r", "round": 3, "release": "ledger_rollback",
+                                "reason": "lost releases", "reported_seq": 9,
+                                "reported_hash": "c" * 64, "reported_epsilon": 3.5,
+                                "reported_delta": 1e-5, "recovered_releases": []})
+    ledger.append(ROLLBACK_ACKNOWLEDGED, {"run_id": "r", "detected_at": 7, "reported_seq": 9,
+                                          "reported_hash": "c" * 64, "reported_epsilon": 3.5,
+                                          "reported_delta": 1e-5, "recovered_releases": [],
+                                          "note": "lost"})
+    ledger.append(NON_PRIVATE, {"release": "note"})
+    (audit,) = audit_path(ledger.path)
+    lines = write_audit([audit], tmp_path / "out").read_text().splitlines()
+    assert lines[lines.index("Non-private releases (not covered by DP-SGD):") + 2:] == [
+        "- #2 round 1: train_metrics {'num_examples': 320, 'train_loss': 2.5}",
+        "- #3 round 1: evaluate_metrics {}",
+        "- #5 round 3: decline too few records",
+        "- #6 round 2: resend ",
+        "- #7 round 3: ledger_rollback lost releases",
+        "- #9 round None: note "]
+    assert ("- **acknowledged rollback** (#8): the ledger had lost entries up to the head 9 the "
+            "site reported; its reported epsilon 3.5000 (delta 1e-05) is a floor under the "
+            "figures after it (basic composition)") in lines
+    rows = [line for line in lines if line.startswith(("| 1 |", "| 4 |"))]
+    assert [row[:row.index(" | 1.0 |")] for row in rows] == [
+        "| 1 | r | 1 | record | 0.9000 | 0.0500 | 20",
+        "| 4 | r | 2 (withheld, counted) | record | 0.9000 | 0.0500 | 20"]
+    assert audit.ok and [r.seq for r in audit.rounds] == [1, 4]
+    assert [n.seq for n in audit.non_private] == [2, 3, 5, 6, 7, 9]
+    assert audit.recorded_epsilon == pytest.approx(3.5 + rdp_epsilon(history, 1e-5))
 
 
 def test_audit_without_the_report_extra_writes_the_text_alone(tmp_path, monkeypatch):
@@ -110,8 +165,8 @@ def _fake_run(tmp_path, **site):
     ledger = SiteLedger(write_site(tmp_path, "a", **site))
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    last = ledger.adapter_updates()[-1]
-    reply = TrainReply(site="a", accepted=True, epsilon=last["epsilon"], delta=1e-5,
+    last = ledger.releases()[-1]
+    reply = TrainReply(site="a", accepted=True, epsilon=last.epsilon, delta=1e-5,
                        epsilon_budget=8.0, accountant="opacus-rdp", ledger_seq=ledger.head.seq,
                        ledger_hash=ledger.head.hash)
     report = RunReport(run_id="r", config={}, base_model="m", rounds=[
@@ -277,8 +332,8 @@ def test_audit_of_a_long_ledger_checks_every_release(tmp_path):
     assert audit.chain_error is None and len(audit.rounds) == releases
     assert len(audit.non_private) == releases // 10
     assert audit.problems == [f"line {seqs[liar]}: recorded epsilon "
-                              f"{audit.rounds[liar]['recorded_epsilon']:.4f} differs from the "
-                              f"recomputed {audit.rounds[liar]['recomputed_epsilon']:.4f} by more "
+                              f"{audit.rounds[liar].recorded_epsilon:.4f} differs from the "
+                              f"recomputed {audit.rounds[liar].recomputed_epsilon:.4f} by more "
                               "than 1%"]
     # spot checks against the whole-history recomputation (order-free, so one merged step per
     # mechanism; a prefix of 10,000 unmerged steps would take ~10 s to compose)
@@ -288,12 +343,12 @@ def test_audit_of_a_long_ledger_checks_every_release(tmp_path):
             mechanism = MECHANISMS[release // 40 % len(MECHANISMS)]
             totals[mechanism] = totals.get(mechanism, 0) + 5
         history = [MechanismStep(sigma, q, steps) for (sigma, q), steps in totals.items()]
-        assert audit.rounds[index]["recomputed_epsilon"] == pytest.approx(
+        assert audit.rounds[index].recomputed_epsilon == pytest.approx(
             independent_rdp_epsilon(history, 1e-5), rel=1e-9)
-    assert audit.rounds[0]["pld_epsilon"] is None  # over PLD_PER_RELEASE_LIMIT: final PLD only
-    assert audit.rounds[-1]["pld_epsilon"] == audit.pld_epsilon
+    assert audit.rounds[0].pld_epsilon is None  # over PLD_PER_RELEASE_LIMIT: final PLD only
+    assert audit.rounds[-1].pld_epsilon == audit.pld_epsilon
     assert 0 < audit.pld_epsilon <= audit.recomputed_epsilon
-    assert audit.recorded_epsilon == audit.rounds[-1]["recorded_epsilon"]
+    assert audit.recorded_epsilon == audit.rounds[-1].recorded_epsilon
     report = write_audit([audit], tmp_path / "out").read_text()
     assert "FAIL" in report and f"| {seqs[0]} | run-0 | 1 |" in report
 
@@ -316,7 +371,7 @@ def test_audit_composes_each_distinct_mechanism_once(tmp_path, monkeypatch):
     audit = audit_ledger(path, "short")
     assert audit.ok and len(audit.rounds) == 30 <= PLD_PER_RELEASE_LIMIT
     assert len(curves) == len(MECHANISMS)
-    assert all(row["pld_epsilon"] <= row["recomputed_epsilon"] for row in audit.rounds)
+    assert all(row.pld_epsilon <= row.recomputed_epsilon for row in audit.rounds)
 
 
 def test_running_rdp_equals_composing_the_whole_history():
@@ -368,13 +423,13 @@ def test_mixed_history_is_audited_entry_by_entry_with_its_own_accountant(tmp_pat
     ledger = write_mixed_site(tmp_path, "mixed")
     (audit,) = audit_path(tmp_path)
     assert audit.ok, audit.problems
-    assert [r["accountant"] for r in audit.rounds] == ["opacus-rdp"] * 2 + ["opacus-prv"] * 2
+    assert [r.accountant for r in audit.rounds] == ["opacus-rdp"] * 2 + ["opacus-prv"] * 2
     # the RDP-era entries keep their recorded meaning; the PRV ones are checked against PLD
-    assert audit.rounds[1]["recomputed_epsilon"] == audit.rounds[1]["rdp_epsilon"]
-    assert audit.rounds[3]["recomputed_epsilon"] == audit.rounds[3]["pld_epsilon"]
+    assert audit.rounds[1].recomputed_epsilon == audit.rounds[1].rdp_epsilon
+    assert audit.rounds[3].recomputed_epsilon == audit.rounds[3].pld_epsilon
     assert audit.accountant == "opacus-prv" and audit.rdp_epsilon > audit.recorded_epsilon
     # PRV is tighter than RDP for the same history: the switch spent less of the budget
-    assert audit.rounds[2]["recorded_epsilon"] < audit.rounds[1]["rdp_epsilon"] * 1.5
+    assert audit.rounds[2].recorded_epsilon < audit.rounds[1].rdp_epsilon * 1.5
     assert ledger.epsilon(1e-5) == pytest.approx(audit.recorded_epsilon)
 
 
@@ -410,11 +465,12 @@ def anchored_site(run_dir, name="a", rounds=3):
         if entry["kind"] == ADAPTER_UPDATE:
             entry["update_sha256"] = f"{entry['round']:064x}"
     forge(path, lambda _entries: _entries.__init__(entries))
-    entries = SiteLedger(path).entries
+    ledger = SiteLedger(path)
+    entries = ledger.entries
     record = SiteRecord(name, heads=[ReportedHead(r, "train", 2 * r, entries[2 * r - 1]["hash"])
                                      for r in range(1, rounds + 1)],
                         received=[ReceivedUpdate(r, f"{r:064x}") for r in range(1, rounds + 1)],
-                        epsilon=entries[-2]["epsilon"], delta=1e-5, epsilon_budget=8.0,
+                        epsilon=ledger.releases()[-1].epsilon, delta=1e-5, epsilon_budget=8.0,
                         accountant="opacus-rdp")
     return path, record
 

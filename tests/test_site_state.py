@@ -24,9 +24,9 @@ from privatune.client.deploy import check_site, release_statement
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.audit import audit_ledger
-from privatune.common.ledger import SiteLedger
+from privatune.common.ledger import NonPrivateRelease, RollbackAcknowledgement, SiteLedger
 from privatune.common.config import LoraConfig
-from privatune.common.lora import initial_adapter, lora_state
+from privatune.common.lora import initial_adapter, lora_state, update_hash
 from privatune.common.protocol import EvaluateRequest, TrainReply, TrainRequest
 
 LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
@@ -98,13 +98,19 @@ def test_restored_ledger_stops_the_node_instead_of_resending_an_unlisted_release
     repeat = node.train(request(1, planned=20, after=warm_up.reply), start_state)
     assert not repeat.reply.accepted and not repeat.state
     assert "not listed" in repeat.reply.reason and "--acknowledge-ledger-rollback" in repeat.reply.reason
-    releases = [e.get("release") for e in SiteLedger(ledger).entries]
+    releases = [r.release for r in SiteLedger(ledger).records() if isinstance(r, NonPrivateRelease)]
     assert "resend" not in releases and releases[-1] == "ledger_rollback"
     # still stopped, whatever is asked, until a person acknowledges it
     assert not node.train(request(2, planned=20, after=repeat.reply), first.state).reply.accepted
 
     assert acknowledge(policy_path) == 0
     assert "rollback acknowledged" in capsys.readouterr().out
+    *before, acknowledgement = SiteLedger(ledger).records()
+    declines = [seq for seq, r in enumerate(before, start=1)
+                if isinstance(r, NonPrivateRelease) and r.release == "ledger_rollback"]
+    assert isinstance(acknowledgement, RollbackAcknowledgement)
+    assert acknowledgement.detected_at == declines[-1]  # the latest decline it answers
+    assert acknowledgement.recovered_releases == [update_hash(first.state)]  # listed again
     assert recomputed_epsilon(node) >= first.reply.epsilon  # the lost round stays counted
     resumed = node.train(request(2, planned=20, after=repeat.reply), first.state)
     assert resumed.reply.accepted and resumed.reply.epsilon > first.reply.epsilon
@@ -245,7 +251,9 @@ def test_a_released_metric_covers_at_least_min_records(make_site, start_state):
                                                   min_records=20)))  # 8 held-out records
     reply = small.evaluate(evaluate_request(), start_state)
     assert not reply.accepted and "release.min_records" in reply.reason
-    assert [e.get("release") for e in small.ledger.entries] == ["decline"]
+    (decline,) = small.ledger.records()
+    assert isinstance(decline, NonPrivateRelease) and decline.release == "decline"
+    assert decline.request == "evaluate" and "release.min_records" in decline.reason
 
 
 # ------------------------------------------------------------ hostile requests and adapters
