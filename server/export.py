@@ -25,15 +25,17 @@ existing destination is replaced only when asked to.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from privatune.common.audit import SiteAudit, audit_in_run, audit_site
-from privatune.common.ledger import SiteLedger
+from privatune.common.ledger import SiteLedger, TypedEntry
 from privatune.common.run_record import SiteRecord, latest_checkpoint
 from privatune.server.overfitting import METRIC_NAMES, best_round, overfitting_flags
 from privatune.server.report import RunReport
@@ -198,6 +200,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+RELEASES = "releases.jsonl"
+
+
+@dataclass(frozen=True)
+class ModelExport(TypedEntry):
+    """An export's entry in the run's hash-chained ``releases.jsonl``: where the model went,
+    whether the gate was forced and why, the ledgers it audited and the sites it could not
+    verify, and the adapter released (its round, how it was chosen, its weights' SHA-256).
+
+    Every field is written, None as null (a round-less final adapter, an adapter without its
+    weights file), as it always was; an older entry reads with the fields it lacks (``round``
+    to ``adapter_sha256`` before merged exports, ``audited`` and ``unverified`` before the
+    deployed gate, ``recorded`` before run records) as None.
+    """
+
+    KIND: ClassVar[str] = "model_export"
+
+    destination: str
+    forced: bool
+    reason: str  # the --reason of a forced export, else ""
+    findings: list[str]
+    audited: dict[str, str] | None = None  # site: the ledger file audited
+    unverified: list[str] | None = None  # sites whose ledger was not collected
+    recorded: bool | None = None  # whether the run directory has a record of the run
+    round: int | None = None
+    which: str | None = None  # final, best or a round number, as asked
+    merged: bool | None = None
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 def _release(run_dir: Path, out_dir: Path, overwrite: bool, source: ExportSource, which: str,
              merged: bool, gate: GateResult, force_reason: str | None, build) -> None:
     """Build the export in a staging directory, record it, then rename it into place."""
@@ -205,16 +241,15 @@ def _release(run_dir: Path, out_dir: Path, overwrite: bool, source: ExportSource
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
         build(staging)
+        weights = source.adapter / ADAPTER_WEIGHTS
         # recorded before it is put in place: a crash can over-count a release, never hide one
-        SiteLedger(run_dir / "releases.jsonl").append("model_export", {
-            "destination": str(out_dir.resolve()), "forced": bool(gate.findings),
-            "reason": force_reason or "", "findings": gate.findings,
-            "audited": {a.name: str(a.path.resolve()) for a in gate.audits},
-            "unverified": [r.site for r in gate.unverified], "recorded": gate.recorded,
-            "round": source.round,
-            "which": which, "merged": merged, "adapter": str(source.adapter.resolve()),
-            "adapter_sha256": _sha256(source.adapter / ADAPTER_WEIGHTS)
-            if (source.adapter / ADAPTER_WEIGHTS).is_file() else None})
+        SiteLedger(run_dir / RELEASES).append_record(ModelExport(
+            destination=str(out_dir.resolve()), forced=bool(gate.findings),
+            reason=force_reason or "", findings=gate.findings,
+            audited={a.name: str(a.path.resolve()) for a in gate.audits},
+            unverified=[r.site for r in gate.unverified], recorded=gate.recorded,
+            round=source.round, which=which, merged=merged, adapter=str(source.adapter.resolve()),
+            adapter_sha256=_sha256(weights) if weights.is_file() else None))
         previous = None
         if out_dir.exists():  # only with overwrite (checked before)
             previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.previous-"))

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,11 +20,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from privatune.common.ledger import SiteLedger, read_entries
 from privatune.common.lora import load_adapter, read_adapter_state
 from privatune.common.protocol import TrainReply, TrainRequest
 from privatune.server.coordinator import Coordinator
 from privatune.server.coordinator_settings import CoordinatorSettings
-from privatune.server.export import ReleaseRefused, export_adapter, export_merged, select_adapter
+from privatune.server.export import (RELEASES, ModelExport, ReleaseRefused, export_adapter,
+                                     export_merged, select_adapter)
 from privatune.server.overfitting import best_round, overfitting_flags
 from privatune.server.report import RunReport
 from privatune.server.report_files import write_report
@@ -36,6 +39,12 @@ from tests.test_coordinator import SITES, FakeTransport, LedgeredSite, job
 from tests.test_plan_audit import write_site
 
 TEXT = "Patient admitted with sepsis. Temperature 38 C, heart rate 110. Plan: start antibiotics."
+
+
+def last_export(run: Path) -> ModelExport:
+    """The latest export recorded in the run's releases.jsonl (its chain verified)."""
+    entries, _ = read_entries(run / RELEASES)
+    return ModelExport.from_entry(entries[-1])
 
 
 def small_update(seed: int, examples: int, scale: float = 0.05):
@@ -148,8 +157,7 @@ def test_model_card_states_privacy_and_evaluation(run_dir, tmp_path, tiny_model_
     assert "3 completed of 3 planned" in card and f"best round {best.round}" in card
     assert "Privacy unit: **record**" in card
     for name in SITES.values():
-        entries = [json.loads(line) for line in (run_dir / "sites" / name / "ledger.jsonl").open()]
-        accountant = next(e["accountant"] for e in entries if e["kind"] == "adapter_update")
+        accountant = SiteLedger(run_dir / "sites" / name / "ledger.jsonl").releases()[0].accountant
         row = next(line for line in card.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {accountant} |" in row and "| 1e-05 |" in row and row.endswith("| pass |")
     chosen = next(r for r in report.rounds if r.round == best.round)
@@ -173,8 +181,8 @@ def test_round_best_exports_the_best_rounds_checkpoint(run_dir, tmp_path):
     final = read_adapter_state(run / "adapter")
     assert all(torch.equal(exported[n], wanted[n]) for n in wanted)
     assert not all(torch.equal(exported[n], final[n]) for n in final)
-    entry = [json.loads(line) for line in (run / "releases.jsonl").read_text().splitlines()][-1]
-    assert entry["round"] == 2 and entry["which"] == "best" and not entry["merged"]
+    export = last_export(run)
+    assert export.round == 2 and export.which == "best" and not export.merged
 
     assert main(["export", str(run), "--round", "1", "--out", str(tmp_path / "one")]) == 0
     one = read_adapter_state(tmp_path / "one")
@@ -210,8 +218,27 @@ def test_gate_refuses_a_failing_audit_unless_forced_with_a_reason(run_dir, tmp_p
                  "ethics board approved 2026-11"]) == 0
     card = (out / "README.md").read_text()
     assert "Released despite" in card and "ethics board approved 2026-11" in card
-    entry = [json.loads(line) for line in (run / "releases.jsonl").read_text().splitlines()][-1]
-    assert entry["forced"] and entry["merged"] and entry["reason"] == "ethics board approved 2026-11"
+    export = last_export(run)
+    assert export.forced and export.merged and export.reason == "ethics board approved 2026-11"
+
+
+def test_an_export_is_one_type_that_writes_the_same_bytes(tmp_path, monkeypatch):
+    """An export's entry written through ModelExport is the one written as a dict before it
+    existed, null fields included; an entry of the first releases.jsonl (four fields) reads."""
+    fields = {"destination": "/out", "forced": True, "reason": "approved", "findings": ["f"],
+              "audited": {"a": "/a/ledger.jsonl"}, "unverified": ["b"], "recorded": True,
+              "round": None, "which": "final", "merged": False, "adapter": "/run/adapter",
+              "adapter_sha256": None}
+    monkeypatch.setattr(time, "strftime", lambda *_: "2026-01-01T00:00:00Z")
+    SiteLedger(tmp_path / "dict" / RELEASES).append("model_export", fields)
+    SiteLedger(tmp_path / "typed" / RELEASES).append_record(ModelExport(**fields))
+    assert (tmp_path / "typed" / RELEASES).read_bytes() == (tmp_path / "dict" / RELEASES).read_bytes()
+    assert last_export(tmp_path / "typed") == ModelExport(**fields)
+
+    first = {"destination": "/out", "forced": False, "reason": "", "findings": []}
+    SiteLedger(tmp_path / "old" / RELEASES).append("model_export", first)
+    old = last_export(tmp_path / "old")
+    assert old == ModelExport(**first) and old.round is None and old.recorded is None
 
 
 # ------------------------------------------------------------------- overfitting, synthetic
@@ -285,9 +312,9 @@ def test_deployed_run_exports_through_the_gate_with_collected_ledgers(deployed_r
                  "ledgers arrive next week"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("not independently verified") == 3 and "FORCED over 3 findings" in printed
-    entry = [json.loads(line) for line in (run / "releases.jsonl").read_text().splitlines()][-1]
-    assert entry["unverified"] == ["alpha", "beta", "gamma"] and entry["audited"] == {}
-    assert entry["forced"] and entry["recorded"]
+    export = last_export(run)
+    assert export.unverified == ["alpha", "beta", "gamma"] and export.audited == {}
+    assert export.forced and export.recorded
 
     collected = [f"--ledger={name}={path}" for name, path in ledgers.items()]
     assert main(["export", str(run), "--out", str(tmp_path / "checked"), *collected]) == 0
@@ -338,8 +365,8 @@ def test_ledgers_without_the_runs_record_never_pass_as_its_audit(run_dir, deploy
     printed = capsys.readouterr().out
     assert "audited: pass" not in printed
     assert printed.count("audited: sound, but not independently verified as this run's") == 3
-    entry = [json.loads(line) for line in (bare / "releases.jsonl").read_text().splitlines()][-1]
-    assert entry["forced"] and not entry["recorded"]
+    export = last_export(bare)
+    assert export.forced and not export.recorded
 
     # a deployed run's record names alpha, beta and gamma: a sites/ ledger of another site is
     # not this run's

@@ -178,18 +178,19 @@ def _fake_run(tmp_path, **site):
 
 def test_release_gate_exports_a_clean_run_and_records_it(tmp_path):
     from privatune.common.ledger import read_entries
-    from privatune.server.export import export_adapter
+    from privatune.server.export import RELEASES, ModelExport, export_adapter
 
     run = _fake_run(tmp_path)
     assert export_adapter(run, tmp_path / "release").findings == []
     assert (tmp_path / "release" / "adapter_config.json").is_file()
-    entries, _ = read_entries(run / "releases.jsonl")
-    assert entries[-1]["kind"] == "model_export" and not entries[-1]["forced"]
+    entries, _ = read_entries(run / RELEASES)
+    assert entries[-1]["kind"] == ModelExport.KIND
+    assert not ModelExport.from_entry(entries[-1]).forced
 
 
 def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path):
     from privatune.common.ledger import read_entries
-    from privatune.server.export import ReleaseRefused, export_adapter
+    from privatune.server.export import RELEASES, ModelExport, ReleaseRefused, export_adapter
 
     run = _fake_run(tmp_path, noise=0.5, budget=2.0)
     with pytest.raises(ReleaseRefused, match="over the budget"):
@@ -198,8 +199,8 @@ def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path
     findings = export_adapter(run, tmp_path / "release",
                               force_reason="ethics board approved 2026-11").findings
     assert findings
-    entry = read_entries(run / "releases.jsonl")[0][-1]
-    assert entry["forced"] and entry["reason"] == "ethics board approved 2026-11"
+    export = ModelExport.from_entry(read_entries(run / RELEASES)[0][-1])
+    assert export.forced and export.reason == "ethics board approved 2026-11"
 
 
 def test_cli_reports_config_errors_with_file_and_key(tmp_path, capsys):
