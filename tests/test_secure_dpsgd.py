@@ -1,0 +1,267 @@
+"""Secure DP-SGD's step as plain functions: the sites' clipped sums (no local noise), their
+encodings summed by SecAgg+ and decoded, the coordinator's Adam step, and the refusals.
+
+Tiny Llama (tests/conftest.py), a few dozen short notes per site, CPU."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from privatune.client.secure_contribution import (
+    SiteContribution,
+    clipped_gradient_sum,
+    encode_site_contribution,
+    noise_rng,
+    poisson_sample,
+    sample_generator,
+    site_contribution,
+    trained_tensors,
+)
+from privatune.common import opacus_internals
+from privatune.common.config import LoraConfig
+from privatune.common.distributed_noise import (
+    choose_parameters,
+    decode_sum,
+    modular_sum,
+)
+from privatune.common.examples import encode_pairs, per_example_loss
+from privatune.common.lora import (
+    attach_seeded_lora,
+    load_base_model,
+    load_lora_state,
+    lora_state,
+    train_factors,
+    trained_part,
+)
+from privatune.common.secure_aggregation import SecAggRefused
+from privatune.server.secure_step import (
+    AdamSettings,
+    AdamState,
+    expected_union_batch,
+    flat_order,
+    secure_dpsgd_step,
+    unflatten,
+)
+from privatune.simulations.secure_dpsgd import (
+    DpsgdSite,
+    SecureDpsgdSettings,
+    run_secure_dpsgd,
+    secure_dpsgd_round,
+)
+from torch.utils.data import ConcatDataset
+
+from tests.conftest import clinical_note
+
+CLIP = 0.5
+SMALL = LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))  # 512 coordinates
+WIDE = LoraConfig(r=16, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def notes_dataset(tokenizer, count: int, seed: int):
+    rng = random.Random(seed)
+    return encode_pairs(tokenizer, [("", clinical_note(rng)) for _ in range(count)], 24)
+
+
+def lora_model(model_dir, settings: LoraConfig):
+    """The tiny model with a seeded adapter whose B is non-zero (so A gets gradients too)."""
+    base, tokenizer = load_base_model(model_dir)
+    model = attach_seeded_lora(base, settings, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    state = {n: (t if "lora_A" in n else 0.05 * torch.randn(t.shape, generator=generator))
+             for n, t in lora_state(model).items()}
+    load_lora_state(model, state)
+    return model, tokenizer, state
+
+
+@pytest.fixture(scope="module")
+def small(tiny_model_dir):
+    model, tokenizer, state = lora_model(tiny_model_dir, SMALL)
+    datasets = [notes_dataset(tokenizer, count, seed) for count, seed in ((24, 1), (30, 2), (18, 3))]
+    return model, state, datasets
+
+
+def sites_of(model, datasets) -> list[DpsgdSite]:
+    return [DpsgdSite(10 + i, model, d, secret_seed=100 + i) for i, d in enumerate(datasets)]
+
+
+def union_indices(sites: list[DpsgdSite], rate: float, step: int) -> torch.Tensor:
+    """The union's Poisson sample in the pooled dataset's numbering, redrawn as each site
+    draws it (same secret seed, same step)."""
+    parts, offset = [], 0
+    for site in sites:
+        drawn = poisson_sample(len(site.dataset), rate, sample_generator(site.secret_seed, step))
+        parts.append(drawn + offset)
+        offset += len(site.dataset)
+    return torch.cat(parts)
+
+
+def test_secure_step_without_noise_is_the_central_clipped_sum_step_on_the_union(small):
+    """(a) noise ~0, scale large: the decoded SecAgg+ sum of 3 sites is the clipped sum of
+    the union of the same samples, and the run's adapter is that sum's Adam step."""
+    model, state, datasets = small
+    sites = sites_of(model, datasets)
+    settings = SecureDpsgdSettings(sample_rate=0.3, clip=CLIP, noise_multiplier=1e-7,
+                                   learning_rate=0.01, sensitivity_inflation=1e-10, max_bits=40)
+    run = run_secure_dpsgd(sites, 1, settings, state)
+    released = run.rounds[0]
+    assert released.contributors == (10, 11, 12) and released.dropped == ()
+
+    load_lora_state(model, state)
+    train_factors(model, "fedavg")
+    union = union_indices(sites, 0.3, step=0)
+    assert len(union) > 5
+    central = clipped_gradient_sum(model, ConcatDataset(datasets), union, CLIP)
+    assert central.names == flat_order(list(state))
+    scale = CLIP * len(union) / math.sqrt(central.dimension)
+    np.testing.assert_allclose(released.noisy_sum, central.vector, rtol=0, atol=5e-5 * scale)
+
+    expected = secure_dpsgd_step(state, central.vector, aggregation="fedavg",
+                                 expected_batch_size=expected_union_batch(0.3, [24, 30, 18]),
+                                 optimizer=AdamState.initial(state), settings=AdamSettings(0.01))
+    moved = [n for n in state if not torch.equal(run.state[n], state[n])]
+    assert moved == list(state)  # every factor stepped
+    for name in state:  # Adam's first step is about lr * sign(g): equal where |g| is not tiny
+        big = expected.optimizer.exp_avg[name].abs() > 1e-4 * scale
+        torch.testing.assert_close(run.state[name][big], expected.state[name][big])
+
+
+def test_site_vector_is_the_plain_clipped_sum_with_no_local_noise(small, monkeypatch):
+    """(b) a site's vector: norm <= C * its sample size, equal to the per-example gradients
+    clipped and summed outside the engine, the same on a second call and micro-batched, and
+    Opacus' Gaussian noise is never drawn."""
+    model, state, datasets = small
+
+    def no_noise(*args, **kwargs):
+        raise AssertionError("a site drew Gaussian noise")
+
+    monkeypatch.setattr(opacus_internals, "gaussian_noise", no_noise)
+    load_lora_state(model, state)
+    train_factors(model, "fedavg")
+    dataset = datasets[1]
+    first = site_contribution(model, dataset, 0.4, CLIP, sample_generator(7, 3))
+    again = site_contribution(model, dataset, 0.4, CLIP, sample_generator(7, 3),
+                              max_physical_batch_size=3)
+    sample = poisson_sample(len(dataset), 0.4, sample_generator(7, 3))
+    assert len(sample) >= 4
+    assert isinstance(first, SiteContribution) and not hasattr(first, "sample_size")
+    assert np.linalg.norm(first.vector) <= CLIP * len(sample) * (1 + 1e-6)
+    np.testing.assert_array_equal(first.vector,
+                                  site_contribution(model, dataset, 0.4, CLIP,
+                                                    sample_generator(7, 3)).vector)
+    np.testing.assert_allclose(again.vector, first.vector, rtol=1e-5, atol=1e-7)
+
+    tensors = trained_tensors(model)  # the reference: one example at a time, plain autograd
+    reference = np.zeros(first.dimension)
+    for index in sample.tolist():
+        ids, labels, mask = (t.unsqueeze(0) for t in dataset[index])
+        loss = per_example_loss(model(input_ids=ids, attention_mask=mask).logits, labels)[0]
+        grads = torch.autograd.grad(loss, list(tensors.values()))
+        flat = torch.cat([g.reshape(-1) for g in grads]).double().numpy()
+        reference += flat * min(1.0, CLIP / (np.linalg.norm(flat) + 1e-6))
+    np.testing.assert_allclose(first.vector, reference, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(t, state[n]) for n, t in lora_state(model).items())  # nothing moved
+
+    empty = site_contribution(model, dataset, 1e-9, CLIP, sample_generator(7, 3))
+    assert empty.local_loss is None and not empty.vector.any()
+    params = choose_parameters(empty.dimension, min_contributions=2, max_sites=3, clip=CLIP,
+                               max_records_per_site=30, noise_multiplier=1.0)
+    encoded = encode_site_contribution(empty, params, rotation_seed=5, rng=noise_rng(7, 3))
+    assert encoded.shape == (params.padded_dimension,) and encoded.any()  # it still takes part
+
+
+def test_decoded_noise_has_the_calibrated_std(tiny_model_dir):
+    """(c) with real noise, decoded aggregate - true clipped sum: per-coordinate std sigma*C
+    (t = n = 3 sites, each adding a third of the variance), over 4096 coordinates."""
+    model, tokenizer, state = lora_model(tiny_model_dir, WIDE)
+    datasets = [notes_dataset(tokenizer, 10, seed) for seed in (4, 5, 6)]
+    sites = sites_of(model, datasets)
+    sigma, rate = 0.8, 0.3
+    settings = SecureDpsgdSettings(sample_rate=rate, clip=CLIP, noise_multiplier=sigma,
+                                   learning_rate=0.01, threshold=3)
+    from privatune.simulations.secure_dpsgd import noise_parameters
+
+    params = noise_parameters(sites, settings, sum(t.numel() for t in state.values()))
+    assert params.dimension == 4096 and params.min_contributions == 3
+    released = secure_dpsgd_round(sites, state, 0, settings, params)
+    load_lora_state(model, state)
+    true = clipped_gradient_sum(model, ConcatDataset(datasets), union_indices(sites, rate, 0), CLIP)
+    residual = released.noisy_sum - true.vector
+    assert abs(residual.mean()) < 4 * sigma * CLIP / math.sqrt(residual.size)
+    assert residual.std() == pytest.approx(sigma * CLIP, rel=0.1)
+
+
+def test_adam_step_changes_only_the_trained_part(small):
+    """(d) ffa leaves every lora_A as it was; fedavg moves both; the step is torch's Adam;
+    the state survives a checkpoint as tensors."""
+    _, state, _ = small
+    rng = np.random.default_rng(0)
+    trained = trained_part(state, "ffa")
+    assert trained and all("lora_B" in n for n in trained)
+    optimizer, current = AdamState.initial(trained), dict(state)
+    reference_params = {n: t.clone().requires_grad_() for n, t in trained.items()}
+    torch_adam = torch.optim.Adam(list(reference_params.values()), lr=0.02)
+    for _ in range(2):
+        noisy_sum = rng.normal(size=sum(t.numel() for t in trained.values()))
+        stepped = secure_dpsgd_step(current, noisy_sum, expected_batch_size=12.5,
+                                    aggregation="ffa", optimizer=optimizer,
+                                    settings=AdamSettings(0.02))
+        for name, grad in unflatten(noisy_sum, trained).items():
+            reference_params[name].grad = grad / 12.5
+        torch_adam.step()
+        current, optimizer = stepped.state, AdamState.from_tensors(stepped.optimizer.to_tensors())
+    assert list(current) == list(state) and optimizer.steps == 2
+    for name, tensor in state.items():
+        if "lora_A" in name:
+            assert torch.equal(current[name], tensor)
+        else:
+            assert not torch.equal(current[name], tensor)
+            torch.testing.assert_close(current[name], reference_params[name].detach())
+
+    everything = sum(t.numel() for t in state.values())
+    both = secure_dpsgd_step(state, rng.normal(size=everything), expected_batch_size=3.0,
+                             aggregation="fedavg", optimizer=AdamState.initial(state),
+                             settings=AdamSettings(0.02))
+    assert all(not torch.equal(both.state[n], state[n]) for n in state)
+    with pytest.raises(ValueError, match="coordinates"):
+        secure_dpsgd_step(state, np.zeros(everything), expected_batch_size=3.0, aggregation="ffa",
+                          optimizer=optimizer, settings=AdamSettings(0.02))
+
+
+def test_fewer_than_t_contributions_release_nothing(small):
+    """(e) two of three sites dropping mid-round leave one masked input, below t = 2: SecAgg+
+    refuses and the run stops; a round with one dropout still releases; fewer sites than t
+    never start."""
+    model, state, datasets = small
+    sites = sites_of(model, datasets)
+    settings = SecureDpsgdSettings(sample_rate=0.2, clip=CLIP, noise_multiplier=1.0,
+                                   learning_rate=0.01)
+    with pytest.raises(SecAggRefused, match="below t = 2"):
+        run_secure_dpsgd(sites, 2, settings, state, dropouts={1: {10, 12}})
+    survived = run_secure_dpsgd(sites, 1, settings, state, dropouts={0: {11}})
+    assert survived.rounds[0].contributors == (10, 12) and survived.rounds[0].dropped == (11,)
+    with pytest.raises(ValueError, match="below the threshold t = 3"):
+        run_secure_dpsgd(sites[:2], 1, SecureDpsgdSettings(
+            sample_rate=0.2, clip=CLIP, noise_multiplier=1.0, learning_rate=0.01, threshold=3),
+            state)
+
+
+def test_an_encoding_for_another_clip_or_size_is_refused(small):
+    model, state, datasets = small
+    load_lora_state(model, state)
+    train_factors(model, "ffa")
+    contribution = site_contribution(model, datasets[0], 0.3, CLIP, sample_generator(1, 0))
+    assert all("lora_B" in n for n in contribution.names)
+    other = choose_parameters(contribution.dimension, min_contributions=2, max_sites=3, clip=1.0,
+                              max_records_per_site=30, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="clipped at 0.5"):
+        encode_site_contribution(contribution, other, rotation_seed=1, rng=noise_rng(1, 0))
+    right = choose_parameters(contribution.dimension, min_contributions=2, max_sites=2, clip=CLIP,
+                              max_records_per_site=30, noise_multiplier=1.0)
+    sums = modular_sum([encode_site_contribution(contribution, right, rotation_seed=1,
+                                                 rng=noise_rng(s, 0)) for s in (1, 2)], right)
+    assert decode_sum(sums, right, rotation_seed=1, contributions=2).shape == (right.dimension,)
+    train_factors(model, "fedavg")
