@@ -190,7 +190,12 @@ def test_release_gate_exports_a_clean_run_and_records_it(tmp_path):
 
 def test_release_gate_refuses_over_budget_run_unless_forced_with_reason(tmp_path):
     from privatune.common.ledger import read_entries
-    from privatune.server.export import RELEASES, ModelExport, ReleaseRefused, export_adapter
+    from privatune.server.export import (
+        RELEASES,
+        ModelExport,
+        ReleaseRefused,
+        export_adapter,
+    )
 
     run = _fake_run(tmp_path, noise=0.5, budget=2.0)
     with pytest.raises(ReleaseRefused, match="over the budget"):
