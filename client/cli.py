@@ -26,16 +26,17 @@ def acknowledge_command(policy_path: Path) -> int:
 
     policy = load_site_policy(policy_path)
     try:
-        entry = acknowledge_rollback(policy)
+        written = acknowledge_rollback(policy)
     except (ValueError, SiteBusy) as err:  # nothing pending, LedgerError, a node answering
         print(f"privatune node: {err}", file=sys.stderr)
         return 2
     ledger = SiteLedger(policy.ledger_path)
     privacy = policy.privacy
-    print(f"{policy.ledger_path}: rollback acknowledged (entry {entry['seq']}). The highest "
+    floor = written.record
+    print(f"{policy.ledger_path}: rollback acknowledged (entry {written.seq}). The highest "
           f"spend reported with the lost releases (by the coordinator, which held ledger entry "
-          f"{entry['reported_seq']}, or by a kept release) is epsilon "
-          f"{entry['reported_epsilon']:.4f}; it is counted as a floor under this site's spend: "
+          f"{floor.reported_seq}, or by a kept release) is epsilon "
+          f"{floor.reported_epsilon:.4f}; it is counted as a floor under this site's spend: "
           f"epsilon now {ledger.epsilon(privacy.delta, privacy.accountant_name):.4f} "
           f"at delta {privacy.delta + ledger.floor().delta:g} (cap {privacy.epsilon_cap:g}). "
           "The node trains again when the coordinator next asks.")

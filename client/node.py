@@ -56,9 +56,9 @@ with importing_libraries():
     from privatune.common.generation import (GenerationTasks, evaluate_generation, generation_tasks,
                                              judged_pairs)
     from privatune.common.hardware import resolve_hardware
-    from privatune.common.ledger import (EVALUATE_METRICS, NO_HEAD, NON_PRIVATE, AdapterRelease,
-                                         LedgerHead, LedgerWriteError, NonPrivateRelease,
-                                         SiteLedger)
+    from privatune.common.ledger import (DECLINE, EVALUATE_METRICS, NO_HEAD, RESEND,
+                                         AdapterRelease, LedgerHead, LedgerWriteError,
+                                         NonPrivateRelease, SiteLedger)
     from privatune.common.config import LoraConfig
     from privatune.common.lora import (load_lora_state, lora_state, train_factors,
                                        trained_part, update_hash)
@@ -255,8 +255,8 @@ class SiteNode:
 
     def _record_decline(self, run_id: str, round_number: int, reason: str) -> TrainOutcome:
         """Decline a train request, its reason listed in the ledger (a non-private release)."""
-        self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
-                                         "release": "decline", "reason": reason})
+        self.ledger.append_record(NonPrivateRelease(release=DECLINE, run_id=run_id,
+                                                    round=round_number, reason=reason))
         return self._decline(reason)
 
     def _train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
@@ -264,9 +264,9 @@ class SiteNode:
                                     LedgerHead(request.ledger_seq, request.ledger_hash),
                                     request.ledger_epsilon, request.ledger_delta)
         if rollback is not None:
-            self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                             **rollback})
-            return self._decline(rollback["reason"])
+            self.ledger.append_record(dataclasses.replace(rollback, run_id=request.run_id,
+                                                          round=request.round))
+            return self._decline(rollback.reason)
         reason = self._address_problem(request.site) or adapter_problem(global_state)
         if reason:
             return self._record_decline(request.run_id, request.round, reason)
@@ -325,9 +325,9 @@ class SiteNode:
             reason = (f"the update is not finite (NaN or infinity in {non_finite[0]}); it is "
                       f"withheld, and the epsilon of the training that produced it stays counted "
                       f"(learning rate {request.learning_rate:g})")
-            self.ledger.append_release(dataclasses.replace(mechanism, withheld=reason))
+            self.ledger.append_record(dataclasses.replace(mechanism, withheld=reason))
             return self._decline(reason)
-        self.ledger.append_release(dataclasses.replace(mechanism, update_sha256=update_hash(state)))
+        self.ledger.append_record(dataclasses.replace(mechanism, update_sha256=update_hash(state)))
         release = self.policy.release
         count = len(self.train_units) if release.example_count else 1
         loss = result.mean_loss if release.train_loss else None
@@ -416,8 +416,9 @@ class SiteNode:
         state = self.state.update(kept)
         if state is None:
             return None
-        self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                         "release": "resend", "update_sha256": kept.update_sha256})
+        self.ledger.append_record(NonPrivateRelease(release=RESEND, run_id=request.run_id,
+                                                    round=request.round,
+                                                    update_sha256=kept.update_sha256))
         reply = TrainReply(**{**kept.reply, "epsilon": self.epsilon(), "delta": self.delta(),
                               **self._head()})
         return TrainOutcome(reply, state)
@@ -439,10 +440,9 @@ class SiteNode:
             with self._answering():
                 rollback = rollback_decline(self.policy, self.ledger, NO_HEAD, 0.0, 0.0)
                 if rollback is not None:
-                    self.ledger.append(NON_PRIVATE, {"run_id": request.run_id,
-                                                     "round": request.round, **rollback})
-                    return EvaluateReply(site=self.name, accepted=False,
-                                         reason=rollback["reason"])
+                    self.ledger.append_record(dataclasses.replace(
+                        rollback, run_id=request.run_id, round=request.round))
+                    return EvaluateReply(site=self.name, accepted=False, reason=rollback.reason)
                 reason = self._evaluation_problem(request, global_state)
                 if reason:
                     return self._decline_evaluation(request, reason)
@@ -455,9 +455,9 @@ class SiteNode:
 
     def _decline_evaluation(self, request: EvaluateRequest, reason: str) -> EvaluateReply:
         """Decline an evaluate request, its reason listed in the ledger (a non-private release)."""
-        self.ledger.append(NON_PRIVATE, {"run_id": request.run_id, "round": request.round,
-                                         "release": "decline", "request": "evaluate",
-                                         "reason": reason})
+        self.ledger.append_record(NonPrivateRelease(release=DECLINE, request="evaluate",
+                                                    run_id=request.run_id, round=request.round,
+                                                    reason=reason))
         return EvaluateReply(site=self.name, accepted=False, reason=reason)
 
     def _evaluation_problem(self, request: EvaluateRequest,
@@ -544,8 +544,8 @@ class SiteNode:
         """The metrics a reply releases; written even when the policy withholds them all, so
         the ledger lists every request answered (evaluations per run are counted from it)."""
         released = {k: v for k, v in values.items() if v is not None}
-        self.ledger.append(NON_PRIVATE, {"run_id": run_id, "round": round_number,
-                                         "release": f"{phase}_metrics", "values": released})
+        self.ledger.append_record(NonPrivateRelease(release=f"{phase}_metrics", run_id=run_id,
+                                                    round=round_number, values=released))
 
 
 def _unrecorded(err: LedgerWriteError, what: str) -> str:

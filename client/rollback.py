@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 from privatune.client.policy import SitePolicy
 from privatune.client.site_state import KeptRelease
@@ -34,7 +33,7 @@ def pending_rollback(records: Sequence[LedgerRecord]) -> Numbered[NonPrivateRele
     return None
 
 
-def acknowledge_rollback(policy: SitePolicy) -> dict[str, Any]:
+def acknowledge_rollback(policy: SitePolicy) -> Numbered[RollbackAcknowledgement]:
     """An operator's acknowledgement of the pending rollback of this site's ledger, appended
     to it; the node trains again after it, counting at least the spend it had reported.
 
@@ -58,8 +57,8 @@ def acknowledge_rollback(policy: SitePolicy) -> dict[str, Any]:
 
 
 def rollback_decline(policy: SitePolicy, ledger: SiteLedger, reported: LedgerHead,
-                     reported_epsilon: float, reported_delta: float) -> dict[str, Any] | None:
-    """The decline entry's fields but its run and round (the request's) when the ledger has
+                     reported_epsilon: float, reported_delta: float) -> NonPrivateRelease | None:
+    """The decline to record, without its run and round (the request's), when the ledger has
     lost releases, or a rollback found earlier is not acknowledged yet; None when the ledger
     is sound.
 
@@ -70,7 +69,7 @@ def rollback_decline(policy: SitePolicy, ledger: SiteLedger, reported: LedgerHea
     records = ledger.records()
     pending = pending_rollback(records)
     if pending is not None:
-        return dataclasses.replace(pending.record, run_id=None, round=None).fields()
+        return dataclasses.replace(pending.record, run_id=None, round=None)
     entries = ledger.entries
     unlisted = policy.state.unlisted_releases(records)
     problems = [p for p in (
@@ -90,7 +89,7 @@ def rollback_decline(policy: SitePolicy, ledger: SiteLedger, reported: LedgerHea
     return NonPrivateRelease(release=ROLLBACK, reason=reason, reported_seq=reported.seq,
                              reported_hash=reported.hash, reported_epsilon=epsilon,
                              reported_delta=delta,
-                             recovered_releases=[r.update_sha256 for r in unlisted]).fields()
+                             recovered_releases=[r.update_sha256 for r in unlisted])
 
 
 def _unlisted_problem(unlisted: Sequence[KeptRelease]) -> str | None:

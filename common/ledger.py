@@ -244,6 +244,8 @@ class AdapterRelease(TypedEntry):
 
 
 EVALUATE_METRICS = "evaluate_metrics"  # a non-private release: the metrics an evaluation sent
+DECLINE = "decline"  # a non-private release: a request declined, and why
+RESEND = "resend"  # a non-private release: an update kept on disk, sent again
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,7 @@ class RollbackAcknowledgement(TypedEntry):
 
 
 LedgerRecord = AdapterRelease | NonPrivateRelease | RollbackAcknowledgement
-RecordT = TypeVar("RecordT", AdapterRelease, NonPrivateRelease, RollbackAcknowledgement)
+RecordT = TypeVar("RecordT", bound=TypedEntry)
 
 
 def _record_type(entry: Mapping[str, Any]) -> type[LedgerRecord]:
@@ -589,13 +591,9 @@ class SiteLedger:
         return [r for r in self.records() if isinstance(r, AdapterRelease)
                 and (run_id is None or r.run_id == run_id)]
 
-    def append_record(self, record: TypedEntry) -> dict[str, Any]:
-        """Durably append a typed entry (see ``append``) and return it as written."""
-        return self.append(record.KIND, record.fields())
-
-    def append_release(self, release: AdapterRelease) -> dict[str, Any]:
-        """Durably append an adapter update (the node's writer of its DP releases)."""
-        return self.append_record(release)
+    def append_record(self, record: RecordT) -> Numbered[RecordT]:
+        """Durably append a typed entry (see ``append``); the record with its entry's number."""
+        return Numbered(self.append(record.KIND, record.fields())["seq"], record)
 
     def mechanism_history(self) -> list[MechanismStep]:
         """Every DP mechanism this site has released, in order."""

@@ -64,7 +64,7 @@ def test_a_release_is_one_type_that_writes_and_reads_the_same_entry(tmp_path):
     as_dict = SiteLedger(tmp_path / "dict.jsonl")
     as_dict.append(ADAPTER_UPDATE, sent.fields())
     typed = SiteLedger(tmp_path / "typed.jsonl")
-    typed.append_release(sent)
+    typed.append_record(sent)
     strip = [{k: v for k, v in e.items() if k not in ("time", "hash")}
              for e in (as_dict.entries[0], typed.entries[0])]
     assert strip[0] == strip[1] and typed.releases("run") == [sent] and typed.releases("other") == []
