@@ -154,10 +154,7 @@ def _clipped_reference(trainable: Mapping[str, torch.nn.Parameter], batch: int,
     from the optimizer (flat, in ``trainable``'s order), for the check."""
     flat = torch.cat([p.grad_sample.detach().reshape(batch, -1).double()
                       for p in trainable.values()], dim=1)
-    norms = flat.norm(dim=1)
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    if bool(((norms * factors) > clip * (1 + 1e-6)).any()):
-        raise DPNotAppliedError("a per-sample gradient is above the clip after clipping")
+    factors = (clip / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)  # Opacus' clip factors
     return flat.T @ factors
 
 

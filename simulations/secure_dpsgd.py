@@ -145,6 +145,9 @@ def secure_sum(encoded: Mapping[int, np.ndarray], params: DistributedNoiseParams
     """SecAgg+'s four stages in process: the sum modulo 2^bits of the encodings of the sites
     not in ``dropped`` (who drop after sharing their keys, before masking). Raises
     ``SecAggRefused`` (releasing nothing) below ``threshold`` contributions."""
+    unknown = sorted(set(dropped) - set(encoded))
+    if unknown:
+        raise ValueError(f"sites {unknown} cannot drop: they are not in the round")
     config = SecAggConfig.create(round_id=round_id, site_ids=encoded, threshold=threshold,
                                  modulus_bits=params.bits, vector_length=params.padded_dimension)
     sites = {i: SecAggSite(i, config) for i in config.site_ids}

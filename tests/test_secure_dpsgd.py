@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from privatune.client.lora_grad_sampler import LoraPrivacyEngine
 from privatune.client.secure_contribution import (
     SiteContribution,
     clipped_gradient_sum,
@@ -21,6 +22,7 @@ from privatune.client.secure_contribution import (
     site_contribution,
     trained_tensors,
 )
+from privatune.client.trainer import DPNotAppliedError
 from privatune.common import opacus_internals
 from privatune.common.config import LoraConfig
 from privatune.common.distributed_noise import (
@@ -49,6 +51,7 @@ from privatune.server.secure_step import (
 from privatune.simulations.secure_dpsgd import (
     DpsgdSite,
     SecureDpsgdSettings,
+    noise_parameters,
     run_secure_dpsgd,
     secure_dpsgd_round,
 )
@@ -182,8 +185,6 @@ def test_decoded_noise_has_the_calibrated_std(tiny_model_dir):
     sigma, rate = 0.8, 0.3
     settings = SecureDpsgdSettings(sample_rate=rate, clip=CLIP, noise_multiplier=sigma,
                                    learning_rate=0.01, threshold=3)
-    from privatune.simulations.secure_dpsgd import noise_parameters
-
     params = noise_parameters(sites, settings, sum(t.numel() for t in state.values()))
     assert params.dimension == 4096 and params.min_contributions == 3
     released = secure_dpsgd_round(sites, state, 0, settings, params)
@@ -265,3 +266,24 @@ def test_an_encoding_for_another_clip_or_size_is_refused(small):
                                                  rng=noise_rng(s, 0)) for s in (1, 2)], right)
     assert decode_sum(sums, right, rotation_seed=1, contributions=2).shape == (right.dimension,)
     train_factors(model, "fedavg")
+
+
+def test_a_sum_not_clipped_at_the_claimed_norm_is_refused(small, monkeypatch):
+    """The DP-applied check: an engine clipping at 10 C while C is claimed stops the step, and
+    the model comes back without the engine attached."""
+    model, state, datasets = small
+    load_lora_state(model, state)
+    train_factors(model, "fedavg")
+    make_private = LoraPrivacyEngine.make_private
+
+    def looser(self, **kwargs):
+        made = make_private(self, **kwargs)
+        made[1].max_grad_norm *= 10
+        return made
+
+    monkeypatch.setattr(LoraPrivacyEngine, "make_private", looser)
+    with pytest.raises(DPNotAppliedError, match="clipped sum differs"):
+        site_contribution(model, datasets[0], 0.5, 0.01, sample_generator(1, 0))
+    monkeypatch.undo()
+    honest = site_contribution(model, datasets[0], 0.5, 0.01, sample_generator(1, 0))
+    assert np.linalg.norm(honest.vector) <= 0.01 * len(datasets[0])
