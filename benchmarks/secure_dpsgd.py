@@ -177,8 +177,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                   f", central {sigma_central:.3f} | held-out loss (ppl): start {start_loss:.3f} "
                   f"({math.exp(start_loss):.2f}), secure {secure_loss:.3f} "
                   f"({math.exp(secure_loss):.2f}), central {central_loss:.3f} "
-                  f"({math.exp(central_loss):.2f}), central at the secure noise "
-                  f"{matched_loss:.3f} | {secure_seconds:.0f} s, {central_seconds:.0f} s",
+                  f"({math.exp(central_loss):.2f})"
+                  + (f", central at the secure noise {matched_loss:.3f}" if args.matched else "")
+                  + f" | {secure_seconds:.0f} s, {central_seconds:.0f} s",
                   flush=True)
     for epsilon in args.epsilons:
         mine = [r for r in rows if r["epsilon"] == epsilon]
@@ -187,8 +188,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"eps {epsilon:g}, mean of {len(mine)} seeds: held-out loss start "
               f"{mean['start_loss']:.3f}, secure {mean['secure_loss']:.3f} (ppl "
               f"{math.exp(mean['secure_loss']):.2f}), central {mean['central_loss']:.3f} (ppl "
-              f"{math.exp(mean['central_loss']):.2f}), central at the secure noise "
-              f"{mean['matched_loss']:.3f}")
+              f"{math.exp(mean['central_loss']):.2f})"
+              + (f", central at the secure noise {mean['matched_loss']:.3f}" if args.matched
+                 else ""))
     return rows
 
 
