@@ -162,6 +162,35 @@ class FederationConfig:
     weighting: str = field(default="examples", metadata=choice("examples", "equal"))
     robust: str = field(default="none", metadata=choice("none", "median", "trimmed_mean"))
     aggregation: str = field(default="fedavg", metadata=choice(*AGGREGATIONS))
+    # local_dp: each site trains local_steps DP-SGD steps with its own Gaussian noise and sends
+    # its update; secure_dpsgd: each round is local_steps DP-SGD steps of the union of the
+    # sites' records, the noise shared among them and only the sum seen (the ``secure`` section)
+    mode: str = field(default="local_dp", metadata=choice("local_dp", "secure_dpsgd"))
+
+
+@dataclass(frozen=True)
+class SecureConfig:
+    """Secure DP-SGD (``federation.mode: secure_dpsgd``): every site samples its records at
+    ``sample_rate`` (the job states q: no site reveals its record count), sums its clipped
+    per-record gradients, adds its share of Skellam noise and masks the result (SecAgg+); the
+    coordinator decodes the sum of at least ``min_contributions`` sites and divides it by the
+    expected union batch, ``training.batch_size``."""
+
+    sample_rate: float = field(default=0.01, metadata=bounded(0, 1, low_open=True))
+    # t: the fewest contributions a step's sum may hold (0: floor(min_nodes / 2) + 1)
+    min_contributions: int = field(default=0, metadata=bounded(0, 100_000))
+    # the guarantee the run's noise is calibrated for, to privacy.epsilon over every step:
+    # fallback, a site's own share alone (what a site with the default policy enforces);
+    # aggregate, the noise of min_contributions shares (for sites that trust secure aggregation)
+    calibrate: str = field(default="fallback", metadata=choice("fallback", "aggregate"))
+    # the encoding's range is sized for a site sample of at most this many records; a larger
+    # sample's sum is scaled back into it (a projection: still at most the clip per record)
+    max_records_per_site: int = field(default=1024, metadata=bounded(1, 10**9))
+    max_bits: int = field(default=32, metadata=bounded(2, 62))
+
+    def threshold(self, min_nodes: int) -> int:
+        """t as the round uses it."""
+        return self.min_contributions or min_nodes // 2 + 1
 
 
 @dataclass(frozen=True)
@@ -204,6 +233,7 @@ class JobConfig:
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    secure: SecureConfig = SecureConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     data: SimulatedDataConfig = SimulatedDataConfig()
     simulation: SimulationConfig = SimulationConfig()
@@ -494,6 +524,14 @@ def _check_job(job: JobConfig, source: str) -> None:
                           f"cannot exceed federation.min_nodes ({job.federation.min_nodes})")
     if not job.lora.target_modules:
         raise ConfigError(f"{source}: lora.target_modules must name at least one module")
+    if job.federation.mode == "secure_dpsgd":
+        t = job.secure.threshold(job.federation.min_nodes)
+        if t < 2:
+            raise ConfigError(f"{source}: secure.min_contributions ({t}) must be at least 2: a "
+                              "sum of one site's contribution is that site's contribution")
+        if t > job.federation.min_nodes:
+            raise ConfigError(f"{source}: secure.min_contributions ({t}) cannot exceed "
+                              f"federation.min_nodes ({job.federation.min_nodes})")
 
 
 def to_dict(obj: Any) -> Any:
