@@ -530,6 +530,62 @@ class SecAggSite:
         self._masked_with: tuple[int, ...] = ()
         self._revealed: dict[int, str] = {}
 
+    def to_state(self) -> dict[str, WireValue]:
+        """Everything this site holds between stages, as a flat dict of the codec's kinds: a
+        node that answers each stage in a fresh process (Flower's SuperNode) keeps it in its
+        own state between messages. It holds the site's secrets: it must never leave the site."""
+        def scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
+            return key.private_numbers().private_value.to_bytes(SCALAR_BYTES, "big")
+
+        owners = sorted(self._shares)
+        revealed = sorted(self._revealed)
+        peers = sorted(self._peer_mask_keys)
+        return {
+            "site_id": self.site_id, "stage": list(_Stage).index(self._stage),
+            "encryption_key": scalar(self._encryption_sk), "mask_key": scalar(self._mask_sk),
+            "seed": self._seed,
+            "peers": peers, "peer_mask_keys": [public_key_to_bytes(self._peer_mask_keys[p])
+                                               for p in peers],
+            "channel_keys": [self._channel_keys[p] for p in peers],
+            "share_owners": owners, "seed_shares": [self._shares[o][0] for o in owners],
+            "key_shares": [self._shares[o][1] for o in owners],
+            "masked_with": list(self._masked_with),
+            "revealed": revealed, "revealed_keys": [int(self._revealed[p] == _KEY) for p in revealed],
+        }
+
+    @classmethod
+    def from_state(cls, config: SecAggConfig, state: Mapping[str, Any]) -> SecAggSite:
+        """The site ``to_state`` saved, in the round ``config`` describes."""
+        try:
+            site = cls.__new__(cls)
+            site.site_id, site.config = int(state["site_id"]), config
+            if site.site_id not in config.site_ids:
+                raise SecAggError(f"site {site.site_id} is not sampled in round {config.round_id}")
+            site._holders = config.share_holders(site.site_id)
+            site._encryption_sk = scalar_to_private_key(bytes(state["encryption_key"]))
+            site._mask_sk = scalar_to_private_key(bytes(state["mask_key"]))
+            site._public = PublicKeys(
+                config.round_id, site.site_id,
+                public_key_to_bytes(site._encryption_sk.public_key()),
+                public_key_to_bytes(site._mask_sk.public_key()))
+            site._seed = bytes(state["seed"])
+            site._stage = list(_Stage)[int(state["stage"])]
+            peers = [int(p) for p in state["peers"]]
+            site._peer_mask_keys = {p: load_public_key(f"site {p}'s mask key", bytes(k))
+                                    for p, k in zip(peers, state["peer_mask_keys"], strict=True)}
+            site._channel_keys = {p: bytes(k) for p, k in zip(peers, state["channel_keys"],
+                                                               strict=True)}
+            site._shares = {int(o): (bytes(a), bytes(b)) for o, a, b in zip(
+                state["share_owners"], state["seed_shares"], state["key_shares"], strict=True)}
+            site._masked_with = tuple(int(p) for p in state["masked_with"])
+            site._revealed = {int(p): (_KEY if k else _SEED) for p, k in zip(
+                state["revealed"], state["revealed_keys"], strict=True)}
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            if isinstance(err, SecAggError):
+                raise
+            raise SecAggError(f"a site's saved SecAgg+ state is unreadable ({err!r})") from None
+        return site
+
     def _expect(self, stage: _Stage, round_id: int, what: str) -> None:
         if round_id != self.config.round_id:
             raise SecAggError(f"site {self.site_id}: {what} is for round {round_id}, not {self.config.round_id}")
