@@ -5,7 +5,9 @@ full mechanism (so epsilon can be recomputed by anyone); everything else (exampl
 losses, declines) is marked as a non-private release. Each entry holds the hash of the
 previous one, so a changed, removed or reordered line is detected and located. The chain is
 checked on the JSON as written; what an entry means is read through its type
-(``AdapterRelease``, ``NonPrivateRelease``, ``RollbackAcknowledgement``), which also writes it. Writes are
+(``AdapterRelease``, ``SecureRelease``, ``NonPrivateRelease``, ``RollbackAcknowledgement``), which
+also writes it. A secure DP-SGD step (``SecureRelease``) is private like an adapter update and
+carries both of the site's guarantees; its history is read as the guarantee asked for. Writes are
 fsync'ed and made under an exclusive ``flock``. No NaN or infinity is ever written, and an
 adapter update whose mechanism cannot be accounted is refused on write and on read: a NaN
 compares false with every cap, so it would pass any budget check.
@@ -49,10 +51,15 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Generic, Self, TypeVar
 
 from privatune.common.durable import fsync_dir, write_atomically
-from privatune.common.privacy import PRV, MechanismStep, epsilon_of
+from privatune.common.privacy import PRV, MechanismStep, SecureStep, Step, epsilon_of
 
 GENESIS_HASH = "0" * 64
 ADAPTER_UPDATE = "adapter_update"
+SECURE_UPDATE = "secure_update"
+PRIVATE_KINDS = (ADAPTER_UPDATE, SECURE_UPDATE)  # the entries counted in the spend
+# which of a secure release's guarantees a history holds: the one the site's policy enforces
+# (the aggregate if it trusts secure aggregation, else the fallback), or either of the two
+GUARANTEES = ("enforced", "aggregate", "fallback")
 NON_PRIVATE = "non_private"
 ROLLBACK_ACKNOWLEDGED = "rollback_acknowledged"
 
@@ -150,17 +157,54 @@ _MECHANISM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _rules_problem(entry: Mapping[str, Any], rules: Mapping[str, tuple[Callable[[Any], bool], str]],
+                   what: str) -> str | None:
+    """The first of ``rules`` an entry breaks (a missing key included), or None."""
+    for key, (valid, expected) in rules.items():
+        if key not in entry:
+            return f"{what} has no {key}"
+        if not valid(entry[key]):
+            return f"{key} is {entry[key]!r}, expected {expected}"
+    return None
+
+
 def _mechanism_problem(entry: Mapping[str, Any]) -> str | None:
     """Why an adapter update cannot be accounted, or None when it can.
 
     The hash chain proves a line is the one written, not that its numbers are sane.
     """
-    for key, (valid, expected) in _MECHANISM_RULES.items():
-        if key not in entry:
-            return f"adapter update has no {key}"
-        if not valid(entry[key]):
-            return f"{key} is {entry[key]!r}, expected {expected}"
-    return None
+    return _rules_problem(entry, _MECHANISM_RULES, "adapter update")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# A secure release counts by its Skellam mechanism too: the integer clip and the padded
+# dimension set the rounding's share of the sensitivity, the shares the fallback's noise, and
+# ``trusted`` which guarantee the site's cap holds.
+_SECURE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **_MECHANISM_RULES,
+    "scaled_clip": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "dimension": (lambda v: _positive_int(v) and v & (v - 1) == 0,
+                  "a positive power of two (the padded dimension)"),
+    "min_contributions": (_positive_int, "a positive integer (the shares t)"),
+    "max_sites": (_positive_int, "a positive integer"),
+    "trusted": (lambda v: isinstance(v, bool), "true or false"),
+    "aggregate_epsilon": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "fallback_epsilon": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+             "an integer >= 0"),
+}
+
+
+def _secure_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why a secure update cannot be accounted, or None when it can."""
+    problem = _rules_problem(entry, _SECURE_RULES, "secure update")
+    if problem is None and entry["max_sites"] < entry["min_contributions"]:
+        return (f"max_sites is {entry['max_sites']!r}, below min_contributions "
+                f"{entry['min_contributions']!r}")
+    return problem
 
 
 _FLOOR_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -243,6 +287,59 @@ class AdapterRelease(TypedEntry):
         return MechanismStep(float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
 
 
+@dataclass(frozen=True)
+class SecureRelease(TypedEntry):
+    """One secure DP-SGD step's ledger entry (``SECURE_UPDATE``): this site's Skellam share of
+    the union's step, masked under secure aggregation (issue 27). Private, counted like an
+    adapter update, with both of the site's guarantees after it: (a) ``aggregate_epsilon``, from
+    the noise of at least ``min_contributions`` shares, and (b) ``fallback_epsilon``, from its
+    own share alone; ``epsilon`` is the one its policy enforces (``trusted``: (a), else (b)).
+    Each is cumulative, by RDP (``privacy.epsilon_of``).
+    """
+
+    KIND: ClassVar[str] = SECURE_UPDATE
+
+    run_id: str
+    round: int
+    step: int  # the secure step within the round, from 0
+    privacy_unit: str
+    noise_multiplier: float  # the aggregate sigma of min_contributions shares, in clips
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    scaled_clip: float  # the clip in the encoder's integer units
+    dimension: int  # the padded dimension
+    min_contributions: int
+    max_sites: int
+    trusted: bool
+    accountant: str
+    epsilon: float
+    aggregate_epsilon: float
+    fallback_epsilon: float
+    delta: float
+    contribution_sha256: str | None = None  # of the masked input bytes sent
+    withheld: str | None = None
+
+    @staticmethod
+    def problem(entry: Mapping[str, Any]) -> str | None:
+        return _secure_problem(entry)
+
+    @property
+    def secure_step(self) -> SecureStep:
+        """The aggregate mechanism, guarantee (a); ``.fallback()`` of it is (b)."""
+        return SecureStep(float(self.noise_multiplier), float(self.sample_rate), int(self.steps),
+                          float(self.scaled_clip), int(self.dimension),
+                          int(self.min_contributions))
+
+    def mechanism(self, guarantee: str = "enforced") -> SecureStep:
+        """The step of the named guarantee (``GUARANTEES``): ``enforced`` is the aggregate
+        where the site trusts secure aggregation, else the fallback."""
+        if guarantee not in GUARANTEES:
+            raise ValueError(f"unknown guarantee {guarantee!r} (known: {', '.join(GUARANTEES)})")
+        aggregate = guarantee == "aggregate" or (guarantee == "enforced" and self.trusted)
+        return self.secure_step if aggregate else self.secure_step.fallback()
+
+
 EVALUATE_METRICS = "evaluate_metrics"  # a non-private release: the metrics an evaluation sent
 DECLINE = "decline"  # a non-private release: a request declined, and why
 RESEND = "resend"  # a non-private release: an update kept on disk, sent again
@@ -300,24 +397,27 @@ class RollbackAcknowledgement(TypedEntry):
         return RollbackFloor(float(self.reported_epsilon), float(self.reported_delta))
 
 
-LedgerRecord = AdapterRelease | NonPrivateRelease | RollbackAcknowledgement
+LedgerRecord = AdapterRelease | SecureRelease | NonPrivateRelease | RollbackAcknowledgement
 RecordT = TypeVar("RecordT", bound=TypedEntry)
 
 
 def _record_type(entry: Mapping[str, Any]) -> type[LedgerRecord]:
-    """The type an entry reads as, by its kind. Any kind but an adapter update and a rollback
-    acknowledgement is a non-private release: the ledger marks only adapter updates private."""
+    """The type an entry reads as, by its kind. Any kind but an adapter or secure update and a
+    rollback acknowledgement is a non-private release: the ledger marks only those two updates
+    private."""
     kind = entry.get("kind")
     if kind == ADAPTER_UPDATE:
         return AdapterRelease
+    if kind == SECURE_UPDATE:
+        return SecureRelease
     if kind == ROLLBACK_ACKNOWLEDGED:
         return RollbackAcknowledgement
     return NonPrivateRelease
 
 
 def entry_problem(entry: Mapping[str, Any]) -> str | None:
-    """Why an entry that counts in the spend (an adapter update's mechanism, a rollback
-    acknowledgement's floor) cannot be accounted, or None."""
+    """Why an entry that counts in the spend (an adapter or secure update's mechanism, a
+    rollback acknowledgement's floor) cannot be accounted, or None."""
     return _record_type(entry).problem(entry)
 
 
@@ -329,6 +429,11 @@ def record_of(entry: Mapping[str, Any]) -> LedgerRecord:
 def is_adapter_update(entry: Mapping[str, Any]) -> bool:
     """Whether an entry is an adapter update, before its fields are checked."""
     return _record_type(entry) is AdapterRelease
+
+
+def is_secure_update(entry: Mapping[str, Any]) -> bool:
+    """Whether an entry is a secure update, before its fields are checked."""
+    return _record_type(entry) is SecureRelease
 
 
 @dataclass(frozen=True)
@@ -525,7 +630,7 @@ class SiteLedger:
         entry: dict[str, Any] = {
             "seq": len(self.entries) + 1,
             "kind": kind,
-            "private": kind == ADAPTER_UPDATE,
+            "private": kind in PRIVATE_KINDS,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **fields,
         }
@@ -591,13 +696,22 @@ class SiteLedger:
         return [r for r in self.records() if isinstance(r, AdapterRelease)
                 and (run_id is None or r.run_id == run_id)]
 
+    def secure_releases(self, run_id: str | None = None) -> list[SecureRelease]:
+        """Every secure update (of ``run_id``, if given), in order."""
+        return [r for r in self.records() if isinstance(r, SecureRelease)
+                and (run_id is None or r.run_id == run_id)]
+
     def append_record(self, record: RecordT) -> Numbered[RecordT]:
         """Durably append a typed entry (see ``append``); the record with its entry's number."""
         return Numbered(self.append(record.KIND, record.fields())["seq"], record)
 
-    def mechanism_history(self) -> list[MechanismStep]:
-        """Every DP mechanism this site has released, in order."""
-        return [release.step for release in self.releases()]
+    def mechanism_history(self, guarantee: str = "enforced") -> list[Step]:
+        """Every DP mechanism this site has released, in order; a secure update as the step of
+        the named guarantee (``SecureRelease.mechanism``)."""
+        if guarantee not in GUARANTEES:
+            raise ValueError(f"unknown guarantee {guarantee!r} (known: {', '.join(GUARANTEES)})")
+        return [r.step if isinstance(r, AdapterRelease) else r.mechanism(guarantee)
+                for r in self.records() if isinstance(r, (AdapterRelease, SecureRelease))]
 
     def floor(self) -> RollbackFloor:
         """The floor of the latest acknowledged rollback (an earlier one is inside the spend the
@@ -605,15 +719,16 @@ class SiteLedger:
         acknowledged = [r for r in self.records() if isinstance(r, RollbackAcknowledgement)]
         return acknowledged[-1].floor if acknowledged else RollbackFloor()
 
-    def epsilon(self, delta: float, accountant: str = PRV,
-                then: Sequence[MechanismStep] = ()) -> float:
+    def epsilon(self, delta: float, accountant: str = PRV, then: Sequence[Step] = (),
+                guarantee: str = "enforced") -> float:
         """Epsilon of everything this site has released so far, and of the steps ``then`` if
         they were released too, recomputed from the whole mechanism history by ``accountant``
         (entries written under another accountant keep their recorded figures; their mechanisms
         are composed like any other), plus the floor of an acknowledged rollback (then at delta
-        plus the floor's delta)."""
-        return self.floor().epsilon + epsilon_of([*self.mechanism_history(), *then], delta,
-                                                 accountant)
+        plus the floor's delta). Secure updates count by ``guarantee`` (``then`` holds secure
+        steps already in that form), and make the whole history count by RDP."""
+        return self.floor().epsilon + epsilon_of(
+            [*self.mechanism_history(guarantee), *then], delta, accountant)
 
 
 def _sync(handle: BinaryIO) -> None:

@@ -5,18 +5,30 @@ any accountant can recompute its epsilon later; these helpers turn such a histor
 epsilon and solve the noise multiplier for a budget. Every accountant here is a sound upper
 bound for the same history; PRV (privacy random variables, Gopi et al. 2021) is the tightest
 and the default, RDP is looser (about 10% at typical settings) and shown beside it.
+
+A history may also hold secure DP-SGD steps (``SecureStep``: Skellam shares summed under
+secure aggregation, issue 27). PRV has no Skellam mechanism, so such a history is composed by
+RDP throughout, on the integer orders of ``distributed_noise_accounting`` (Opacus' RDP for the
+Gaussian steps, the subsampled rounded-Skellam bound for the secure ones); a history of
+Gaussian steps alone never takes that path, so its figures are what they always were.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp
 
+from privatune.common.distributed_noise_accounting import (ORDERS, epsilon_from_rdp,
+                                                           skellam_step_rdp)
 from privatune.common.opacus_internals import remember_rdp_of_one_step
 
 RDP = "opacus-rdp"
@@ -47,6 +59,49 @@ class MechanismStep:
     steps: int
 
 
+@dataclass(frozen=True)
+class SecureStep:
+    """``steps`` secure DP-SGD steps: each site's Skellam share summed under secure aggregation
+    over the union's Poisson sample at ``sample_rate``.
+
+    ``noise_multiplier`` is the aggregate sigma (in units of the clip) of at least ``shares``
+    contributions; ``scaled_clip`` is the clip in the encoder's integer units
+    (``DistributedNoiseParams.scaled_clip``) and ``dimension`` the padded dimension, both of
+    which the rounding's share of the sensitivity depends on.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    scaled_clip: float
+    dimension: int
+    shares: int
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "dimension", "shares"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"SecureStep.{name} must be a positive integer, got {value!r}")
+        for name in ("noise_multiplier", "scaled_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"SecureStep.{name} must be a positive finite number, "
+                                 f"got {value!r}")
+        if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
+            raise ValueError(f"SecureStep.sample_rate must be in (0, 1], got {self.sample_rate!r}")
+
+    def fallback(self) -> SecureStep:
+        """What this site's own share alone guarantees, should secure aggregation break: the
+        noise of one share, ``sigma / sqrt(shares)`` (written as ``site_guarantees`` writes it,
+        so that both give the same figure to the bit)."""
+        return dataclasses.replace(
+            self, noise_multiplier=self.noise_multiplier * math.sqrt(1 / self.shares), shares=1)
+
+
+Step = MechanismStep | SecureStep
+StepT = TypeVar("StepT", MechanismStep, SecureStep, Step)
+
+
 def _accountant(history: Iterable[MechanismStep]) -> RDPAccountant:
     """Opacus' RDP accountant over the merged history: one (noise, rate, steps) triple per
     distinct mechanism, so its work does not grow with the ledger's length."""
@@ -65,18 +120,57 @@ def rdp_epsilon(history: Iterable[MechanismStep], delta: float) -> float:
         return float(accountant.get_epsilon(delta=delta))
 
 
-def merged(history: Iterable[MechanismStep]) -> list[MechanismStep]:
-    """The same history with the steps of each (noise, sampling rate) pair added up.
+def merged(history: Iterable[StepT]) -> list[StepT]:
+    """The same history with the steps of each distinct mechanism added up (a Gaussian step's
+    is its (noise, sampling rate) pair; a secure step's every field but its steps).
 
     Composition does not depend on order, so this is the same mechanism; it keeps the
     accountants' work proportional to the distinct mechanisms, not to the ledger's length
     (each composes a triple's steps in one go: RDP multiplies, PRV self-composes by FFT).
     """
-    totals: dict[tuple[float, float], int] = {}
+    totals: dict[tuple, tuple[StepT, int]] = {}
     for step in history:
-        key = (step.noise_multiplier, step.sample_rate)
-        totals[key] = totals.get(key, 0) + step.steps
-    return [MechanismStep(sigma, rate, steps) for (sigma, rate), steps in totals.items()]
+        key = (type(step), *(getattr(step, f.name) for f in dataclasses.fields(step)
+                             if f.name != "steps"))
+        first, steps = totals.get(key, (step, 0))
+        totals[key] = (first, steps + step.steps)
+    return [dataclasses.replace(first, steps=steps) for first, steps in totals.values()]
+
+
+def is_secure(history: Iterable[Step]) -> bool:
+    """Whether a history holds a secure step (so that only RDP can compose it)."""
+    return any(isinstance(step, SecureStep) for step in history)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secure_step_rdp(noise_multiplier: float, sample_rate: float, scaled_clip: float,
+                     dimension: int) -> np.ndarray:
+    """One secure step's RDP curve on ``ORDERS``; cached, as a ledger repeats its mechanism."""
+    curve = skellam_step_rdp(noise_multiplier, scaled_clip, dimension, sample_rate, ORDERS)
+    curve.flags.writeable = False
+    return curve
+
+
+def _step_rdp(step: Step) -> np.ndarray:
+    """RDP of ``step.steps`` steps on ``ORDERS``: Opacus' subsampled Gaussian RDP for a Gaussian
+    step, the subsampled rounded-Skellam bound for a secure one."""
+    if isinstance(step, SecureStep):
+        return step.steps * _secure_step_rdp(step.noise_multiplier, step.sample_rate,
+                                             step.scaled_clip, step.dimension)
+    return np.asarray(compute_rdp(q=step.sample_rate, noise_multiplier=step.noise_multiplier,
+                                  steps=step.steps, orders=list(ORDERS)), dtype=np.float64)
+
+
+def secure_rdp_epsilon(history: Iterable[Step], delta: float) -> float:
+    """Epsilon at ``delta`` of a history that may hold secure steps, by RDP on the integer
+    ``ORDERS`` and the conversion ``site_guarantees`` uses (0 for an empty history)."""
+    steps = merged(history)
+    if not steps:
+        return 0.0
+    rdp = np.zeros(len(ORDERS))
+    for step in steps:
+        rdp = rdp + _step_rdp(step)
+    return epsilon_from_rdp(ORDERS, rdp, delta)[0]
 
 
 def prv_epsilon(history: Iterable[MechanismStep], delta: float,
@@ -99,13 +193,18 @@ def _prv_epsilon(steps: tuple[MechanismStep, ...], delta: float,
                                             delta_error=delta / PRV_DELTA_ERROR_SHARE))
 
 
-def epsilon_of(history: Iterable[MechanismStep], delta: float, accountant: str = PRV) -> float:
-    """Epsilon of the history by the named accountant (``opacus-prv`` or ``opacus-rdp``)."""
+def epsilon_of(history: Iterable[Step], delta: float, accountant: str = PRV) -> float:
+    """Epsilon of the history by the named accountant (``opacus-prv`` or ``opacus-rdp``); a
+    history with a secure step is composed by ``secure_rdp_epsilon`` whichever is named, since
+    PRV cannot compose the Skellam mechanism (the name must still be a known one)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r} (known: {', '.join(ACCOUNTANTS)})")
+    history = list(history)
+    if is_secure(history):
+        return secure_rdp_epsilon(history, delta)
     if accountant == PRV:
         return prv_epsilon(history, delta)
-    if accountant == RDP:
-        return rdp_epsilon(history, delta)
-    raise ValueError(f"unknown accountant {accountant!r} (known: {', '.join(ACCOUNTANTS)})")
+    return rdp_epsilon(history, delta)
 
 
 def accountant_note(accountant: str) -> str:
@@ -152,8 +251,8 @@ def _interpolated_root(low: float, high: float, spent_low: float, spent_high: fl
 Spending = Callable[[float], float]
 
 
-def _spending(prior: Sequence[MechanismStep], sample_rate: float, steps: int,
-              epsilon: Callable[[list[MechanismStep]], float]) -> Spending:
+def _spending(prior: Sequence[Step], sample_rate: float, steps: int,
+              epsilon: Callable[[list[Step]], float]) -> Spending:
     """Epsilon of ``prior`` plus ``steps`` new steps, as a function of their noise multiplier."""
     def spent(sigma: float) -> float:
         value = epsilon([*prior, MechanismStep(sigma, sample_rate, steps)])
@@ -265,7 +364,7 @@ def _prv_root_estimate(epsilon: float, delta: float, sample_rate: float, steps: 
 
 
 def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
-                               prior: Sequence[MechanismStep] = (), accountant: str = RDP) -> float:
+                               prior: Sequence[Step] = (), accountant: str = RDP) -> float:
     """Smallest noise multiplier keeping ``prior`` plus ``steps`` new steps within ``epsilon``.
 
     A bracket search on the composed epsilon by ``accountant`` (``_search``), so a site that
@@ -279,7 +378,8 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
     mesh is finer the more there are), so the PRV search starts just above a cheap estimate of
     its root (``_prv_root_estimate``) and usually ends after two evaluations on the fine grid,
     both near the target: about a second for 10,000 rounds of 3 steps, where a search from
-    sigma 1 took minutes and gigabytes.
+    sigma 1 took minutes and gigabytes. A prior holding secure steps is composed by RDP
+    whatever ``accountant`` says (``epsilon_of``), and searched from sigma 1.
     """
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
@@ -293,7 +393,7 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
     if epsilon_of(prior, delta, accountant) >= epsilon:
         raise ValueError(f"the budget epsilon={epsilon:g} is already spent by earlier releases")
     guess = 1.0
-    if accountant == PRV:
+    if accountant == PRV and not is_secure(prior):  # a secure prior is composed by RDP
         guess = (_prv_root_estimate(epsilon, delta, sample_rate, steps, prior)
                  * (1 + SEARCH_TOLERANCE / 4))
     spent = _spending(prior, sample_rate, steps, lambda h: epsilon_of(h, delta, accountant))
@@ -301,7 +401,7 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
 
 
 def run_noise_multiplier(epsilon_cap: float, run_budget: float, delta: float, sample_rate: float,
-                         planned_steps: int, prior: Sequence[MechanismStep] = (),
+                         planned_steps: int, prior: Sequence[Step] = (),
                          min_noise_multiplier: float = 0.0, accountant: str = RDP) -> float:
     """The noise a site fixes for a run: the planned steps keep the lifetime spend (``prior``
     included) within ``epsilon_cap`` and the run's own spend within ``run_budget``, never
