@@ -2,8 +2,8 @@
 
 The node enforces it whatever the coordinator requests: the lifetime and per-run epsilon
 caps, delta, the minimum noise multiplier, the number of rounds and runs, the limits on a
-train or evaluate request (evaluations per run among them), and which non-private metrics
-may leave.
+train or evaluate request (evaluations per run among them), which non-private metrics
+may leave, and whether its cap may rest on secure aggregation (secure DP-SGD).
 Relative paths in the file are resolved against the file's own directory.
 """
 
@@ -98,11 +98,40 @@ class ReleaseSection:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSection:
+    """Whether the site trusts secure aggregation in secure DP-SGD (issue 27), and how far.
+
+    A secure round gives the site two guarantees: (a) from the aggregate noise of at least t
+    contributions, which holds only while the coordinator learns nothing but their sum, and
+    (b) from its own noise share alone, which holds whatever happens. By default the cap is
+    enforced on (b); ``trust: true`` enforces it on (a). Either way the node refuses a round
+    whose t is below ``min_contributions``: (a) needs that many shares.
+    """
+
+    trust: bool = False
+    min_contributions: int = field(default=3, metadata=bounded(1, 1_000_000))
+
+    @property
+    def guarantee(self) -> str:
+        """The guarantee the cap is enforced on: ``aggregate`` (a) or ``fallback`` (b)."""
+        return "aggregate" if self.trust else "fallback"
+
+    def round_violation(self, min_contributions: int) -> str:
+        """Why a secure round whose threshold is ``min_contributions`` is refused, or ""."""
+        if min_contributions >= self.min_contributions:
+            return ""
+        return (f"the secure round's threshold t = {min_contributions} is below this site's "
+                f"secure_aggregation.min_contributions = {self.min_contributions}: its "
+                "aggregate noise would come from fewer contributions than the site accepts")
+
+
+@dataclass(frozen=True)
 class SitePolicy:
     site: SiteSection
     privacy: PrivacySection = PrivacySection()
     limits: RequestLimits = RequestLimits()
     release: ReleaseSection = ReleaseSection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     source: str = ""
 
     def resolve(self, relative: str) -> Path:

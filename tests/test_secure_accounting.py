@@ -199,3 +199,49 @@ def test_a_secure_release_that_cannot_be_accounted_is_refused_on_write_and_read(
     path.write_bytes(forged)
     with pytest.raises(LedgerError, match=f"line 1: .*{field}"):
         SiteLedger(path)
+
+
+# ------------------------------------------------------------------ the site policy
+
+def site_policy(tmp_path, extra: str = ""):
+    path = tmp_path / "policy.yaml"
+    path.write_text("site:\n  name: h1\n  data: notes.jsonl\n  model: model\n"
+                    "privacy:\n  epsilon_cap: 8.0\n" + extra)
+    return path
+
+
+def test_a_policy_without_the_section_trusts_only_its_own_noise(tmp_path):
+    from privatune.client.policy import SecureAggregationSection, load_site_policy
+
+    policy = load_site_policy(site_policy(tmp_path))
+    assert policy.secure_aggregation == SecureAggregationSection(trust=False,
+                                                                 min_contributions=3)
+    assert policy.secure_aggregation.guarantee == "fallback"
+
+
+def test_a_policy_may_trust_secure_aggregation_from_the_threshold_it_names(tmp_path):
+    from privatune.client.policy import load_site_policy
+
+    policy = load_site_policy(site_policy(
+        tmp_path, "secure_aggregation:\n  trust: true\n  min_contributions: 4\n"))
+    section = policy.secure_aggregation
+    assert section.trust and section.min_contributions == 4 and section.guarantee == "aggregate"
+    assert section.round_violation(4) == section.round_violation(9) == ""
+    assert "t = 3 is below this site's secure_aggregation.min_contributions = 4" in (
+        section.round_violation(3))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("secure_aggregation:\n  trust: maybe\n", "secure_aggregation.trust"),
+    ("secure_aggregation:\n  min_contributions: 0\n", "secure_aggregation.min_contributions"),
+    ("secure_aggregation:\n  min_contributions: 2.5\n", "secure_aggregation.min_contributions"),
+    ("secure_aggregation:\n  threshold: 3\n", "secure_aggregation.threshold"),
+    ("secure_aggregation: yes\n", "secure_aggregation"),
+])
+def test_a_bad_secure_aggregation_section_names_the_file_and_the_key(tmp_path, extra, message):
+    from privatune.client.policy import load_site_policy
+    from privatune.common.config import ConfigError
+
+    path = site_policy(tmp_path, extra)
+    with pytest.raises(ConfigError, match=f"{path}.*{message}"):
+        load_site_policy(path)
