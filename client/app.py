@@ -9,13 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
+from privatune.client.secure_node import SecureRound
 from privatune.common.protocol import arrayrecord_to_state, state_to_arrayrecord
 from privatune.common.protocol import ADAPTER_KEY, REQUEST_KEY, EvaluateRequest, TrainRequest
+from privatune.common.secure_protocol import SecureRequest
+
+# where the node keeps its secure round's session between stages: its own runtime's state
+# (Flower keeps a node's context across messages, in a fresh ClientApp process too)
+SESSION_KEY = "privatune.secure-session"
 
 PolicyResolver = Callable[[Context], Path]
 
@@ -56,6 +62,21 @@ def make_client_app(resolve_policy: PolicyResolver = policy_from_node_config) ->
         request = EvaluateRequest.from_record(message.content[REQUEST_KEY])
         reply = node.evaluate(request, arrayrecord_to_state(message.content[ADAPTER_KEY]))
         return Message(content=reply.to_record(), reply_to=message)
+
+    @app.train("secure")
+    def secure(message: Message, context: Context) -> Message:
+        node = node_for(context)
+        request = SecureRequest.from_content(message.content)
+        adapter = (arrayrecord_to_state(message.content[ADAPTER_KEY])
+                   if ADAPTER_KEY in message.content else None)
+        kept = context.state.get(SESSION_KEY)
+        session = bytes(kept["session"]) if isinstance(kept, ConfigRecord) else None
+        reply, session = SecureRound(node).answer(context.node_id, request, adapter, session)
+        if session is None:
+            context.state.pop(SESSION_KEY, None)
+        else:
+            context.state[SESSION_KEY] = ConfigRecord({"session": session})
+        return Message(content=reply.to_content(), reply_to=message)
 
     return app
 

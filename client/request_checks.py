@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from privatune.common.ledger import (EVALUATE_METRICS, AdapterRelease, LedgerRecord,
-                                     NonPrivateRelease)
+                                     NonPrivateRelease, SecureRelease)
 from privatune.common.lora import frozen_part, update_hash
 from privatune.common.protocol import TrainRequest
 
@@ -33,10 +33,10 @@ def adapter_problem(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def runs_taken_part(records: Sequence[LedgerRecord]) -> set[str | None]:
-    """Runs this site released anything in: an update, or evaluation metrics (an
-    evaluation-only run counts toward ``privacy.max_runs`` too)."""
+    """Runs this site released anything in: an update, a secure contribution, or evaluation
+    metrics (an evaluation-only run counts toward ``privacy.max_runs`` too)."""
     return {r.run_id for r in records
-            if isinstance(r, AdapterRelease)
+            if isinstance(r, (AdapterRelease, SecureRelease))
             or (isinstance(r, NonPrivateRelease) and r.release == EVALUATE_METRICS)}
 
 

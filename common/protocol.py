@@ -133,6 +133,25 @@ class EvaluateRequest(_Request):
     loss_marker: str = ""  # as in TrainRequest: for the held-out loss
 
 
+@dataclass(frozen=True)
+class SecurePlan(_Request):
+    """What a secure DP-SGD stage asks beyond its train request (``common.secure_protocol``):
+    the stage and step, and the run's noise and encoding, the same at every site. The node
+    derives the encoding from these and the adapter (``choose_parameters``), as the
+    coordinator does, and checks the SecAgg+ messages against it."""
+
+    stage: str
+    step: int
+    noise_multiplier: float  # the aggregate sigma of min_contributions shares
+    sample_rate: float
+    min_contributions: int
+    max_sites: int
+    max_records_per_site: int
+    max_bits: int
+    sensitivity_inflation: float
+    public_seed: int  # the rotations' public seed (step_rotation_seed)
+
+
 # ------------------------------------------------------------------------------- replies
 
 

@@ -18,7 +18,8 @@ from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.report import RunReport
 from privatune.server.report_files import write_report
 from privatune.server.site_keys import SiteKeys
-from privatune.server.transport import EvaluateResult, TrainResult
+from privatune.common.secure_protocol import SECURE, SecureReply, SecureRequest
+from privatune.server.transport import EvaluateResult, SecureResult, TrainResult
 
 
 class FlowerTransport:
@@ -42,17 +43,22 @@ class FlowerTransport:
     def _exchange(self, requests: Mapping[int, TrainRequest | EvaluateRequest], kind: str,
                   state: Mapping[str, torch.Tensor],
                   timeout_s: float) -> tuple[list[tuple[int, Message]], list[str]]:
-        """Send each node its request and the adapter; good replies by node, and failures.
+        """Send each node its request and the adapter; good replies by node, and failures."""
+        adapter = state_to_arrayrecord(state)
+        return self._send({node_id: RecordDict({ADAPTER_KEY: adapter,
+                                                REQUEST_KEY: ConfigRecord(request.to_record())})
+                           for node_id, request in requests.items()}, kind, timeout_s)
+
+    def _send(self, contents: Mapping[int, RecordDict], kind: str,
+              timeout_s: float) -> tuple[list[tuple[int, Message]], list[str]]:
+        """Send each node its content; good replies by node, and failures.
 
         Every reply is attributed to the node its request went to (through the request's message
         id, which the Grid assigns while sending): an error reply may come from the SuperLink
         (node unavailable) rather than from the node, with the SuperLink as its source.
         """
-        adapter = state_to_arrayrecord(state)
-        messages = [Message(content=RecordDict({ADAPTER_KEY: adapter,
-                                                REQUEST_KEY: ConfigRecord(request.to_record())}),
-                            dst_node_id=node_id, message_type=kind)
-                    for node_id, request in requests.items()]
+        messages = [Message(content=content, dst_node_id=node_id, message_type=kind)
+                    for node_id, content in contents.items()]
         replies = list(self.grid.send_and_receive(messages, timeout=timeout_s))
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         good, failures, answered = [], [], set()
@@ -63,9 +69,31 @@ class FlowerTransport:
                 failures.append(f"node {node}: {reply.error.reason}")
             else:
                 good.append((node, reply))
-        failures += [f"node {node}: no reply within {timeout_s:g} s" for node in requests
+        failures += [f"node {node}: no reply within {timeout_s:g} s" for node in contents
                      if node not in answered]
         return good, failures
+
+    def secure(self, requests: Mapping[int, SecureRequest], state: Mapping[str, torch.Tensor] | None,
+               timeout_s: float) -> tuple[list[SecureResult], list[str]]:
+        """One stage of a secure round at each node (message type ``train.secure``), the
+        adapter beside it where given."""
+        adapter = None if state is None else state_to_arrayrecord(state)
+        contents = {}
+        for node_id, request in requests.items():
+            content = request.to_content()
+            if adapter is not None:
+                content[ADAPTER_KEY] = adapter
+            contents[node_id] = content
+        replies, failures = self._send(contents, SECURE, timeout_s)
+        results = []
+        for node, message in replies:
+            try:
+                answer = SecureReply.from_content(requests[node].plan.stage, message.content)
+            except (ValueError, KeyError) as err:
+                failures.append(f"node {node}: malformed reply: {err}")
+                continue
+            results.append(SecureResult(node, answer.reply, answer.secagg))
+        return results, failures
 
     def train(self, requests: Mapping[int, TrainRequest], state: Mapping[str, torch.Tensor],
               timeout_s: float) -> tuple[list[TrainResult], list[str]]:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from privatune.common.clinical_metrics import ClinicalScores
 from privatune.common.config import to_dict
@@ -43,11 +44,15 @@ from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.evaluation import CentralEvaluator
 from privatune.server.report import CentralSummary, RunReport, SampleCompletions, SiteSummary
 from privatune.server.rounds import RoundEvaluation, RoundRecord, RoundTraining
+from privatune.server.secure_round import SecureRoundState, run_noise_multiplier, secure_round
+from privatune.server.secure_step import AdamState
 from privatune.server.site_addressing import addressable, addressee, identified, state_identity
 from privatune.server.tracking import open_tracker
-from privatune.server.transport import TrainResult, Transport, adapter_bytes, wait_for_nodes
+from privatune.server.transport import (SecureResult, TrainResult, Transport, adapter_bytes,
+                                        wait_for_nodes)
 
 SAMPLE_COMPLETIONS = 3  # from the coordinator's own held-out set, shown in the report
+ADAM_FILE = "adam.safetensors"  # a secure DP-SGD run's optimizer state, beside state.json
 
 
 def _perplexity(loss: float | None) -> float | None:
@@ -107,6 +112,9 @@ class Coordinator:
         self.rounds: list[RoundRecord] = []
         self.sites: dict[str, SiteTally] = {}
         self.rng = random.Random(job.seed)
+        # secure DP-SGD: Adam's state across rounds, and the run's aggregate noise multiplier
+        self.adam: AdamState | None = None
+        self._secure_noise: float | None = None
         if resume_from is not None:
             self._restore(resume_from)
         # the run's figures after each round (TensorBoard, MLflow or none); opened at first use
@@ -119,6 +127,8 @@ class Coordinator:
         self.run_id, self.rounds, self.sites = state.run_id, state.rounds, state.sites
         load_lora_state(self.model, read_adapter_state(directory / "adapter"))
         self.global_state = lora_state(self.model)
+        if (directory / ADAM_FILE).is_file():
+            self.adam = AdamState.from_tensors(load_file(str(directory / ADAM_FILE)))
         self.rng = random.Random(f"{self.settings.job.seed}-{state.round}")
         self.progress(f"resuming run {self.run_id} after round {state.round} from {directory}")
 
@@ -130,6 +140,8 @@ class Coordinator:
 
     def train_round(self, round_number: int) -> RoundTraining:
         fed = self.settings.job.federation
+        if fed.mode == "secure_dpsgd":
+            return self._secure_round(round_number)
         ids, sites = addressable(self.transport, wait_for_nodes(self.transport, fed.min_nodes,
                                                                 fed.node_wait_s), self.progress)
         chosen = self._sample(ids)
@@ -166,6 +178,43 @@ class Coordinator:
         else:
             self.progress(f"  only {len(accepted)} usable updates (< min_replies={fed.min_replies}): "
                           "the global adapter is kept unchanged this round")
+        return outcome
+
+    def _secure_round(self, round_number: int) -> RoundTraining:
+        """A round of secure DP-SGD (``server.secure_round``): the global adapter and Adam's
+        state move by each step that released its sum."""
+        job = self.settings.job
+        fed = job.federation
+        ids, sites = addressable(self.transport, wait_for_nodes(self.transport, fed.min_nodes,
+                                                                fed.node_wait_s), self.progress)
+        chosen = self._sample(ids)
+        self.progress(f"[round {round_number}/{fed.rounds}] secure DP-SGD at {len(chosen)} "
+                      f"nodes, {job.training.local_steps} steps")
+        request = train_request(job, self.run_id, round_number)
+        if self._secure_noise is None:
+            trained = trained_part(self.global_state, fed.aggregation)
+            self._secure_noise = run_noise_multiplier(job, sum(t.numel()
+                                                               for t in trained.values()))
+        state = SecureRoundState(self.global_state, self.adam)
+
+        def note(result: SecureResult) -> None:
+            reply, site = result.reply, self._site(result.reply.site)
+            site.epsilon, site.delta, site.epsilon_budget = (reply.epsilon, reply.delta,
+                                                             reply.epsilon_budget)
+            site.node_id = result.node_id
+            site.noise_multiplier = self._secure_noise
+            site.note_head(reply.ledger_seq, reply.ledger_hash)
+
+        outcome = secure_round(
+            job, self.transport, chosen,
+            {node: dataclasses.replace(self._anchored(node, request), site=addressee(sites, node))
+             for node in chosen}, sites, state, self._secure_noise, round_number, note,
+            self.progress)
+        self.global_state, self.adam = state.global_state, state.optimizer
+        for name in outcome.participants:
+            self._site(name).rounds.append(round_number)
+        for failure in outcome.failures:
+            self.progress(f"  {failure}")
         return outcome
 
     def _anchored(self, node_id: int, request: TrainRequest) -> TrainRequest:
@@ -329,6 +378,8 @@ class Coordinator:
         """Adapter (PEFT format) and coordinator state after a completed round."""
         directory = self.settings.out_dir / "checkpoints" / f"round_{round_number:03d}"
         save_adapter(self._model_with(self.global_state), directory / "adapter")
+        if self.adam is not None:  # before state.json, which marks the checkpoint complete
+            save_file(self.adam.to_tensors(), str(directory / ADAM_FILE))
         CheckpointState(run_id=self.run_id, round=round_number, rounds=self.rounds,
                         sites=self.sites, config=to_dict(self.settings.job),
                         job_sites=self.settings.sites).write(directory)

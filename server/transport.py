@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from privatune.common.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+from privatune.common.secure_protocol import SecAggReply, SecureRequest
 
 
 class NodesUnavailableError(RuntimeError):
@@ -32,7 +33,17 @@ class EvaluateResult:
     reply: EvaluateReply
 
 
-Result = TypeVar("Result", TrainResult, EvaluateResult)
+@dataclass
+class SecureResult:
+    """A node's answer to one stage of a secure round: its train reply (a decline has no
+    SecAgg+ message) and the SecAgg+ message, whose site id must be ``node_id``."""
+
+    node_id: int
+    reply: TrainReply
+    secagg: SecAggReply | None = None
+
+
+Result = TypeVar("Result", TrainResult, EvaluateResult, SecureResult)
 
 
 class Transport(Protocol):
@@ -50,6 +61,12 @@ class Transport(Protocol):
 
     def evaluate(self, requests: Mapping[int, EvaluateRequest], state: Mapping[str, torch.Tensor],
                  timeout_s: float) -> tuple[list[EvaluateResult], list[str]]: ...
+
+    def secure(self, requests: Mapping[int, SecureRequest], state: Mapping[str, torch.Tensor] | None,
+               timeout_s: float) -> tuple[list[SecureResult], list[str]]:
+        """One stage of a secure round (``common.secure_protocol``) at each node, the adapter
+        beside it where the stage needs one; answers by node, and failures (no reply in time,
+        an error, a malformed reply) as for train and evaluate."""
 
 
 def wait_for_nodes(transport: Transport, minimum: int, timeout_s: float,

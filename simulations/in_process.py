@@ -17,9 +17,11 @@ import torch
 from flwr.app import ConfigRecord
 
 from privatune.client.node import SiteNode
+from privatune.client.secure_node import SecureRound
 from privatune.common.protocol import (EvaluateReply, EvaluateRequest, TrainReply, TrainRequest,
                                        arrayrecord_to_state, state_to_arrayrecord)
-from privatune.server.transport import EvaluateResult, TrainResult
+from privatune.common.secure_protocol import SecureReply, SecureRequest
+from privatune.server.transport import EvaluateResult, SecureResult, TrainResult
 
 Message = TypeVar("Message", TrainRequest, EvaluateRequest, TrainReply, EvaluateReply)
 
@@ -41,6 +43,9 @@ class InProcessTransport:
 
     def __init__(self, nodes: Sequence[SiteNode]):
         self.nodes = {node_id: node for node_id, node in enumerate(nodes, start=1)}
+        # what each node keeps between the stages of a secure round (its runtime's state in a
+        # deployment): the node's own secrets, never read here
+        self._sessions: dict[int, bytes] = {}
 
     def node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -63,3 +68,18 @@ class InProcessTransport:
         return [EvaluateResult(node_id, _received(self.nodes[node_id].evaluate(
                     _received(request), _wire(state))))
                 for node_id, request in requests.items()], []
+
+    def secure(self, requests: Mapping[int, SecureRequest], state: Mapping[str, torch.Tensor] | None,
+               timeout_s: float) -> tuple[list[SecureResult], list[str]]:
+        """Each node answers the stage in turn, through the records Flower carries."""
+        results = []
+        for node_id, request in requests.items():
+            received = SecureRequest.from_content(request.to_content())
+            reply, session = SecureRound(self.nodes[node_id]).answer(
+                node_id, received, None if state is None else _wire(state),
+                self._sessions.pop(node_id, None))
+            if session is not None:
+                self._sessions[node_id] = session
+            answer = SecureReply.from_content(reply.stage, reply.to_content())
+            results.append(SecureResult(node_id, answer.reply, answer.secagg))
+        return results, []

@@ -94,8 +94,11 @@ def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_di
     """
     policy = load_site_policy(policy_path)
     node = SiteNode(replace(policy, site=replace(policy.site, state_dir=str(scratch.resolve()))))
+    # a site alone has no one to share noise with: its baseline is local DP-SGD, whatever
+    # the federation's mode
     alone = with_overrides(job, ("federation.min_nodes=1", "federation.min_replies=1",
-                                 "tracking=none"), f"{node.name}'s local-only job")
+                                 "federation.mode=local_dp", "tracking=none"),
+                           f"{node.name}'s local-only job")
     settings = CoordinatorSettings(job=alone, model_dir=model_dir, out_dir=scratch / "coordinator",
                                    run_id=run_id, resume=False, sites=(node.name,),
                                    evaluate_each_round=False)
