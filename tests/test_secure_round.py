@@ -1,0 +1,224 @@
+"""The secure DP-SGD round mode (issue 27): its wire codec, a site's SecAgg+ state between
+stages, the node's refusals at setup, and (e2e) a tiny secure federation in process and on
+Flower's simulation engine, whose ledgers carry both guarantees and pass the audit."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import RecordDict
+
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.client.secure_node import SecureRound
+from privatune.common.audit import audit_path
+from privatune.common.config import ConfigError, LoraConfig, load_job_config
+from privatune.common.ledger import DECLINE, NonPrivateRelease, SiteLedger
+from privatune.common.lora import initial_adapter, lora_state
+from privatune.common.protocol import SecurePlan, TrainReply, train_request
+from privatune.common.secure_aggregation import (MaskedInput, PublicKeys, SecAggConfig,
+                                                 SecAggSite, UnmaskRequest)
+from privatune.common.secure_aggregation_coordinator import SecAggCoordinator
+from privatune.common.secure_protocol import (KEYS, MASK, SETUP, UNMASK, SecureReply,
+                                              SecureRequest)
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
+from privatune.simulations.in_process import InProcessTransport
+from privatune.simulations.runner import simulate_sites
+from tests.conftest import write_notes, write_policy
+
+BIG = 2**64 - 5  # a SecAgg+ id beyond Flower's signed 64-bit integers
+
+JOB = """
+seed: 3
+model: {max_length: 48}
+lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+training: {local_steps: 3, batch_size: 24, learning_rate: 0.05, max_grad_norm: 1.0, loss_on: note}
+privacy: {epsilon: 8.0, delta: 1.0e-4}
+federation: {mode: secure_dpsgd, rounds: 2, min_nodes: 3, min_replies: 2, node_wait_s: 30,
+             round_timeout_s: 300}
+secure: {sample_rate: 0.08, min_contributions: 3, max_records_per_site: 256}
+evaluation: {every_k_rounds: 0}
+simulation: {cpus_per_node: 1, local_only_baseline: false}
+tracking: none
+"""
+
+
+def _plan(stage: str = SETUP, step: int = 0, t: int = 3) -> SecurePlan:
+    return SecurePlan(stage=stage, step=step, noise_multiplier=3.0, sample_rate=0.08,
+                      min_contributions=t, max_sites=3, max_records_per_site=256, max_bits=32,
+                      sensitivity_inflation=1e-3, public_seed=3)
+
+
+def _job(tmp_path: Path, *overrides: str):
+    (tmp_path / "job.yaml").write_text(JOB)
+    return load_job_config(tmp_path / "job.yaml", overrides)
+
+
+# ------------------------------------------------------------------------------ codec
+
+
+def test_every_stage_round_trips_through_flower_records_with_ids_beyond_int64(tmp_path):
+    request = train_request(_job(tmp_path), "run-1", 1)
+    config = SecAggConfig.create(round_id=5, site_ids=[1, 7, BIG], threshold=2, modulus_bits=20,
+                                 vector_length=4)
+    sent = SecureRequest(request, _plan(KEYS), config)
+    received = SecureRequest.from_content(RecordDict(dict(sent.to_content())))
+    assert received == sent and max(received.secagg.site_ids) == BIG
+    unmask = SecureRequest(request, _plan(UNMASK), UnmaskRequest(5, (1, BIG), (7,)))
+    assert SecureRequest.from_content(unmask.to_content()) == unmask
+    reply = SecureReply(MASK, TrainReply(site="north", accepted=True), MaskedInput(5, BIG, b"\x01\x02"))
+    assert SecureReply.from_content(MASK, reply.to_content()) == reply
+    declined = SecureReply(KEYS, TrainReply(site="north", accepted=False, reason="no"))
+    assert SecureReply.from_content(KEYS, declined.to_content()) == declined
+
+
+def test_malformed_stage_records_are_refused_by_name(tmp_path):
+    request = train_request(_job(tmp_path), "run-1", 1)
+    with pytest.raises(ValueError, match="carries SecAggConfig"):
+        SecureRequest(request, _plan(KEYS))
+    content = SecureRequest(request, _plan(KEYS), SecAggConfig.create(
+        round_id=1, site_ids=[1, 2, 3], threshold=2, modulus_bits=8, vector_length=2)).to_content()
+    del content["secagg"]
+    with pytest.raises(ValueError, match="without its SecAgg"):
+        SecureRequest.from_content(content)
+    accepted = SecureReply(KEYS, TrainReply(site="north", accepted=True),
+                           PublicKeys(1, 2, b"a", b"b")).to_content()
+    accepted["secagg"]["site_id"] = "two"
+    with pytest.raises(ValueError, match="site_id"):
+        SecureReply.from_content(KEYS, accepted)
+
+
+def test_a_site_saved_between_stages_masks_and_unmasks_as_if_it_never_left():
+    config = SecAggConfig.create(round_id=7, site_ids=[3, BIG, 9, 11], threshold=3,
+                                 modulus_bits=20, vector_length=5)
+
+    def reloaded(sites):
+        return {i: SecAggSite.from_state(config, s.to_state()) for i, s in sites.items()}
+
+    sites = reloaded({i: SecAggSite(i, config) for i in config.site_ids})
+    coordinator = SecAggCoordinator(config)
+    directory = coordinator.receive_public_keys([s.public_keys() for s in sites.values()])
+    sites = reloaded(sites)
+    deliveries = coordinator.receive_encrypted_shares(
+        [sites[i].share_keys(directory) for i in directory.site_ids])
+    sites = reloaded(sites)
+    vectors = {i: np.arange(5, dtype=np.uint64) * (k + 1) for k, i in enumerate(config.site_ids)}
+    unmask = coordinator.receive_masked_inputs(
+        [sites[i].masked_input(d, vectors[i]) for i, d in deliveries.items() if i != 9])
+    sites = reloaded(sites)
+    result = coordinator.receive_unmask_shares([sites[i].unmask(unmask) for i in unmask.survivors])
+    assert result.dropped == (9,)
+    assert np.array_equal(result.total, sum(vectors[i] for i in result.contributors) % (1 << 20))
+
+
+def test_config_names_the_secure_keys(tmp_path):
+    with pytest.raises(ConfigError, match="secure.min_contributions"):
+        _job(tmp_path, "secure.min_contributions=4")
+    with pytest.raises(ConfigError, match="secure.min_contributions"):
+        _job(tmp_path, "secure.min_contributions=0", "federation.min_nodes=1",
+             "federation.min_replies=1")
+    with pytest.raises(ConfigError, match="federation.mode"):
+        _job(tmp_path, "federation.mode=pooled")
+    assert _job(tmp_path, "secure.min_contributions=0").secure.threshold(3) == 2
+
+
+# ------------------------------------------------------------------------------ node refusals
+
+
+@pytest.fixture
+def north(tmp_path, tiny_model_dir):
+    data = write_notes(tmp_path / "data" / "north.jsonl", 60, 11)
+    return write_policy(tmp_path / "sites" / "north", "north", data, tiny_model_dir)
+
+
+def _setup(policy: Path, tiny_model_dir, plan: SecurePlan, job) -> tuple[TrainReply, bytes | None]:
+    node = SiteNode(load_site_policy(policy))
+    adapter = lora_state(initial_adapter(tiny_model_dir, LoraConfig(
+        r=2, alpha=4, target_modules=("q_proj", "v_proj")), 3))
+    reply, session = SecureRound(node).answer(1, SecureRequest(
+        train_request(job, "run-1", 1), plan), adapter, None)
+    return reply.reply, session
+
+
+def _declines(policy: Path) -> list[str]:
+    return [r.reason for r in SiteLedger(load_site_policy(policy).ledger_path).records()
+            if isinstance(r, NonPrivateRelease) and r.release == DECLINE]
+
+
+def test_the_node_declines_a_threshold_below_its_policys(north, tiny_model_dir, tmp_path):
+    reply, session = _setup(north, tiny_model_dir, _plan(t=2), _job(tmp_path))
+    assert not reply.accepted and "threshold t = 2" in reply.reason and session is None
+    assert _declines(north) == [reply.reason]
+
+
+def test_the_node_declines_a_round_over_its_cap_on_the_fallback(north, tiny_model_dir,
+                                                                tmp_path):
+    policy = yaml.safe_load(north.read_text())
+    policy["privacy"]["epsilon_cap"] = 1.0
+    north.write_text(yaml.safe_dump(policy))
+    plan = dataclasses.replace(_plan(), noise_multiplier=2.0)  # (a) 0.53, (b) 1.58 after 3 steps
+    reply, session = _setup(north, tiny_model_dir, plan, _job(tmp_path))
+    assert not reply.accepted and "over its cap of 1" in reply.reason
+    assert "fallback guarantee" in reply.reason and session is None
+    assert _declines(north) == [reply.reason]
+    policy["secure_aggregation"] = {"trust": True}  # the aggregate guarantee fits the cap
+    north.write_text(yaml.safe_dump(policy))
+    reply, session = _setup(north, tiny_model_dir, plan, _job(tmp_path))
+    assert reply.accepted and session is not None
+
+
+def test_a_stage_without_a_setup_is_declined(north, tiny_model_dir, tmp_path):
+    node = SiteNode(load_site_policy(north))
+    config = SecAggConfig.create(round_id=1, site_ids=[1, 2, 3], threshold=3, modulus_bits=8,
+                                 vector_length=2)
+    reply, session = SecureRound(node).answer(1, SecureRequest(
+        train_request(_job(tmp_path), "run-1", 1), _plan(KEYS), config), None, None)
+    assert not reply.reply.accepted and "no secure round was set up" in reply.reply.reason
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _federation(root: Path, tiny_model_dir) -> list[Path]:
+    return [write_policy(root / "sites" / name, name,
+                         write_notes(root / "data" / f"{name}.jsonl", count, seed), tiny_model_dir)
+            for name, count, seed in (("north", 100, 11), ("south", 120, 12), ("east", 90, 13))]
+
+
+def _check_secure_ledgers(root: Path, job) -> None:
+    steps = job.federation.rounds * job.training.local_steps
+    for audit in audit_path(root):
+        assert audit.ok, (audit.name, audit.problems)
+        releases = SiteLedger(audit.path).secure_releases()
+        assert len(releases) == steps
+        last = releases[-1]
+        assert not last.trusted and last.epsilon == last.fallback_epsilon
+        assert 0 < last.aggregate_epsilon < last.fallback_epsilon <= job.privacy.epsilon
+        assert all(r.contribution_sha256 for r in releases)
+
+
+@pytest.mark.e2e
+def test_a_secure_federation_in_process_and_on_flowers_engine(tmp_path, tiny_model_dir):
+    job = _job(tmp_path)
+    inline = tmp_path / "inline"
+    nodes = [SiteNode(load_site_policy(p)) for p in _federation(inline, tiny_model_dir)]
+    settings = CoordinatorSettings(job=job, model_dir=tiny_model_dir, out_dir=inline / "run",
+                                   run_id="inline", resume=False,
+                                   sites=tuple(n.name for n in nodes))
+    report = Coordinator(settings, InProcessTransport(nodes), progress=lambda _: None).run()
+    for record in report.rounds[1:]:
+        assert record.training.aggregated and record.training.participants == \
+            ["east", "north", "south"] and not record.training.failures
+    assert (inline / "run" / "checkpoints" / "round_002" / "adam.safetensors").is_file()
+    _check_secure_ledgers(inline, job)
+
+    engine = tmp_path / "engine"
+    report = simulate_sites(job, tiny_model_dir, _federation(engine, tiny_model_dir), None,
+                            engine / "run", progress=lambda _: None)
+    assert all(r.training.aggregated for r in report.rounds[1:])
+    _check_secure_ledgers(engine, job)
