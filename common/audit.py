@@ -27,6 +27,27 @@ A ledger audits "ok" only when all of it is accounted: a torn last line (no newl
 does not parse or chain; a complete one that chains is counted), a ``<ledger>.torn-*`` side file
 the node set aside, an adapter update whose mechanism or epsilon is missing, NaN, infinite or
 out of range, and an epsilon cap that is not a finite positive number are each a problem.
+
+Secure DP-SGD releases (``SecureRelease``, issue 27) carry two guarantees, (a) from the aggregate
+noise of at least t shares and (b) from the site's own share alone, and the site's cap holds the
+one its policy enforces. PRV and PLD have no Skellam mechanism, so from a site's first secure
+release on its history is composed by RDP on the integer orders of
+``distributed_noise_accounting`` (``SecureRdp``), each guarantee recomputed after every private
+release. What is independent of the node, said plainly:
+
+* the Gaussian steps' RDP: ``dp-accounting``'s, not Opacus';
+* the conversion to epsilon: ``dp-accounting``'s;
+* the Skellam steps' RDP is the project's own (``skellam_step_rdp``, the node's code): no second
+  implementation of the rounded Skellam bound or of Zhu and Wang's subsampling exists to compare
+  with. It is cross-checked against an independent lower bound instead: ``dp-accounting``'s
+  exact RDP of the subsampled Gaussian at the same noise multiplier (the Gaussian limit). The
+  Skellam bound is that Gaussian RDP plus non-negative terms (discreteness, rounding, the
+  general subsampling bound), order by order, so a Skellam curve below it anywhere is a bug that
+  under-counts, and is a problem. For large noise the two meet (the tests of
+  ``distributed_noise_accounting`` measure how close); the audit shows the Gaussian limit
+  beside (a) so the price of discreteness is visible.
+
+A site without secure releases is audited, and reported, exactly as before.
 """
 
 from __future__ import annotations
@@ -47,12 +68,14 @@ import numpy as np
 
 from privatune.common.config import read_yaml
 from privatune.common.extras import has_extra
+from privatune.common.distributed_noise_accounting import ORDERS, skellam_step_rdp
 from privatune.common.ledger import (AdapterRelease, LedgerError, NonPrivateRelease, Numbered,
-                                     RollbackAcknowledgement, RollbackFloor, entry_problem,
-                                     head_problem, is_adapter_update, read_entries, record_of)
+                                     RollbackAcknowledgement, RollbackFloor, SecureRelease,
+                                     entry_problem, head_problem, is_adapter_update,
+                                     is_secure_update, read_entries, record_of)
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
-                                      accountant_note, pld_epsilon)
+                                      SecureStep, accountant_note, pld_epsilon)
 from privatune.common.run_record import SiteRecord
 
 TOLERANCE = 0.01
@@ -115,6 +138,102 @@ class IndependentRdp:
         return 0.0 if self.empty else float(compute_epsilon(self.orders, self.rdp, delta)[0])
 
 
+def _gaussian_curve(noise_multiplier: float, sample_rate: float,
+                    orders: list[float]) -> np.ndarray:
+    """``dp-accounting``'s RDP of one Poisson-subsampled Gaussian step, per order."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant(orders=orders)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    return accountant.rdp
+
+
+# the guarantees a secure site's history is recomputed for, and the lower bounds of (a) and (b)
+SECURE_CURVES = ("enforced", "aggregate", "fallback", "aggregate_limit", "fallback_limit")
+
+
+class SecureRdp:
+    """The running RDP curves, on the integer ``ORDERS``, of a history holding secure steps:
+    one per guarantee (``enforced``, ``aggregate``, ``fallback``) and the Gaussian limits of
+    (a) and (b), each secure step read as a Gaussian step of its noise.
+
+    A Gaussian step adds ``dp-accounting``'s curve to all five; a secure step adds the project's
+    Skellam curve (``skellam_step_rdp``) of its (a) or (b) mechanism to those, and
+    ``dp-accounting``'s Gaussian curve at the same noise to the limits. Each distinct mechanism
+    is computed once, and the Gaussian steps only once a secure step comes (a site without
+    any costs nothing here).
+    """
+
+    def __init__(self) -> None:
+        self.orders = [float(a) for a in ORDERS]
+        self.curves = {name: np.zeros(len(ORDERS)) for name in SECURE_CURVES}
+        self._gaussian: dict[tuple[float, float], np.ndarray] = {}
+        self._skellam: dict[SecureStep, np.ndarray] = {}
+        self._before_secure: list[MechanismStep] | None = []  # None once a secure step came
+
+    def gaussian(self, noise_multiplier: float, sample_rate: float) -> np.ndarray:
+        key = (noise_multiplier, sample_rate)
+        if key not in self._gaussian:
+            self._gaussian[key] = _gaussian_curve(noise_multiplier, sample_rate, self.orders)
+        return self._gaussian[key]
+
+    def skellam(self, step: SecureStep) -> np.ndarray:
+        key = dataclasses.replace(step, steps=1)
+        if key not in self._skellam:
+            self._skellam[key] = skellam_step_rdp(step.noise_multiplier, step.scaled_clip,
+                                                  step.dimension, step.sample_rate, ORDERS)
+        return self._skellam[key]
+
+    def add(self, step: MechanismStep) -> None:
+        if self._before_secure is not None:
+            self._before_secure.append(step)
+            return
+        curve = step.steps * self.gaussian(step.noise_multiplier, step.sample_rate)
+        for name in SECURE_CURVES:
+            self.curves[name] = self.curves[name] + curve
+
+    def add_secure(self, release: SecureRelease) -> None:
+        if self._before_secure is not None:
+            earlier, self._before_secure = self._before_secure, None
+            for step in earlier:
+                self.add(step)
+        for name in ("aggregate", "fallback"):
+            step = release.mechanism(name)
+            self.curves[name] = self.curves[name] + step.steps * self.skellam(step)
+            self.curves[f"{name}_limit"] = self.curves[f"{name}_limit"] + step.steps * (
+                self.gaussian(step.noise_multiplier, step.sample_rate))
+        enforced = release.mechanism("enforced")
+        self.curves["enforced"] = self.curves["enforced"] + enforced.steps * self.skellam(enforced)
+
+    def below_limit(self) -> list[str]:
+        """The guarantees whose curve is below its Gaussian limit at some order (beyond float
+        rounding): an under-count by the Skellam accounting."""
+        return [name for name in ("aggregate", "fallback")
+                if np.any(self.curves[name] < self.curves[f"{name}_limit"] * (1 - 1e-9) - 1e-12)]
+
+    def epsilon(self, name: str, delta: float) -> float:
+        from dp_accounting.rdp import compute_epsilon
+
+        return float(compute_epsilon(self.orders, self.curves[name], delta)[0])
+
+
+@dataclass(frozen=True)
+class SecureAuditRow:
+    """One secure release as the audit checked it: its entry's number, the release, and the
+    site's guarantees after it recomputed (``SecureRdp``), with the Gaussian limit of (a) beside
+    them, each including the floor of the acknowledged rollback before it."""
+
+    seq: int
+    release: SecureRelease
+    enforced_epsilon: float
+    aggregate_epsilon: float
+    fallback_epsilon: float
+    aggregate_limit_epsilon: float  # (a) with each Skellam step read as a Gaussian: a lower bound
+    floor_epsilon: float
+
+
 @dataclass(frozen=True)
 class AuditRow:
     """One adapter release as the audit checked it: its entry's number, the release, and the
@@ -154,10 +273,15 @@ class SiteAudit:
     recorded_epsilon: float = 0.0  # by the node's accountant (the headline)
     recomputed_epsilon: float = 0.0  # the independent figure of the same method
     rdp_epsilon: float = 0.0  # the looser RDP bound of the same history, beside it
-    pld_epsilon: float = 0.0
+    pld_epsilon: float | None = 0.0  # None with secure releases: PLD cannot compose Skellam
     # acknowledged rollbacks: each carries a floor (the spend the site had reported) that the
     # epsilon figures after it include, at delta plus the floor's delta
     rollbacks: list[Numbered[RollbackAcknowledgement]] = field(default_factory=list)
+    # secure DP-SGD releases; with any, the figures above are the enforced guarantee's, by RDP
+    secure_rounds: list[SecureAuditRow] = field(default_factory=list)
+    aggregate_epsilon: float | None = None  # guarantee (a), recomputed; None without secure
+    fallback_epsilon: float | None = None  # guarantee (b), recomputed
+    aggregate_limit_epsilon: float | None = None  # (a)'s Gaussian limit, a lower bound
 
     @property
     def ok(self) -> bool:
@@ -217,6 +341,7 @@ def record_problems(entries: list[dict[str, Any]], record: SiteRecord,
     # from the JSON, not AdapterRelease: an update whose mechanism cannot be accounted (the
     # audit's own problem) still lists the update it sent
     listed = {e.get("update_sha256") for e in entries if is_adapter_update(e)}
+    listed |= {e.get("contribution_sha256") for e in entries if is_secure_update(e)}
     problems += [f"the coordinator received an update from this site in round {u.round} "
                  f"(sha256 {u.sha256[:16]}...) that the ledger does not list"
                  for u in record.received if u.sha256 not in listed]
@@ -238,14 +363,17 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     releases = sum(map(is_adapter_update, entries))
     per_release_pld = releases <= PLD_PER_RELEASE_LIMIT
     rdp = IndependentRdp()
+    secure = SecureRdp()  # every private release, composed on the integer orders
     history: list[MechanismStep] = []
     floor = RollbackFloor()
+    last_floor = 0.0  # the floor inside the figures of the last private release
     with _quiet_absl():
         for entry in entries:
             seq = entry["seq"]
             problem = entry_problem(entry)
             if problem:
-                what = "release" if is_adapter_update(entry) else "acknowledgement"
+                private = is_adapter_update(entry) or is_secure_update(entry)
+                what = "release" if private else "acknowledgement"
                 result.problems.append(f"line {seq}: {problem}; the audit cannot account this "
                                        f"{what}, and stops here")
                 break
@@ -257,9 +385,11 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
             if isinstance(typed, NonPrivateRelease):
                 result.non_private.append(Numbered(seq, typed))
                 continue
-            step = typed.step
-            rdp.add(step)
-            history.append(step)
+            if isinstance(typed, AdapterRelease):
+                step = typed.step
+                rdp.add(step)
+                secure.add(step)
+                history.append(step)
             delta = float(typed.delta)
             if result.delta is not None and delta != result.delta:
                 result.problems.append(f"line {seq}: delta changed from "
@@ -270,15 +400,29 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
                 result.problems.append(f"line {seq}: unknown accountant {accountant!r}; "
                                        "the audit cannot check this release, and stops here")
                 break
-            rdp_eps = floor.epsilon + rdp.epsilon(delta)
-            final = len(result.rounds) + 1 == releases
-            pld_eps = (floor.epsilon + pld_epsilon(history, delta) if per_release_pld or final
-                       else None)
-            row = AuditRow(seq, typed, rdp_eps if accountant == RDP else pld_eps, rdp_eps,
-                           pld_eps, floor.epsilon)
+            last_floor = floor.epsilon
+            if isinstance(typed, SecureRelease):
+                secure.add_secure(typed)
+                row = SecureAuditRow(
+                    seq, typed, *(floor.epsilon + secure.epsilon(name, delta) for name in
+                                  ("enforced", "aggregate", "fallback", "aggregate_limit")),
+                    floor.epsilon)
+                _check_secure_row(result, row, secure)
+                result.secure_rounds.append(row)
+                continue
+            if result.secure_rounds:  # from the first secure release on, all of it by RDP
+                enforced = floor.epsilon + secure.epsilon("enforced", delta)
+                row = AuditRow(seq, typed, enforced, enforced, None, floor.epsilon)
+            else:
+                rdp_eps = floor.epsilon + rdp.epsilon(delta)
+                final = len(result.rounds) + 1 == releases
+                pld_eps = (floor.epsilon + pld_epsilon(history, delta)
+                           if per_release_pld or final else None)
+                row = AuditRow(seq, typed, rdp_eps if accountant == RDP else pld_eps, rdp_eps,
+                               pld_eps, floor.epsilon)
             _check_row(result, row)
             result.rounds.append(row)
-    if result.rounds:
+    if result.rounds and not result.secure_rounds:
         last = result.rounds[-1]
         if last.pld_epsilon is None:  # PLD of the whole history only
             whole = last.floor_epsilon + pld_epsilon(history, float(result.delta))
@@ -292,12 +436,17 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
         result.recomputed_epsilon = last.recomputed_epsilon
         result.rdp_epsilon = last.rdp_epsilon
         result.pld_epsilon = last.pld_epsilon
+    if result.secure_rounds:
+        _secure_headline(result, secure, last_floor)
     # an acknowledgement after the last release raises the site's figures by its floor too
-    later = floor.epsilon - (result.rounds[-1].floor_epsilon if result.rounds else 0.0)
+    later = floor.epsilon - last_floor
     result.recorded_epsilon += later
     result.recomputed_epsilon += later
     result.rdp_epsilon += later
-    result.pld_epsilon += later
+    for name in ("pld_epsilon", "aggregate_epsilon", "fallback_epsilon",
+                 "aggregate_limit_epsilon"):
+        if getattr(result, name) is not None:
+            setattr(result, name, getattr(result, name) + later)
     if record is not None:
         result.problems += record_problems(entries, record, result.recorded_epsilon)
     budget_problem = _budget_problem(result)
@@ -306,12 +455,52 @@ def audit_ledger(path: Path, name: str | None = None, budget: float | None = Non
     return result
 
 
+def _secure_headline(result: SiteAudit, secure: SecureRdp, floor_epsilon: float) -> None:
+    """A site with secure releases: its figures are the enforced guarantee's, by RDP (the
+    recorded one the last private release's), with (a), (b) and (a)'s Gaussian limit beside."""
+    delta = float(result.delta)
+    last_secure = result.secure_rounds[-1]
+    last_adapter = result.rounds[-1] if result.rounds else None
+    if last_adapter is not None and last_adapter.seq > last_secure.seq:
+        result.recorded_epsilon = last_adapter.recorded_epsilon
+    else:
+        result.recorded_epsilon = float(last_secure.release.epsilon)
+    result.accountant = RDP
+    result.recomputed_epsilon = result.rdp_epsilon = (
+        floor_epsilon + secure.epsilon("enforced", delta))
+    result.pld_epsilon = None
+    result.aggregate_epsilon = floor_epsilon + secure.epsilon("aggregate", delta)
+    result.fallback_epsilon = floor_epsilon + secure.epsilon("fallback", delta)
+    result.aggregate_limit_epsilon = floor_epsilon + secure.epsilon("aggregate_limit", delta)
+
+
+def _disagrees(recorded: float, recomputed: float) -> bool:
+    return abs(recorded - recomputed) > TOLERANCE * max(recomputed, 1e-12)
+
+
+def _check_secure_row(result: SiteAudit, row: SecureAuditRow, secure: SecureRdp) -> None:
+    """Each figure the node recorded for a secure release (the enforced one, (a) and (b))
+    against the audit's (1%), and the Skellam curves never below their Gaussian limits."""
+    release = row.release
+    for what, recorded, recomputed in (
+            ("epsilon", release.epsilon, row.enforced_epsilon),
+            ("aggregate_epsilon (a)", release.aggregate_epsilon, row.aggregate_epsilon),
+            ("fallback_epsilon (b)", release.fallback_epsilon, row.fallback_epsilon)):
+        if _disagrees(float(recorded), recomputed):
+            result.problems.append(f"line {row.seq}: recorded {what} {recorded:.4f} differs from "
+                                   f"the recomputed {recomputed:.4f} by more than 1%")
+    for name in secure.below_limit():
+        result.problems.append(f"line {row.seq}: the Skellam RDP of guarantee {name} is below "
+                               "dp-accounting's RDP of the Gaussian at the same noise, a lower "
+                               "bound it cannot go under: its accounting under-counts")
+
+
 def _check_row(result: SiteAudit, row: AuditRow) -> None:
     """The recorded figure against the independent one of its own method (RDP against
     dp-accounting's RDP, PRV against dp-accounting's PLD: like with like, 1%), and the looser
     bounds never below the tighter ones."""
     seq, recorded, recomputed = row.seq, row.recorded_epsilon, row.recomputed_epsilon
-    if recomputed is not None and abs(recorded - recomputed) > TOLERANCE * max(recomputed, 1e-12):
+    if recomputed is not None and _disagrees(recorded, recomputed):
         method = "" if row.accountant == RDP else " (PRV, recomputed as dp-accounting's PLD)"
         result.problems.append(f"line {seq}: recorded epsilon {recorded:.4f} differs from the "
                                f"recomputed {recomputed:.4f} by more than 1%{method}")
@@ -412,10 +601,11 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
              "recomputed eps | RDP eps | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in audits:
         lines.append(f"| {a.name} | {'ok' if a.chain_error is None else 'BROKEN'} | "
-                     f"{len(a.rounds)} | {_fmt(a.delta, 8) if a.delta else 'n/a'} | "
+                     f"{len(a.rounds) + len(a.secure_rounds)} | {_fmt(a.delta, 8) if a.delta else 'n/a'} | "
                      f"{_fmt(a.budget, 2) if a.budget else 'n/a'} | {_fmt(a.recorded_epsilon)} | "
                      f"{a.accountant} | {_fmt(a.recomputed_epsilon)} | {_fmt(a.rdp_epsilon)} | "
                      f"{'ok' if a.ok else 'PROBLEM'} |")
+    lines += _secure_summary(audits)
     if plot_name:
         lines += ["", f"![epsilon per release]({plot_name})"]
     for a in audits:
@@ -443,6 +633,7 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
                          f"reported epsilon {ack.reported_epsilon:.4f} (delta "
                          f"{ack.reported_delta:g}) is a floor under the figures after it (basic "
                          "composition)")
+        lines += _secure_rows(a)
         lines += ["", "Non-private releases (not covered by DP-SGD):", ""]
         if not a.non_private:
             lines.append("- none")
@@ -452,6 +643,62 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
                     else release.reason if release.reason is not None else "")
             lines.append(f"- #{numbered.seq} round {release.round}: {release.release} {what}")
     return "\n".join(lines) + "\n"
+
+
+def _guarantee_name(trusted: bool) -> str:
+    return "(a) aggregate" if trusted else "(b) fallback"
+
+
+def _secure_summary(audits: list[SiteAudit]) -> list[str]:
+    """Both guarantees of each site with secure releases (nothing when none has any)."""
+    secure = [a for a in audits if a.secure_rounds]
+    if not secure:
+        return []
+    lines = ["", "Secure DP-SGD: each secure release gives its site two guarantees, (a) from the "
+             "aggregate noise of at least t contributions, which holds while secure aggregation "
+             "does (the coordinator sees only their sum), and (b) from the site's own noise share "
+             "alone, which holds whatever happens. The cap holds the one the site's policy "
+             "enforces: the figures above. PRV cannot compose the Skellam mechanism, so from a "
+             "site's first secure release on its figures are RDP whatever accountant its entries "
+             "name: the Gaussian steps and the conversion recomputed by `dp-accounting`, the "
+             "Skellam steps by privatune's own bound (not independent), checked never to fall "
+             "below `dp-accounting`'s Gaussian at the same noise (the Gaussian limit, a lower "
+             "bound).", "",
+             "| site | secure releases | t | cap on | (a) eps | (a) Gaussian limit | (b) eps |",
+             "|---|---|---|---|---|---|---|"]
+    for a in secure:
+        trusted = {r.release.trusted for r in a.secure_rounds}
+        cap_on = _guarantee_name(trusted.pop()) if len(trusted) == 1 else "changed (see rows)"
+        shares = sorted({r.release.min_contributions for r in a.secure_rounds})
+        lines.append(f"| {a.name} | {len(a.secure_rounds)} | "
+                     f"{', '.join(map(str, shares))} | {cap_on} | {_fmt(a.aggregate_epsilon)} | "
+                     f"{_fmt(a.aggregate_limit_epsilon)} | {_fmt(a.fallback_epsilon)} |")
+    return lines
+
+
+def _secure_rows(audit: SiteAudit) -> list[str]:
+    """A site's secure releases, each with both guarantees after it (none: nothing)."""
+    if not audit.secure_rounds:
+        return []
+    lines = ["", "Secure releases (cumulative epsilon after each; noise is the aggregate of t "
+             "shares):", "",
+             "| # | run | round | step | unit | noise | sampling rate | steps | clip | t | sites | "
+             "cap on | recorded eps | recomputed eps | (a) recorded | (a) recomputed | "
+             "(a) Gaussian limit | (b) recorded | (b) recomputed |",
+             "|" + "---|" * 19]
+    for r in audit.secure_rounds:
+        release = r.release
+        withheld = " (withheld, counted)" if release.withheld else ""
+        lines.append(f"| {r.seq} | {release.run_id} | {release.round}{withheld} | "
+                     f"{release.step} | {release.privacy_unit} | "
+                     f"{_fmt(release.noise_multiplier)} | {_fmt(release.sample_rate)} | "
+                     f"{release.steps} | {release.max_grad_norm} | "
+                     f"{release.min_contributions} | {release.max_sites} | "
+                     f"{_guarantee_name(release.trusted)} | {_fmt(float(release.epsilon))} | "
+                     f"{_fmt(r.enforced_epsilon)} | {_fmt(float(release.aggregate_epsilon))} | "
+                     f"{_fmt(r.aggregate_epsilon)} | {_fmt(r.aggregate_limit_epsilon)} | "
+                     f"{_fmt(float(release.fallback_epsilon))} | {_fmt(r.fallback_epsilon)} |")
+    return lines
 
 
 def render_html(markdown_text: str) -> str:

@@ -245,3 +245,225 @@ def test_a_bad_secure_aggregation_section_names_the_file_and_the_key(tmp_path, e
     path = site_policy(tmp_path, extra)
     with pytest.raises(ConfigError, match=f"{path}.*{message}"):
         load_site_policy(path)
+
+
+# ------------------------------------------------------------------ the audit
+
+def write_secure_site(run_dir, name, trusted, cap=8.0, misreport=None):
+    """A Gaussian release (PRV), four secure steps in two rounds, a Gaussian release after
+    them, each with the figures the node records (``SiteLedger.epsilon``)."""
+    site = run_dir / "sites" / name
+    site.mkdir(parents=True)
+    (site / "policy.yaml").write_text(f"privacy:\n  epsilon_cap: {cap}\n")
+    ledger = SiteLedger(site / "ledger.jsonl")
+
+    def gaussian(round_):
+        step = MechanismStep(1.1, 0.05, 20)
+        ledger.append(ADAPTER_UPDATE, {
+            "run_id": "r", "round": round_, "privacy_unit": "record", "noise_multiplier": 1.1,
+            "sample_rate": 0.05, "steps": 20, "max_grad_norm": 1.0, "accountant": PRV,
+            "epsilon": ledger.epsilon(DELTA, PRV, then=[step]), "delta": DELTA,
+            "update_sha256": f"{round_:064x}"})
+
+    gaussian(1)
+    for round_ in (2, 3):
+        for index in (0, 1):
+            release = secure_release(index, trusted, round=round_, steps=50)
+            figures = {g: ledger.epsilon(DELTA, PRV, then=[release.mechanism(g)], guarantee=g)
+                       for g in ("enforced", "aggregate", "fallback")}
+            if misreport and (round_, index) == (3, 1):
+                figures[misreport] *= 1.05
+            ledger.append_record(dataclasses.replace(
+                release, epsilon=figures["enforced"], aggregate_epsilon=figures["aggregate"],
+                fallback_epsilon=figures["fallback"],
+                contribution_sha256=f"{round_ * 10 + index:064x}"))
+    gaussian(4)
+    return ledger
+
+
+def test_the_audit_recomputes_both_guarantees_of_a_secure_site(tmp_path):
+    from privatune.common.audit import audit_path
+
+    ledger = write_secure_site(tmp_path, "s", trusted=False)
+    (audit,) = audit_path(tmp_path)
+    assert audit.ok, audit.problems
+    assert [r.seq for r in audit.rounds] == [1, 6] and [r.seq for r in audit.secure_rounds] == [
+        2, 3, 4, 5]
+    # before the first secure release the row is audited as ever (PRV against PLD)
+    assert audit.rounds[0].pld_epsilon is not None
+    assert audit.rounds[1].pld_epsilon is None  # then all of it is RDP
+    assert audit.pld_epsilon is None and audit.accountant == RDP
+    # the headline is the enforced guarantee, here (b); (a) and (b) stand beside it
+    assert audit.recorded_epsilon == ledger.epsilon(DELTA)
+    assert audit.recomputed_epsilon == pytest.approx(ledger.epsilon(DELTA), rel=0.01)
+    assert audit.fallback_epsilon == pytest.approx(ledger.epsilon(DELTA, guarantee="fallback"),
+                                                   rel=0.01)
+    assert audit.aggregate_epsilon == pytest.approx(ledger.epsilon(DELTA, guarantee="aggregate"),
+                                                    rel=0.01)
+    assert audit.aggregate_limit_epsilon <= audit.aggregate_epsilon < audit.fallback_epsilon
+    assert audit.recomputed_epsilon == audit.fallback_epsilon
+    for row in audit.secure_rounds:
+        assert row.aggregate_limit_epsilon <= row.aggregate_epsilon <= row.fallback_epsilon
+
+
+def test_secure_figures_alone_match_site_guarantees(tmp_path):
+    """A ledger of secure steps only: the audit's (a) and (b) are site_guarantees' figures for
+    the same parameters (the same Skellam curve, dp-accounting's conversion)."""
+    from privatune.common.audit import audit_ledger
+
+    ledger = SiteLedger(tmp_path / "ledger.jsonl")
+    expected = site_guarantees(PARAMS, sample_rate=Q, steps=STEPS, delta=DELTA)
+    ledger.append_record(secure_release(steps=STEPS, epsilon=expected.fallback_epsilon,
+                                        aggregate_epsilon=expected.aggregate_epsilon,
+                                        fallback_epsilon=expected.fallback_epsilon))
+    audit = audit_ledger(ledger.path, "s", 8.0)
+    assert audit.ok, audit.problems
+    assert audit.aggregate_epsilon == pytest.approx(expected.aggregate_epsilon, rel=1e-9)
+    assert audit.fallback_epsilon == pytest.approx(expected.fallback_epsilon, rel=1e-9)
+
+
+def test_the_cap_holds_the_enforced_guarantee(tmp_path):
+    from privatune.common.audit import audit_path
+
+    trusting = write_secure_site(tmp_path / "t", "s", trusted=True)
+    cautious = write_secure_site(tmp_path / "c", "s", trusted=False)
+    cap = (trusting.epsilon(DELTA) + cautious.epsilon(DELTA)) / 2  # between (a) and (b)
+    for run, ok in ((tmp_path / "t", True), (tmp_path / "c", False)):
+        (run / "sites" / "s" / "policy.yaml").write_text(f"privacy:\n  epsilon_cap: {cap}\n")
+        (audit,) = audit_path(run)
+        assert audit.ok is ok, audit.problems
+    assert any("over the budget" in p for p in audit.problems)
+
+
+@pytest.mark.parametrize("figure", ["enforced", "aggregate", "fallback"])
+def test_the_audit_flags_a_misreported_guarantee(tmp_path, figure):
+    from privatune.common.audit import audit_path
+
+    write_secure_site(tmp_path, "s", trusted=True, misreport=figure)
+    (audit,) = audit_path(tmp_path)
+    name = {"enforced": "epsilon", "aggregate": "aggregate_epsilon (a)",
+            "fallback": "fallback_epsilon (b)"}[figure]
+    assert [p for p in audit.problems if p.startswith("line 5: recorded ")] == [
+        next(p for p in audit.problems if p.startswith(f"line 5: recorded {name} "))]
+
+
+def test_a_skellam_curve_below_its_gaussian_limit_is_a_problem(tmp_path, monkeypatch):
+    from privatune.common import audit as audit_module
+
+    write_secure_site(tmp_path, "s", trusted=True)
+    from privatune.common.distributed_noise_accounting import skellam_step_rdp
+
+    monkeypatch.setattr(audit_module, "skellam_step_rdp",
+                        lambda *args: 0.5 * skellam_step_rdp(*args))
+    (audit,) = audit_module.audit_path(tmp_path)
+    assert any("below dp-accounting's RDP of the Gaussian" in p for p in audit.problems)
+
+
+def test_a_received_contribution_the_ledger_lists_is_no_hidden_release(tmp_path):
+    from privatune.common.audit import record_problems
+
+    ledger = write_secure_site(tmp_path, "s", trusted=False)
+
+    class Received:
+        def __init__(self, round_, sha256):
+            self.round, self.sha256 = round_, sha256
+
+    class Record:
+        heads = ()
+        epsilon = 0.0
+        received = [Received(2, f"{20:064x}"), Received(3, "f" * 64)]
+
+    problems = record_problems(ledger.entries, Record(), ledger.epsilon(DELTA))
+    assert len(problems) == 1 and "round 3 (sha256 ffffffffffffffff...)" in problems[0]
+
+
+def test_the_report_of_sites_without_secure_releases_is_what_it_was(tmp_path):
+    """Byte for byte the report the audit wrote before secure releases existed (recorded from
+    it), and a site without secure releases reads the same beside one with them."""
+    from privatune.common.audit import audit_path, render_markdown
+    from tests.test_plan_audit import write_mixed_site, write_site
+
+    write_site(tmp_path, "a")
+    write_site(tmp_path, "b", noise=1.2, budget=2.0)
+    write_mixed_site(tmp_path, "c")
+    audits = audit_path(tmp_path)
+    text = render_markdown(audits, "audit.png").replace(str(tmp_path), "<run>")
+    assert text == REPORT_BEFORE_SECURE
+    write_secure_site(tmp_path, "d", trusted=True)
+    together = render_markdown(audit_path(tmp_path), "audit.png").replace(str(tmp_path), "<run>")
+    section_c = REPORT_BEFORE_SECURE[REPORT_BEFORE_SECURE.index("## c"):]
+    assert section_c in together
+    assert "| a | ok | 3 | 0.00001000 | 8.00 | 4.2640 | opacus-rdp | 4.2642 | 4.2642 | ok |" in (
+        together)
+    assert "| d | 4 | 3 | (a) aggregate |" in together and "| d | ok | 6 | " in together
+    assert "Secure releases (cumulative epsilon after each" in together
+
+
+# the audit report of sites a, b, c above, as audit.py wrote it before secure releases existed
+REPORT_BEFORE_SECURE = """\
+# Privacy audit: FAIL
+
+The headline is the epsilon each node recorded by its own accountant. It is recomputed from the site's recorded mechanism history by an implementation independent of the node's Opacus (Google's `dp-accounting`), like with like: its RDP for an RDP entry, its PLD (privacy loss distributions, as tight as PRV) for a PRV entry, with disagreements over 1% flagged. The looser RDP bound of the same history stands beside it. PLD is given for every release of a ledger of at most 64 releases, else for the last one (the cumulative figure).
+
+- Opacus PRV accountant: an upper bound on epsilon within 0.01 of the exact value, at delta plus delta/1000.
+- Opacus RDP accountant: an analytic upper bound (looser than PRV).
+
+| site | chain | releases | delta | budget | recorded eps | accountant | recomputed eps | RDP eps | verdict |
+|---|---|---|---|---|---|---|---|---|---|
+| a | ok | 3 | 0.00001000 | 8.00 | 4.2640 | opacus-rdp | 4.2642 | 4.2642 | ok |
+| b | ok | 3 | 0.00001000 | 2.00 | 2.2916 | opacus-rdp | 2.2916 | 2.2916 | PROBLEM |
+| c | ok | 4 | 0.00001000 | 8.00 | 2.6357 | opacus-prv | 2.6255 | 3.0410 | ok |
+
+![epsilon per release](audit.png)
+
+## a
+
+Ledger: `<run>/sites/a/ledger.jsonl`
+
+
+| # | run | round | unit | noise | sampling rate | steps | clip | recorded eps | accountant | recomputed eps | RDP eps | PLD eps |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| 1 | r | 1 | record | 0.9000 | 0.0500 | 20 | 1.0 | 3.1606 | opacus-rdp | 3.1608 | 3.1608 | 2.5498 |
+| 3 | r | 2 | record | 0.9000 | 0.0500 | 20 | 1.0 | 3.7717 | opacus-rdp | 3.7720 | 3.7720 | 3.1384 |
+| 5 | r | 3 | record | 0.9000 | 0.0500 | 20 | 1.0 | 4.2640 | opacus-rdp | 4.2642 | 4.2642 | 3.6107 |
+
+Non-private releases (not covered by DP-SGD):
+
+- #2 round 1: train_metrics {'num_examples': 320}
+- #4 round 2: train_metrics {'num_examples': 320}
+- #6 round 3: train_metrics {'num_examples': 320}
+
+## b
+
+Ledger: `<run>/sites/b/ledger.jsonl`
+
+- **problem**: epsilon 2.2916 (recomputed 2.2916) is over the budget 2
+
+| # | run | round | unit | noise | sampling rate | steps | clip | recorded eps | accountant | recomputed eps | RDP eps | PLD eps |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| 1 | r | 1 | record | 1.2000 | 0.0500 | 20 | 1.0 | 1.6460 | opacus-rdp | 1.6460 | 1.6460 | 1.3088 |
+| 3 | r | 2 | record | 1.2000 | 0.0500 | 20 | 1.0 | 1.9977 | opacus-rdp | 1.9977 | 1.9977 | 1.6721 |
+| 5 | r | 3 | record | 1.2000 | 0.0500 | 20 | 1.0 | 2.2916 | opacus-rdp | 2.2916 | 2.2916 | 1.9640 |
+
+Non-private releases (not covered by DP-SGD):
+
+- #2 round 1: train_metrics {'num_examples': 320}
+- #4 round 2: train_metrics {'num_examples': 320}
+- #6 round 3: train_metrics {'num_examples': 320}
+
+## c
+
+Ledger: `<run>/sites/c/ledger.jsonl`
+
+
+| # | run | round | unit | noise | sampling rate | steps | clip | recorded eps | accountant | recomputed eps | RDP eps | PLD eps |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| 1 | r | 1 | record | 1.1000 | 0.0500 | 20 | 1.0 | 1.9982 | opacus-rdp | 1.9982 | 1.9982 | 1.5901 |
+| 2 | r | 2 | record | 1.1000 | 0.0500 | 20 | 1.0 | 2.4059 | opacus-rdp | 2.4059 | 2.4059 | 2.0034 |
+| 3 | r | 3 | record | 1.1000 | 0.0500 | 20 | 1.0 | 2.3461 | opacus-prv | 2.3359 | 2.7426 | 2.3359 |
+| 4 | r | 4 | record | 1.1000 | 0.0500 | 20 | 1.0 | 2.6357 | opacus-prv | 2.6255 | 3.0410 | 2.6255 |
+
+Non-private releases (not covered by DP-SGD):
+
+- none
+"""
