@@ -49,17 +49,29 @@ def make_hospital_keys(out_dir: Path, name: str, overwrite: bool = False) -> str
 
 def _plan(args: argparse.Namespace) -> int:
     from privatune.common.config import load_job_config
-    from privatune.common.plan import (model_shape, plan_site, plot_plans, render_table,
+    from privatune.common.plan import (model_shape, plan_secure_site, plan_site, plot_plans,
+                                       render_secure_table, render_table,
                                        trained_lora_parameters)
 
     job = load_job_config(args.config, args.set)
     shape = model_shape(job.model)
     trained = trained_lora_parameters(shape, job.lora) if shape else None
     sites = dict(item.split("=", 1) for item in args.site) if args.site else {"site": str(args.records)}
-    plans = []
     for name, records in sites.items():
         if not str(records).isdigit():
             raise ConfigError(f"--site {name}={records}: the record count must be a whole number")
+    if job.federation.mode == "secure_dpsgd":
+        trained = (trained_lora_parameters(shape, job.lora, job.federation.aggregation)
+                   if shape else None)
+        if not trained:
+            raise ConfigError(f"{args.config}: the secure plan needs the trained LoRA values, "
+                              "unknown for this base model")
+        secure = [plan_secure_site(name, int(records), job, trained)
+                  for name, records in sites.items()]
+        print(render_secure_table(secure))
+        return 1 if any(p.warnings for p in secure) else 0
+    plans = []
+    for name, records in sites.items():
         plans.append(plan_site(name, int(records), job.training.batch_size, job.training.local_steps,
                                job.federation.rounds, job.privacy.delta,
                                epsilon=None if args.noise_multiplier else job.privacy.epsilon,

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privatune.common.config import ConfigError, LoraConfig, ModelConfig
+from privatune.common.config import ConfigError, JobConfig, LoraConfig, ModelConfig
+from privatune.common.distributed_noise import (DEFAULT_SENSITIVITY_INFLATION, padded_dimension,
+                                                scaled_clip_for)
 from privatune.common.plots import report_figure
-from privatune.common.privacy import (PRV, MechanismStep, accountant_note, delta_problem,
-                                      epsilon_of, pld_epsilon, poisson_sample_rate, rdp_epsilon,
-                                      run_noise_multiplier)
+from privatune.common.privacy import (PRV, MechanismStep, SecureStep, accountant_note,
+                                      delta_problem, epsilon_of, pld_epsilon, poisson_sample_rate,
+                                      rdp_epsilon, run_noise_multiplier)
+from privatune.common.secure_protocol import secure_noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,11 @@ def _projection_widths(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
             "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
 
 
-def trained_lora_parameters(model_config: Mapping[str, Any], lora: LoraConfig) -> int | None:
+def trained_lora_parameters(model_config: Mapping[str, Any], lora: LoraConfig,
+                            aggregation: str = "fedavg") -> int | None:
     """How many values a LoRA adapter trains on a Llama-family model (its Hugging Face config):
-    r x (input + output) per targeted projection and layer; None for another architecture."""
+    r x (input + output) per targeted projection and layer (under ``ffa``, B alone: r x
+    output); None for another architecture."""
     try:
         widths = _projection_widths(model_config)
         layers = int(model_config["num_hidden_layers"])
@@ -60,6 +65,8 @@ def trained_lora_parameters(model_config: Mapping[str, Any], lora: LoraConfig) -
         return None
     if not set(lora.target_modules) <= set(widths):
         return None
+    if aggregation == "ffa":
+        return layers * sum(lora.r * widths[name][1] for name in lora.target_modules)
     return layers * sum(lora.r * sum(widths[name]) for name in lora.target_modules)
 
 
@@ -105,6 +112,67 @@ def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds
     return SitePlan(site, records, sample_rate, noise_multiplier, delta, accountant, per_round,
                     rdp_epsilon([step] * rounds, delta), pld_epsilon([step] * rounds, delta),
                     warnings, noise_to_signal)
+
+
+@dataclass(frozen=True)
+class SecureSitePlan:
+    """A site's forecast in a secure DP-SGD job: the run's aggregate noise and this site's
+    share of it, and its cumulative epsilon after each round under both guarantees (by RDP):
+    (a) from the aggregate noise of t shares, (b) from its own share alone."""
+
+    site: str
+    records: int
+    sample_rate: float
+    min_contributions: int
+    noise_multiplier: float  # the aggregate sigma of t shares
+    share_noise_multiplier: float  # this site's own share: sigma / sqrt(t)
+    delta: float
+    aggregate_epsilon_per_round: list[float]
+    fallback_epsilon_per_round: list[float]
+    warnings: list[str]
+
+
+def plan_secure_site(site: str, records: int, job: JobConfig,
+                     trained_parameters: int) -> SecureSitePlan:
+    """Forecast one site of a secure job: the coordinator's noise (``secure_noise_multiplier``),
+    the steps every site's ledger will record, both guarantees."""
+    t = job.secure.threshold(job.federation.min_nodes)
+    sigma = secure_noise_multiplier(job, trained_parameters)
+    step = SecureStep(sigma, job.secure.sample_rate, job.training.local_steps,
+                      scaled_clip_for(trained_parameters, DEFAULT_SENSITIVITY_INFLATION),
+                      padded_dimension(trained_parameters), t)
+    rounds = range(1, job.federation.rounds + 1)
+    aggregate = [epsilon_of([step] * r, job.privacy.delta) for r in rounds]
+    fallback = [epsilon_of([step.fallback()] * r, job.privacy.delta) for r in rounds]
+    warnings = []
+    if problem := delta_problem(job.privacy.delta, records):
+        warnings.append(f"{site}: {problem}; the node will refuse this policy")
+    if t < 3:
+        warnings.append(f"{site}: t = {t} is below the default site policy's "
+                        "secure_aggregation.min_contributions (3): such sites will decline")
+    return SecureSitePlan(site, records, job.secure.sample_rate, t, sigma,
+                          sigma / math.sqrt(t), job.privacy.delta, aggregate, fallback, warnings)
+
+
+def render_secure_table(plans: list[SecureSitePlan]) -> str:
+    """The secure plan: each site's sigma and both guarantees after each round."""
+    rounds = len(plans[0].aggregate_epsilon_per_round) if plans else 0
+    header = ("| site | records | q | t | sigma (aggregate) | sigma (own share) | "
+              + " | ".join(f"(a) eps r{r}" for r in range(1, rounds + 1)) + " | "
+              + " | ".join(f"(b) eps r{r}" for r in range(1, rounds + 1)) + " |")
+    lines = ["Secure DP-SGD: (a) against the coordinator and the other sites, from the noise of "
+             "at least t sites' shares (holds while secure aggregation does); (b) from the "
+             "site's own noise share alone (holds whatever happens; a site's cap is enforced on "
+             "it unless its policy sets secure_aggregation.trust). Both by RDP.", "",
+             header, "|" + "---|" * (6 + 2 * rounds)]
+    for p in plans:
+        lines.append(f"| {p.site} | {p.records} | {p.sample_rate:.4f} | {p.min_contributions} | "
+                     f"{p.noise_multiplier:.4f} | {p.share_noise_multiplier:.4f} | "
+                     + " | ".join(f"{e:.3f}" for e in p.aggregate_epsilon_per_round) + " | "
+                     + " | ".join(f"{e:.3f}" for e in p.fallback_epsilon_per_round) + " |")
+    for p in plans:
+        lines += [f"warning: {w}" for w in p.warnings]
+    return "\n".join(lines)
 
 
 def model_shape(model: ModelConfig) -> dict[str, Any] | None:

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from privatune.common.distributed_noise import DistributedNoiseParams, choose_parameters
+from privatune.common.config import JobConfig
+from privatune.common.distributed_noise import (DistributedNoiseParams, aggregate_noise_multiplier,
+                                                choose_parameters)
 from privatune.common.protocol import REQUEST_KEY, SecurePlan, TrainReply, TrainRequest
 from privatune.common.secure_aggregation import (EncryptedShares, KeyDirectory, MaskedInput,
                                                  PublicKeys, SecAggConfig, SecAggError,
@@ -181,3 +183,14 @@ def noise_params(plan: SecurePlan, dimension: int, clip: float) -> DistributedNo
                              noise_multiplier=plan.noise_multiplier,
                              sensitivity_inflation=plan.sensitivity_inflation,
                              max_bits=plan.max_bits)
+
+
+def secure_noise_multiplier(job: JobConfig, dimension: int) -> float:
+    """The run's aggregate noise multiplier (the coordinator's, and ``plan``'s): every site's
+    guarantee named by ``secure.calibrate`` within ``privacy.epsilon`` over all the run's steps
+    (rounds x local_steps at ``secure.sample_rate``) for ``dimension`` trained values."""
+    return aggregate_noise_multiplier(
+        job.privacy.epsilon, job.privacy.delta, job.secure.sample_rate,
+        job.federation.rounds * job.training.local_steps, dimension=dimension,
+        min_contributions=job.secure.threshold(job.federation.min_nodes),
+        guarantee=job.secure.calibrate)

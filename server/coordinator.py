@@ -44,7 +44,8 @@ from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.server.evaluation import CentralEvaluator
 from privatune.server.report import CentralSummary, RunReport, SampleCompletions, SiteSummary
 from privatune.server.rounds import RoundEvaluation, RoundRecord, RoundTraining
-from privatune.server.secure_round import SecureRoundState, run_noise_multiplier, secure_round
+from privatune.common.secure_protocol import secure_noise_multiplier
+from privatune.server.secure_round import SecureRoundState, secure_round
 from privatune.server.secure_step import AdamState
 from privatune.server.site_addressing import addressable, addressee, identified, state_identity
 from privatune.server.tracking import open_tracker
@@ -193,7 +194,7 @@ class Coordinator:
         request = train_request(job, self.run_id, round_number)
         if self._secure_noise is None:
             trained = trained_part(self.global_state, fed.aggregation)
-            self._secure_noise = run_noise_multiplier(job, sum(t.numel()
+            self._secure_noise = secure_noise_multiplier(job, sum(t.numel()
                                                                for t in trained.values()))
         state = SecureRoundState(self.global_state, self.adam)
 

@@ -27,8 +27,7 @@ import torch
 
 from privatune.common.config import JobConfig
 from privatune.common.distributed_noise import (DEFAULT_SENSITIVITY_INFLATION,
-                                                DistributedNoiseParams,
-                                                aggregate_noise_multiplier, decode_sum)
+                                                DistributedNoiseParams, decode_sum)
 from privatune.common.lora import trained_part
 from privatune.common.protocol import SecurePlan, TrainRequest
 from privatune.common.secure_aggregation import SecAggConfig, harary_graph
@@ -40,17 +39,6 @@ from privatune.server.rounds import RoundTraining
 from privatune.server.secure_step import AdamSettings, AdamState, secure_dpsgd_step
 from privatune.server.site_addressing import identified
 from privatune.server.transport import SecureResult, Transport, adapter_bytes
-
-
-def run_noise_multiplier(job: JobConfig, dimension: int) -> float:
-    """The aggregate noise multiplier of the run: every site's guarantee named by
-    ``secure.calibrate`` within ``privacy.epsilon`` over all the run's steps (rounds x
-    local_steps at ``secure.sample_rate``)."""
-    return aggregate_noise_multiplier(
-        job.privacy.epsilon, job.privacy.delta, job.secure.sample_rate,
-        job.federation.rounds * job.training.local_steps, dimension=dimension,
-        min_contributions=job.secure.threshold(job.federation.min_nodes),
-        guarantee=job.secure.calibrate)
 
 
 def round_plan(job: JobConfig, noise_multiplier: float, sites: int) -> SecurePlan:

@@ -222,3 +222,18 @@ def test_a_secure_federation_in_process_and_on_flowers_engine(tmp_path, tiny_mod
                             engine / "run", progress=lambda _: None)
     assert all(r.training.aggregated for r in report.rounds[1:])
     _check_secure_ledgers(engine, job)
+
+
+def test_plan_shows_each_sites_sigma_and_both_guarantees(tmp_path):
+    from privatune.common.plan import plan_secure_site, render_secure_table
+
+    job = _job(tmp_path)
+    plan = plan_secure_site("north", 100, job, trained_parameters=512)
+    assert plan.min_contributions == 3
+    assert plan.share_noise_multiplier == pytest.approx(plan.noise_multiplier / 3 ** 0.5)
+    # calibrated on the fallback: its last round is the budget, the aggregate far below it
+    assert plan.fallback_epsilon_per_round[-1] == pytest.approx(8.0, rel=0.01)
+    assert plan.fallback_epsilon_per_round[-1] <= 8.0
+    assert plan.aggregate_epsilon_per_round[-1] < plan.fallback_epsilon_per_round[0]
+    table = render_secure_table([plan])
+    assert "(a) eps r2" in table and "(b) eps r2" in table and "| north | 100 |" in table
