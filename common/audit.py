@@ -614,9 +614,10 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
             lines += [f"**Hash chain broken**: {a.chain_error}", ""]
         for problem in a.problems:
             lines.append(f"- **problem**: {problem}")
-        lines += ["", "| # | run | round | unit | noise | sampling rate | steps | clip | recorded eps "
-                  "| accountant | recomputed eps | RDP eps | PLD eps |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        if a.rounds or not a.secure_rounds:  # a site of secure releases alone: their table only
+            lines += ["", "| # | run | round | unit | noise | sampling rate | steps | clip | "
+                      "recorded eps | accountant | recomputed eps | RDP eps | PLD eps |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in a.rounds:
             release = r.release
             withheld = " (withheld, counted)" if release.withheld else ""

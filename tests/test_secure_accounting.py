@@ -320,6 +320,12 @@ def test_secure_figures_alone_match_site_guarantees(tmp_path):
     assert audit.ok, audit.problems
     assert audit.aggregate_epsilon == pytest.approx(expected.aggregate_epsilon, rel=1e-9)
     assert audit.fallback_epsilon == pytest.approx(expected.fallback_epsilon, rel=1e-9)
+    from privatune.common.audit import render_markdown
+
+    text = render_markdown([audit])
+    assert "| # | run | round | unit |" not in text  # no empty table of adapter releases
+    assert "| 1 | run | 1 | 0 | record | 1.2000 | 0.0100 | 200 | 1.0 | 3 | 5 | (b) fallback |" in (
+        text)
 
 
 def test_the_cap_holds_the_enforced_guarantee(tmp_path):
