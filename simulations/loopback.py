@@ -22,10 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import yaml
 
@@ -213,10 +214,12 @@ class LoopbackFederation:
         return self.policies[name]
 
     def write_job(self, rounds: int, round_timeout_s: float, local_steps: int, batch_size: int,
-                  learning_rate: float, node_wait_s: float = 120) -> Path:
-        """``federation.yaml``: a tiny LoRA job that needs 2 of the nodes per round."""
+                  learning_rate: float, node_wait_s: float = 120,
+                  secure: Mapping[str, Any] | None = None) -> Path:
+        """``federation.yaml``: a tiny LoRA job that needs 2 of the nodes per round; with
+        ``secure`` (the job's ``secure`` section), secure DP-SGD among 3 of them."""
         self.rounds, self.round_timeout_s = rounds, round_timeout_s
-        self.job.write_text(yaml.safe_dump({
+        job = {
             "seed": 0, "model": {"base": str(self.model_dir), "max_length": 32},
             "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
             "training": {"local_steps": local_steps, "batch_size": batch_size,
@@ -224,7 +227,11 @@ class LoopbackFederation:
             "privacy": {"epsilon": EPSILON_CAP, "delta": DELTA},
             "federation": {"rounds": rounds, "min_nodes": 2, "min_replies": 2,
                            "node_wait_s": node_wait_s, "round_timeout_s": round_timeout_s},
-            "evaluation": {"max_new_tokens": 8, "max_examples": 8}}))
+            "evaluation": {"max_new_tokens": 8, "max_examples": 8}}
+        if secure is not None:
+            job["federation"] |= {"mode": "secure_dpsgd", "min_nodes": 3}
+            job["secure"] = dict(secure)
+        self.job.write_text(yaml.safe_dump(job))
         return self.job
 
     def write_deployment(self, central_eval: Path | None = None) -> Path:
