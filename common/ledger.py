@@ -195,6 +195,12 @@ _SECURE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fallback_epsilon": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
              "an integer >= 0"),
+    # the rest are required by the type, so an entry without one could not even be read
+    "run_id": (lambda v: isinstance(v, str), "a string"),
+    "round": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "privacy_unit": (lambda v: isinstance(v, str), "a string"),
+    "max_grad_norm": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "accountant": (lambda v: isinstance(v, str), "a string"),
 }
 
 

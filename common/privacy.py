@@ -106,7 +106,8 @@ def _accountant(history: Iterable[MechanismStep]) -> RDPAccountant:
     """Opacus' RDP accountant over the merged history: one (noise, rate, steps) triple per
     distinct mechanism, so its work does not grow with the ledger's length."""
     accountant = RDPAccountant()
-    accountant.history = [(h.noise_multiplier, h.sample_rate, h.steps) for h in merged(history)]
+    accountant.history = [(h.noise_multiplier, h.sample_rate, h.steps)
+                          for h in merged(_gaussian_only(history))]
     return accountant
 
 
@@ -140,6 +141,16 @@ def merged(history: Iterable[StepT]) -> list[StepT]:
 def is_secure(history: Iterable[Step]) -> bool:
     """Whether a history holds a secure step (so that only RDP can compose it)."""
     return any(isinstance(step, SecureStep) for step in history)
+
+
+def _gaussian_only(history: Iterable[MechanismStep]) -> list[MechanismStep]:
+    """The history, refused if it holds a secure step: the Gaussian accountants would read its
+    noise as a Gaussian's and under-count the rounding and the discreteness."""
+    steps = list(history)
+    if is_secure(steps):
+        raise ValueError("this accountant composes Gaussian steps only; a history with a "
+                         "SecureStep is composed by epsilon_of (RDP)")
+    return steps
 
 
 @functools.lru_cache(maxsize=1024)
@@ -177,7 +188,7 @@ def prv_epsilon(history: Iterable[MechanismStep], delta: float,
                 eps_error: float = PRV_EPS_ERROR) -> float:
     """Opacus' PRV upper bound on epsilon of the composed history (0 for an empty history),
     within ``eps_error`` of its estimate."""
-    steps = merged(history)
+    steps = merged(_gaussian_only(history))
     return _prv_epsilon(tuple(steps), delta, eps_error) if steps else 0.0
 
 
@@ -419,7 +430,7 @@ def _dp_events(history: Iterable[MechanismStep]) -> list:
 
     return [dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(h.sample_rate, dp_accounting.GaussianDpEvent(h.noise_multiplier)),
-        h.steps) for h in history]
+        h.steps) for h in _gaussian_only(history)]
 
 
 def independent_rdp_epsilon(history: Iterable[MechanismStep], delta: float) -> float:

@@ -12,8 +12,9 @@ from privatune.common.distributed_noise import choose_parameters, site_guarantee
 from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, SECURE_UPDATE, LedgerError,
                                      SecureRelease, SiteLedger, read_entries, record_of)
 from privatune.common.privacy import (PRV, RDP, MechanismStep, SecureStep,
-                                      calibrate_noise_multiplier, epsilon_of, merged,
-                                      prv_epsilon, rdp_epsilon)
+                                      calibrate_noise_multiplier, epsilon_of,
+                                      independent_rdp_epsilon, merged, pld_epsilon, prv_epsilon,
+                                      rdp_epsilon)
 
 DELTA = 1e-5
 PARAMS = choose_parameters(1000, min_contributions=3, max_sites=5, clip=1.0,
@@ -95,6 +96,13 @@ def test_a_secure_step_that_cannot_be_accounted_is_refused(field, value):
         dataclasses.replace(secure(), **{field: value})
 
 
+@pytest.mark.parametrize("gaussian_only", [prv_epsilon, rdp_epsilon, pld_epsilon,
+                                           independent_rdp_epsilon])
+def test_the_gaussian_accountants_refuse_a_secure_step(gaussian_only):
+    with pytest.raises(ValueError, match="composes Gaussian steps only"):
+        gaussian_only([MechanismStep(1.0, 0.05, 10), secure()], DELTA)
+
+
 def test_an_unknown_accountant_is_refused_for_a_secure_history_too():
     with pytest.raises(ValueError, match="unknown accountant"):
         epsilon_of([secure()], DELTA, "made-up")
@@ -174,7 +182,8 @@ def test_a_ledger_without_secure_releases_reads_and_counts_as_before(tmp_path):
     ("steps", 0), ("scaled_clip", -1.0), ("dimension", 1000), ("dimension", 0),
     ("min_contributions", 0), ("max_sites", 2), ("trusted", "yes"), ("trusted", None),
     ("aggregate_epsilon", float("inf")), ("fallback_epsilon", -1.0), ("step", -1),
-    ("delta", 1.0), ("epsilon", float("nan")),
+    ("delta", 1.0), ("epsilon", float("nan")), ("run_id", None), ("round", "1"),
+    ("privacy_unit", None), ("max_grad_norm", 0), ("accountant", 3),
 ])
 def test_a_secure_release_that_cannot_be_accounted_is_refused_on_write_and_read(
         tmp_path, field, value):
