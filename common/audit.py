@@ -600,8 +600,9 @@ def render_markdown(audits: list[SiteAudit], plot_name: str | None = None) -> st
              "| site | chain | releases | delta | budget | recorded eps | accountant | "
              "recomputed eps | RDP eps | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in audits:
+        releases = len(a.rounds) + len(a.secure_rounds)
         lines.append(f"| {a.name} | {'ok' if a.chain_error is None else 'BROKEN'} | "
-                     f"{len(a.rounds) + len(a.secure_rounds)} | {_fmt(a.delta, 8) if a.delta else 'n/a'} | "
+                     f"{releases} | {_fmt(a.delta, 8) if a.delta else 'n/a'} | "
                      f"{_fmt(a.budget, 2) if a.budget else 'n/a'} | {_fmt(a.recorded_epsilon)} | "
                      f"{a.accountant} | {_fmt(a.recomputed_epsilon)} | {_fmt(a.rdp_epsilon)} | "
                      f"{'ok' if a.ok else 'PROBLEM'} |")
@@ -720,19 +721,31 @@ def render_html(markdown_text: str) -> str:
 
 
 def plot_audit(audits: list[SiteAudit], path: Path) -> None:
-    """Recorded, RDP and PLD epsilon per site against the adapter release."""
+    """Recorded, RDP and PLD epsilon per site against the adapter release; for a site with
+    secure releases, its guarantees (a) and (b) too, each release at its place among the site's
+    private releases."""
     with report_figure(path) as (axis,):
         for a in audits:
-            xs = list(range(1, len(a.rounds) + 1))
+            seqs = sorted([r.seq for r in a.rounds] + [r.seq for r in a.secure_rounds])
+            place = {seq: i for i, seq in enumerate(seqs, start=1)}
+            xs = [place[r.seq] for r in a.rounds]
             axis.plot(xs, [r.recorded_epsilon for r in a.rounds], "-o",
                       label=f"{a.name} recorded ({a.accountant})")
             axis.plot(xs, [r.rdp_epsilon for r in a.rounds], "--", label=f"{a.name} RDP")
             pld = [(x, r.pld_epsilon) for x, r in zip(xs, a.rounds) if r.pld_epsilon is not None]
             if pld:
                 axis.plot(*zip(*pld), ":" if len(pld) > 1 else "s", label=f"{a.name} PLD")
+            if a.secure_rounds:
+                secure_xs = [place[r.seq] for r in a.secure_rounds]
+                axis.plot(secure_xs, [r.aggregate_epsilon for r in a.secure_rounds], "-^",
+                          label=f"{a.name} (a) aggregate")
+                axis.plot(secure_xs, [r.fallback_epsilon for r in a.secure_rounds], "-v",
+                          label=f"{a.name} (b) fallback")
         for budget in {a.budget for a in audits if a.budget}:
             axis.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
-        axis.set(xlabel="adapter release", ylabel="cumulative epsilon", title="epsilon per site")
+        secure = any(a.secure_rounds for a in audits)
+        axis.set(xlabel="private release" if secure else "adapter release",
+                 ylabel="cumulative epsilon", title="epsilon per site")
 
 
 def write_audit(audits: list[SiteAudit], out_dir: Path, fmt: str = "md") -> Path:

@@ -482,3 +482,14 @@ Non-private releases (not covered by DP-SGD):
 
 - none
 """
+
+
+def test_the_audit_draws_both_guarantees_of_a_secure_site(tmp_path):
+    from privatune.common.audit import audit_path, write_audit
+    from tests.test_plan_audit import write_site
+
+    write_site(tmp_path, "a")
+    write_secure_site(tmp_path, "s", trusted=False)
+    report = write_audit(audit_path(tmp_path), tmp_path / "audit")
+    assert "Privacy audit: PASS" in report.read_text()
+    assert (tmp_path / "audit" / "audit.png").stat().st_size > 0
