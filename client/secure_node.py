@@ -33,24 +33,44 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from privatune.client.node import SiteNode, TrainOutcome
 from privatune.client.policy import physical_batch_size, request_violation
-from privatune.client.request_checks import (adapter_problem, check_frozen_factors,
-                                             runs_taken_part)
+from privatune.client.request_checks import (
+    adapter_problem,
+    check_frozen_factors,
+    runs_taken_part,
+)
 from privatune.client.rollback import rollback_decline
-from privatune.client.secure_contribution import (SiteContribution, encode_site_contribution,
-                                                  noise_rng, sample_generator, site_contribution)
+from privatune.client.secure_contribution import (
+    SiteContribution,
+    encode_site_contribution,
+    noise_rng,
+    sample_generator,
+    site_contribution,
+)
 from privatune.client.site_state import SiteBusy
 from privatune.client.trainer import DPNotAppliedError
 from privatune.common.distributed_noise import DistributedNoiseParams
 from privatune.common.ledger import LedgerHead, LedgerWriteError, SecureRelease
 from privatune.common.lora import train_factors, trained_part
 from privatune.common.privacy import MechanismStep, SecureStep, epsilon_of
-from privatune.common.protocol import SecurePlan, TrainReply, TrainRequest, requested_lora
+from privatune.common.protocol import (
+    SecurePlan,
+    TrainReply,
+    TrainRequest,
+    requested_lora,
+)
 from privatune.common.secure_aggregation import SecAggConfig, SecAggError, SecAggSite
-from privatune.common.secure_protocol import (KEYS, MASK, SETUP, SHARES, UNMASK, SecureReply,
-                                              SecureRequest, noise_params, step_rotation_seed)
+from privatune.common.secure_protocol import (
+    KEYS,
+    MASK,
+    SETUP,
+    SHARES,
+    SecureReply,
+    SecureRequest,
+    noise_params,
+    step_rotation_seed,
+)
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,24 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
-
 from privatune.common.config import JobConfig
-from privatune.common.distributed_noise import (DistributedNoiseParams, aggregate_noise_multiplier,
-                                                choose_parameters)
+from privatune.common.distributed_noise import (
+    DistributedNoiseParams,
+    aggregate_noise_multiplier,
+    choose_parameters,
+)
 from privatune.common.protocol import REQUEST_KEY, SecurePlan, TrainReply, TrainRequest
-from privatune.common.secure_aggregation import (EncryptedShares, KeyDirectory, MaskedInput,
-                                                 PublicKeys, SecAggConfig, SecAggError,
-                                                 ShareDelivery, UnmaskRequest, UnmaskShares)
+from privatune.common.secure_aggregation import (
+    EncryptedShares,
+    KeyDirectory,
+    MaskedInput,
+    PublicKeys,
+    SecAggConfig,
+    SecAggError,
+    ShareDelivery,
+    UnmaskRequest,
+    UnmaskShares,
+)
 
 SECURE = "train.secure"
 SECURE_KEY = "secure"

@@ -24,17 +24,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from privatune.common.config import JobConfig
-from privatune.common.distributed_noise import (DEFAULT_SENSITIVITY_INFLATION,
-                                                DistributedNoiseParams, decode_sum)
+from privatune.common.distributed_noise import (
+    DEFAULT_SENSITIVITY_INFLATION,
+    DistributedNoiseParams,
+    decode_sum,
+)
 from privatune.common.lora import trained_part
 from privatune.common.protocol import SecurePlan, TrainRequest
 from privatune.common.secure_aggregation import SecAggConfig, harary_graph
 from privatune.common.secure_aggregation_coordinator import SecAggCoordinator
-from privatune.common.secure_protocol import (KEYS, MASK, SETUP, SHARES, UNMASK, SecureRequest,
-                                              noise_params, secagg_round_id, step_rotation_seed,
-                                              wire_bytes)
+from privatune.common.secure_protocol import (
+    KEYS,
+    MASK,
+    SETUP,
+    SHARES,
+    UNMASK,
+    SecureRequest,
+    noise_params,
+    secagg_round_id,
+    step_rotation_seed,
+    wire_bytes,
+)
 from privatune.server.rounds import RoundTraining
 from privatune.server.secure_step import AdamSettings, AdamState, secure_dpsgd_step
 from privatune.server.site_addressing import identified

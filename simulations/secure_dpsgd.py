@@ -49,6 +49,7 @@ from privatune.common.secure_aggregation_coordinator import (
     AggregateResult,
     SecAggCoordinator,
 )
+from privatune.common.secure_protocol import step_rotation_seed
 from privatune.server.secure_step import (
     AdamSettings,
     AdamState,
@@ -57,8 +58,6 @@ from privatune.server.secure_step import (
     secure_dpsgd_step,
 )
 from torch.utils.data import ConcatDataset, Dataset
-
-_ROTATION_PURPOSE = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,10 +114,9 @@ class SecureDpsgdRun:
 
 
 def rotation_seed(public_seed: int, step: int) -> int:
-    """The public rotation seed of a step (fresh each step, independent of the data)."""
-    words = np.random.SeedSequence([int(public_seed), int(step), _ROTATION_PURPOSE]) \
-        .generate_state(4, dtype=np.uint32)
-    return sum(int(w) << (32 * i) for i, w in enumerate(words))
+    """The public rotation seed of a step (fresh each step, independent of the data): the
+    coordinator's rule (``step_rotation_seed``) with the step as its SecAgg+ round."""
+    return step_rotation_seed(public_seed, step)
 
 
 def _check_sites(sites: Sequence[DpsgdSite], threshold: int) -> None:

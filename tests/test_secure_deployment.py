@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from privatune.common.audit import audit_site
 from privatune.common.ledger import SiteLedger
 from privatune.simulations.loopback import LoopbackFederation
+
 from tests.conftest import write_notes
 
 SITES = ("alpha", "beta", "gamma")

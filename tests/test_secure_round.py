@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import yaml
 from flwr.app import RecordDict
-
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.client.secure_node import SecureRound
@@ -20,15 +19,27 @@ from privatune.common.config import ConfigError, LoraConfig, load_job_config
 from privatune.common.ledger import DECLINE, NonPrivateRelease, SiteLedger
 from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
-from privatune.common.secure_aggregation import (MaskedInput, PublicKeys, SecAggConfig,
-                                                 SecAggSite, UnmaskRequest)
+from privatune.common.secure_aggregation import (
+    MaskedInput,
+    PublicKeys,
+    SecAggConfig,
+    SecAggSite,
+    UnmaskRequest,
+)
 from privatune.common.secure_aggregation_coordinator import SecAggCoordinator
-from privatune.common.secure_protocol import (KEYS, MASK, SETUP, UNMASK, SecureReply,
-                                              SecureRequest)
+from privatune.common.secure_protocol import (
+    KEYS,
+    MASK,
+    SETUP,
+    UNMASK,
+    SecureReply,
+    SecureRequest,
+)
 from privatune.server.coordinator import Coordinator
 from privatune.server.coordinator_settings import CoordinatorSettings
 from privatune.simulations.in_process import InProcessTransport
 from privatune.simulations.runner import simulate_sites
+
 from tests.conftest import write_notes, write_policy
 
 BIG = 2**64 - 5  # a SecAgg+ id beyond Flower's signed 64-bit integers
@@ -179,6 +190,7 @@ def test_a_stage_without_a_setup_is_declined(north, tiny_model_dir, tmp_path):
     reply, session = SecureRound(node).answer(1, SecureRequest(
         train_request(_job(tmp_path), "run-1", 1), _plan(KEYS), config), None, None)
     assert not reply.reply.accepted and "no secure round was set up" in reply.reply.reason
+    assert session is None
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -237,3 +249,54 @@ def test_plan_shows_each_sites_sigma_and_both_guarantees(tmp_path):
     assert plan.aggregate_epsilon_per_round[-1] < plan.fallback_epsilon_per_round[0]
     table = render_secure_table([plan])
     assert "(a) eps r2" in table and "(b) eps r2" in table and "| north | 100 |" in table
+
+
+class _Dropping(InProcessTransport):
+    """In process, but the nodes in ``gone`` stop answering at the masking stage of ``step``
+    (after sharing their keys) and for the rest of the run."""
+
+    def __init__(self, nodes, gone: set[int], step: int):
+        super().__init__(nodes)
+        self.gone, self.step, self.dropped = gone, step, False
+
+    def secure(self, requests, state, timeout_s):
+        stage = next(iter(requests.values())).plan if requests else None
+        if stage is not None and stage.stage == MASK and stage.step == self.step:
+            self.dropped = True
+        if not self.dropped:
+            return super().secure(requests, state, timeout_s)
+        kept = {n: r for n, r in requests.items() if n not in self.gone}
+        results, failures = super().secure(kept, state, timeout_s)
+        return results, failures + [f"node {n}: no reply within {timeout_s:g} s"
+                                    for n in requests if n in self.gone]
+
+
+def _dropout_run(root: Path, tiny_model_dir, gone: set[int]):
+    job = _job(root, "federation.min_nodes=4", "federation.rounds=1")
+    policies = _federation(root, tiny_model_dir) + [write_policy(
+        root / "sites" / "west", "west", write_notes(root / "data" / "west.jsonl", 80, 14),
+        tiny_model_dir)]
+    nodes = [SiteNode(load_site_policy(p)) for p in policies]
+    settings = CoordinatorSettings(job=job, model_dir=tiny_model_dir, out_dir=root / "run",
+                                   run_id="drop", resume=False, sites=tuple(n.name for n in nodes))
+    report = Coordinator(settings, _Dropping(nodes, gone, step=1),
+                         progress=lambda _: None).run()
+    return report.rounds[1].training, {n.name: SiteLedger(n.policy.ledger_path)
+                                       for n in nodes}
+
+
+def test_a_site_that_drops_after_sharing_its_keys_is_recovered(tmp_path, tiny_model_dir):
+    training, ledgers = _dropout_run(tmp_path, tiny_model_dir, gone={4})
+    assert training.aggregated and not any("released nothing" in f for f in training.failures)
+    assert training.participants == ["east", "north", "south", "west"]  # west gave step 0
+    assert [r.step for r in ledgers["west"].secure_releases()] == [0]
+    assert [r.step for r in ledgers["north"].secure_releases()] == [0, 1, 2]
+
+
+def test_a_step_with_fewer_than_t_contributions_releases_nothing(tmp_path, tiny_model_dir):
+    training, ledgers = _dropout_run(tmp_path, tiny_model_dir, gone={3, 4})
+    assert training.aggregated  # step 0 was released
+    refused = [f for f in training.failures if "step 1 released nothing" in f]
+    assert refused and "below" in refused[0]
+    assert [r.step for r in ledgers["north"].secure_releases()] == [0, 1]  # it sent step 1
+
