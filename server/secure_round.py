@@ -19,6 +19,7 @@ whose site id is another is refused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from privatune.common.distributed_noise import (
 )
 from privatune.common.lora import trained_part
 from privatune.common.protocol import SecurePlan, TrainRequest
-from privatune.common.secure_aggregation import SecAggConfig, harary_graph
+from privatune.common.secure_aggregation import MaskedInput, SecAggConfig, harary_graph
 from privatune.common.secure_aggregation_coordinator import SecAggCoordinator
 from privatune.common.secure_protocol import (
     KEYS,
@@ -114,6 +115,9 @@ class _Exchange:
             if result.secagg is not None:
                 self.outcome.bytes_received = (self.outcome.bytes_received or 0) \
                     + wire_bytes(result.secagg)
+            if isinstance(result.secagg, MaskedInput):  # what the site's ledger must list
+                self.outcome.update_sha256[reply.site] = \
+                    hashlib.sha256(result.secagg.masked).hexdigest()
             self.names[result.node_id] = reply.site
             answers[result.node_id] = result.secagg
         return answers

@@ -19,6 +19,7 @@ from privatune.common.config import ConfigError, LoraConfig, load_job_config
 from privatune.common.ledger import DECLINE, NonPrivateRelease, SiteLedger
 from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
+from privatune.common.run_record import read_run_record
 from privatune.common.secure_aggregation import (
     MaskedInput,
     PublicKeys,
@@ -228,6 +229,11 @@ def test_a_secure_federation_in_process_and_on_flowers_engine(tmp_path, tiny_mod
             ["east", "north", "south"] and not record.training.failures
     assert (inline / "run" / "checkpoints" / "round_002" / "adam.safetensors").is_file()
     _check_secure_ledgers(inline, job)
+    # the coordinator's record: each site's last masked input of a round, which its ledger lists
+    records = read_run_record(inline / "run" / "checkpoints" / "round_002" / "state.json")
+    assert all(len(r.received) == job.federation.rounds for r in records.values())
+    assert all(a.ok for a in audit_path(inline, records)), [a.problems for a in audit_path(
+        inline, records)]
 
     engine = tmp_path / "engine"
     report = simulate_sites(job, tiny_model_dir, _federation(engine, tiny_model_dir), None,
