@@ -223,7 +223,7 @@ class SecureRound:
                                          kept.secagg or {})
             answer = (site.share_keys(message.secagg) if stage == SHARES
                       else site.unmask(message.secagg))
-            return (SecureReply(stage, self._accepted(), answer),
+            return (SecureReply(stage, self._accepted(kept.plan), answer),
                     dataclasses.replace(kept, secagg=site.to_state()).to_bytes())
         except SecAggError as err:
             return self._refuse(message, f"secure aggregation: {err}"), None
@@ -261,7 +261,7 @@ class SecureRound:
                           or node._space_problem(adapter or {}))
             if reason:
                 return SecureReply(SETUP, self._record(request, reason).reply), None
-            return (SecureReply(SETUP, self._accepted()),
+            return (SecureReply(SETUP, self._accepted(plan)),
                     SecureSession(request, plan).to_bytes())
 
     def _keys(self, node_id: int, message: SecureRequest,
@@ -276,7 +276,7 @@ class SecureRound:
         site = SecAggSite(node_id, config)
         session = dataclasses.replace(kept, step=message.plan.step, config=config.to_dict(),
                                       secagg=site.to_state())
-        return SecureReply(KEYS, self._accepted(), site.public_keys()), session.to_bytes()
+        return SecureReply(KEYS, self._accepted(plan), site.public_keys()), session.to_bytes()
 
     def _mask(self, node_id: int, message: SecureRequest, kept: SecureSession,
               adapter: Mapping[str, torch.Tensor] | None) -> tuple[SecureReply, bytes | None]:
@@ -332,7 +332,7 @@ class SecureRound:
                 contribution_sha256=hashlib.sha256(masked.masked).hexdigest())
             node.ledger.append_record(release)  # fsync'd before the masked input leaves
             session = dataclasses.replace(kept, secagg=site.to_state())
-            return SecureReply(MASK, self._accepted(), masked), session.to_bytes()
+            return SecureReply(MASK, self._accepted(plan), masked), session.to_bytes()
 
     def _contribution(self, request: TrainRequest, plan: SecurePlan, step: int,
                       adapter: Mapping[str, torch.Tensor]) -> SiteContribution:
@@ -371,11 +371,17 @@ class SecureRound:
             return f"a {plan.stage!r} stage of step {plan.step}, but this site is at step {kept.step}"
         return ""
 
-    def _accepted(self) -> TrainReply:
+    def _accepted(self, plan: SecurePlan) -> TrainReply:
+        """An accepted stage: the site's spend on the guarantee it enforces, and the noise
+        multiplier that guarantee rests on (its own share's unless it trusts aggregation)."""
         node, privacy = self.node, self.node.policy.privacy
+        t = max(plan.min_contributions, 1)
+        sigma = (plan.noise_multiplier if node.policy.secure_aggregation.trust
+                 else plan.noise_multiplier / math.sqrt(t))
         return TrainReply(site=node.name, accepted=True, epsilon=node.epsilon(),
                           delta=node.delta(), epsilon_budget=privacy.epsilon_cap,
-                          accountant=privacy.accountant_name, **node._head())
+                          noise_multiplier=sigma, accountant=privacy.accountant_name,
+                          **node._head())
 
     def _record(self, request: TrainRequest, reason: str) -> TrainOutcome:
         """A decline, its reason in the ledger (a non-private release), as for a train request."""

@@ -203,7 +203,7 @@ class Coordinator:
             site.epsilon, site.delta, site.epsilon_budget = (reply.epsilon, reply.delta,
                                                              reply.epsilon_budget)
             site.node_id = result.node_id
-            site.noise_multiplier = self._secure_noise
+            site.noise_multiplier = reply.noise_multiplier or self._secure_noise
             site.note_head(reply.ledger_seq, reply.ledger_hash)
 
         outcome = secure_round(
