@@ -62,6 +62,12 @@ def write_site_policy(site_dir: Path, name: str, data: Path, model_dir: Path, jo
         "release": {"example_count": True, "train_loss": True, "eval_loss": True,
                     "generation_scores": True},
     }
+    if job.federation.mode == "secure_dpsgd":
+        # the simulated hospitals trust secure aggregation where the job's noise is sized for
+        # the aggregate guarantee, and accept the job's t (a real site decides both itself)
+        policy["secure_aggregation"] = {
+            "trust": job.secure.calibrate == "aggregate",
+            "min_contributions": job.secure.threshold(job.federation.min_nodes)}
     path = site_dir / "policy.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False), encoding="utf-8")
     return path

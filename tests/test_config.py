@@ -109,6 +109,24 @@ def test_patient_sampling_reaches_the_simulated_sites_policies(tmp_path):
         load_job_config(write(tmp_path, "privacy:\n  patient_sampling: all\n"))
 
 
+def test_a_secure_job_s_simulated_sites_trust_secure_aggregation_only_when_calibrated_for_it(
+        tmp_path):
+    from privatune.client.policy import load_site_policy
+    from privatune.simulations.runner import write_site_policy
+
+    def site_policy(*overrides: str):
+        job = load_job_config(write(tmp_path, "seed: 0\n"),
+                              ["federation.mode=secure_dpsgd", "federation.min_nodes=4",
+                               "federation.min_replies=3", *overrides])
+        return load_site_policy(write_site_policy(tmp_path / "site", "h1",
+                                                  tmp_path / "notes.ndjson", tmp_path / "model",
+                                                  job)).secure_aggregation
+
+    assert (site_policy().trust, site_policy().min_contributions) == (False, 3)
+    trusted = site_policy("secure.calibrate=aggregate", "secure.min_contributions=4")
+    assert (trusted.trust, trusted.min_contributions) == (True, 4)
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"line \d+: invalid YAML"):
         load_job_config(write(tmp_path, "lora: [unclosed\n"))
