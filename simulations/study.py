@@ -1,10 +1,16 @@
 """``privatune study``: what each site's privacy budget costs in utility, in one command.
 
-The same job (same config, same seeds) in four settings, at each ε and without privacy:
+The same job (same config, same seeds) in six settings, at each ε and without privacy:
 
 - *federated*: the normal ``privatune simulate`` run, every site training with DP-SGD;
+- *secure*: the same job as a ``privatune simulate`` run in secure DP-SGD mode (SecAgg+, noise
+  calibrated for the aggregate guarantee, sites that trust secure aggregation), each site
+  sampling at the rate a typical site samples at in the federated run (``secure_batch``);
 - *local-only*: each site training alone with the same rounds, steps and budget (the
   simulation's local-only baselines, from the same runs);
+- *central DP-SGD*: every site's training records in one place, trained with DP-SGD by a
+  trusted curator (simulated only) at the column's ε, with the secure run's union batch, rate
+  and steps (ε columns only);
 - *pooled*: every site's training records in one place, trained without DP for as many
   optimizer steps of the same batch size as one site takes in the whole run: the upper bound
   no hospital may run (non-private column only);
@@ -12,7 +18,7 @@ The same job (same config, same seeds) in four settings, at each ε and without 
   whose prompt shares the most words with it (non-private column only: it copies a note).
 
 Every federation is its own ``privatune simulate`` process (one run's memory and Flower engine
-never leak into the next); the pooled training and the copy run in this process. Whatever
+never leak into the next); the pooled trainings and the copy run in this process. Whatever
 finished under ``--out`` is reused, so an interrupted study resumes; a run that fails is
 recorded with its reason and the study goes on. The job's hyperparameters are used as the
 config gives them: nothing is tuned, on a site's held-out split or anywhere else.
@@ -34,22 +40,27 @@ import functools
 import json
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from privatune.common.config import ConfigError
+from privatune.common.config import ConfigError, load_job_config
 from privatune.simulations.loopback import privatune
-from privatune.simulations.study_baselines import (SeedData, nearest_note_measurement,
-                                                   pooled_measurement, seed_data)
-from privatune.simulations.study_measurements import Measurement, RunRecord, federated_measurements
-from privatune.simulations.study_plan import (FEDERATED, NEAREST_NOTE, NON_PRIVATE, POOLED,
-                                              SETTING_LABELS, Budget, StudyPlan)
+from privatune.simulations.study_baselines import (SeedData, central_dp_measurement,
+                                                   nearest_note_measurement, pooled_measurement,
+                                                   saved_train_records, seed_data)
+from privatune.simulations.study_measurements import (Measurement, RunRecord,
+                                                      federated_measurements,
+                                                      global_model_measurement)
+from privatune.simulations.study_plan import (CENTRAL_DP, FEDERATED, NEAREST_NOTE, NON_PRIVATE,
+                                              POOLED, SECURE, SETTING_LABELS, Budget, SecureBatch,
+                                              StudyPlan, secure_batch)
 from privatune.simulations.study_report import Study, notes, write_outputs
 
 if TYPE_CHECKING:
     from privatune.common.config import JobConfig
+    from privatune.server.report import RunReport
 
 ATTEMPTS = 2  # a simulation whose process dies (Ray's workers on a loaded machine) runs again
 
@@ -58,8 +69,15 @@ def simulation_dir(plan: StudyPlan, budget: Budget, seed: int) -> Path:
     return plan.out / FEDERATED / budget.key / f"seed-{seed}"
 
 
-def in_process_dir(plan: StudyPlan, kind: str, seed: int) -> Path:
-    return plan.out / kind / f"seed-{seed}"
+def secure_dir(plan: StudyPlan, budget: Budget, seed: int) -> Path:
+    return plan.out / SECURE / budget.key / f"seed-{seed}"
+
+
+def in_process_dir(plan: StudyPlan, kind: str, budget: Budget, seed: int) -> Path:
+    """``<out>/<kind>/seed-N`` in the non-private column (where earlier studies left them),
+    ``<out>/<kind>/<column>/seed-N`` in an ε column."""
+    column = () if budget == NON_PRIVATE else (budget.key,)
+    return plan.out.joinpath(kind, *column, f"seed-{seed}")
 
 
 def data_dir(plan: StudyPlan, seed: int) -> Path:
@@ -73,22 +91,49 @@ def _dotted(config: dict[str, Any]) -> dict[str, str]:
     return {key: json.dumps(value) for key, value in flat_config(config).items()}
 
 
+def seed_batch(plan: StudyPlan, seed: int, train_records: Mapping[str, int]) -> SecureBatch:
+    """The secure row's batch for one seed, from its sites' training-record counts."""
+    return secure_batch(plan.job(NON_PRIVATE, seed).training.batch_size,
+                        list(train_records.values()))
+
+
 def check_reuse(plan: StudyPlan) -> None:
     """Refuse an --out whose finished runs another job made (another --set, an edited config):
     reused, they would put two studies in one table."""
     from privatune.common.config import to_dict
 
-    saved = [(simulation_dir(plan, budget, seed) / "run" / "report.json", budget, seed)
-             for budget in plan.budgets for seed in plan.seeds_of(budget)]
+    def secure_job(budget: Budget, seed: int) -> Callable[[], JobConfig]:
+        def job() -> JobConfig:
+            counts = saved_train_records(data_dir(plan, seed))
+            if counts is None:
+                raise ConfigError(f"seed {seed}'s data under {data_dir(plan, seed)} is gone, so "
+                                  f"its secure runs cannot be checked; delete {plan.out / SECURE} "
+                                  f"and {plan.out / CENTRAL_DP} to have them run again")
+            return plan.secure_job(budget, seed, seed_batch(plan, seed, counts))
+        return job
+
+    saved: list[tuple[Path, Callable[[], JobConfig]]] = []
+    for budget in plan.budgets:
+        for seed in plan.seeds_of(budget):
+            saved.append((simulation_dir(plan, budget, seed) / "run" / "report.json",
+                          functools.partial(plan.job, budget, seed)))
+            if budget != NON_PRIVATE:
+                saved += [(secure_dir(plan, budget, seed) / "run" / "report.json",
+                           secure_job(budget, seed)),
+                          (in_process_dir(plan, CENTRAL_DP, budget, seed) / "result.json",
+                           secure_job(budget, seed))]
+    for seed in sorted({s for b in plan.budgets for s in plan.seeds_of(b)}):
+        saved.append((data_dir(plan, seed) / "complete.json",
+                      functools.partial(plan.job, NON_PRIVATE, seed)))
     for seed in plan.seeds_of(NON_PRIVATE):
-        saved += [(in_process_dir(plan, POOLED, seed) / "result.json", NON_PRIVATE, seed),
-                  (in_process_dir(plan, NEAREST_NOTE, seed) / "result.json", NON_PRIVATE, seed),
-                  (data_dir(plan, seed) / "complete.json", NON_PRIVATE, seed)]
-    for path, budget, seed in saved:
+        saved += [(in_process_dir(plan, kind, NON_PRIVATE, seed) / "result.json",
+                   functools.partial(plan.job, NON_PRIVATE, seed))
+                  for kind in (POOLED, NEAREST_NOTE)]
+    for path, job in saved:
         if not path.is_file():
             continue
         made = json.loads(path.read_text(encoding="utf-8")).get("config", {})
-        expected = json.loads(json.dumps(to_dict(plan.job(budget, seed))))
+        expected = json.loads(json.dumps(to_dict(job())))
         differing = sorted(set(_dotted(made).items()) ^ set(_dotted(expected).items()))
         if differing:
             keys = ", ".join(dict.fromkeys(key for key, _ in differing))
@@ -98,21 +143,40 @@ def check_reuse(plan: StudyPlan) -> None:
 
 def simulation(plan: StudyPlan, budget: Budget, seed: int,
                progress: Callable[[str], None]) -> tuple[RunRecord, list[Measurement]]:
-    """One federation (and its local-only baselines) in its own ``privatune simulate``
-    process, its output in run.log; reused when its report is there."""
+    """One federation (and its local-only baselines)."""
+    return _simulation("simulate", budget.label, simulation_dir(plan, budget, seed), plan,
+                       budget, seed, plan.job_overrides(budget, seed),
+                       lambda report: federated_measurements(report, budget, seed), progress)
+
+
+def secure_simulation(plan: StudyPlan, budget: Budget, seed: int, batch: SecureBatch,
+                      progress: Callable[[str], None]) -> tuple[RunRecord, list[Measurement]]:
+    """One secure DP-SGD run of the column's job at the seed's batch (no local-only
+    baselines)."""
+    return _simulation(SECURE, f"{SETTING_LABELS[SECURE]}, {budget.label}",
+                       secure_dir(plan, budget, seed), plan, budget, seed,
+                       plan.secure_overrides(budget, seed, batch),
+                       lambda report: [global_model_measurement(report, SECURE, budget, seed)],
+                       progress)
+
+
+def _simulation(kind: str, label: str, directory: Path, plan: StudyPlan, budget: Budget,
+                seed: int, overrides: tuple[str, ...],
+                measure: Callable[[RunReport], list[Measurement]],
+                progress: Callable[[str], None]) -> tuple[RunRecord, list[Measurement]]:
+    """One ``privatune simulate`` in its own process, its output in run.log; reused when its
+    report is there."""
     from privatune.server.report import RunReport
 
-    directory = simulation_dir(plan, budget, seed)
     run = directory / "run"
-    overrides = plan.job_overrides(budget, seed)
-    record = RunRecord("simulate", budget.key, seed, str(run), overrides)
+    record = RunRecord(kind, budget.key, seed, str(run), overrides)
     if not (run / "report.json").is_file():
-        progress(f"{budget.label}, seed {seed}: simulating")
+        progress(f"{label}, seed {seed}: simulating")
         started = time.monotonic()
         failure = _simulate(plan.config, run, overrides, directory)
         record = replace(record, wall_s=round(time.monotonic() - started, 1), failure=failure)
         if failure:
-            progress(f"{budget.label}, seed {seed}: failed ({failure})")
+            progress(f"{label}, seed {seed}: failed ({failure})")
             return record, []
     else:
         record = replace(record, reused=True)
@@ -120,9 +184,9 @@ def simulation(plan: StudyPlan, budget: Budget, seed: int,
     record = replace(record, wall_s=report.elapsed_s)  # the same measure, reused or not
     if not any(r.participants for r in report.rounds):
         return replace(record, failure="no site took part in any round (see report.md)"), []
-    progress(f"{budget.label}, seed {seed}: {'reused' if record.reused else 'done'} "
+    progress(f"{label}, seed {seed}: {'reused' if record.reused else 'done'} "
              f"({record.wall_s or 0:.0f} s)")
-    return record, federated_measurements(report, budget, seed)
+    return record, measure(report)
 
 
 def _simulate(config: Path, run: Path, overrides: Sequence[str], directory: Path) -> str | None:
@@ -143,36 +207,38 @@ def _simulate(config: Path, run: Path, overrides: Sequence[str], directory: Path
     return f"exit {finished.returncode} in each of {ATTEMPTS} attempts: {last} (log: {log_path})"
 
 
-def in_process_run(kind: str, plan: StudyPlan, seed: int, data: Callable[[], SeedData],
+def in_process_run(kind: str, plan: StudyPlan, budget: Budget, seed: int,
+                   overrides: tuple[str, ...], data: Callable[[], SeedData],
                    measure: Callable[[JobConfig, SeedData], Measurement],
                    progress: Callable[[str], None]) -> tuple[RunRecord, Measurement | None]:
-    """The pooled training or the copy for one seed, in this process; its result.json reused."""
+    """A pooled training (with or without DP) or the copy for one seed, in this process, of
+    the job ``overrides`` make; its result.json reused."""
     from privatune.common.config import to_dict
 
-    directory = in_process_dir(plan, kind, seed)
+    directory = in_process_dir(plan, kind, budget, seed)
     result = directory / "result.json"
-    overrides = plan.job_overrides(NON_PRIVATE, seed)
-    record = RunRecord(kind, NON_PRIVATE.key, seed, str(directory), overrides)
+    record = RunRecord(kind, budget.key, seed, str(directory), overrides)
+    label = SETTING_LABELS[kind] + ("" if budget == NON_PRIVATE else f", {budget.label}")
     if result.is_file():
         saved = json.loads(result.read_text(encoding="utf-8"))
         return (replace(record, wall_s=saved["wall_s"], reused=True),
                 Measurement.from_json(saved["measurement"]))
-    progress(f"{SETTING_LABELS[kind]}, seed {seed}: running")
+    progress(f"{label}, seed {seed}: running")
     started = time.monotonic()
-    job = plan.job(NON_PRIVATE, seed)
+    job = load_job_config(plan.config, overrides)
     try:
         measurement = measure(job, data())
     except ConfigError:
         raise  # the job cannot run here (a device it names): no other run can either
     except Exception as err:  # noqa: BLE001 - recorded, and the study goes on
-        progress(f"{SETTING_LABELS[kind]}, seed {seed}: failed ({type(err).__name__}: {err})")
+        progress(f"{label}, seed {seed}: failed ({type(err).__name__}: {err})")
         return replace(record, wall_s=round(time.monotonic() - started, 1),
                        failure=f"{type(err).__name__}: {err}"), None
     wall = round(time.monotonic() - started, 1)
     directory.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps({"wall_s": wall, "measurement": asdict(measurement),
                                   "config": to_dict(job)}, indent=2), encoding="utf-8")
-    progress(f"{SETTING_LABELS[kind]}, seed {seed}: done ({wall:.0f} s)")
+    progress(f"{label}, seed {seed}: done ({wall:.0f} s)")
     return replace(record, wall_s=wall), measurement
 
 
@@ -192,16 +258,28 @@ def run_study(plan: StudyPlan, command: str = "",
         write_outputs(plan, study)
 
     for seed in sorted({s for b in plan.budgets for s in plan.seeds_of(b)}):
-        for budget in plan.budgets:
-            if seed in plan.seeds_of(budget):
-                done(*simulation(plan, budget, seed, progress))
-        if seed not in plan.seeds_of(NON_PRIVATE):
-            continue
-        # written once, on first use: a seed whose pooled and copy results are there needs none
+        budgets = [b for b in plan.budgets if seed in plan.seeds_of(b)]
+        for budget in budgets:
+            done(*simulation(plan, budget, seed, progress))
+        # written once, on first use (reused from <out>/data where it is there)
         data = functools.cache(functools.partial(seed_data, plan.job(NON_PRIVATE, seed),
                                                  data_dir(plan, seed)))
+        private = [b for b in budgets if b != NON_PRIVATE]
+        if private:
+            batch = seed_batch(plan, seed, data().train_records)
+            for budget in private:
+                done(*secure_simulation(plan, budget, seed, batch, progress))
+            for budget in private:
+                record, measurement = in_process_run(
+                    CENTRAL_DP, plan, budget, seed, plan.secure_overrides(budget, seed, batch),
+                    data, central_dp_measurement, progress)
+                done(record, [measurement] if measurement is not None else [])
+        if NON_PRIVATE not in budgets:
+            continue
         for kind, measure in ((POOLED, pooled_measurement),
                               (NEAREST_NOTE, nearest_note_measurement)):
-            record, measurement = in_process_run(kind, plan, seed, data, measure, progress)
+            record, measurement = in_process_run(kind, plan, NON_PRIVATE, seed,
+                                                 plan.job_overrides(NON_PRIVATE, seed), data,
+                                                 measure, progress)
             done(record, [measurement] if measurement is not None else [])
     return study

@@ -68,7 +68,7 @@ class Measurement:
     central: Scores | None
     sites: Scores | None
     sites_scored: tuple[str, ...] = ()  # the sites in that average
-    noise_multiplier: float | None = None  # mean over the sites; 0 when pooled
+    noise_multiplier: float | None = None  # mean over the sites; the curator's when pooled
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Measurement:
@@ -81,11 +81,11 @@ class Measurement:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One run of the study: a simulation (federated and local-only), a pooled training or a
-    nearest-note copy; its wall time, whether it was reused from an earlier study, or why it
-    failed."""
+    """One run of the study: a simulation (federated and local-only, or secure), a pooled
+    training (with or without DP) or a nearest-note copy; its wall time, whether it was reused
+    from an earlier study, or why it failed."""
 
-    kind: str  # "simulate", POOLED or NEAREST_NOTE
+    kind: str  # "simulate", SECURE, CENTRAL_DP, POOLED or NEAREST_NOTE
     budget: str
     seed: int
     directory: str
@@ -98,16 +98,26 @@ class RunRecord:
 def federated_measurements(report: RunReport, budget: Budget, seed: int) -> list[Measurement]:
     """The federated and the local-only measurements of one finished simulation. A site counts
     in the sites' average where it released generation scores."""
-    noise = _mean(site.noise_multiplier for site in report.sites.values())
-    federated = {name: Scores.of(site.final_generation, site.final_perplexity)
-                 for name, site in sorted(report.sites.items()) if site.final_generation}
     alone = {name: Scores.of(site.local_only_generation, site.local_only_perplexity)
              for name, site in sorted(report.sites.items()) if site.local_only_generation}
-    central = Scores.of(report.central.final_generation, report.central.final_perplexity)
-    return [Measurement(FEDERATED, budget.key, seed, central, Scores.mean(list(federated.values())),
-                        tuple(federated), noise),
+    return [global_model_measurement(report, FEDERATED, budget, seed),
             Measurement(LOCAL_ONLY, budget.key, seed, None, Scores.mean(list(alone.values())),
-                        tuple(alone), noise)]
+                        tuple(alone), _site_noise(report))]
+
+
+def global_model_measurement(report: RunReport, setting: str, budget: Budget,
+                             seed: int) -> Measurement:
+    """A simulation's final global model (DP FedAvg's or secure DP-SGD's), read the same way
+    from its report: each site's held-out split and the coordinator's set."""
+    final = {name: Scores.of(site.final_generation, site.final_perplexity)
+             for name, site in sorted(report.sites.items()) if site.final_generation}
+    central = Scores.of(report.central.final_generation, report.central.final_perplexity)
+    return Measurement(setting, budget.key, seed, central, Scores.mean(list(final.values())),
+                       tuple(final), _site_noise(report))
+
+
+def _site_noise(report: RunReport) -> float | None:
+    return _mean(site.noise_multiplier for site in report.sites.values())
 
 
 @dataclass(frozen=True)

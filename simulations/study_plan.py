@@ -1,11 +1,12 @@
-"""What the privacy-utility study runs (``privatune study``): its settings (federated,
-local-only, pooled, nearest-note), its columns (each ε and non-private), their seeds, and every
-run's job config, checked before anything runs."""
+"""What the privacy-utility study runs (``privatune study``): its settings (federated, secure
+DP-SGD, local-only, central DP-SGD, pooled, nearest-note), its columns (each ε and
+non-private), their seeds, and every run's job config, checked before anything runs."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,13 @@ if TYPE_CHECKING:
     from privatune.common.config import JobConfig
 
 FEDERATED, LOCAL_ONLY, POOLED, NEAREST_NOTE = "federated", "local-only", "pooled", "nearest-note"
-SETTINGS = (FEDERATED, LOCAL_ONLY, POOLED, NEAREST_NOTE)
-SETTING_LABELS = {FEDERATED: "federated (DP FedAvg)", LOCAL_ONLY: "each site alone",
+SECURE, CENTRAL_DP = "secure", "central-dp"
+SETTINGS = (FEDERATED, SECURE, LOCAL_ONLY, CENTRAL_DP, POOLED, NEAREST_NOTE)
+PRIVATE_ONLY = (SECURE, CENTRAL_DP)  # settings with no non-private column
+SETTING_LABELS = {FEDERATED: "federated (DP FedAvg)",
+                  SECURE: "secure DP-SGD (SecAgg+, aggregate guarantee)",
+                  LOCAL_ONLY: "each site alone",
+                  CENTRAL_DP: "all sites pooled, central DP-SGD (trusted curator)",
                   POOLED: "all sites pooled, no DP", NEAREST_NOTE: "nearest-note copy"}
 DEFAULT_EPSILONS = (1.0, 3.0, 8.0)
 # "Non-private" for a job that always runs DP-SGD: the highest epsilon a job accepts, calibrated
@@ -29,7 +35,10 @@ NON_PRIVATE_OVERRIDES = ("privacy.accountant=rdp", f"privacy.epsilon={NON_PRIVAT
                          "privacy.min_noise_multiplier=0")
 # keys the study sets on every run itself; a --set of one would be silently overridden
 STUDY_KEYS = ("seed", "privacy.epsilon", "simulation.local_only_baseline",
-              "evaluation.every_k_rounds")
+              "evaluation.every_k_rounds", "secure.sample_rate", "secure.calibrate")
+# what makes a run the secure row's, on top of the column's job (its batch: ``SecureBatch``)
+SECURE_OVERRIDES = ("federation.mode=secure_dpsgd", "secure.calibrate=aggregate",
+                    "simulation.local_only_baseline=false")
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,34 @@ class Budget:
 
 
 NON_PRIVATE = Budget(None)
+
+
+@dataclass(frozen=True)
+class SecureBatch:
+    """The secure row's sampling: each site's rate q and the expected union batch."""
+
+    sample_rate: float
+    batch_size: int
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return (f"secure.sample_rate={self.sample_rate!r}",
+                f"training.batch_size={self.batch_size}")
+
+
+def secure_batch(batch_size: int, train_records: Sequence[int]) -> SecureBatch:
+    """The secure row's q and union batch, matched to the federated row's per-site work.
+
+    A DP FedAvg site samples ``batch_size`` of its N records a step; a typical site (the median
+    N) does so at q = batch_size / median N, so every secure site samples at that q (at most 1)
+    and the union batch the sum is divided by is round(q * total records). With the same rounds
+    and local steps, each site processes about as many records per step as in DP FedAvg and the
+    run has as many steps. Only training-split counts are used, never a held-out split.
+    """
+    if not train_records or min(train_records) < 1:
+        raise ValueError(f"every site needs training records, got counts {list(train_records)}")
+    rate = min(1.0, batch_size / statistics.median(train_records))
+    return SecureBatch(rate, max(1, round(rate * sum(train_records))))
 
 
 def parse_epsilons(text: str) -> tuple[float, ...]:
@@ -104,6 +141,16 @@ class StudyPlan:
     def job(self, budget: Budget, seed: int) -> JobConfig:
         return load_job_config(self.config, self.job_overrides(budget, seed))
 
+    def secure_overrides(self, budget: Budget, seed: int,
+                         batch: SecureBatch) -> tuple[str, ...]:
+        """Every --set of a secure run (and of the central DP-SGD row, which takes its batch):
+        the column's job, in secure mode for sites that trust secure aggregation, no local-only
+        baselines, at the seed's ``secure_batch``."""
+        return (*self.job_overrides(budget, seed), *SECURE_OVERRIDES, *batch.overrides)
+
+    def secure_job(self, budget: Budget, seed: int, batch: SecureBatch) -> JobConfig:
+        return load_job_config(self.config, self.secure_overrides(budget, seed, batch))
+
 
 def plan_study(config: Path, out: Path, epsilons: Sequence[float] = DEFAULT_EPSILONS,
                seeds: int = 3, other_seeds: int = 1, extra: Sequence[str] = ()) -> StudyPlan:
@@ -125,7 +172,11 @@ def plan_study(config: Path, out: Path, epsilons: Sequence[float] = DEFAULT_EPSI
                      seeds=tuple(base.seed + i for i in range(seeds)),
                      other_seeds=tuple(base.seed + i for i in range(other_seeds)),
                      extra=tuple(extra), rounds=base.federation.rounds)
+    # the secure runs' batch is known once the seed's hospitals exist: checked here at the job's
+    nominal = SecureBatch(base.secure.sample_rate, base.training.batch_size)
     for budget in plan.budgets:
         for seed in plan.seeds_of(budget):
             plan.job(budget, seed)
+            if budget != NON_PRIVATE:
+                plan.secure_job(budget, seed, nominal)
     return plan

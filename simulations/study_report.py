@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from privatune.simulations.study_measurements import Measurement, RunRecord, Scores, Spread
-from privatune.simulations.study_plan import (FEDERATED, LOCAL_ONLY, NEAREST_NOTE, NON_PRIVATE,
-                                              NON_PRIVATE_OVERRIDES, POOLED, SETTING_LABELS,
-                                              SETTINGS, StudyPlan)
+from privatune.simulations.study_plan import (CENTRAL_DP, FEDERATED, LOCAL_ONLY, NEAREST_NOTE,
+                                              NON_PRIVATE, NON_PRIVATE_OVERRIDES, POOLED,
+                                              PRIVATE_ONLY, SECURE, SECURE_OVERRIDES,
+                                              SETTING_LABELS, SETTINGS, StudyPlan)
 
 # --------------------------------------------------------------------------- summaries
 
@@ -57,6 +58,8 @@ def summarise(plan: StudyPlan, measurements: Sequence[Measurement],
     for setting in SETTINGS:
         for budget in plan.budgets:
             if setting in (POOLED, NEAREST_NOTE) and budget != NON_PRIVATE:
+                continue
+            if setting in PRIVATE_ONLY and budget == NON_PRIVATE:
                 continue
             found = [m for m in measurements if m.setting == setting and m.budget == budget.key]
             kinds = {"simulate"} if setting in (FEDERATED, LOCAL_ONLY) else {setting}
@@ -168,9 +171,23 @@ def notes(plan: StudyPlan) -> list[str]:
         (f"- **{SETTING_LABELS[FEDERATED]}**: `privatune simulate` with the config as it is, "
          f"every site training with DP-SGD under its ε over {plan.rounds} rounds; the final "
          "global model."),
+        (f"- **{SETTING_LABELS[SECURE]}**: the same job as a `privatune simulate` run with "
+         f"`--set {' --set '.join(SECURE_OVERRIDES)}` (sites that trust secure aggregation; "
+         "the noise of `secure.min_contributions` shares, at its default, meets the column's ε "
+         "over every step). Each site samples its records at q = `training.batch_size` / the "
+         "median of the sites' training-record counts (the rate a typical site samples at in "
+         "the federated row), and the union batch is round(q × all training records), with the "
+         "same rounds and local steps: as many steps, each site about as many records a step. "
+         "Scored from its report like the federated row. ε columns only."),
         (f"- **{SETTING_LABELS[LOCAL_ONLY]}**: each site's local-only baseline from the same "
          "simulation (the same rounds, steps and budget, never averaged), scored on its own "
          "held-out notes."),
+        (f"- **{SETTING_LABELS[CENTRAL_DP]}**: every site's training split in one place with a "
+         "trusted curator (simulated only: no deployment may pool them), trained with Opacus "
+         "DP-SGD at the column's ε (the job's δ and accountant) for the secure row's steps, "
+         "union batch and rate, the noise multiplier calibrated by the project's accountant "
+         "(never below `privacy.min_noise_multiplier`); trained and scored as the pooled row. "
+         "ε columns only."),
         (f"- **{SETTING_LABELS[POOLED]}**: every site's training split in one place (the upper "
          "bound no hospital may run), trained for as many steps of the same expected batch size "
          "as one site takes in the whole run (rounds × local steps, Adam restarted each round as "
@@ -202,8 +219,9 @@ def draw_plot(plan: StudyPlan, cells: Sequence[Cell], path: Path) -> None:
         for axis, (name, title) in zip(axes, panels):
             pick = _spread("sites", name)
             # each line a little to the side, so equal figures and their error bars stay visible
-            for setting, marker, shift in ((FEDERATED, "o", -0.04), (LOCAL_ONLY, "s", 0.0),
-                                           (POOLED, "D", 0.04)):
+            for setting, marker, shift in ((FEDERATED, "o", -0.06), (SECURE, "^", -0.03),
+                                           (LOCAL_ONLY, "s", 0.0), (CENTRAL_DP, "v", 0.03),
+                                           (POOLED, "D", 0.06)):
                 points = [(x + shift, pick(by_key[(setting, b.key)]))
                           for x, b in enumerate(budgets) if (setting, b.key) in by_key]
                 points = [(x, s) for x, s in points if s is not None]

@@ -20,8 +20,9 @@ from privatune.simulations.nearest_note import jaccard, nearest_references, word
 from privatune.simulations.study import check_reuse
 from privatune.simulations.study_measurements import (Measurement, RunRecord, Scores,
                                                       federated_measurements)
-from privatune.simulations.study_plan import (FEDERATED, LOCAL_ONLY, NEAREST_NOTE, NON_PRIVATE,
-                                              POOLED, Budget, parse_epsilons, plan_study)
+from privatune.simulations.study_plan import (CENTRAL_DP, FEDERATED, LOCAL_ONLY, NEAREST_NOTE,
+                                              NON_PRIVATE, POOLED, SECURE, Budget, SecureBatch,
+                                              parse_epsilons, plan_study, secure_batch)
 from privatune.simulations.study_report import draw_plot, render_markdown, summarise
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -182,7 +183,8 @@ def test_cells_give_mean_and_sample_sd_over_seeds(summary):
     cells = {(c.setting, c.budget): c for c in summarise(plan, measurements, runs)}
     assert set(cells) == {(s, b) for s in (FEDERATED, LOCAL_ONLY) for b in
                           ("eps-1", "eps-8", "non-private")} | {(POOLED, "non-private"),
-                                                                (NEAREST_NOTE, "non-private")}
+                                                                (NEAREST_NOTE, "non-private")} | {
+        (s, b) for s in (SECURE, CENTRAL_DP) for b in ("eps-1", "eps-8")}  # no non-private one
     eight = cells[(FEDERATED, "eps-8")]
     assert eight.seeds == (0, 1, 2)
     assert eight.sites.rouge_l.mean == pytest.approx(0.42)
@@ -234,34 +236,210 @@ def test_runs_of_another_job_under_out_are_refused(tmp_path):
         check_reuse(other)
 
 
+def _seed_data(directory: Path, train_records: dict[str, int]):
+    from privatune.simulations.study_baselines import SeedData
+
+    return SeedData(directory / "train.jsonl", directory / "central_eval.jsonl", {},
+                    train_records)
+
+
 def test_failed_runs_are_listed_with_their_reason_and_the_study_goes_on(tmp_path, monkeypatch):
     from privatune.simulations import study
 
     plan = plan_study(CONFIGS / "smoke.yaml", tmp_path / "out", (8.0,), seeds=1)
     monkeypatch.setattr(study, "_simulate", lambda *args: "exit 1 in each of 2 attempts: boom")
-    monkeypatch.setattr(study, "seed_data", lambda job, directory: None)
+    monkeypatch.setattr(study, "seed_data",
+                        lambda job, directory: _seed_data(directory, {"h1": 40, "h2": 60}))
 
     def pooled(job, data):
         raise ValueError("no training notes")
 
     monkeypatch.setattr(study, "pooled_measurement", pooled)
+    monkeypatch.setattr(study, "central_dp_measurement", pooled)
     monkeypatch.setattr(study, "nearest_note_measurement",
                         lambda job, data: _measurement(NEAREST_NOTE, "non-private", job.seed, 0.3))
     result = study.run_study(plan, "privatune study", progress=lambda line: None)
-    assert [(r.kind, r.failure) for r in result.runs] == [
-        ("simulate", "exit 1 in each of 2 attempts: boom"),
-        ("simulate", "exit 1 in each of 2 attempts: boom"),
-        ("pooled", "ValueError: no training notes"), ("nearest-note", None)]
+    assert [(r.kind, r.budget, r.failure) for r in result.runs] == [
+        ("simulate", "eps-8", "exit 1 in each of 2 attempts: boom"),
+        ("simulate", "non-private", "exit 1 in each of 2 attempts: boom"),
+        (SECURE, "eps-8", "exit 1 in each of 2 attempts: boom"),
+        (CENTRAL_DP, "eps-8", "ValueError: no training notes"),
+        ("pooled", "non-private", "ValueError: no training notes"),
+        ("nearest-note", "non-private", None)]
     table = (tmp_path / "out" / "study.md").read_text()
     assert "| federated (DP FedAvg) | failed | failed |" in table
+    assert "| secure DP-SGD (SecAgg+, aggregate guarantee) | failed | – |" in table
+    assert "| all sites pooled, central DP-SGD (trusted curator) | failed | – |" in table
     assert "| nearest-note copy | – | 0.300 |" in table
     assert "- federated (DP FedAvg), ε = 8, seed 0: exit 1 in each of 2 attempts: boom" in table
     assert "- all sites pooled, no DP, non-private, seed 0: ValueError: no training notes" in table
     saved = json.loads((tmp_path / "out" / "study.json").read_text())
-    assert saved["runs"][2]["failure"] == "ValueError: no training notes"
+    assert saved["runs"][4]["failure"] == "ValueError: no training notes"
     # the copy is reused next time; the failed runs are tried again
     assert (tmp_path / "out" / "nearest-note" / "seed-0" / "result.json").is_file()
     assert not (tmp_path / "out" / "pooled" / "seed-0").exists()
+    assert not (tmp_path / "out" / CENTRAL_DP / "eps-8" / "seed-0").exists()
+
+
+# --------------------------------------------------------------------------- secure rows
+
+
+def test_the_secure_rows_rate_is_a_typical_sites_and_its_union_batch_scales_with_every_record():
+    # median of 40, 50, 60, 70 is 55: q = 16/55, union batch round(16/55 * 220) = 64
+    assert secure_batch(16, [70, 40, 60, 50]) == SecureBatch(16 / 55, 64)
+    # an odd count: median 20, q = 0.4, round(0.4 * 130) = 52
+    assert secure_batch(8, [10, 100, 20]) == SecureBatch(0.4, 52)
+    # a typical site smaller than the batch samples everything it has
+    assert secure_batch(16, [8, 10]) == SecureBatch(1.0, 18)
+    for counts in ([], [30, 0]):
+        with pytest.raises(ValueError, match="every site needs training records"):
+            secure_batch(16, counts)
+
+
+def test_the_plan_runs_the_secure_row_as_the_columns_job_in_secure_mode(tmp_path):
+    plan = plan_study(CONFIGS / "demo.yaml", tmp_path, (1.0, 8.0), seeds=1)
+    batch = SecureBatch(0.25, 60)
+    overrides = plan.secure_overrides(Budget(8.0), 0, batch)
+    assert overrides == (*plan.job_overrides(Budget(8.0), 0), "federation.mode=secure_dpsgd",
+                         "secure.calibrate=aggregate", "simulation.local_only_baseline=false",
+                         "secure.sample_rate=0.25", "training.batch_size=60")
+    federated, secure = plan.job(Budget(8.0), 0), plan.secure_job(Budget(8.0), 0, batch)
+    assert (secure.federation.mode, secure.secure.calibrate, secure.secure.sample_rate,
+            secure.training.batch_size) == ("secure_dpsgd", "aggregate", 0.25, 60)
+    assert not secure.simulation.local_only_baseline
+    assert secure.secure.min_contributions == 0  # the job's default t
+    assert (secure.federation.rounds, secure.training.local_steps, secure.privacy.epsilon,
+            secure.privacy.delta, secure.privacy.accountant) == (
+        federated.federation.rounds, federated.training.local_steps, 8.0,
+        federated.privacy.delta, federated.privacy.accountant)
+    with pytest.raises(ConfigError, match="the study sets secure.sample_rate itself"):
+        plan_study(CONFIGS / "demo.yaml", tmp_path, extra=("secure.sample_rate=0.5",))
+
+
+def _secure_report(config: dict) -> dict:
+    sites = {"h1": SiteSummary(final_perplexity=80.0, noise_multiplier=0.7,
+                               final_generation=_generation(0.3, 0.5))}
+    report = RunReport(run_id="s", config=config, base_model="m", sites=sites,
+                       central=CentralSummary(final_perplexity=70.0,
+                                              final_generation=_generation(0.2, 0.4)),
+                       rounds=[RoundRecord(0), RoundRecord(1, training=RoundTraining(["h1"]))],
+                       elapsed_s=12.0)
+    return report.to_json()
+
+
+def test_finished_secure_runs_are_reused_and_checked_against_the_seeds_batch(tmp_path,
+                                                                              monkeypatch):
+    from privatune.common.config import to_dict
+    from privatune.simulations import study
+
+    out = tmp_path / "out"
+    plan = plan_study(CONFIGS / "smoke.yaml", out, (8.0,), seeds=1)
+    counts = {"h1": 40, "h2": 60}
+    batch = secure_batch(8, list(counts.values()))
+    data = out / "data" / "seed-0"
+    data.mkdir(parents=True)
+    (data / "complete.json").write_text(json.dumps(
+        {"sites": list(counts), "train_records": counts,
+         "config": to_dict(plan.job(NON_PRIVATE, 0))}))
+    report = out / SECURE / "eps-8" / "seed-0" / "run" / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text(json.dumps(_secure_report(to_dict(plan.secure_job(Budget(8.0), 0, batch)))))
+    central = out / CENTRAL_DP / "eps-8" / "seed-0" / "result.json"
+    central.parent.mkdir(parents=True)
+    central.write_text(json.dumps({
+        "wall_s": 3.0, "measurement": {"setting": CENTRAL_DP, "budget": "eps-8", "seed": 0,
+                                       "central": None, "sites": {"rouge_l": 0.25},
+                                       "noise_multiplier": 0.9},
+        "config": to_dict(plan.secure_job(Budget(8.0), 0, batch))}))
+    simulated = []
+    monkeypatch.setattr(study, "_simulate", lambda config, run, overrides, directory:
+                        simulated.append(run) or "exit 1")
+    def not_here(job, data):
+        raise ValueError("not in this test")
+
+    monkeypatch.setattr(study, "pooled_measurement", not_here)
+    monkeypatch.setattr(study, "nearest_note_measurement", not_here)
+    result = study.run_study(plan, "privatune study", progress=lambda line: None)
+    assert report.parent not in simulated  # the finished secure run is not run again
+    runs = {(r.kind, r.budget): r for r in result.runs}
+    assert runs[(SECURE, "eps-8")].reused and runs[(SECURE, "eps-8")].failure is None
+    assert runs[(SECURE, "eps-8")].overrides == plan.secure_overrides(Budget(8.0), 0, batch)
+    assert runs[(CENTRAL_DP, "eps-8")].reused
+    found = {(m.setting, m.budget): m for m in result.measurements}
+    assert found[(SECURE, "eps-8")].sites.rouge_l == pytest.approx(0.3)
+    assert found[(SECURE, "eps-8")].central.perplexity == pytest.approx(70.0)
+    assert found[(CENTRAL_DP, "eps-8")].sites.rouge_l == pytest.approx(0.25)
+    # the same report under another rate (the sites' counts changed; with two sites the union
+    # batch stays 2 x 8) is another job's
+    (data / "complete.json").write_text(json.dumps(
+        {"sites": list(counts), "train_records": {"h1": 80, "h2": 60},
+         "config": to_dict(plan.job(NON_PRIVATE, 0))}))
+    with pytest.raises(ConfigError, match=r"secure/eps-8/seed-0/run/report.json was made by "
+                                          r"another job \(it differs at secure.sample_rate\)"):
+        study.check_reuse(plan)
+
+
+def test_central_dpsgd_trains_the_pooled_way_with_the_accountants_noise(tmp_path, monkeypatch):
+    from privatune.common import privacy
+    from privatune.simulations import study_baselines
+
+    plan = plan_study(CONFIGS / "smoke.yaml", tmp_path, (8.0,), seeds=1)
+    job = plan.secure_job(Budget(8.0), 0, SecureBatch(0.25, 30))
+    calls, trained = [], {}
+    real = privacy.calibrate_noise_multiplier
+
+    def calibrate(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    def pooled_training(setting, budget, job, data, noise):
+        trained.update(setting=setting, budget=budget, job=job, sigma=noise(120))
+        return "measured"
+
+    monkeypatch.setattr(privacy, "calibrate_noise_multiplier", calibrate)
+    monkeypatch.setattr(study_baselines, "_pooled_training", pooled_training)
+    data = _seed_data(tmp_path, {"h1": 50, "h2": 70})
+    assert study_baselines.central_dp_measurement(job, data) == "measured"
+    assert (trained["setting"], trained["budget"], trained["job"]) == (CENTRAL_DP, Budget(8.0),
+                                                                       job)
+    steps = job.federation.rounds * job.training.local_steps
+    # 120 pooled units at the union batch of 30: Opacus samples at 1/ceil(120/30) = 0.25
+    assert calls == [((8.0, job.privacy.delta, 0.25, steps),
+                      {"accountant": job.privacy.accountant_name})]
+    expected = real(8.0, job.privacy.delta, 0.25, steps, accountant=job.privacy.accountant_name)
+    assert trained["sigma"] == max(expected, job.privacy.min_noise_multiplier) > 0
+    # the pooled row is the same training with no noise
+    assert study_baselines.pooled_measurement(plan.job(NON_PRIVATE, 0), data) == "measured"
+    assert (trained["setting"], trained["budget"], trained["sigma"]) == (POOLED, NON_PRIVATE, 0.0)
+
+
+def test_an_earlier_studys_outputs_still_read(summary, tmp_path):
+    from privatune.simulations.study_baselines import saved_train_records
+
+    plan, _, _ = summary
+    # study.json as a study before the secure rows wrote it: no such rows, no train_records
+    old = {"runs": [{"kind": "simulate", "budget": "eps-8", "seed": 0, "directory": "d",
+                     "overrides": [], "wall_s": 60.0, "reused": False, "failure": None},
+                    {"kind": "pooled", "budget": "non-private", "seed": 0, "directory": "d",
+                     "overrides": [], "wall_s": 9.0, "reused": False, "failure": None}],
+           "measurements": [{"setting": FEDERATED, "budget": "eps-8", "seed": 0,
+                             "central": {"rouge_l": 0.2}, "sites": {"rouge_l": 0.3},
+                             "sites_scored": ["h1"], "noise_multiplier": 0.8},
+                            {"setting": POOLED, "budget": "non-private", "seed": 0,
+                             "central": None, "sites": {"rouge_l": 0.5},
+                             "noise_multiplier": 0.0}]}
+    runs = [RunRecord(**{**r, "overrides": tuple(r["overrides"])}) for r in old["runs"]]
+    measurements = [Measurement.from_json(m) for m in old["measurements"]]
+    cells = summarise(plan, measurements, runs)
+    table = render_markdown(plan, cells, runs, "privatune study", 70.0)
+    assert "| federated (DP FedAvg) | n/a | 0.300 | n/a |" in table
+    assert "| secure DP-SGD (SecAgg+, aggregate guarantee) | n/a | n/a | – |" in table
+    assert "| all sites pooled, central DP-SGD (trusted curator) | n/a | n/a | – |" in table
+    assert "| all sites pooled, no DP | – | – | 0.500 |" in table
+    draw_plot(plan, cells, tmp_path / "study.png")
+    # a seed's data written before the sites' counts were kept is written again on first use
+    (tmp_path / "complete.json").write_text(json.dumps({"sites": ["h1"], "config": {}}))
+    assert saved_train_records(tmp_path) is None
 
 
 # --------------------------------------------------------------------------- end to end
