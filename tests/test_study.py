@@ -456,12 +456,15 @@ def test_the_study_runs_end_to_end_on_the_smoke_federation_and_resumes(tmp_path,
     assert main(argv) == 0
     study = json.loads((out / "study.json").read_text())
     assert [(r["kind"], r["budget"], r["failure"]) for r in study["runs"]] == [
-        ("simulate", "eps-8", None), ("simulate", "non-private", None),
-        ("pooled", "non-private", None), ("nearest-note", "non-private", None)]
-    assert all(r["wall_s"] > 0 for r in study["runs"][:3])
+        ("simulate", "eps-8", None), ("simulate", "non-private", None), (SECURE, "eps-8", None),
+        (CENTRAL_DP, "eps-8", None), ("pooled", "non-private", None),
+        ("nearest-note", "non-private", None)]
+    assert all(r["wall_s"] > 0 for r in study["runs"][:5])
     cells = {(c["setting"], c["budget"]): c for c in study["cells"]}
+    assert cells[(CENTRAL_DP, "eps-8")]["noise_multiplier"]["mean"] > 0
     for key in [(FEDERATED, "eps-8"), (FEDERATED, "non-private"), (LOCAL_ONLY, "eps-8"),
-                (POOLED, "non-private"), (NEAREST_NOTE, "non-private")]:
+                (SECURE, "eps-8"), (CENTRAL_DP, "eps-8"), (POOLED, "non-private"),
+                (NEAREST_NOTE, "non-private")]:
         assert cells[key]["seeds"] == [0], key
         assert cells[key]["sites"]["rouge_l"] is not None, key
     assert cells[(POOLED, "non-private")]["central"]["perplexity"]["mean"] > 1
