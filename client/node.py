@@ -11,7 +11,8 @@ Every reply carries the ledger's head after the node's entry for it; the coordin
 head it last got back with each train request. A ledger that lacks that head (restored from an
 old backup, cut or rewritten) has lost releases: the node declines every round until an
 operator acknowledges the rollback (``client.rollback``), which records the spend the
-coordinator held as a floor under the site's epsilon (``common.ledger.RollbackFloor``).
+coordinator held as a floor under the site's epsilon
+(``common.ledger_records.RollbackFloor``).
 The node holds two more pieces of evidence of its own (``client.site_state``): the head
 recorded beside the ledger, and the releases it kept; a ledger that lacks its recorded head, or
 does not list a kept release, stops it the same way, and the acknowledgement then counts the
@@ -56,9 +57,9 @@ with importing_libraries():
     from privatune.common.generation import (GenerationTasks, evaluate_generation, generation_tasks,
                                              judged_pairs)
     from privatune.common.hardware import resolve_hardware
-    from privatune.common.ledger import (DECLINE, EVALUATE_METRICS, NO_HEAD, RESEND,
-                                         AdapterRelease, LedgerHead, LedgerWriteError,
-                                         NonPrivateRelease, SiteLedger)
+    from privatune.common.ledger import NO_HEAD, LedgerHead, LedgerWriteError, SiteLedger
+    from privatune.common.ledger_records import (DECLINE, EVALUATE_METRICS, RESEND, AdapterRelease,
+                                                 NonPrivateRelease)
     from privatune.common.config import LoraConfig
     from privatune.common.lora import (load_lora_state, lora_state, train_factors,
                                        trained_part, update_hash)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from privatune.common.ledger import (EVALUATE_METRICS, AdapterRelease, LedgerRecord,
-                                     NonPrivateRelease, SecureRelease)
+from privatune.common.ledger_records import (EVALUATE_METRICS, AdapterRelease, LedgerRecord,
+                                             NonPrivateRelease, SecureRelease)
 from privatune.common.lora import frozen_part, update_hash
 from privatune.common.protocol import TrainRequest
 

@@ -4,7 +4,7 @@ A ledger restored from an old backup, cut or rewritten no longer lists everythin
 released. The node sees it three ways (the head the coordinator last got from it, the head it
 recorded beside the ledger, the releases it kept) and declines every round until an operator
 acknowledges the rollback, which records the highest spend reported with the lost releases as
-a floor under the site's epsilon (``common.ledger.RollbackFloor``).
+a floor under the site's epsilon (``common.ledger_records.RollbackFloor``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 from privatune.client.policy import SitePolicy
 from privatune.client.site_state import KeptRelease
-from privatune.common.ledger import (LedgerHead, LedgerRecord, NonPrivateRelease, Numbered,
-                                     RollbackAcknowledgement, SiteLedger, head_problem)
+from privatune.common.ledger import LedgerHead, SiteLedger, head_problem
+from privatune.common.ledger_records import (LedgerRecord, NonPrivateRelease, Numbered,
+                                             RollbackAcknowledgement)
 
 ROLLBACK = "ledger_rollback"  # a decline's release name when the ledger lacks a reported head
 ACKNOWLEDGE_FLAG = "--acknowledge-ledger-rollback"

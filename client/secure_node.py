@@ -51,7 +51,8 @@ from privatune.client.secure_contribution import (
 from privatune.client.site_state import SiteBusy
 from privatune.client.trainer import DPNotAppliedError
 from privatune.common.distributed_noise import DistributedNoiseParams
-from privatune.common.ledger import LedgerHead, LedgerWriteError, SecureRelease
+from privatune.common.ledger import LedgerHead, LedgerWriteError
+from privatune.common.ledger_records import SecureRelease
 from privatune.common.lora import train_factors, trained_part
 from privatune.common.privacy import MechanismStep, SecureStep, epsilon_of
 from privatune.common.protocol import (

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from privatune.common.durable import write_atomically
-from privatune.common.ledger import AdapterRelease, LedgerRecord, RollbackAcknowledgement
+from privatune.common.ledger_records import AdapterRelease, LedgerRecord, RollbackAcknowledgement
 from privatune.common.lora import update_hash
 
 log = logging.getLogger(__name__)

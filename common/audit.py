@@ -69,10 +69,11 @@ import numpy as np
 from privatune.common.config import read_yaml
 from privatune.common.extras import has_extra
 from privatune.common.distributed_noise_accounting import ORDERS, skellam_step_rdp
-from privatune.common.ledger import (AdapterRelease, LedgerError, NonPrivateRelease, Numbered,
-                                     RollbackAcknowledgement, RollbackFloor, SecureRelease,
-                                     entry_problem, head_problem, is_adapter_update,
-                                     is_secure_update, read_entries, record_of)
+from privatune.common.ledger import LedgerError, head_problem, read_entries
+from privatune.common.ledger_records import (AdapterRelease, NonPrivateRelease, Numbered,
+                                             RollbackAcknowledgement, RollbackFloor, SecureRelease,
+                                             entry_problem, is_adapter_update, is_secure_update,
+                                             record_of)
 from privatune.common.plots import report_figure
 from privatune.common.privacy import (ACCOUNTANTS, PRV, PRV_EPS_ERROR, RDP, MechanismStep,
                                       SecureStep, accountant_note, pld_epsilon)

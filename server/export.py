@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from privatune.common.audit import SiteAudit, audit_in_run, audit_site
-from privatune.common.ledger import SiteLedger, TypedEntry
+from privatune.common.ledger import SiteLedger
+from privatune.common.ledger_records import TypedEntry
 from privatune.common.run_record import SiteRecord, latest_checkpoint
 from privatune.server.overfitting import METRIC_NAMES, best_round, overfitting_flags
 from privatune.server.report import RunReport

@@ -47,8 +47,8 @@ from typing import Any
 
 from privatune.common.audit import audit_path
 from privatune.common.base_model import BaseModelSpec
-from privatune.common.ledger import (AdapterRelease, NonPrivateRelease, SiteLedger,
-                                     read_entries, record_of)
+from privatune.common.ledger import SiteLedger, read_entries
+from privatune.common.ledger_records import AdapterRelease, NonPrivateRelease, record_of
 from privatune.simulations.loopback import DELTA, LoopbackFederation, Proc
 from privatune.simulations.processes import (descendants, kill, limit_file_size, serverapp_pids,
                                             tool_pids)

@@ -103,8 +103,8 @@ class LedgeredSite:
     def __call__(self, node: int, request: TrainRequest, state: Mapping[str, torch.Tensor]):
         import dataclasses
 
-        from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, LedgerHead, SiteLedger,
-                                             head_problem)
+        from privatune.common.ledger import LedgerHead, SiteLedger, head_problem
+        from privatune.common.ledger_records import ADAPTER_UPDATE, NON_PRIVATE
         from privatune.common.lora import update_hash
         from privatune.common.privacy import RDP, MechanismStep, epsilon_of
 

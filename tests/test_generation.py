@@ -15,7 +15,8 @@ from privatune.common.config import ConfigError, load_job_config
 from privatune.common.generation import (NO_MARKER, NOTHING_AFTER, NOTHING_BEFORE, GenerationTask,
                                          generate_completions, generation_tasks, is_generation_round,
                                          judged_pairs, score_completions, split_at_marker)
-from privatune.common.ledger import NON_PRIVATE, SiteLedger
+from privatune.common.ledger import SiteLedger
+from privatune.common.ledger_records import NON_PRIVATE
 from privatune.common.config import LoraConfig
 from privatune.common.lora import attach_seeded_lora, initial_adapter, load_base_model, lora_state
 from privatune.common.protocol import EvaluateReply, EvaluateRequest

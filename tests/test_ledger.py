@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from privatune.common.ledger import (ADAPTER_UPDATE, GENESIS_HASH, NON_PRIVATE,
-                                     ROLLBACK_ACKNOWLEDGED, AdapterRelease, LedgerError,
-                                     NonPrivateRelease, RollbackAcknowledgement, SiteLedger,
-                                     entry_hash, read_entries, record_of)
+from privatune.common.ledger import GENESIS_HASH, LedgerError, SiteLedger, entry_hash, read_entries
+from privatune.common.ledger_records import (ADAPTER_UPDATE, NON_PRIVATE, ROLLBACK_ACKNOWLEDGED,
+                                             AdapterRelease, NonPrivateRelease,
+                                             RollbackAcknowledgement, record_of)
 from privatune.common.privacy import MechanismStep, prv_epsilon
 
 
@@ -331,7 +331,8 @@ def test_failed_write_leaves_the_ledger_valid_and_the_next_append_works(tmp_path
     make_ledger(path, rounds=2)
     before = path.read_bytes()
     outcome = run_limited(
-        "from privatune.common.ledger import ADAPTER_UPDATE, LedgerWriteError, SiteLedger\n"
+        "from privatune.common.ledger import LedgerWriteError, SiteLedger\n"
+        "from privatune.common.ledger_records import ADAPTER_UPDATE\n"
         "ledger = SiteLedger(path)",
         "try:\n"
         "    ledger.append(ADAPTER_UPDATE, {'run_id': 'run', 'round': 3, 'noise_multiplier': 0.9,"

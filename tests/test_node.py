@@ -11,7 +11,8 @@ from privatune.client.policy import load_site_policy
 from privatune.client.trainer import DPNotAppliedError, DPTrainSettings, train_dp_round
 from privatune.common.config import ConfigError
 from privatune.common.examples import encode_pairs
-from privatune.common.ledger import AdapterRelease, NonPrivateRelease, SiteLedger
+from privatune.common.ledger import SiteLedger
+from privatune.common.ledger_records import AdapterRelease, NonPrivateRelease
 from privatune.common.config import LoraConfig
 from privatune.common.lora import (attach_lora, frozen_part, initial_adapter, load_base_model,
                                    lora_state, update_hash, with_update)

@@ -11,12 +11,14 @@ from privatune.common.audit import (
     write_audit,
 )
 from privatune.common.ledger import (
-    ADAPTER_UPDATE,
     GENESIS_HASH,
-    NON_PRIVATE,
-    ROLLBACK_ACKNOWLEDGED,
     SiteLedger,
     entry_hash,
+)
+from privatune.common.ledger_records import (
+    ADAPTER_UPDATE,
+    NON_PRIVATE,
+    ROLLBACK_ACKNOWLEDGED,
 )
 from privatune.common.plan import plan_site, render_table
 from privatune.common.privacy import MechanismStep, independent_rdp_epsilon, rdp_epsilon

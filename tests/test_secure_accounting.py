@@ -9,8 +9,9 @@ import math
 import pytest
 
 from privatune.common.distributed_noise import choose_parameters, site_guarantees
-from privatune.common.ledger import (ADAPTER_UPDATE, NON_PRIVATE, SECURE_UPDATE, LedgerError,
-                                     SecureRelease, SiteLedger, read_entries, record_of)
+from privatune.common.ledger import LedgerError, SiteLedger, read_entries
+from privatune.common.ledger_records import (ADAPTER_UPDATE, NON_PRIVATE, SECURE_UPDATE,
+                                             SecureRelease, record_of)
 from privatune.common.privacy import (PRV, RDP, MechanismStep, SecureStep,
                                       calibrate_noise_multiplier, epsilon_of,
                                       independent_rdp_epsilon, merged, pld_epsilon, prv_epsilon,

@@ -16,7 +16,8 @@ from privatune.client.policy import load_site_policy
 from privatune.client.secure_node import SecureRound
 from privatune.common.audit import audit_path
 from privatune.common.config import ConfigError, LoraConfig, load_job_config
-from privatune.common.ledger import DECLINE, NonPrivateRelease, SiteLedger
+from privatune.common.ledger import SiteLedger
+from privatune.common.ledger_records import DECLINE, NonPrivateRelease
 from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
 from privatune.common.run_record import read_run_record

@@ -24,7 +24,8 @@ from privatune.client.deploy import check_site, release_statement
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common.audit import audit_ledger
-from privatune.common.ledger import NonPrivateRelease, RollbackAcknowledgement, SiteLedger
+from privatune.common.ledger import SiteLedger
+from privatune.common.ledger_records import NonPrivateRelease, RollbackAcknowledgement
 from privatune.common.config import LoraConfig
 from privatune.common.lora import initial_adapter, lora_state, update_hash
 from privatune.common.protocol import EvaluateRequest, TrainReply, TrainRequest
