@@ -87,7 +87,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from privatune.common.audit import audit_path, write_audit
+    from privatune.common.audit import audit_path
+    from privatune.common.audit_report import write_audit
     from privatune.common.run_record import read_run_record
 
     records = read_run_record(Path(args.run)) if args.run else None

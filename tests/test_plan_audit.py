@@ -8,8 +8,8 @@ from privatune.common.audit import (
     IndependentRdp,
     audit_ledger,
     audit_path,
-    write_audit,
 )
+from privatune.common.audit_report import write_audit
 from privatune.common.ledger import (
     GENESIS_HASH,
     SiteLedger,

@@ -330,7 +330,7 @@ def test_secure_figures_alone_match_site_guarantees(tmp_path):
     assert audit.ok, audit.problems
     assert audit.aggregate_epsilon == pytest.approx(expected.aggregate_epsilon, rel=1e-9)
     assert audit.fallback_epsilon == pytest.approx(expected.fallback_epsilon, rel=1e-9)
-    from privatune.common.audit import render_markdown
+    from privatune.common.audit_report import render_markdown
 
     text = render_markdown([audit])
     assert "| # | run | round | unit |" not in text  # no empty table of adapter releases
@@ -396,7 +396,8 @@ def test_a_received_contribution_the_ledger_lists_is_no_hidden_release(tmp_path)
 def test_the_report_of_sites_without_secure_releases_is_what_it_was(tmp_path):
     """Byte for byte the report the audit wrote before secure releases existed (recorded from
     it), and a site without secure releases reads the same beside one with them."""
-    from privatune.common.audit import audit_path, render_markdown
+    from privatune.common.audit import audit_path
+    from privatune.common.audit_report import render_markdown
     from tests.test_plan_audit import write_mixed_site, write_site
 
     write_site(tmp_path, "a")
@@ -486,7 +487,8 @@ Non-private releases (not covered by DP-SGD):
 
 
 def test_the_audit_draws_both_guarantees_of_a_secure_site(tmp_path):
-    from privatune.common.audit import audit_path, write_audit
+    from privatune.common.audit import audit_path
+    from privatune.common.audit_report import write_audit
     from tests.test_plan_audit import write_site
 
     write_site(tmp_path, "a")
