@@ -33,7 +33,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from privatune.common.secure_aggregation import SecAggConfig, SecAggSite, harary_graph
+from privatune.common.secure_aggregation import SecAggSite
+from privatune.common.secure_aggregation_messages import SecAggConfig, harary_graph
 from privatune.common.secure_aggregation_coordinator import SecAggCoordinator
 
 

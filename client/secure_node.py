@@ -61,7 +61,8 @@ from privatune.common.protocol import (
     TrainRequest,
     requested_lora,
 )
-from privatune.common.secure_aggregation import SecAggConfig, SecAggError, SecAggSite
+from privatune.common.secure_aggregation import SecAggSite
+from privatune.common.secure_aggregation_messages import SecAggConfig, SecAggError
 from privatune.common.secure_protocol import (
     KEYS,
     MASK,

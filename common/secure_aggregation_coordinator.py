@@ -23,6 +23,17 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from privatune.common.secure_aggregation import (
+    add_mask,
+    load_public_key,
+    mask_stream,
+    pairwise_key,
+    pairwise_sign,
+    scalar_to_private_key,
+    seed_commitment,
+    share_index,
+    unpack,
+)
+from privatune.common.secure_aggregation_messages import (
     EncryptedShares,
     KeyDirectory,
     MaskedInput,
@@ -34,15 +45,6 @@ from privatune.common.secure_aggregation import (
     ShareDelivery,
     UnmaskRequest,
     UnmaskShares,
-    add_mask,
-    load_public_key,
-    mask_stream,
-    pairwise_key,
-    pairwise_sign,
-    scalar_to_private_key,
-    seed_commitment,
-    share_index,
-    unpack,
 )
 
 

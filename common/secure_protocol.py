@@ -28,7 +28,7 @@ from privatune.common.distributed_noise import (
     choose_parameters,
 )
 from privatune.common.protocol import REQUEST_KEY, SecurePlan, TrainReply, TrainRequest
-from privatune.common.secure_aggregation import (
+from privatune.common.secure_aggregation_messages import (
     EncryptedShares,
     KeyDirectory,
     MaskedInput,

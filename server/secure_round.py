@@ -33,7 +33,7 @@ from privatune.common.distributed_noise import (
 )
 from privatune.common.lora import trained_part
 from privatune.common.protocol import SecurePlan, TrainRequest
-from privatune.common.secure_aggregation import MaskedInput, SecAggConfig, harary_graph
+from privatune.common.secure_aggregation_messages import MaskedInput, SecAggConfig, harary_graph
 from privatune.common.secure_aggregation_coordinator import SecAggCoordinator
 from privatune.common.secure_protocol import (
     KEYS,

@@ -44,7 +44,8 @@ from privatune.common.lora import (
     train_factors,
     trained_part,
 )
-from privatune.common.secure_aggregation import SecAggConfig, SecAggSite
+from privatune.common.secure_aggregation import SecAggSite
+from privatune.common.secure_aggregation_messages import SecAggConfig
 from privatune.common.secure_aggregation_coordinator import (
     AggregateResult,
     SecAggCoordinator,

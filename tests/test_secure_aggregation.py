@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from privatune.common.secure_aggregation import (
+    SecAggSite,
+    unpack,
+)
+from privatune.common.secure_aggregation_messages import (
     EncryptedShares,
     KeyDirectory,
     MaskedInput,
@@ -16,12 +20,10 @@ from privatune.common.secure_aggregation import (
     SecAggError,
     SecAggIntegrityError,
     SecAggRefused,
-    SecAggSite,
     ShareDelivery,
     UnmaskRequest,
     UnmaskShares,
     harary_graph,
-    unpack,
 )
 from privatune.common.secure_aggregation_coordinator import (
     AggregateResult,

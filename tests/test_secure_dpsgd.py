@@ -39,7 +39,7 @@ from privatune.common.lora import (
     train_factors,
     trained_part,
 )
-from privatune.common.secure_aggregation import SecAggRefused
+from privatune.common.secure_aggregation_messages import SecAggRefused
 from privatune.server.secure_step import (
     AdamSettings,
     AdamState,

@@ -21,11 +21,11 @@ from privatune.common.ledger_records import DECLINE, NonPrivateRelease
 from privatune.common.lora import initial_adapter, lora_state
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
 from privatune.common.run_record import read_run_record
-from privatune.common.secure_aggregation import (
+from privatune.common.secure_aggregation import SecAggSite
+from privatune.common.secure_aggregation_messages import (
     MaskedInput,
     PublicKeys,
     SecAggConfig,
-    SecAggSite,
     UnmaskRequest,
 )
 from privatune.common.secure_aggregation_coordinator import SecAggCoordinator
