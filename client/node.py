@@ -147,11 +147,11 @@ class SiteNode:
     def name(self) -> str:
         return self.policy.site.name
 
-    def _model(self, request_lora: LoraConfig):
+    def model_with_adapter(self, request_lora: LoraConfig):
         """The process's shared base model on this site's hardware, with the adapter attached."""
         return adapter_model(self.policy.model_dir, self.hardware, request_lora)
 
-    def _dataset(self, split: str, tokenizer, max_length: int, seed: int = 0,
+    def dataset(self, split: str, tokenizer, max_length: int, seed: int = 0,
                  loss_marker: str = "") -> Dataset:
         """A split as model inputs: one row per unit, cut at ``max_length``, its notes split at
         ``loss_marker`` for the loss (record unit); with patient windows, training draws a fresh
@@ -234,7 +234,7 @@ class SiteNode:
         return RoundPlan("", noise, after, this_round)
 
     @contextmanager
-    def _answering(self) -> Iterator[None]:
+    def answering(self) -> Iterator[None]:
         """This process alone answers for the site meanwhile (SiteBusy otherwise), with the
         ledger as it is on disk now: another process may have appended since."""
         with self.state.exclusive():
@@ -246,47 +246,55 @@ class SiteNode:
         when the ledger cannot record what the reply would release, or another process is
         answering for this site."""
         try:
-            with self._answering():
+            with self.answering():
                 return self._train(request, global_state)
         except SiteBusy as err:
             self.ledger = SiteLedger(self.state.ledger_path)  # as the other process left it
-            return self._record_decline(request.run_id, request.round, str(err))
+            return self.record_decline(request.run_id, request.round, str(err))
         except LedgerWriteError as err:
-            return self._decline(_unrecorded(err, "update"))
+            return self.decline(_unrecorded(err, "update"))
 
-    def _record_decline(self, run_id: str, round_number: int, reason: str) -> TrainOutcome:
+    def record_decline(self, run_id: str, round_number: int, reason: str) -> TrainOutcome:
         """Decline a train request, its reason listed in the ledger (a non-private release)."""
         self.ledger.append_record(NonPrivateRelease(release=DECLINE, run_id=run_id,
                                                     round=round_number, reason=reason))
-        return self._decline(reason)
+        return self.decline(reason)
 
-    def _train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
+    def recorded_rollback(self, request: TrainRequest) -> str:
+        """Why this site declines a request to train while its ledger has lost releases (the
+        decline written to the ledger), or "" when the ledger is sound."""
         rollback = rollback_decline(self.policy, self.ledger,
                                     LedgerHead(request.ledger_seq, request.ledger_hash),
                                     request.ledger_epsilon, request.ledger_delta)
-        if rollback is not None:
-            self.ledger.append_record(dataclasses.replace(rollback, run_id=request.run_id,
-                                                          round=request.round))
-            return self._decline(rollback.reason)
-        reason = self._address_problem(request.site) or adapter_problem(global_state)
+        if rollback is None:
+            return ""
+        self.ledger.append_record(dataclasses.replace(rollback, run_id=request.run_id,
+                                                      round=request.round))
+        return rollback.reason
+
+    def _train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
+        lost = self.recorded_rollback(request)
+        if lost:
+            return self.decline(lost)
+        reason = self.address_problem(request.site) or adapter_problem(global_state)
         if reason:
-            return self._record_decline(request.run_id, request.round, reason)
+            return self.record_decline(request.run_id, request.round, reason)
         resent = self._resend(request, global_state)
         if resent is not None:
             return resent
         plan = self.check_request(request)
         frozen = check_frozen_factors(request, global_state, self.ledger.releases(request.run_id))
-        reason = plan.reason or frozen.reason or self._space_problem(global_state)
+        reason = plan.reason or frozen.reason or self.space_problem(global_state)
         if reason:
-            return self._record_decline(request.run_id, request.round, reason)
-        model, tokenizer = self._model(requested_lora(request))
-        reason = self._load_problem(model, global_state, request.max_length)
+            return self.record_decline(request.run_id, request.round, reason)
+        model, tokenizer = self.model_with_adapter(requested_lora(request))
+        reason = self.load_problem(model, global_state, request.max_length)
         if reason:
-            return self._record_decline(request.run_id, request.round, reason)
+            return self.record_decline(request.run_id, request.round, reason)
         train_factors(model, request.aggregation)
         # which window of each patient is drawn comes from the site's own secret too, never the
         # coordinator's choice
-        dataset = self._dataset("train", tokenizer, request.max_length, secrets.randbits(63),
+        dataset = self.dataset("train", tokenizer, request.max_length, secrets.randbits(63),
                                 request.loss_marker)
         try:
             result = train_dp_round(model, dataset, DPTrainSettings(
@@ -301,7 +309,7 @@ class SiteNode:
         except DPNotAppliedError as err:
             # nothing leaves the site, so nothing is spent; the request is what made DP fail
             log.error("%s: DP check failed: %s", self.name, err)
-            return self._record_decline(request.run_id, request.round, (
+            return self.record_decline(request.run_id, request.round, (
                 f"training failed the node's DP checks ({err}) with this request "
                 f"(learning rate {request.learning_rate:g}, max_grad_norm "
                 f"{request.max_grad_norm:g}); nothing was released"))
@@ -327,7 +335,7 @@ class SiteNode:
                       f"withheld, and the epsilon of the training that produced it stays counted "
                       f"(learning rate {request.learning_rate:g})")
             self.ledger.append_record(dataclasses.replace(mechanism, withheld=reason))
-            return self._decline(reason)
+            return self.decline(reason)
         self.ledger.append_record(dataclasses.replace(mechanism, update_sha256=update_hash(state)))
         release = self.policy.release
         count = len(self.train_units) if release.example_count else 1
@@ -339,23 +347,23 @@ class SiteNode:
             site=self.name, accepted=True, num_examples=count, epsilon=epsilon,
             delta=self.delta(), epsilon_budget=privacy.epsilon_cap,
             noise_multiplier=result.noise_multiplier, train_loss=loss,
-            accountant=privacy.accountant_name, **self._head()), state)
+            accountant=privacy.accountant_name, **self.head_fields()), state)
         self._keep_release(request, global_state, outcome)
         return outcome
 
-    def _head(self) -> dict[str, int | str]:
+    def head_fields(self) -> dict[str, int | str]:
         """The ledger head as reply fields: taken after the reply's own entry is written."""
         head = self.ledger.head
         return {"ledger_seq": head.seq, "ledger_hash": head.hash}
 
-    def _decline(self, reason: str) -> TrainOutcome:
+    def decline(self, reason: str) -> TrainOutcome:
         privacy = self.policy.privacy
         return TrainOutcome(TrainReply(site=self.name, accepted=False, reason=reason,
                                        epsilon=self.epsilon(), delta=self.delta(),
                                        epsilon_budget=privacy.epsilon_cap,
-                                       accountant=privacy.accountant_name, **self._head()))
+                                       accountant=privacy.accountant_name, **self.head_fields()))
 
-    def _address_problem(self, addressed_to: str) -> str:
+    def address_problem(self, addressed_to: str) -> str:
         """A request the coordinator addressed to another site is declined before anything is
         spent: the coordinator knows this node by its key as that site."""
         if addressed_to and addressed_to != self.name:
@@ -364,7 +372,7 @@ class SiteNode:
                     "trained or evaluated")
         return ""
 
-    def _space_problem(self, global_state: Mapping[str, torch.Tensor]) -> str:
+    def space_problem(self, global_state: Mapping[str, torch.Tensor]) -> str:
         """Whether the state directory can hold what a round writes, checked before spending:
         the ledger entries, and the kept update (a temporary copy and the file) with its record."""
         needed = 2 * 4 * sum(t.numel() for t in global_state.values()) + 2**20
@@ -375,7 +383,7 @@ class SiteNode:
                     "was trained")
         return ""
 
-    def _load_problem(self, model, global_state: Mapping[str, torch.Tensor],
+    def load_problem(self, model, global_state: Mapping[str, torch.Tensor],
                       max_length: int) -> str:
         """Load the global adapter into the model, or say why it does not fit it (tensors, or a
         length beyond the model's positions)."""
@@ -421,7 +429,7 @@ class SiteNode:
                                                     round=request.round,
                                                     update_sha256=kept.update_sha256))
         reply = TrainReply(**{**kept.reply, "epsilon": self.epsilon(), "delta": self.delta(),
-                              **self._head()})
+                              **self.head_fields()})
         return TrainOutcome(reply, state)
 
     def evaluations_answered(self, run_id: str) -> int:
@@ -438,7 +446,7 @@ class SiteNode:
         the site takes part in (each releases an exact held-out loss), too few held-out records
         for a metric, or a ledger that cannot record it."""
         try:
-            with self._answering():
+            with self.answering():
                 rollback = rollback_decline(self.policy, self.ledger, NO_HEAD, 0.0, 0.0)
                 if rollback is not None:
                     self.ledger.append_record(dataclasses.replace(
@@ -465,7 +473,7 @@ class SiteNode:
                             global_state: Mapping[str, torch.Tensor]) -> str:
         """Why an evaluate request is declined before the model is touched, or ""."""
         reason = (request_violation(self.policy.limits, request)
-                  or self._address_problem(request.site) or adapter_problem(global_state))
+                  or self.address_problem(request.site) or adapter_problem(global_state))
         if reason:
             return reason
         answered = self.evaluations_answered(request.run_id)
@@ -486,11 +494,11 @@ class SiteNode:
 
     def _evaluate(self, request: EvaluateRequest,
                   global_state: Mapping[str, torch.Tensor]) -> EvaluateReply:
-        model, tokenizer = self._model(requested_lora(request))
-        reason = self._load_problem(model, global_state, request.max_length)
+        model, tokenizer = self.model_with_adapter(requested_lora(request))
+        reason = self.load_problem(model, global_state, request.max_length)
         if reason:
             return self._decline_evaluation(request, reason)
-        dataset = self._dataset("heldout", tokenizer, request.max_length,
+        dataset = self.dataset("heldout", tokenizer, request.max_length,
                                 loss_marker=request.loss_marker)
         loss, _ = evaluate_loss(model, dataset, request.batch_size)
         release = self.policy.release
@@ -504,7 +512,7 @@ class SiteNode:
                               else None, "eval_loss": eval_loss, **scores})
         return EvaluateReply(site=self.name,
                              num_examples=len(self.heldout_units) if release.example_count else 1,
-                             eval_loss=eval_loss, **scores, **self._head())
+                             eval_loss=eval_loss, **scores, **self.head_fields())
 
     def generation_tasks(self, marker: str) -> GenerationTasks:
         """This site's held-out records as generation tasks (notes split at ``marker``)."""

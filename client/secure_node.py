@@ -40,7 +40,6 @@ from privatune.client.request_checks import (
     check_frozen_factors,
     runs_taken_part,
 )
-from privatune.client.rollback import rollback_decline
 from privatune.client.secure_contribution import (
     SiteContribution,
     encode_site_contribution,
@@ -51,7 +50,7 @@ from privatune.client.secure_contribution import (
 from privatune.client.site_state import SiteBusy
 from privatune.client.trainer import DPNotAppliedError
 from privatune.common.distributed_noise import DistributedNoiseParams
-from privatune.common.ledger import LedgerHead, LedgerWriteError
+from privatune.common.ledger import LedgerWriteError
 from privatune.common.ledger_records import SecureRelease
 from privatune.common.lora import train_factors, trained_part
 from privatune.common.privacy import MechanismStep, SecureStep, epsilon_of
@@ -230,24 +229,20 @@ class SecureRound:
         except SecAggError as err:
             return self._refuse(message, f"secure aggregation: {err}"), None
         except SiteBusy as err:
-            return SecureReply(stage, self.node._decline(str(err)).reply), None
+            return SecureReply(stage, self.node.decline(str(err)).reply), None
         except LedgerWriteError as err:
-            return SecureReply(stage, self.node._decline(
+            return SecureReply(stage, self.node.decline(
                 f"this site's ledger could not be written ({err}), so nothing was sent").reply), None
 
     # -- stages -------------------------------------------------------------------------------
     def _setup(self, message: SecureRequest,
                adapter: Mapping[str, torch.Tensor] | None) -> tuple[SecureReply, bytes | None]:
         node, request, plan = self.node, message.request, message.plan
-        with node._answering():
-            rollback = rollback_decline(node.policy, node.ledger,
-                                        LedgerHead(request.ledger_seq, request.ledger_hash),
-                                        request.ledger_epsilon, request.ledger_delta)
-            if rollback is not None:
-                node.ledger.append_record(dataclasses.replace(rollback, run_id=request.run_id,
-                                                              round=request.round))
-                return SecureReply(SETUP, node._decline(rollback.reason).reply), None
-            reason = (node._address_problem(request.site)
+        with node.answering():
+            lost = node.recorded_rollback(request)
+            if lost:
+                return SecureReply(SETUP, node.decline(lost).reply), None
+            reason = (node.address_problem(request.site)
                       or ("no global adapter came with the setup" if adapter is None else "")
                       or adapter_problem(adapter or {}))
             params = None
@@ -260,7 +255,7 @@ class SecureRound:
                 frozen = check_frozen_factors(request, adapter or {},
                                               node.ledger.releases(request.run_id))
                 reason = (plan_problem(node, request, plan, params) or frozen.reason
-                          or node._space_problem(adapter or {}))
+                          or node.space_problem(adapter or {}))
             if reason:
                 return SecureReply(SETUP, self._record(request, reason).reply), None
             return (SecureReply(SETUP, self._accepted(plan)),
@@ -295,7 +290,7 @@ class SecureRound:
             raise SecAggError(f"the step's SecAgg+ config ({config.modulus_bits} bits, length "
                               f"{config.vector_length}) does not fit the round's encoding "
                               f"({params.bits} bits, length {params.padded_dimension})")
-        with node._answering():
+        with node.answering():
             step = _secure_step(plan, params, 1)
             privacy, accountant = node.policy.privacy, node.policy.privacy.accountant_name
             enforced_after = node.ledger.epsilon(privacy.delta, accountant,
@@ -341,12 +336,12 @@ class SecureRound:
         """This step's clipped gradient sum over a Poisson sample drawn with the site's own
         secret randomness (never a coordinator-chosen seed)."""
         node = self.node
-        model, tokenizer = node._model(requested_lora(request))
-        reason = node._load_problem(model, adapter, request.max_length)
+        model, tokenizer = node.model_with_adapter(requested_lora(request))
+        reason = node.load_problem(model, adapter, request.max_length)
         if reason:
             raise SecAggError(reason)
         train_factors(model, request.aggregation)
-        dataset = node._dataset("train", tokenizer, request.max_length, secrets.randbits(63),
+        dataset = node.dataset("train", tokenizer, request.max_length, secrets.randbits(63),
                                 request.loss_marker)
         return site_contribution(model, dataset, plan.sample_rate, request.max_grad_norm,
                                  sample_generator(secrets.randbits(63), step),
@@ -383,14 +378,14 @@ class SecureRound:
         return TrainReply(site=node.name, accepted=True, epsilon=node.epsilon(),
                           delta=node.delta(), epsilon_budget=privacy.epsilon_cap,
                           noise_multiplier=sigma, accountant=privacy.accountant_name,
-                          **node._head())
+                          **node.head_fields())
 
     def _record(self, request: TrainRequest, reason: str) -> TrainOutcome:
         """A decline, its reason in the ledger (a non-private release), as for a train request."""
-        return self.node._record_decline(request.run_id, request.round, reason)
+        return self.node.record_decline(request.run_id, request.round, reason)
 
     def _refuse(self, message: SecureRequest, reason: str) -> SecureReply:
-        with self.node._answering():
+        with self.node.answering():
             return SecureReply(message.plan.stage, self._record(message.request, reason).reply)
 
 

@@ -68,12 +68,12 @@ class NoDPSite(SiteNode):
         self.trained: list[DPRoundResult] = []
 
     def train(self, request: TrainRequest, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
-        model, tokenizer = self._model(requested_lora(request))
-        reason = self._load_problem(model, global_state, request.max_length)
+        model, tokenizer = self.model_with_adapter(requested_lora(request))
+        reason = self.load_problem(model, global_state, request.max_length)
         if reason:
-            return self._decline(reason)
+            return self.decline(reason)
         train_factors(model, request.aggregation)
-        dataset = self._dataset("train", tokenizer, request.max_length, secrets.randbits(63),
+        dataset = self.dataset("train", tokenizer, request.max_length, secrets.randbits(63),
                                 request.loss_marker)
         result = train_dp_round(model, dataset, DPTrainSettings(
             noise_multiplier=0.0, max_grad_norm=NO_CLIPPING, expected_batch_size=request.batch_size,

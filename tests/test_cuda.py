@@ -129,7 +129,7 @@ def test_a_node_on_the_gpu_trains_and_evaluates(make_site, tiny_model_dir, dtype
     assert set(outcome.state) == set(state)
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in outcome.state.values())
     assert any(not torch.equal(outcome.state[n], state[n]) for n in state)
-    model, _ = node._model(LORA)
+    model, _ = node.model_with_adapter(LORA)
     base = next(p for n, p in model.named_parameters() if "lora_" not in n)
     assert base.device.type == CUDA.type
     assert base.dtype == (torch.float16 if dtype == "float16" else resolve_hardware(str(CUDA), "auto").dtype)

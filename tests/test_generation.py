@@ -276,8 +276,8 @@ def test_node_trains_and_evaluates_the_loss_on_the_completion(make_site, tiny_mo
 
     node = SiteNode(load_site_policy(make_site()))
     _, tokenizer = load_base_model(tiny_model_dir)
-    whole = node._dataset("train", tokenizer, 128)
-    judged = node._dataset("train", tokenizer, 128, loss_marker="Assessment:")
+    whole = node.dataset("train", tokenizer, 128)
+    judged = node.dataset("train", tokenizer, 128, loss_marker="Assessment:")
     ids, labels = judged.tensors[0][0], judged.tensors[1][0]
     learned = tokenizer.decode(ids[labels != IGNORE_INDEX])
     assert learned.strip().startswith(node.train_units[0][1].split("Assessment:")[1].strip()[:10])

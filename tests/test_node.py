@@ -129,7 +129,7 @@ def test_patient_windows_train_on_patients_and_evaluate_all_held_out_text(make_s
     assert (entry["privacy_unit"], entry["patient_sampling"]) == ("patient", "window")
     assert entry["sample_rate"] == poisson_sample_rate(len(node.train_units), 8)  # per patient
     _, tokenizer = load_base_model(tiny_model_dir)
-    heldout = node._dataset("heldout", tokenizer, 48)
+    heldout = node.dataset("heldout", tokenizer, 48)
     tokens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # and eos
               for _, text in node.heldout_units]
     assert max(tokens) > 47 and len(heldout) > len(node.heldout_units)  # some patients span windows
@@ -142,7 +142,7 @@ def test_patient_truncate_keeps_one_cut_row_per_patient(make_site, tiny_model_di
     node = SiteNode(policy)
     _, tokenizer = load_base_model(tiny_model_dir)
     for split, units in (("train", node.train_units), ("heldout", node.heldout_units)):
-        dataset = node._dataset(split, tokenizer, 48)
+        dataset = node.dataset(split, tokenizer, 48)
         expected = encode_pairs(tokenizer, units, 48)
         assert len(dataset) == len(units)  # one row per patient, whatever its text's length
         assert all(torch.equal(a, b) for a, b in zip(dataset.tensors, expected.tensors))
@@ -236,7 +236,7 @@ def test_ffa_trains_sends_and_noises_b_alone(make_site, tiny_model_dir, monkeypa
     outcome = node.train(request(aggregation="ffa"), state)
     assert outcome.reply.accepted
 
-    model, _tokenizer = node._model(LORA)  # the node's one model, as it trained
+    model, _tokenizer = node.model_with_adapter(LORA)  # the node's one model, as it trained
     factors = {name: p for name, p in model.named_parameters() if "lora_" in name}
     a_ids = {id(p) for name, p in factors.items() if "lora_A" in name}
     b_ids = {id(p) for name, p in factors.items() if "lora_B" in name}

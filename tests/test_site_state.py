@@ -176,7 +176,7 @@ policy, model, run, go = sys.argv[1:5]
 lora = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 state = lora_state(initial_adapter(Path(model), lora, seed=0))
 node = SiteNode(load_site_policy(policy))
-node._model(lora)  # the base model loaded before the start signal: both reach the check at once
+node.model_with_adapter(lora)  # the base model loaded before the start signal: both reach the check at once
 Path(go + "." + run).touch()
 while not Path(go).exists():
     time.sleep(0.005)
