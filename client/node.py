@@ -403,7 +403,7 @@ class SiteNode:
         is sent whether or not it could be kept: its ledger entry is written."""
         try:
             self.state.keep(request.run_id, request.round, update_hash(global_state),
-                            outcome.state, dataclasses.asdict(outcome.reply))
+                            outcome.state, outcome.reply)
         except OSError as err:
             log.error("%s: round %d's update could not be kept for resending (%s); it is sent, "
                       "its ledger entry is written", self.name, request.round,
@@ -428,8 +428,8 @@ class SiteNode:
         self.ledger.append_record(NonPrivateRelease(release=RESEND, run_id=request.run_id,
                                                     round=request.round,
                                                     update_sha256=kept.update_sha256))
-        reply = TrainReply(**{**kept.reply, "epsilon": self.epsilon(), "delta": self.delta(),
-                              **self.head_fields()})
+        reply = dataclasses.replace(kept.reply, epsilon=self.epsilon(), delta=self.delta(),
+                                    **self.head_fields())
         return TrainOutcome(reply, state)
 
     def evaluations_answered(self, run_id: str) -> int:

@@ -26,7 +26,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save
 from privatune.common.durable import write_atomically
 from privatune.common.ledger_records import AdapterRelease, LedgerRecord, RollbackAcknowledgement
 from privatune.common.lora import update_hash
+from privatune.common.protocol import TrainReply
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,16 @@ class KeptRelease:
     round: int
     input_sha256: str  # the global adapter the round trained from
     update_sha256: str
-    reply: dict[str, Any]  # the TrainReply's fields as sent
+    reply: TrainReply  # as sent
 
     @property
     def epsilon(self) -> float:
         """The site's cumulative epsilon when this release left (the reply's)."""
-        return float(self.reply.get("epsilon", 0.0))
+        return self.reply.epsilon
 
     @property
     def delta(self) -> float:
-        return float(self.reply.get("delta", 0.0))
+        return self.reply.delta
 
 
 def listed_updates(records: Sequence[LedgerRecord]) -> set[str]:
@@ -115,7 +115,7 @@ class SiteState:
         return self.released_dir / f"{safe_run}-round{round_number:04d}"
 
     def keep(self, run_id: str, round_number: int, input_sha256: str,
-             state: Mapping[str, torch.Tensor], reply: Mapping[str, Any]) -> None:
+             state: Mapping[str, torch.Tensor], reply: TrainReply) -> None:
         """Keep the update an accepted round sent (after its ledger entry), to resend it if the
         reply is lost. The update first, then its record: a record always has its update."""
         stem = self._stem(run_id, round_number)
@@ -123,7 +123,7 @@ class SiteState:
         write_atomically(stem.with_suffix(".safetensors"),
                           save({n: t.contiguous() for n, t in state.items()}))
         meta = {"run_id": run_id, "round": round_number, "input_sha256": input_sha256,
-                "update_sha256": update_hash(state), "reply": dict(reply)}
+                "update_sha256": update_hash(state), "reply": reply.to_json()}
         write_atomically(stem.with_suffix(".json"), json.dumps(meta).encode("utf-8"))
 
     def _read(self, meta_path: Path) -> KeptRelease | None:
@@ -135,7 +135,7 @@ class SiteState:
                 load_file(str(meta_path.with_suffix(".safetensors"))))
             return KeptRelease(meta_path, str(meta.get("run_id", "")),
                                int(meta.get("round", round_text)), str(meta["input_sha256"]),
-                               str(update_sha256), dict(meta["reply"]))
+                               str(update_sha256), TrainReply.from_json(meta["reply"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
             log.warning("%s: kept release is torn or unreadable (%s); answered as missing",
                         meta_path, err)

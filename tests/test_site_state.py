@@ -318,6 +318,20 @@ def test_a_torn_kept_release_is_answered_as_missing(make_site, start_state):
     assert not list(record.parent.glob(".*tmp*"))  # no temporary file left
 
 
+def test_a_kept_release_reads_as_the_reply_it_sent_also_in_the_older_form(make_site,
+                                                                           start_state):
+    node = SiteNode(load_site_policy(make_site(epsilon_cap=20.0)))
+    sent = node.train(request(), start_state).reply
+    kept = node.policy.state.kept("run-1", 1)
+    assert kept.reply == sent and kept.epsilon == sent.epsilon
+    record = next(node.policy.state.released_dir.glob("*.json"))
+    older = json.loads(record.read_text())
+    older["reply"] = {**dataclasses.asdict(sent), "train_loss": None}  # every field, nulls too
+    record.write_text(json.dumps(older))
+    kept = node.policy.state.kept("run-1", 1)
+    assert kept.reply == dataclasses.replace(sent, train_loss=None)
+
+
 def test_an_update_that_cannot_be_kept_is_still_sent(make_site, start_state):
     node = SiteNode(load_site_policy(make_site()))
     node.policy.state.released_dir.parent.mkdir(parents=True, exist_ok=True)
