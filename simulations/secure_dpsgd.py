@@ -114,12 +114,6 @@ class SecureDpsgdRun:
     rounds: tuple[SecureRound, ...]
 
 
-def rotation_seed(public_seed: int, step: int) -> int:
-    """The public rotation seed of a step (fresh each step, independent of the data): the
-    coordinator's rule (``step_rotation_seed``) with the step as its SecAgg+ round."""
-    return step_rotation_seed(public_seed, step)
-
-
 def _check_sites(sites: Sequence[DpsgdSite], threshold: int) -> None:
     ids = [s.site_id for s in sites]
     if len(set(ids)) != len(ids):
@@ -166,7 +160,7 @@ def secure_dpsgd_round(sites: Sequence[DpsgdSite], global_state: Mapping[str, to
     threshold = settings.threshold_for(len(sites))
     _check_sites(sites, threshold)
     names = flat_order(list(trained_part(global_state, settings.aggregation)))
-    seed = rotation_seed(settings.public_seed, step)
+    seed = step_rotation_seed(settings.public_seed, step)  # the step is its SecAgg+ round
     encoded: dict[int, np.ndarray] = {}
     losses: dict[int, float | None] = {}
     for site in sites:
