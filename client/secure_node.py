@@ -53,7 +53,8 @@ from privatune.common.distributed_noise import DistributedNoiseParams
 from privatune.common.ledger import LedgerWriteError
 from privatune.common.ledger_records import SecureRelease
 from privatune.common.lora import train_factors, trained_part
-from privatune.common.privacy import MechanismStep, SecureStep, epsilon_of
+from privatune.common.privacy import (MechanismStep, SecureStep, epsilon_of,
+                                      share_noise_multiplier)
 from privatune.common.protocol import (
     SecurePlan,
     TrainReply,
@@ -372,9 +373,9 @@ class SecureRound:
         """An accepted stage: the site's spend on the guarantee it enforces, and the noise
         multiplier that guarantee rests on (its own share's unless it trusts aggregation)."""
         node, privacy = self.node, self.node.policy.privacy
-        t = max(plan.min_contributions, 1)
         sigma = (plan.noise_multiplier if node.policy.secure_aggregation.trust
-                 else plan.noise_multiplier / math.sqrt(t))
+                 else share_noise_multiplier(plan.noise_multiplier,
+                                             max(plan.min_contributions, 1)))
         return TrainReply(site=node.name, accepted=True, epsilon=node.epsilon(),
                           delta=node.delta(), epsilon_budget=privacy.epsilon_cap,
                           noise_multiplier=sigma, accountant=privacy.accountant_name,

@@ -151,7 +151,8 @@ def plan_secure_site(site: str, records: int, job: JobConfig,
         warnings.append(f"{site}: t = {t} is below the default site policy's "
                         "secure_aggregation.min_contributions (3): such sites will decline")
     return SecureSitePlan(site, records, job.secure.sample_rate, t, sigma,
-                          sigma / math.sqrt(t), job.privacy.delta, aggregate, fallback, warnings)
+                          step.fallback().noise_multiplier, job.privacy.delta, aggregate,
+                          fallback, warnings)
 
 
 def render_secure_table(plans: list[SecureSitePlan]) -> str:

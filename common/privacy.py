@@ -95,7 +95,14 @@ class SecureStep:
         noise of one share, ``sigma / sqrt(shares)`` (written as ``site_guarantees`` writes it,
         so that both give the same figure to the bit)."""
         return dataclasses.replace(
-            self, noise_multiplier=self.noise_multiplier * math.sqrt(1 / self.shares), shares=1)
+            self, noise_multiplier=share_noise_multiplier(self.noise_multiplier, self.shares),
+            shares=1)
+
+
+def share_noise_multiplier(noise_multiplier: float, shares: int) -> float:
+    """The noise multiplier of one site's share when ``shares`` shares make up
+    ``noise_multiplier``: what the fallback guarantee rests on."""
+    return noise_multiplier * math.sqrt(1 / shares)
 
 
 Step = MechanismStep | SecureStep
