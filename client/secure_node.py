@@ -320,7 +320,7 @@ class SecureRound:
                 scaled_clip=params.scaled_clip, dimension=params.padded_dimension,
                 min_contributions=plan.min_contributions, max_sites=plan.max_sites,
                 trusted=node.policy.secure_aggregation.trust, accountant=accountant,
-                epsilon=enforced_after,
+                subsampling=step.subsampling, epsilon=enforced_after,
                 aggregate_epsilon=node.ledger.epsilon(privacy.delta, accountant, then=[step],
                                                       guarantee="aggregate"),
                 fallback_epsilon=node.ledger.epsilon(privacy.delta, accountant,

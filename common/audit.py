@@ -182,7 +182,8 @@ class SecureRdp:
         key = dataclasses.replace(step, steps=1)
         if key not in self._skellam:
             self._skellam[key] = skellam_step_rdp(step.noise_multiplier, step.scaled_clip,
-                                                  step.dimension, step.sample_rate, ORDERS)
+                                                  step.dimension, step.sample_rate, ORDERS,
+                                                  step.subsampling)
         return self._skellam[key]
 
     def add(self, step: MechanismStep) -> None:

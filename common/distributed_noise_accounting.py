@@ -15,14 +15,23 @@ This module bounds what one record loses by that release, with no Flower and no 
 * the rounding's effect on that shift (``rounded_skellam_rdp``): bounded with high probability
   by Hoeffding and always by the triangle inequality, the two joined soundly by the joint
   convexity of ``exp((a - 1) D_a)`` (van Erven and Harremoës 2014), so no extra delta;
-* Poisson subsampling at rate q: the general upper bound of Zhu and Wang, "Poisson Subsampled
-  Rényi Differential Privacy", ICML 2019, Theorem 6, valid for any base mechanism at integer
-  orders (it is why the orders here are integers). It is the price of not knowing that the
-  Skellam's two directions behave like the Gaussian's: its terms of order 3 and up count
-  three times, so for the Gaussian it is above the exact figure dp-accounting computes (by
-  about 4% in epsilon at q = 0.001, 16% at q = 0.01, 30% at q = 0.05; measured in the tests),
-  and the noise calibrated by it is about 6% (epsilon 3 and 8) to 20% (epsilon 1) above the
-  Gaussian RDP's at q = 0.01, 1000 steps;
+* Poisson subsampling at rate q: the binomial expansion of the subsampled mixture's moment
+  (``poisson_subsampled_rdp``). For the removal direction, D_a((1-q)Q + qP || Q), it is an
+  identity at integer orders: ``E_Q[(1 - q + q P/Q)^a] = sum_l C(a,l) q^l (1-q)^(a-l)
+  exp((l-1) D_l(P||Q))``, and each term needs only the base mechanism's RDP (averaged over the
+  rounding, see below). The addition direction, D_a(Q || (1-q)Q + qP), is never larger when the
+  pair is mirrored: a reflection of the output space swaps P and Q, as ``x -> w - x`` does for a
+  Skellam (or Gaussian) shifted by w. Then the privacy loss Z = log(P/Q) under Q has
+  ``f(-z) = e^z f(z)``, both moments become sums over z > 0, and the addition direction's
+  term is below the removal direction's for every z and q (``mirrored_pair_margin``: exact at
+  order 2, where it compares two variances, and checked on a dense grid of orders, rates and
+  losses by the tests; they also compute both directions exactly for small Skellam pairs).
+  This is the bound Mironov, Talwar and Zhang (2019) prove tight for the Gaussian, so the
+  Skellam's noise costs only its discreteness and rounding over the Gaussian's.
+  Ledgers written before it (their secure entries carry no ``subsampling``) were bounded with
+  Zhu and Wang's general bound ("Poisson Subsampled Rényi Differential Privacy", ICML 2019,
+  Theorem 6, valid for any mechanism: its terms of order 3 and up count three times), which
+  the audit still recomputes them with (``SUBSAMPLING_GENERAL``);
 * RDP to (eps, delta) by the conversion of Balle et al. 2020 ("Hypothesis testing
   interpretations and Rényi DP", Theorem 21), the one Opacus and dp-accounting use.
 
@@ -40,7 +49,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy.special import gammaln, logsumexp
 
-# Integer orders (Zhu and Wang's bound needs them): every order to 64, then coarser to 256.
+# Integer orders (the binomial expansion needs them): every order to 64, then coarser to 256.
 ORDERS: tuple[int, ...] = tuple(range(2, 65)) + tuple(range(72, 257, 8))
 # Failure probabilities of the rounding's Hoeffding bound tried at each order (1e-1 .. 1e-300):
 # the bound holds for every one of them, so each order may use the one that suits it best.
@@ -48,6 +57,11 @@ _ROUNDING_FAILURES = np.logspace(-1.0, -300.0, 1197)
 MAX_NOISE_MULTIPLIER = 1e4
 
 RdpCurve = Callable[[np.ndarray], np.ndarray]
+
+# How a secure step's Poisson subsampling is bounded; a secure ledger entry names the one it used.
+SUBSAMPLING_MIRRORED = "binomial-mirrored"  # the binomial expansion, for mirrored pairs
+SUBSAMPLING_GENERAL = "zhu-wang-2019"  # any mechanism; what ledgers before it were bounded with
+SUBSAMPLING_BOUNDS = (SUBSAMPLING_MIRRORED, SUBSAMPLING_GENERAL)
 
 
 def _orders(orders: Sequence[int]) -> np.ndarray:
@@ -136,24 +150,20 @@ def gaussian_rdp(orders: Sequence[int] | np.ndarray, noise_multiplier: float) ->
 
 
 def poisson_subsampled_rdp(orders: Sequence[int] | np.ndarray, sample_rate: float,
-                           base: RdpCurve) -> np.ndarray:
-    """RDP of the base mechanism run on a Poisson sample at ``sample_rate``, per order.
+                           base: RdpCurve, bound: str = SUBSAMPLING_MIRRORED) -> np.ndarray:
+    """RDP of the base mechanism run on a Poisson sample at ``sample_rate``, per integer order
+    ``a``, never above the base mechanism's own (subsampling cannot hurt):
+    ``(1/(a-1)) log[(1-q)^(a-1) (1 + (a-1) q) + sum_{l=2}^{a} k_l C(a,l) q^l (1-q)^(a-l)
+    e^{(l-1) eps(l)}]``.
 
-    Zhu and Wang (ICML 2019), Theorem 6, the general upper bound for any mechanism with RDP
-    ``base`` at integer orders ``a``:
-    ``(1/(a-1)) log[(1-q)^(a-1) (a q - q + 1) + C(a,2) q^2 (1-q)^(a-2) e^{eps(2)}
-    + 3 sum_{l=3}^{a} C(a,l) q^l (1-q)^(a-l) e^{(l-1) eps(l)}]``,
-    never above the base mechanism's own RDP (subsampling cannot hurt).
+    ``SUBSAMPLING_MIRRORED``: every ``k_l`` is 1, the binomial expansion, valid for both
+    directions when the base mechanism's two outputs are mirror images (module docstring);
+    for the Gaussian it is the exact RDP dp-accounting computes. ``SUBSAMPLING_GENERAL``: Zhu
+    and Wang's general bound, ``k_l`` 3 for ``l >= 3``, for ledgers written before.
     """
-    return _binomial_bound(orders, sample_rate, base, tail_factor=3.0)
-
-
-def _binomial_bound(orders: Sequence[int] | np.ndarray, sample_rate: float, base: RdpCurve,
-                    tail_factor: float) -> np.ndarray:
-    """The binomial expansion of the subsampled mixture's moment, its terms of order 3 and
-    more multiplied by ``tail_factor``: 3 is Zhu and Wang's general bound; 1 is the exact RDP of
-    the subsampled Gaussian (Mironov, Talwar, Zhang 2019), used only to cross-check this code
-    against dp-accounting."""
+    if bound not in SUBSAMPLING_BOUNDS:
+        raise ValueError(f"unknown subsampling bound {bound!r} "
+                         f"(known: {', '.join(SUBSAMPLING_BOUNDS)})")
     a_all = _orders(orders)
     if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
@@ -169,10 +179,28 @@ def _binomial_bound(orders: Sequence[int] | np.ndarray, sample_rate: float, base
         ell = np.arange(2, a + 1)
         log_terms = (gammaln(a + 1) - gammaln(ell + 1) - gammaln(a - ell + 1)
                      + ell * log_q + (a - ell) * log_1q + (ell - 1) * eps[ell - 2])
-        log_terms[1:] += math.log(tail_factor)
+        if bound == SUBSAMPLING_GENERAL:
+            log_terms[1:] += math.log(3.0)
         head = (a - 1) * log_1q + math.log1p((a - 1) * sample_rate)
         result[i] = logsumexp(np.concatenate(([head], log_terms))) / (a - 1)
     return np.minimum(result, own)
+
+
+def mirrored_pair_margin(order: int, sample_rate: float, loss: np.ndarray) -> np.ndarray:
+    """Log of (removal term / addition term) at privacy losses ``loss`` > 0, for a mirrored
+    pair: where it is >= 0 for every loss, the subsampled addition direction's moment is at
+    most the removal direction's, which the binomial expansion gives exactly.
+
+    With ``u = e^z``, ``m = 1 - q + q u`` and ``n = q + (1 - q) u``, the two directions'
+    moments are sums over z > 0 of ``f(z)`` times ``m^a + u^(1-a) n^a`` (removal) and
+    ``m^(1-a) + u^a n^(1-a)`` (addition). The tests check the margin on a dense grid.
+    """
+    z = np.asarray(loss, dtype=np.float64)
+    log_m = np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + z)
+    log_n = np.logaddexp(math.log(sample_rate), math.log1p(-sample_rate) + z)
+    removal = np.logaddexp(order * log_m, (1 - order) * z + order * log_n)
+    addition = np.logaddexp((1 - order) * log_m, order * z + (1 - order) * log_n)
+    return removal - addition
 
 
 def epsilon_from_rdp(orders: Sequence[int] | np.ndarray, rdp: np.ndarray,
@@ -201,7 +229,8 @@ def _check_run(sample_rate: float, steps: int, delta: float) -> None:
 
 
 def skellam_step_rdp(noise_multiplier: float, scaled_clip: float, dimension: int,
-                     sample_rate: float, orders: Sequence[int] = ORDERS) -> np.ndarray:
+                     sample_rate: float, orders: Sequence[int] = ORDERS,
+                     bound: str = SUBSAMPLING_MIRRORED) -> np.ndarray:
     """RDP per order of one Poisson-subsampled step of the rounded Skellam sum, whose noise
     has standard deviation ``noise_multiplier * scaled_clip`` per coordinate. Steps compose by
     adding these curves, so a ledger of different rounds sums them."""
@@ -211,22 +240,23 @@ def skellam_step_rdp(noise_multiplier: float, scaled_clip: float, dimension: int
     variance = (noise_multiplier * scaled_clip) ** 2
     return poisson_subsampled_rdp(
         orders, sample_rate, lambda ells: rounded_skellam_rdp(ells, scaled_clip, dimension,
-                                                              variance))
+                                                              variance), bound)
 
 
 def skellam_epsilon(noise_multiplier: float, scaled_clip: float, dimension: int,
                     sample_rate: float, steps: int, delta: float,
-                    orders: Sequence[int] = ORDERS) -> float:
+                    orders: Sequence[int] = ORDERS, bound: str = SUBSAMPLING_MIRRORED) -> float:
     """Epsilon at ``delta`` of ``steps`` Poisson-subsampled steps of the rounded Skellam sum."""
     _check_run(sample_rate, steps, delta)
-    rdp = steps * skellam_step_rdp(noise_multiplier, scaled_clip, dimension, sample_rate, orders)
+    rdp = steps * skellam_step_rdp(noise_multiplier, scaled_clip, dimension, sample_rate, orders,
+                                   bound)
     return epsilon_from_rdp(orders, rdp, delta)[0]
 
 
 def subsampled_gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int,
                                 delta: float, orders: Sequence[int] = ORDERS) -> float:
-    """Epsilon of the Poisson-subsampled Gaussian by the same general bound: the cross-check
-    against dp-accounting's (tight) analysis of that mechanism."""
+    """Epsilon of the Poisson-subsampled Gaussian by the same subsampling bound: the
+    cross-check against dp-accounting's analysis of that mechanism."""
     _check_run(sample_rate, steps, delta)
     rdp = steps * poisson_subsampled_rdp(orders, sample_rate,
                                          lambda ells: gaussian_rdp(ells, noise_multiplier))

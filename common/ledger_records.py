@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
+from privatune.common.distributed_noise_accounting import (SUBSAMPLING_BOUNDS,
+                                                           SUBSAMPLING_GENERAL)
 from privatune.common.privacy import MechanismStep, SecureStep
 
 ADAPTER_UPDATE = "adapter_update"
@@ -108,6 +110,10 @@ def _secure_problem(entry: Mapping[str, Any]) -> str | None:
     if problem is None and entry["max_sites"] < entry["min_contributions"]:
         return (f"max_sites is {entry['max_sites']!r}, below min_contributions "
                 f"{entry['min_contributions']!r}")
+    # absent in the entries written before it, which were bounded with SUBSAMPLING_GENERAL
+    if problem is None and entry.get("subsampling", SUBSAMPLING_GENERAL) not in SUBSAMPLING_BOUNDS:
+        return (f"subsampling is {entry['subsampling']!r}, expected one of "
+                f"{', '.join(SUBSAMPLING_BOUNDS)}")
     return problem
 
 
@@ -223,6 +229,7 @@ class SecureRelease(TypedEntry):
     delta: float
     contribution_sha256: str | None = None  # of the masked input bytes sent
     withheld: str | None = None
+    subsampling: str | None = None  # the subsampling bound; None: SUBSAMPLING_GENERAL (older)
 
     @staticmethod
     def problem(entry: Mapping[str, Any]) -> str | None:
@@ -233,7 +240,8 @@ class SecureRelease(TypedEntry):
         """The aggregate mechanism, guarantee (a); ``.fallback()`` of it is (b)."""
         return SecureStep(float(self.noise_multiplier), float(self.sample_rate), int(self.steps),
                           float(self.scaled_clip), int(self.dimension),
-                          int(self.min_contributions))
+                          int(self.min_contributions),
+                          self.subsampling or SUBSAMPLING_GENERAL)
 
     def mechanism(self, guarantee: str = "enforced") -> SecureStep:
         """The step of the named guarantee (``GUARANTEES``): ``enforced`` is the aggregate

@@ -27,8 +27,9 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from privatune.common.distributed_noise_accounting import (ORDERS, epsilon_from_rdp,
-                                                           skellam_step_rdp)
+from privatune.common.distributed_noise_accounting import (ORDERS, SUBSAMPLING_BOUNDS,
+                                                           SUBSAMPLING_MIRRORED,
+                                                           epsilon_from_rdp, skellam_step_rdp)
 from privatune.common.opacus_internals import remember_rdp_of_one_step
 
 RDP = "opacus-rdp"
@@ -67,7 +68,9 @@ class SecureStep:
     ``noise_multiplier`` is the aggregate sigma (in units of the clip) of at least ``shares``
     contributions; ``scaled_clip`` is the clip in the encoder's integer units
     (``DistributedNoiseParams.scaled_clip``) and ``dimension`` the padded dimension, both of
-    which the rounding's share of the sensitivity depends on.
+    which the rounding's share of the sensitivity depends on. ``subsampling`` names the bound
+    on the Poisson sampling (``distributed_noise_accounting.SUBSAMPLING_BOUNDS``): ledgers keep
+    the one each release was accounted with.
     """
 
     noise_multiplier: float
@@ -76,6 +79,7 @@ class SecureStep:
     scaled_clip: float
     dimension: int
     shares: int
+    subsampling: str = SUBSAMPLING_MIRRORED
 
     def __post_init__(self) -> None:
         for name in ("steps", "dimension", "shares"):
@@ -89,6 +93,9 @@ class SecureStep:
                                  f"got {value!r}")
         if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
             raise ValueError(f"SecureStep.sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        if self.subsampling not in SUBSAMPLING_BOUNDS:
+            raise ValueError(f"SecureStep.subsampling must be one of "
+                             f"{', '.join(SUBSAMPLING_BOUNDS)}, got {self.subsampling!r}")
 
     def fallback(self) -> SecureStep:
         """What this site's own share alone guarantees, should secure aggregation break: the
@@ -162,9 +169,10 @@ def _gaussian_only(history: Iterable[MechanismStep]) -> list[MechanismStep]:
 
 @functools.lru_cache(maxsize=1024)
 def _secure_step_rdp(noise_multiplier: float, sample_rate: float, scaled_clip: float,
-                     dimension: int) -> np.ndarray:
+                     dimension: int, subsampling: str) -> np.ndarray:
     """One secure step's RDP curve on ``ORDERS``; cached, as a ledger repeats its mechanism."""
-    curve = skellam_step_rdp(noise_multiplier, scaled_clip, dimension, sample_rate, ORDERS)
+    curve = skellam_step_rdp(noise_multiplier, scaled_clip, dimension, sample_rate, ORDERS,
+                             subsampling)
     curve.flags.writeable = False
     return curve
 
@@ -174,7 +182,7 @@ def _step_rdp(step: Step) -> np.ndarray:
     step, the subsampled rounded-Skellam bound for a secure one."""
     if isinstance(step, SecureStep):
         return step.steps * _secure_step_rdp(step.noise_multiplier, step.sample_rate,
-                                             step.scaled_clip, step.dimension)
+                                             step.scaled_clip, step.dimension, step.subsampling)
     return np.asarray(compute_rdp(q=step.sample_rate, noise_multiplier=step.noise_multiplier,
                                   steps=step.steps, orders=list(ORDERS)), dtype=np.float64)
 

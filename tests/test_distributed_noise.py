@@ -263,11 +263,11 @@ def test_skellam_converges_to_the_gaussian_at_the_same_variance():
 
 
 @pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (0.8, 0.05, 200),
-                                            (1.1, 0.001, 10_000)])
+                                            (1.1, 0.001, 10_000), (3.0, 0.08, 90)])
 def test_subsampling_bound_against_dp_accounting(sigma, q, steps):
-    """For the Gaussian, dp-accounting's RDP accountant is exact (Mironov et al. 2019). The
-    binomial expansion here reproduces it to rounding; Zhu and Wang's general bound, the one
-    valid for Skellam, is never below it and stays within the documented margin."""
+    """For the Gaussian, dp-accounting's RDP accountant is exact (Mironov et al. 2019): the
+    binomial expansion reproduces it to rounding; Zhu and Wang's general bound, kept for older
+    ledgers, is never below it."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
@@ -275,12 +275,64 @@ def test_subsampling_bound_against_dp_accounting(sigma, q, steps):
     accountant = RdpAccountant(orders=[float(o) for o in acc.ORDERS])
     accountant.compose(dp_accounting.PoissonSampledDpEvent(
         q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    exact = steps * acc._binomial_bound(acc.ORDERS, q, lambda o: acc.gaussian_rdp(o, sigma),
-                                        tail_factor=1.0)
-    assert np.allclose(exact, np.asarray(accountant._rdp), rtol=1e-9)
+    ours = steps * acc.poisson_subsampled_rdp(acc.ORDERS, q,
+                                              lambda o: acc.gaussian_rdp(o, sigma))
+    assert np.allclose(ours, np.asarray(accountant._rdp), rtol=1e-9)
     theirs = accountant.get_epsilon(1e-5)
-    ours = acc.subsampled_gaussian_epsilon(sigma, q, steps, 1e-5)
-    assert theirs <= ours <= 1.35 * theirs
+    assert acc.subsampled_gaussian_epsilon(sigma, q, steps, 1e-5) == pytest.approx(theirs,
+                                                                                   rel=1e-6)
+    general = steps * acc.poisson_subsampled_rdp(acc.ORDERS, q,
+                                                 lambda o: acc.gaussian_rdp(o, sigma),
+                                                 acc.SUBSAMPLING_GENERAL)
+    assert np.all(general >= ours * (1 - 1e-12))
+    with pytest.raises(ValueError, match="subsampling bound"):
+        acc.poisson_subsampled_rdp(acc.ORDERS, q, lambda o: acc.gaussian_rdp(o, sigma), "tight")
+
+
+def test_mirrored_pairs_addition_direction_never_exceeds_removal():
+    """The lemma the binomial expansion rests on for both directions: on a dense grid of
+    orders, sampling rates (up to 0.99) and privacy losses (up to e^1000), the removal term is
+    at least the addition term (to rounding). At order 2 it is exact: the two terms compare
+    the variances q^2 (u-1)^2 / u and q^2 (u-1)^2 / (m n) of two mean-one distributions, and
+    m n - u = q (1 - q) (u - 1)^2 >= 0."""
+    losses = np.concatenate([np.linspace(1e-6, 1e-2, 50), np.logspace(-2, 3, 1500)])
+    rates = np.concatenate([np.logspace(-6, -0.01, 80), [0.5, 0.9]])
+    for order in [*range(2, 41), 64, 128, 256]:
+        for rate in rates:
+            margin = acc.mirrored_pair_margin(order, float(rate), losses)
+            assert margin.min() > -1e-9, (order, rate, losses[int(np.argmin(margin))])
+
+
+def _skellam_log_pmf(variance: float, support: np.ndarray) -> np.ndarray:
+    from scipy.stats import skellam
+    return skellam.logpmf(support, variance / 2, variance / 2)
+
+
+@pytest.mark.parametrize("variance, shift, q", [(4.0, 1, 0.1), (2.0, 2, 0.3), (9.0, 3, 0.05),
+                                                (1.0, 1, 0.5)])
+def test_subsampled_skellam_both_directions_within_the_binomial_bound(variance, shift, q):
+    """Exactly, by summing over the support: both directions of the Poisson-subsampled
+    Skellam pair are within the binomial expansion of the base pair's own divergences, and the
+    removal direction meets it (it is an identity there)."""
+    from scipy.special import logsumexp
+
+    support = np.arange(-60, 61)  # the mass beyond is below 1e-20 at these variances
+    base_q = _skellam_log_pmf(variance, support)
+    base_p = _skellam_log_pmf(variance, support - shift)
+    mixture = np.logaddexp(math.log1p(-q) + base_q, math.log(q) + base_p)
+    orders = np.arange(2, 13)
+
+    def divergence(first: np.ndarray, second: np.ndarray, order: int) -> float:
+        return float(logsumexp(order * first + (1 - order) * second) / (order - 1))
+
+    base = {int(a): divergence(base_p, base_q, int(a)) for a in orders}
+    bound = acc.poisson_subsampled_rdp(orders, q, lambda ells: np.array(
+        [base[int(a)] if a in base else np.inf for a in ells]))
+    for a, limit in zip(orders, bound):
+        removal = divergence(mixture, base_q, int(a))
+        addition = divergence(base_q, mixture, int(a))
+        assert removal == pytest.approx(limit, rel=1e-6, abs=1e-12)
+        assert addition <= limit * (1 + 1e-9) + 1e-15
 
 
 def test_guarantees_grow_with_steps_and_rate_and_the_fallback_is_weaker():

@@ -9,6 +9,8 @@ import math
 import pytest
 
 from privatune.common.distributed_noise import choose_parameters, site_guarantees
+from privatune.common.distributed_noise_accounting import (SUBSAMPLING_GENERAL,
+                                                           SUBSAMPLING_MIRRORED, skellam_epsilon)
 from privatune.common.ledger import LedgerError, SiteLedger, read_entries
 from privatune.common.ledger_records import (ADAPTER_UPDATE, NON_PRIVATE, SECURE_UPDATE,
                                              SecureRelease, record_of)
@@ -117,7 +119,8 @@ def secure_release(step: int = 0, trusted: bool = False, **changes) -> SecureRel
                   max_grad_norm=1.0, scaled_clip=PARAMS.scaled_clip,
                   dimension=PARAMS.padded_dimension, min_contributions=3, max_sites=5,
                   trusted=trusted, accountant=PRV, epsilon=0.5, aggregate_epsilon=0.1,
-                  fallback_epsilon=0.5, delta=DELTA, contribution_sha256="ab" * 32)
+                  fallback_epsilon=0.5, delta=DELTA, contribution_sha256="ab" * 32,
+                  subsampling=SUBSAMPLING_MIRRORED)
     return SecureRelease(**{**fields, **changes})
 
 
@@ -336,6 +339,36 @@ def test_secure_figures_alone_match_site_guarantees(tmp_path):
     assert "| # | run | round | unit |" not in text  # no empty table of adapter releases
     assert "| 1 | run | 1 | 0 | record | 1.2000 | 0.0100 | 200 | 1.0 | 3 | 5 | (b) fallback |" in (
         text)
+
+
+def test_an_older_secure_release_is_audited_with_the_bound_it_was_written_with(tmp_path):
+    """Secure entries written before the subsampling bound was recorded were accounted with
+    Zhu and Wang's general bound: they read as that, the audit recomputes them with it (no
+    false alarm), and a later release's figures compose on top; an unknown name is refused."""
+    from privatune.common.audit import audit_ledger
+
+    ledger = SiteLedger(tmp_path / "ledger.jsonl")
+    older = {"bound": SUBSAMPLING_GENERAL}
+    figures = {name: skellam_epsilon(sigma, PARAMS.scaled_clip, PARAMS.padded_dimension, Q,
+                                     STEPS, DELTA, bound=SUBSAMPLING_GENERAL)
+               for name, sigma in (("aggregate_epsilon", PARAMS.noise_multiplier),
+                                   ("fallback_epsilon",
+                                    PARAMS.noise_multiplier / math.sqrt(3)))}
+    # written as before the field existed: a None field is left out of the entry
+    ledger.append_record(secure_release(steps=STEPS, epsilon=figures["fallback_epsilon"],
+                                        subsampling=None, **figures))
+    (entry,) = read_entries(ledger.path)[0]
+    assert "subsampling" not in entry
+    (read,) = ledger.secure_releases()
+    assert read.subsampling is None and read.secure_step.subsampling == older["bound"]
+    audit = audit_ledger(ledger.path, "s", 8.0)
+    assert audit.ok, audit.problems
+    assert audit.fallback_epsilon == pytest.approx(figures["fallback_epsilon"], rel=1e-9)
+    # the same release under the binomial expansion costs less
+    assert audit.fallback_epsilon > skellam_epsilon(
+        PARAMS.noise_multiplier / math.sqrt(3), PARAMS.scaled_clip, PARAMS.padded_dimension, Q,
+        STEPS, DELTA)
+    assert SecureRelease.problem({**entry, "subsampling": "tightest"}) is not None
 
 
 def test_the_cap_holds_the_enforced_guarantee(tmp_path):
