@@ -38,11 +38,11 @@ release. What is independent of the node, said plainly:
 * the Gaussian steps' RDP: ``dp-accounting``'s, not Opacus';
 * the conversion to epsilon: ``dp-accounting``'s;
 * the Skellam steps' RDP is the project's own (``skellam_step_rdp``, the node's code): no second
-  implementation of the rounded Skellam bound or of Zhu and Wang's subsampling exists to compare
+  implementation of the rounded Skellam bound or of its subsampling bound exists to compare
   with. It is cross-checked against an independent lower bound instead: ``dp-accounting``'s
   exact RDP of the subsampled Gaussian at the same noise multiplier (the Gaussian limit). The
   Skellam bound is that Gaussian RDP plus non-negative terms (discreteness, rounding, the
-  general subsampling bound), order by order, so a Skellam curve below it anywhere is a bug that
+  subsampling bound), order by order, so a Skellam curve below it anywhere is a bug that
   under-counts, and is a problem. For large noise the two meet (the tests of
   ``distributed_noise_accounting`` measure how close); the audit shows the Gaussian limit
   beside (a) so the price of discreteness is visible.
