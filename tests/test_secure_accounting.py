@@ -23,6 +23,10 @@ DELTA = 1e-5
 PARAMS = choose_parameters(1000, min_contributions=3, max_sites=5, clip=1.0,
                            max_records_per_site=100, noise_multiplier=1.2)
 Q, STEPS = 0.01, 200
+# The audit's Skellam accounting (common.audit_skellam) is independent of the node's and optimises
+# the rounding's failure probability continuously: its epsilon is at or below the node's, within
+# this (measured at most 9.2e-5 below, tests/test_audit_skellam.py).
+SKELLAM_AGREEMENT = 3e-4
 
 
 def secure(steps: int = STEPS, sigma: float = PARAMS.noise_multiplier) -> SecureStep:
@@ -321,7 +325,8 @@ def test_the_audit_recomputes_both_guarantees_of_a_secure_site(tmp_path):
 
 def test_secure_figures_alone_match_site_guarantees(tmp_path):
     """A ledger of secure steps only: the audit's (a) and (b) are site_guarantees' figures for
-    the same parameters (the same Skellam curve, dp-accounting's conversion)."""
+    the same parameters, to SKELLAM_AGREEMENT (its own Skellam curve, dp-accounting's
+    conversion), never above them."""
     from privatune.common.audit import audit_ledger
 
     ledger = SiteLedger(tmp_path / "ledger.jsonl")
@@ -331,8 +336,10 @@ def test_secure_figures_alone_match_site_guarantees(tmp_path):
                                         fallback_epsilon=expected.fallback_epsilon))
     audit = audit_ledger(ledger.path, "s", 8.0)
     assert audit.ok, audit.problems
-    assert audit.aggregate_epsilon == pytest.approx(expected.aggregate_epsilon, rel=1e-9)
-    assert audit.fallback_epsilon == pytest.approx(expected.fallback_epsilon, rel=1e-9)
+    for figure in ("aggregate_epsilon", "fallback_epsilon"):
+        recomputed, node = getattr(audit, figure), getattr(expected, figure)
+        assert recomputed == pytest.approx(node, rel=SKELLAM_AGREEMENT)
+        assert recomputed <= node * (1 + 1e-9)
     from privatune.common.audit_report import render_markdown
 
     text = render_markdown([audit])
@@ -363,7 +370,8 @@ def test_an_older_secure_release_is_audited_with_the_bound_it_was_written_with(t
     assert read.subsampling is None and read.secure_step.subsampling == older["bound"]
     audit = audit_ledger(ledger.path, "s", 8.0)
     assert audit.ok, audit.problems
-    assert audit.fallback_epsilon == pytest.approx(figures["fallback_epsilon"], rel=1e-9)
+    assert audit.fallback_epsilon == pytest.approx(figures["fallback_epsilon"],
+                                                   rel=SKELLAM_AGREEMENT)
     # the same release under the binomial expansion costs less
     assert audit.fallback_epsilon > skellam_epsilon(
         PARAMS.noise_multiplier / math.sqrt(3), PARAMS.scaled_clip, PARAMS.padded_dimension, Q,
@@ -400,10 +408,10 @@ def test_a_skellam_curve_below_its_gaussian_limit_is_a_problem(tmp_path, monkeyp
     from privatune.common import audit as audit_module
 
     write_secure_site(tmp_path, "s", trusted=True)
-    from privatune.common.distributed_noise_accounting import skellam_step_rdp
+    from privatune.common.audit_skellam import secure_step_rdp
 
-    monkeypatch.setattr(audit_module, "skellam_step_rdp",
-                        lambda *args: 0.5 * skellam_step_rdp(*args))
+    monkeypatch.setattr(audit_module, "secure_step_rdp",
+                        lambda *args: 0.5 * secure_step_rdp(*args))
     (audit,) = audit_module.audit_path(tmp_path)
     assert any("below dp-accounting's RDP of the Gaussian" in p for p in audit.problems)
 
