@@ -88,7 +88,7 @@ def _log_inv_failure_cap(scaled_clip: float, dimension: int) -> float:
     return excess * excess / 2
 
 
-def _mixture_rdp(order: int, log_inv_failure: float, variance: float, scaled_clip: float,
+def mixture_rdp(order: int, log_inv_failure: float, variance: float, scaled_clip: float,
                  dimension: int, worst: float) -> float:
     """RDP at ``order`` from joint convexity: with probability ``1 - b`` the likely shift's
     RDP, with ``b`` the worst case's ``worst``, averaged in ``exp((order - 1) D)``."""
@@ -122,7 +122,7 @@ def rounded_skellam_curve(max_order: int, variance: float, scaled_clip: float,
         order, worst_rdp = int(orders[index]), float(worst[index])
 
         def objective(log_log_inv_failure: float) -> float:
-            return _mixture_rdp(order, math.exp(log_log_inv_failure), variance, scaled_clip,
+            return mixture_rdp(order, math.exp(log_log_inv_failure), variance, scaled_clip,
                                 dimension, worst_rdp)
 
         lower, upper = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
