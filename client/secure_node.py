@@ -129,6 +129,34 @@ def enforced(node: SiteNode, step: SecureStep) -> SecureStep:
     return step if node.policy.secure_aggregation.trust else step.fallback()
 
 
+@dataclass(frozen=True)
+class StepSpend:
+    """This site's epsilon after one more secure step, on the guarantee its policy enforces (what
+    its cap holds), on (a) and on (b): what the step's ``SecureRelease`` records and the reply
+    to its masking stage reports."""
+
+    enforced: float
+    aggregate: float
+    fallback: float
+
+
+def spend_after(node: SiteNode, step: SecureStep) -> StepSpend:
+    """The figures of ``StepSpend``, each composed once from the ledger. The enforced one is
+    (a)'s or (b)'s own where every secure release in the ledger was made under the trust the
+    policy has now (the usual case); a ledger that holds both (the policy's trust changed
+    since) counts each release by its own ``trusted``, so that figure is composed apart."""
+    privacy, trust = node.policy.privacy, node.policy.secure_aggregation.trust
+
+    def after(guarantee: str, then: SecureStep) -> float:
+        return node.ledger.epsilon(privacy.delta, privacy.accountant_name, then=[then],
+                                   guarantee=guarantee)
+
+    aggregate, fallback = after("aggregate", step), after("fallback", step.fallback())
+    if all(r.trusted == trust for r in node.ledger.secure_releases()):
+        return StepSpend(aggregate if trust else fallback, aggregate, fallback)
+    return StepSpend(after("enforced", enforced(node, step)), aggregate, fallback)
+
+
 def _run_history(node: SiteNode, run_id: str) -> list[MechanismStep | SecureStep]:
     """This run's releases at this site, each as the ledger enforces it."""
     return [*(r.step for r in node.ledger.releases(run_id)),
@@ -292,14 +320,12 @@ class SecureRound:
                               f"{config.vector_length}) does not fit the round's encoding "
                               f"({params.bits} bits, length {params.padded_dimension})")
         with node.answering():
-            step = _secure_step(plan, params, 1)
-            privacy, accountant = node.policy.privacy, node.policy.privacy.accountant_name
-            enforced_after = node.ledger.epsilon(privacy.delta, accountant,
-                                                 then=[enforced(node, step)], guarantee="enforced")
-            if enforced_after > privacy.epsilon_cap:  # the setup's check, against the ledger now
+            privacy = node.policy.privacy
+            spend = spend_after(node, _secure_step(plan, params, 1))
+            if spend.enforced > privacy.epsilon_cap:  # the setup's check, against the ledger now
                 return SecureReply(MASK, self._record(request, (
                     f"step {message.plan.step} would raise this site's epsilon to "
-                    f"{enforced_after:.3f}, over its cap of {privacy.epsilon_cap:g}")).reply), None
+                    f"{spend.enforced:.3f}, over its cap of {privacy.epsilon_cap:g}")).reply), None
             try:
                 contribution = self._contribution(request, plan, message.plan.step, adapter)
             except DPNotAppliedError as err:
@@ -319,18 +345,15 @@ class SecureRound:
                 sample_rate=plan.sample_rate, steps=1, max_grad_norm=request.max_grad_norm,
                 scaled_clip=params.scaled_clip, dimension=params.padded_dimension,
                 min_contributions=plan.min_contributions, max_sites=plan.max_sites,
-                trusted=node.policy.secure_aggregation.trust, accountant=accountant,
-                epsilon=enforced_after,
-                aggregate_epsilon=node.ledger.epsilon(privacy.delta, accountant, then=[step],
-                                                      guarantee="aggregate"),
-                fallback_epsilon=node.ledger.epsilon(privacy.delta, accountant,
-                                                     then=[step.fallback()],
-                                                     guarantee="fallback"),
+                trusted=node.policy.secure_aggregation.trust,
+                accountant=privacy.accountant_name, epsilon=spend.enforced,
+                aggregate_epsilon=spend.aggregate, fallback_epsilon=spend.fallback,
                 delta=privacy.delta,
                 contribution_sha256=hashlib.sha256(masked.masked).hexdigest())
             node.ledger.append_record(release)  # fsync'd before the masked input leaves
             session = dataclasses.replace(kept, secagg=site.to_state())
-            return SecureReply(MASK, self._accepted(plan), masked), session.to_bytes()
+            return (SecureReply(MASK, self._accepted(plan, spend.enforced), masked),
+                    session.to_bytes())
 
     def _contribution(self, request: TrainRequest, plan: SecurePlan, step: int,
                       adapter: Mapping[str, torch.Tensor]) -> SiteContribution:
@@ -369,14 +392,16 @@ class SecureRound:
             return f"a {plan.stage!r} stage of step {plan.step}, but this site is at step {kept.step}"
         return ""
 
-    def _accepted(self, plan: SecurePlan) -> TrainReply:
-        """An accepted stage: the site's spend on the guarantee it enforces, and the noise
-        multiplier that guarantee rests on (its own share's unless it trusts aggregation)."""
+    def _accepted(self, plan: SecurePlan, epsilon: float | None = None) -> TrainReply:
+        """An accepted stage: the site's spend on the guarantee it enforces (``epsilon``, where
+        the stage has just composed it; else the ledger's), and the noise multiplier that
+        guarantee rests on (its own share's unless it trusts aggregation)."""
         node, privacy = self.node, self.node.policy.privacy
         sigma = (plan.noise_multiplier if node.policy.secure_aggregation.trust
                  else share_noise_multiplier(plan.noise_multiplier,
                                              max(plan.min_contributions, 1)))
-        return TrainReply(site=node.name, accepted=True, epsilon=node.epsilon(),
+        return TrainReply(site=node.name, accepted=True,
+                          epsilon=node.epsilon() if epsilon is None else epsilon,
                           delta=node.delta(), epsilon_budget=privacy.epsilon_cap,
                           noise_multiplier=sigma, accountant=privacy.accountant_name,
                           **node.head_fields())

@@ -13,12 +13,14 @@ import yaml
 from flwr.app import RecordDict
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.client.secure_node import SecureRound
+from privatune.client.secure_node import SecureRound, StepSpend, enforced, spend_after
 from privatune.common.audit import audit_path
 from privatune.common.config import ConfigError, LoraConfig, load_job_config
+from privatune.common.distributed_noise import choose_parameters
 from privatune.common.ledger import SiteLedger
-from privatune.common.ledger_records import DECLINE, NonPrivateRelease
+from privatune.common.ledger_records import DECLINE, NonPrivateRelease, SecureRelease
 from privatune.common.lora import initial_adapter, lora_state
+from privatune.common.privacy import SecureStep
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
 from privatune.common.run_record import read_run_record
 from privatune.common.secure_aggregation import SecAggSite
@@ -183,6 +185,40 @@ def test_the_node_declines_a_round_over_its_cap_on_the_fallback(north, tiny_mode
     north.write_text(yaml.safe_dump(policy))
     reply, session = _setup(north, tiny_model_dir, plan, _job(tmp_path))
     assert reply.accepted and session is not None
+
+
+def test_a_steps_spend_is_each_guarantee_as_the_ledger_composes_it(north):
+    """``spend_after`` composes (a) and (b) and takes the enforced figure from the one the
+    policy enforces while every secure release was made under its trust; once the ledger holds
+    both (the policy's trust changed), the enforced figure counts each by its own."""
+    params = choose_parameters(512, min_contributions=3, max_sites=3, clip=1.0,
+                               max_records_per_site=256, noise_multiplier=3.0)
+    step = SecureStep(3.0, 0.08, 1, params.scaled_clip, params.padded_dimension, 3)
+    policy = load_site_policy(north)
+
+    def node(trust: bool) -> SiteNode:
+        return SiteNode(dataclasses.replace(policy, secure_aggregation=dataclasses.replace(
+            policy.secure_aggregation, trust=trust)))
+
+    def composed(site: SiteNode, guarantee: str, then: SecureStep) -> float:
+        return site.ledger.epsilon(policy.privacy.delta, policy.privacy.accountant_name,
+                                   then=[then], guarantee=guarantee)
+
+    for trusted in (False, False, True, True):
+        site = node(trusted)
+        spend = spend_after(site, step)
+        assert spend == StepSpend(composed(site, "enforced", enforced(site, step)),
+                                  composed(site, "aggregate", step),
+                                  composed(site, "fallback", step.fallback()))
+        site.ledger.append_record(SecureRelease(
+            run_id="run-1", round=1, step=len(site.ledger.secure_releases()),
+            privacy_unit="record", noise_multiplier=3.0, sample_rate=0.08, steps=1,
+            max_grad_norm=1.0, scaled_clip=params.scaled_clip, dimension=params.padded_dimension,
+            min_contributions=3, max_sites=3, trusted=trusted,
+            accountant=policy.privacy.accountant_name, epsilon=spend.enforced,
+            aggregate_epsilon=spend.aggregate, fallback_epsilon=spend.fallback,
+            delta=policy.privacy.delta))
+    assert spend.aggregate < spend.enforced < spend.fallback  # (b), (b), (a), then this (a)
 
 
 def test_a_stage_without_a_setup_is_declined(north, tiny_model_dir, tmp_path):
