@@ -7,10 +7,12 @@ ledger, as it decides a train request: the coordinator's t against the policy's
 epsilon after the round's steps under the guarantee its policy enforces (the fallback of its
 own noise share unless the policy trusts secure aggregation) against its cap and per-run
 budget; a decline is written to the ledger with its reason. At the masking stage of each step
-it loads the global adapter, Poisson-samples its records at q with its own secret randomness,
-sums the clipped per-record gradients (``client.secure_contribution``, whose DP-applied checks
-stay), encodes the sum with its Skellam share and masks it; the ``SecureRelease`` (both
-guarantees) is written to the ledger, fsync'd, BEFORE the masked input leaves.
+it loads the global adapter (under ffa, only if its frozen A is the one the run's first
+contribution here was computed against), Poisson-samples its records at q with its own secret
+randomness, sums the clipped per-record gradients of the trained factors
+(``client.secure_contribution``, whose DP-applied checks stay), encodes the sum with its
+Skellam share and masks it; the ``SecureRelease`` (both guarantees, and under ffa the hash of
+that A) is written to the ledger, fsync'd, BEFORE the masked input leaves.
 
 What a site holds between stages (its SecAgg+ keys, seed and shares) is a ``SecureSession``:
 bytes that the node's own runtime keeps (Flower's node state, or the in-process transport)
@@ -282,7 +284,7 @@ class SecureRound:
                     reason = f"the round's encoding: {err}"
             if not reason and params is not None:
                 frozen = check_frozen_factors(request, adapter or {},
-                                              node.ledger.releases(request.run_id))
+                                              node.ledger.secure_releases(request.run_id))
                 reason = (plan_problem(node, request, plan, params) or frozen.reason
                           or node.space_problem(adapter or {}))
             if reason:
@@ -320,6 +322,11 @@ class SecureRound:
                               f"{config.vector_length}) does not fit the round's encoding "
                               f"({params.bits} bits, length {params.padded_dimension})")
         with node.answering():
+            # under ffa: the A this step's gradients are for is the run's first (pinned by it)
+            frozen = check_frozen_factors(request, adapter,
+                                          node.ledger.secure_releases(request.run_id))
+            if frozen.reason:
+                return SecureReply(MASK, self._record(request, frozen.reason).reply), None
             privacy = node.policy.privacy
             spend = spend_after(node, _secure_step(plan, params, 1))
             if spend.enforced > privacy.epsilon_cap:  # the setup's check, against the ledger now
@@ -349,7 +356,8 @@ class SecureRound:
                 accountant=privacy.accountant_name, epsilon=spend.enforced,
                 aggregate_epsilon=spend.aggregate, fallback_epsilon=spend.fallback,
                 delta=privacy.delta,
-                contribution_sha256=hashlib.sha256(masked.masked).hexdigest())
+                contribution_sha256=hashlib.sha256(masked.masked).hexdigest(),
+                frozen_a_sha256=frozen.sha256)
             node.ledger.append_record(release)  # fsync'd before the masked input leaves
             session = dataclasses.replace(kept, secagg=site.to_state())
             return (SecureReply(MASK, self._accepted(plan, spend.enforced), masked),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from flwr.app import RecordDict
 from privatune.client.node import SiteNode
@@ -19,7 +20,8 @@ from privatune.common.config import ConfigError, LoraConfig, load_job_config
 from privatune.common.distributed_noise import choose_parameters
 from privatune.common.ledger import SiteLedger
 from privatune.common.ledger_records import DECLINE, NonPrivateRelease, SecureRelease
-from privatune.common.lora import initial_adapter, lora_state
+from privatune.common.lora import (frozen_part, initial_adapter, lora_state, trained_part,
+                                   update_hash)
 from privatune.common.privacy import SecureStep
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
 from privatune.common.run_record import read_run_record
@@ -343,3 +345,56 @@ def test_a_step_with_fewer_than_t_contributions_releases_nothing(tmp_path, tiny_
     assert refused and "below" in refused[0]
     assert [r.step for r in ledgers["north"].secure_releases()] == [0, 1]  # it sent step 1
 
+
+
+class _OtherA(InProcessTransport):
+    """In process, but node ``node`` gets another lora_A with the masking stage of ``step``."""
+
+    def __init__(self, nodes, node: int, step: int):
+        super().__init__(nodes)
+        self.node, self.step = node, step
+
+    def secure(self, requests, state, timeout_s):
+        plan = next(iter(requests.values())).plan
+        if (plan.stage, plan.step) != (MASK, self.step) or self.node not in requests:
+            return super().secure(requests, state, timeout_s)
+        other = {n: t + 0.01 if "lora_A" in n else t for n, t in state.items()}
+        results, failures = super().secure(
+            {n: r for n, r in requests.items() if n != self.node}, state, timeout_s)
+        changed, more = super().secure({self.node: requests[self.node]}, other, timeout_s)
+        return results + changed, failures + more
+
+
+def test_ffa_pins_lora_a_in_secure_mode(tmp_path, tiny_model_dir):
+    """Under ffa a secure round's contributions, sum and Adam step cover B alone; each step's
+    release records the A it was computed against, and a site given another A (at a step's
+    masking stage, or at a later round's setup) declines and says why."""
+    job = _job(tmp_path, "federation.aggregation=ffa", "federation.rounds=1",
+               "training.local_steps=2")
+    policies = _federation(tmp_path, tiny_model_dir)
+    nodes = [SiteNode(load_site_policy(p)) for p in policies]
+    settings = CoordinatorSettings(job=job, model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="ffa", resume=False, sites=tuple(n.name for n in nodes),
+                                   evaluate_each_round=False)
+    coordinator = Coordinator(settings, _OtherA(nodes, node=1, step=1), progress=lambda _: None)
+    training = coordinator.train_round(1)
+    start = lora_state(initial_adapter(tiny_model_dir, job.lora, job.seed))
+    frozen = update_hash(frozen_part(start, "ffa"))
+
+    assert training.aggregated and any("step 1 released nothing" in f for f in training.failures)
+    final = coordinator.global_state
+    assert all(torch.equal(final[n], t) for n, t in frozen_part(start, "ffa").items())
+    assert all(not torch.equal(final[n], t) for n, t in trained_part(start, "ffa").items())
+    north, *others = (SiteLedger(n.policy.ledger_path) for n in nodes)
+    assert [(r.step, r.frozen_a_sha256) for r in north.secure_releases()] == [(0, frozen)]
+    assert [(r.step, r.frozen_a_sha256) for r in others[0].secure_releases()] == [
+        (0, frozen), (1, frozen)]
+    assert "frozen lora_A factors differ" in _declines(policies[0])[-1]
+
+    later = SecureRequest(train_request(_job(tmp_path, "federation.aggregation=ffa"), "ffa", 2),
+                          _plan())
+    other = {n: t + 0.01 if "lora_A" in n else t for n, t in final.items()}
+    reply, session = SecureRound(nodes[0]).answer(1, later, other, None)
+    assert not reply.reply.accepted and "frozen lora_A factors differ" in reply.reply.reason
+    assert session is None
+    assert SecureRound(nodes[0]).answer(1, later, final, None)[0].reply.accepted
