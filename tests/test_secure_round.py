@@ -347,6 +347,28 @@ def test_a_step_with_fewer_than_t_contributions_releases_nothing(tmp_path, tiny_
 
 
 
+def test_fewer_than_t_sites_after_the_setup_ask_for_no_step(tmp_path, tiny_model_dir):
+    """A site declining the setup (its policy wants t >= 4) leaves two of three, below t = 3:
+    the round stops before any step's keys, nothing is released, the adapter stays."""
+    policies = _federation(tmp_path, tiny_model_dir)
+    policy = yaml.safe_load(policies[0].read_text())
+    policy["secure_aggregation"] = {"min_contributions": 4}
+    policies[0].write_text(yaml.safe_dump(policy))
+    nodes = [SiteNode(load_site_policy(p)) for p in policies]
+    settings = CoordinatorSettings(job=_job(tmp_path, "federation.rounds=1"),
+                                   model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="few", resume=False, sites=tuple(n.name for n in nodes),
+                                   evaluate_each_round=False)
+    coordinator = Coordinator(settings, InProcessTransport(nodes), progress=lambda _: None)
+    before = coordinator.global_state
+    training = coordinator.train_round(1)
+    assert not training.aggregated and "threshold t = 3" in training.declined["north"]
+    assert training.failures == ["step 0 released nothing: 2 sites in the round, below t = 3; "
+                                 "the round stops there"]
+    assert coordinator.global_state is before
+    assert not any(SiteLedger(n.policy.ledger_path).secure_releases() for n in nodes)
+
+
 class _OtherA(InProcessTransport):
     """In process, but node ``node`` gets another lora_A with the masking stage of ``step``."""
 
