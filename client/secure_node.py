@@ -322,7 +322,7 @@ class SecureRound:
                               f"{config.vector_length}) does not fit the round's encoding "
                               f"({params.bits} bits, length {params.padded_dimension})")
         with node.answering():
-            # under ffa: the A this step's gradients are for is the run's first (pinned by it)
+            # under ffa, the A this step's gradients are for must be the run's first one here
             frozen = check_frozen_factors(request, adapter,
                                           node.ledger.secure_releases(request.run_id))
             if frozen.reason:
