@@ -33,6 +33,8 @@ start, the secure and the central adapter; then the mean over seeds. The sites' 
 short templated clinical notes, each site with its own mix of conditions (non-IID); the
 held-out set mixes them all. The base model is the builtin one from
 ``.cache/privatune/models/`` when there is one, else a tiny one built here (a few seconds).
+The default run (2 epsilons x 2 seeds x 3 runs of 60 steps, the tiny model) took 33 min on 2
+CPU cores busy with other work; each row prints its secure and central seconds.
 """
 
 from __future__ import annotations
