@@ -4,28 +4,37 @@
         [--sites 3] [--records 160] [--batch 48] [--threshold T] [--model DIR] [--json out.json]
 
 Both runs take the same DP-SGD steps (same Poisson rate q = batch / pooled records, clip, Adam
-learning rate, LoRA start) on the same simulated sites' records for each seed:
+learning rate, LoRA start) on the same simulated sites' training records for each seed:
 
-* secure: every site sums its clipped per-sample gradients, adds its Skellam share, SecAgg+
-  sums the encodings, the coordinator decodes and steps (simulations/secure_dpsgd.py). Its
-  aggregate noise multiplier is calibrated for guarantee (a) at epsilon
-  (``aggregate_noise_multiplier``: the noise of t shares, RDP of the subsampled rounded
-  Skellam, Zhu-Wang's general subsampling bound). With n sites each adding a 1/t share, the
-  coordinator's noise has n/t times the calibrated variance (shown as ``noise x``).
-* central: a trusted curator runs Opacus DP-SGD on the pooled records with Gaussian noise
-  calibrated by Opacus' RDP accountant at the same epsilon (simulation only).
+* secure: the coordinator's own run in ``federation.mode: secure_dpsgd`` (one round of
+  ``--steps`` steps), every site a ``SiteNode`` in this process with its own policy file and
+  ledger (``simulations.in_process.InProcessTransport``, as ``simulations.audit_federation``
+  runs its federations): each site sums its clipped per-sample gradients, adds its Skellam
+  share and masks the encoding (SecAgg+); the coordinator decodes the sum and steps. The job's
+  noise is calibrated for guarantee (a) at epsilon (``secure.calibrate: aggregate``, so the
+  sites trust secure aggregation, as ``privatune simulate`` writes their policies): the noise
+  of t shares, RDP of the subsampled rounded Skellam (the binomial expansion for mirrored pairs).
+  With n sites each adding a 1/t share, the coordinator's noise has n/t times the calibrated
+  variance (shown as ``noise x``). The sites draw their samples and noise from their own secret
+  randomness, as deployed, so this run differs from one time to the next; the curator's is
+  seeded.
+* central: a trusted curator runs Opacus DP-SGD (the trainer the sites use in local DP) on the
+  pooled records with Gaussian noise calibrated by Opacus' RDP accountant at the same epsilon
+  (simulation only).
 * central at the secure noise (unless ``--no-matched``): the curator again, with the noise
   multiplier the secure coordinator's sum really carries, sigma_secure * sqrt(n / t). Beside
   the secure run it shows what the encoding itself costs (rounding, Skellam for Gaussian);
-  beside the central run, what the looser Skellam accounting and the n/t excess cost.
+  beside the central run, what the Skellam accounting and the n/t excess cost.
 
-Printed per epsilon and seed: each noise multiplier, each site's two guarantees (a) and (b)
-after the run, and the held-out loss and perplexity of the start, the secure and the central
-adapter; then the mean over seeds. The sites' records are short templated clinical notes, each
-site with its own mix of conditions (non-IID); the held-out set mixes them all. The base model
-is the builtin one from ``.cache/privatune/models/`` when there is one, else a tiny one built
-here (a few seconds). The default run (2 epsilons x 2 seeds x 3 runs of 60 steps) took
-3 min 50 s on one shared CPU core.
+Printed per epsilon and seed: each noise multiplier and their ratio (what the accounting of
+(a) costs in noise against central DP-SGD's), the highest of the sites' two guarantees (a) and
+(b) as their ledgers hold them after the run, and the held-out loss and perplexity of the
+start, the secure and the central adapter; then the mean over seeds. The sites' records are
+short templated clinical notes, each site with its own mix of conditions (non-IID); the
+held-out set mixes them all. The base model is the builtin one from
+``.cache/privatune/models/`` when there is one, else a tiny one built here (a few seconds).
+The default run (2 epsilons x 2 seeds x 3 runs of 60 steps, the tiny model) took 33 min on 2
+CPU cores busy with other work; each row prints its secure and central seconds.
 """
 
 from __future__ import annotations
@@ -36,33 +45,34 @@ import math
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+from privatune.client.data import load_records
+from privatune.client.node import SiteNode
+from privatune.client.policy import load_site_policy
+from privatune.client.trainer import DPTrainSettings, train_dp_round
 from privatune.common.base_model import BaseModelSpec, ensure_base_model
-from privatune.common.config import LoraConfig
-from privatune.common.distributed_noise import (
-    aggregate_noise_multiplier,
-    site_guarantees,
-)
+from privatune.common.config import JobConfig, with_overrides
 from privatune.common.examples import encode_pairs, evaluate_loss
+from privatune.common.ledger import SiteLedger
 from privatune.common.lora import (
     attach_seeded_lora,
     load_base_model,
     load_lora_state,
     lora_state,
+    train_factors,
     trained_part,
 )
-from privatune.common.privacy import (
-    RDP,
-    calibrate_noise_multiplier,
-    poisson_sample_rate,
-)
-from privatune.simulations.secure_dpsgd import (
-    DpsgdSite,
-    SecureDpsgdSettings,
-    run_central_dpsgd,
-    run_secure_dpsgd,
-)
+from privatune.common.privacy import RDP, calibrate_noise_multiplier, poisson_sample_rate
+from privatune.common.secure_protocol import noise_params, secure_noise_multiplier
+from privatune.server.coordinator import Coordinator
+from privatune.server.coordinator_settings import CoordinatorSettings
+from privatune.server.secure_round import round_plan
+from privatune.simulations.in_process import InProcessTransport
+from privatune.simulations.runner import write_site_policy
+from torch.utils.data import ConcatDataset, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDITIONS = ("pneumonia", "sepsis", "heart failure", "asthma", "diabetes", "stroke",
@@ -74,6 +84,7 @@ PLANS = {"pneumonia": "start antibiotics", "sepsis": "fluids and blood cultures"
 TINY = BaseModelSpec(vocab_size=512, hidden_size=64, layers=2, heads=2, intermediate_size=128,
                      max_positions=128, pretrain_steps=40, pretrain_batch_size=8,
                      pretrain_seq_len=64, corpus_max_bytes=200_000)
+SITE_HELDOUT = 8  # each site's own held-out notes (the coordinator's final evaluation asks them)
 
 
 def note(rng: random.Random, conditions: tuple[str, ...]) -> str:
@@ -99,9 +110,82 @@ def base_model_dir(requested: str | None) -> Path:
     return ensure_base_model(Path(tempfile.mkdtemp(prefix="privatune-bench-")), TINY)
 
 
+def benchmark_job(args: argparse.Namespace, seed: int, epsilon: float, rate: float,
+                  threshold: int) -> JobConfig:
+    """The secure run's job, validated as a loaded one: one round of ``--steps`` steps, the
+    noise sized for guarantee (a), the loss on whole notes (as the held-out loss is taken)."""
+    return with_overrides(JobConfig(), (
+        f"seed={seed}", f"model.max_length={args.max_length}", f"lora.r={args.rank}",
+        f"lora.alpha={2 * args.rank}", f"lora.target_modules=[{args.targets}]",
+        f"training.local_steps={args.steps}", f"training.batch_size={args.batch}",
+        f"training.learning_rate={args.lr}", f"training.max_grad_norm={args.clip}",
+        f"training.max_physical_batch_size={args.physical}", "training.loss_on=note",
+        f"privacy.epsilon={epsilon}", f"privacy.delta={args.delta}",
+        "federation.mode=secure_dpsgd", "federation.rounds=1",
+        f"federation.min_nodes={args.sites}", f"federation.min_replies={args.sites}",
+        f"secure.sample_rate={rate!r}", f"secure.min_contributions={threshold}",
+        f"secure.max_records_per_site={args.records}", "secure.calibrate=aggregate",
+        "evaluation.every_k_rounds=0", "tracking=none"),
+        "the secure DP-SGD benchmark's job")
+
+
+def site_nodes(root: Path, model_dir: Path, job: JobConfig, args: argparse.Namespace
+               ) -> list[SiteNode]:
+    """The sites, each with its notes on disk, its policy file (``write_site_policy``, as
+    ``privatune simulate`` writes it) and a fresh ledger: ``--records`` notes to train on and
+    ``SITE_HELDOUT`` held out, split as given (as the empirical audit hands its sites theirs);
+    float32 on the CPU, as the curator runs."""
+    nodes = []
+    for site in range(args.sites):
+        name = f"site-{site}"
+        data = root / "data" / f"{name}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(json.dumps({"text": text}) + "\n" for text in
+                                site_notes(site, args.records + SITE_HELDOUT, job.seed)))
+        records = load_records(data, "jsonl")
+        policy = load_site_policy(write_site_policy(root / "sites" / name, name, data, model_dir,
+                                                    job, "jsonl"))
+        # the curator's hardware (site.device and dtype auto may pick half precision), so that
+        # both runs compute alike
+        policy = replace(policy, site=replace(policy.site, device="cpu", dtype="float32"))
+        nodes.append(SiteNode(policy, split=(records[:args.records], records[args.records:])))
+    return nodes
+
+
+def secure_run(job: JobConfig, model_dir: Path, nodes: list[SiteNode],
+               out: Path) -> dict[str, torch.Tensor]:
+    """The coordinator's run over the sites in this process: its final global adapter; an
+    error when a step released nothing or a site declined (it says why)."""
+    coordinator = Coordinator(CoordinatorSettings(
+        job=job, model_dir=model_dir, out_dir=out, run_id=f"secure-benchmark-{job.seed}",
+        resume=False, sites=tuple(n.name for n in nodes), evaluate_each_round=False),
+        InProcessTransport(nodes), progress=lambda _line: None)
+    training = coordinator.run().rounds[-1].training
+    if not training.aggregated or training.failures or training.declined:
+        raise SystemExit(f"the secure run did not release all {job.training.local_steps} "
+                         f"steps: {training.failures or training.declined}")
+    return coordinator.global_state
+
+
+def central_run(model: torch.nn.Module, start: dict[str, torch.Tensor], pooled: Dataset,
+                job: JobConfig, noise_multiplier: float, rate: float) -> dict[str, torch.Tensor]:
+    """The trusted curator (simulation only): the same steps by the trainer the sites use,
+    Gaussian noise, on the pooled records; its Poisson rate must be the secure run's q."""
+    load_lora_state(model, start)
+    train_factors(model, job.federation.aggregation)
+    training = job.training
+    result = train_dp_round(model, pooled, DPTrainSettings(
+        noise_multiplier=noise_multiplier, max_grad_norm=training.max_grad_norm,
+        expected_batch_size=training.batch_size, steps=training.local_steps,
+        learning_rate=training.learning_rate, seed=job.seed,
+        max_physical_batch_size=training.max_physical_batch_size))
+    if not math.isclose(result.sample_rate, rate):
+        raise SystemExit(f"the curator sampled at {result.sample_rate:g}, the sites at {rate:g}")
+    return lora_state(model)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     model_dir = base_model_dir(args.model)
-    lora = LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=tuple(args.targets.split(",")))
     pooled = args.sites * args.records
     rate = poisson_sample_rate(pooled, args.batch)
     if not math.isclose(rate * pooled, args.batch):
@@ -114,67 +198,58 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"t={threshold} (noise x{args.sites / threshold:.3g} the calibrated variance)")
     rows = []
     for seed in args.seeds:
+        jobs = [benchmark_job(args, seed, epsilon, rate, threshold) for epsilon in args.epsilons]
         base, tokenizer = load_base_model(model_dir)
-        model = attach_seeded_lora(base, lora, seed=seed)  # the seed's LoRA start
+        model = attach_seeded_lora(base, jobs[0].lora, seed=seed)  # the coordinator's start
         start = lora_state(model)
-        datasets = [encode_pairs(tokenizer, [("", text) for text in site_notes(i, args.records, seed)],
-                                 args.max_length) for i in range(args.sites)]
         heldout_rng = random.Random(f"heldout-{seed}")
         heldout = encode_pairs(tokenizer, [("", note(heldout_rng, CONDITIONS))
                                            for _ in range(args.heldout)], args.max_length)
-        dimension = sum(t.numel() for t in trained_part(start, "fedavg").values())
-        for epsilon in args.epsilons:
-            sigma_secure = aggregate_noise_multiplier(epsilon, args.delta, rate, args.steps,
-                                                      dimension=dimension,
-                                                      min_contributions=threshold)
+        trained = trained_part(start, jobs[0].federation.aggregation)
+        dimension = sum(t.numel() for t in trained.values())
+        start_loss, _ = evaluate_loss(model, heldout)
+        for job in jobs:
+            epsilon = job.privacy.epsilon
+            sigma_secure = secure_noise_multiplier(job, dimension)  # as the coordinator sizes it
             sigma_central = calibrate_noise_multiplier(epsilon, args.delta, rate, args.steps,
                                                        accountant=RDP)
-            load_lora_state(model, start)
-            start_loss, _ = evaluate_loss(model, heldout)
-
-            began = time.perf_counter()
-            sites = [DpsgdSite(i, model, d, secret_seed=1000 * seed + i)
-                     for i, d in enumerate(datasets)]
-            settings = SecureDpsgdSettings(sample_rate=rate, clip=args.clip,
-                                           noise_multiplier=sigma_secure, learning_rate=args.lr,
-                                           threshold=threshold, public_seed=seed,
-                                           max_physical_batch_size=args.physical)
-            secure = run_secure_dpsgd(sites, args.steps, settings, start)
-            secure_seconds = time.perf_counter() - began
-            load_lora_state(model, secure.state)
+            bits = noise_params(round_plan(job, sigma_secure, args.sites), dimension,
+                                args.clip).bits
+            with tempfile.TemporaryDirectory(prefix="privatune-secure-benchmark-") as scratch:
+                nodes = site_nodes(Path(scratch), model_dir, job, args)
+                began = time.perf_counter()
+                secure = secure_run(job, model_dir, nodes, Path(scratch) / "run")
+                secure_seconds = time.perf_counter() - began
+                last = [SiteLedger(n.policy.ledger_path).secure_releases()[-1] for n in nodes]
+                # what the sites trained on, as their nodes encoded it
+                union = ConcatDataset([n.dataset("train", tokenizer, args.max_length,
+                                                 loss_marker=job.loss_marker) for n in nodes])
+            load_lora_state(model, secure)
             secure_loss, _ = evaluate_loss(model, heldout)
-            guarantees = site_guarantees(secure.params, sample_rate=rate, steps=args.steps,
-                                         delta=args.delta)
 
             began = time.perf_counter()
-            central = run_central_dpsgd(model, datasets, args.steps, initial_state=start,
-                                        expected_batch_size=args.batch,
-                                        noise_multiplier=sigma_central, clip=args.clip,
-                                        learning_rate=args.lr, seed=seed,
-                                        max_physical_batch_size=args.physical)
+            load_lora_state(model, central_run(model, start, union, job, sigma_central, rate))
             central_seconds = time.perf_counter() - began
-            load_lora_state(model, central.state)
             central_loss, _ = evaluate_loss(model, heldout)
             matched_loss = math.nan
             if args.matched:  # the curator with the noise the secure coordinator saw
-                matched = run_central_dpsgd(
-                    model, datasets, args.steps, initial_state=start,
-                    expected_batch_size=args.batch, clip=args.clip, learning_rate=args.lr,
-                    noise_multiplier=sigma_secure * math.sqrt(args.sites / threshold),
-                    seed=seed, max_physical_batch_size=args.physical)
-                load_lora_state(model, matched.state)
+                load_lora_state(model, central_run(
+                    model, start, union, job, sigma_secure * math.sqrt(args.sites / threshold),
+                    rate))
                 matched_loss, _ = evaluate_loss(model, heldout)
             row = {"epsilon": epsilon, "seed": seed, "dimension": dimension,
                    "sigma_secure": sigma_secure, "sigma_central": sigma_central,
-                   "bits": secure.params.bits, "epsilon_a": guarantees.aggregate_epsilon,
-                   "epsilon_b": guarantees.fallback_epsilon, "start_loss": start_loss,
+                   "sigma_ratio": sigma_secure / sigma_central, "bits": bits,
+                   "epsilon_a": max(r.aggregate_epsilon for r in last),
+                   "epsilon_b": max(r.fallback_epsilon for r in last), "start_loss": start_loss,
                    "secure_loss": secure_loss, "central_loss": central_loss,
                    "matched_loss": matched_loss,
                    "secure_seconds": secure_seconds, "central_seconds": central_seconds}
             rows.append(row)
             print(f"eps {epsilon:g} seed {seed}: sigma secure {sigma_secure:.3f} (bits "
                   f"{row['bits']}; site eps (a) {row['epsilon_a']:.3f}, (b) {row['epsilon_b']:.2f})"
-                  f", central {sigma_central:.3f} | held-out loss (ppl): start {start_loss:.3f} "
+                  f", central {sigma_central:.3f} (secure / central "
+                  f"{row['sigma_ratio']:.3f}) | held-out loss (ppl): start {start_loss:.3f} "
                   f"({math.exp(start_loss):.2f}), secure {secure_loss:.3f} "
                   f"({math.exp(secure_loss):.2f}), central {central_loss:.3f} "
                   f"({math.exp(central_loss):.2f})"

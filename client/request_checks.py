@@ -49,13 +49,14 @@ class FrozenFactors:
 
 
 def check_frozen_factors(request: TrainRequest, global_state: Mapping[str, torch.Tensor],
-                         run_releases: Sequence[AdapterRelease]) -> FrozenFactors:
+                         run_releases: Sequence[AdapterRelease | SecureRelease]) -> FrozenFactors:
     """Under ``ffa`` every site trains B against one shared A, or averaging B is meaningless.
 
-    The node pins the hash of the A it received in its first round of a run (``frozen_a_sha256``
-    of that ledger entry, fedavg entries have none) and declines a later request of the run whose
-    A differs, or whose aggregation differs from the run's first. The release would still be
-    DP (clipping bounds it whatever A is), but the global model would not be what ffa promises.
+    The node pins the hash of the A it received in its first release of a run
+    (``frozen_a_sha256`` of that ledger entry: an adapter update, or a secure step's
+    contribution; fedavg entries have none) and declines a later request of the run whose A
+    differs, or whose aggregation differs from the run's first. The release would still be DP
+    (clipping bounds it whatever A is), but the global model would not be what ffa promises.
     """
     try:
         frozen = frozen_part(global_state, request.aggregation)

@@ -7,10 +7,12 @@ ledger, as it decides a train request: the coordinator's t against the policy's
 epsilon after the round's steps under the guarantee its policy enforces (the fallback of its
 own noise share unless the policy trusts secure aggregation) against its cap and per-run
 budget; a decline is written to the ledger with its reason. At the masking stage of each step
-it loads the global adapter, Poisson-samples its records at q with its own secret randomness,
-sums the clipped per-record gradients (``client.secure_contribution``, whose DP-applied checks
-stay), encodes the sum with its Skellam share and masks it; the ``SecureRelease`` (both
-guarantees) is written to the ledger, fsync'd, BEFORE the masked input leaves.
+it loads the global adapter (under ffa, only if its frozen A is the one the run's first
+contribution here was computed against), Poisson-samples its records at q with its own secret
+randomness, sums the clipped per-record gradients of the trained factors
+(``client.secure_contribution``, whose DP-applied checks stay), encodes the sum with its
+Skellam share and masks it; the ``SecureRelease`` (both guarantees, and under ffa the hash of
+that A) is written to the ledger, fsync'd, BEFORE the masked input leaves.
 
 What a site holds between stages (its SecAgg+ keys, seed and shares) is a ``SecureSession``:
 bytes that the node's own runtime keeps (Flower's node state, or the in-process transport)
@@ -127,6 +129,34 @@ def enforced(node: SiteNode, step: SecureStep) -> SecureStep:
     """A secure step as this site's cap is enforced on it: the aggregate noise where its policy
     trusts secure aggregation, its own share alone (the fallback) otherwise."""
     return step if node.policy.secure_aggregation.trust else step.fallback()
+
+
+@dataclass(frozen=True)
+class StepSpend:
+    """This site's epsilon after one more secure step, on the guarantee its policy enforces (what
+    its cap holds), on (a) and on (b): what the step's ``SecureRelease`` records and the reply
+    to its masking stage reports."""
+
+    enforced: float
+    aggregate: float
+    fallback: float
+
+
+def spend_after(node: SiteNode, step: SecureStep) -> StepSpend:
+    """The figures of ``StepSpend``, each composed once from the ledger. The enforced one is
+    (a)'s or (b)'s own where every secure release in the ledger was made under the trust the
+    policy has now (the usual case); a ledger that holds both (the policy's trust changed
+    since) counts each release by its own ``trusted``, so that figure is composed apart."""
+    privacy, trust = node.policy.privacy, node.policy.secure_aggregation.trust
+
+    def after(guarantee: str, then: SecureStep) -> float:
+        return node.ledger.epsilon(privacy.delta, privacy.accountant_name, then=[then],
+                                   guarantee=guarantee)
+
+    aggregate, fallback = after("aggregate", step), after("fallback", step.fallback())
+    if all(r.trusted == trust for r in node.ledger.secure_releases()):
+        return StepSpend(aggregate if trust else fallback, aggregate, fallback)
+    return StepSpend(after("enforced", enforced(node, step)), aggregate, fallback)
 
 
 def _run_history(node: SiteNode, run_id: str) -> list[MechanismStep | SecureStep]:
@@ -254,7 +284,7 @@ class SecureRound:
                     reason = f"the round's encoding: {err}"
             if not reason and params is not None:
                 frozen = check_frozen_factors(request, adapter or {},
-                                              node.ledger.releases(request.run_id))
+                                              node.ledger.secure_releases(request.run_id))
                 reason = (plan_problem(node, request, plan, params) or frozen.reason
                           or node.space_problem(adapter or {}))
             if reason:
@@ -292,14 +322,18 @@ class SecureRound:
                               f"{config.vector_length}) does not fit the round's encoding "
                               f"({params.bits} bits, length {params.padded_dimension})")
         with node.answering():
+            # under ffa, the A this step's gradients are for must be the run's first one here
+            frozen = check_frozen_factors(request, adapter,
+                                          node.ledger.secure_releases(request.run_id))
+            if frozen.reason:
+                return SecureReply(MASK, self._record(request, frozen.reason).reply), None
+            privacy = node.policy.privacy
             step = _secure_step(plan, params, 1)
-            privacy, accountant = node.policy.privacy, node.policy.privacy.accountant_name
-            enforced_after = node.ledger.epsilon(privacy.delta, accountant,
-                                                 then=[enforced(node, step)], guarantee="enforced")
-            if enforced_after > privacy.epsilon_cap:  # the setup's check, against the ledger now
+            spend = spend_after(node, step)
+            if spend.enforced > privacy.epsilon_cap:  # the setup's check, against the ledger now
                 return SecureReply(MASK, self._record(request, (
                     f"step {message.plan.step} would raise this site's epsilon to "
-                    f"{enforced_after:.3f}, over its cap of {privacy.epsilon_cap:g}")).reply), None
+                    f"{spend.enforced:.3f}, over its cap of {privacy.epsilon_cap:g}")).reply), None
             try:
                 contribution = self._contribution(request, plan, message.plan.step, adapter)
             except DPNotAppliedError as err:
@@ -319,18 +353,17 @@ class SecureRound:
                 sample_rate=plan.sample_rate, steps=1, max_grad_norm=request.max_grad_norm,
                 scaled_clip=params.scaled_clip, dimension=params.padded_dimension,
                 min_contributions=plan.min_contributions, max_sites=plan.max_sites,
-                trusted=node.policy.secure_aggregation.trust, accountant=accountant,
-                subsampling=step.subsampling, epsilon=enforced_after,
-                aggregate_epsilon=node.ledger.epsilon(privacy.delta, accountant, then=[step],
-                                                      guarantee="aggregate"),
-                fallback_epsilon=node.ledger.epsilon(privacy.delta, accountant,
-                                                     then=[step.fallback()],
-                                                     guarantee="fallback"),
+                trusted=node.policy.secure_aggregation.trust,
+                accountant=privacy.accountant_name, subsampling=step.subsampling,
+                epsilon=spend.enforced,
+                aggregate_epsilon=spend.aggregate, fallback_epsilon=spend.fallback,
                 delta=privacy.delta,
-                contribution_sha256=hashlib.sha256(masked.masked).hexdigest())
+                contribution_sha256=hashlib.sha256(masked.masked).hexdigest(),
+                frozen_a_sha256=frozen.sha256)
             node.ledger.append_record(release)  # fsync'd before the masked input leaves
             session = dataclasses.replace(kept, secagg=site.to_state())
-            return SecureReply(MASK, self._accepted(plan), masked), session.to_bytes()
+            return (SecureReply(MASK, self._accepted(plan, spend.enforced), masked),
+                    session.to_bytes())
 
     def _contribution(self, request: TrainRequest, plan: SecurePlan, step: int,
                       adapter: Mapping[str, torch.Tensor]) -> SiteContribution:
@@ -369,14 +402,16 @@ class SecureRound:
             return f"a {plan.stage!r} stage of step {plan.step}, but this site is at step {kept.step}"
         return ""
 
-    def _accepted(self, plan: SecurePlan) -> TrainReply:
-        """An accepted stage: the site's spend on the guarantee it enforces, and the noise
-        multiplier that guarantee rests on (its own share's unless it trusts aggregation)."""
+    def _accepted(self, plan: SecurePlan, epsilon: float | None = None) -> TrainReply:
+        """An accepted stage: the site's spend on the guarantee it enforces (``epsilon``, where
+        the stage has just composed it; else the ledger's), and the noise multiplier that
+        guarantee rests on (its own share's unless it trusts aggregation)."""
         node, privacy = self.node, self.node.policy.privacy
         sigma = (plan.noise_multiplier if node.policy.secure_aggregation.trust
                  else share_noise_multiplier(plan.noise_multiplier,
                                              max(plan.min_contributions, 1)))
-        return TrainReply(site=node.name, accepted=True, epsilon=node.epsilon(),
+        return TrainReply(site=node.name, accepted=True,
+                          epsilon=node.epsilon() if epsilon is None else epsilon,
                           delta=node.delta(), epsilon_budget=privacy.epsilon_cap,
                           noise_multiplier=sigma, accountant=privacy.accountant_name,
                           **node.head_fields())

@@ -228,6 +228,7 @@ class SecureRelease(TypedEntry):
     fallback_epsilon: float
     delta: float
     contribution_sha256: str | None = None  # of the masked input bytes sent
+    frozen_a_sha256: str | None = None  # under ffa, of the lora_A the step's gradients are for
     withheld: str | None = None
     subsampling: str | None = None  # the subsampling bound; None: SUBSAMPLING_GENERAL (older)
 

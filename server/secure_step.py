@@ -6,9 +6,10 @@ sums plus the aggregate noise (decoded by ``common.distributed_noise.decode_sum`
 of one DP-SGD step's mechanism on the union of the sites' Poisson samples. Everything here is
 post-processing of that public output, so it costs no privacy: unflatten it (the trained
 tensors' names sorted, the rule ``client.secure_contribution`` flattens by), divide by the
-expected union batch q*N (a fixed divisor, as Opacus divides by its expected batch size: the
-real sample size is never known here), and take an Adam step on the trained part of the global
-adapter (fedavg: every LoRA factor; ffa: lora_B only, lora_A stays at its seeded start).
+expected union batch q*N (the job's ``training.batch_size``: a fixed divisor, as Opacus divides
+by its expected batch size; the real sample size is never known here), and take an Adam step
+on the trained part of the global adapter (fedavg: every LoRA factor; ffa: lora_B only,
+lora_A stays at its seeded start).
 
 The coordinator keeps Adam's moments from round to round (``AdamState``), as one DP-SGD run
 on pooled records would; they are tensors it can checkpoint (``AdamState.to_tensors``).
@@ -98,18 +99,6 @@ class SecureStepResult:
 def flat_order(names: Sequence[str]) -> tuple[str, ...]:
     """The order of the trained tensors in a flat contribution: their names, sorted."""
     return tuple(sorted(names))
-
-
-def expected_union_batch(sample_rate: float, record_counts: Sequence[int]) -> float:
-    """q * N: the expected size of the union's Poisson sample, every site sampling at q."""
-    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if any(isinstance(c, bool) or int(c) != c or c < 0 for c in record_counts):
-        raise ValueError(f"record counts must be non-negative integers, got {list(record_counts)}")
-    total = sum(int(c) for c in record_counts)
-    if total == 0:
-        raise ValueError("the sites hold no records")
-    return float(sample_rate) * total
 
 
 def unflatten(vector: np.ndarray | torch.Tensor,

@@ -9,16 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from flwr.app import RecordDict
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
-from privatune.client.secure_node import SecureRound
+from privatune.client.secure_node import SecureRound, StepSpend, enforced, spend_after
 from privatune.common.audit import audit_path
 from privatune.common.config import ConfigError, LoraConfig, load_job_config
+from privatune.common.distributed_noise import choose_parameters
 from privatune.common.ledger import SiteLedger
-from privatune.common.ledger_records import DECLINE, NonPrivateRelease
-from privatune.common.lora import initial_adapter, lora_state
+from privatune.common.ledger_records import DECLINE, NonPrivateRelease, SecureRelease
+from privatune.common.lora import (frozen_part, initial_adapter, lora_state, trained_part,
+                                   update_hash)
+from privatune.common.privacy import SecureStep
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
 from privatune.common.run_record import read_run_record
 from privatune.common.secure_aggregation import SecAggSite
@@ -185,6 +189,40 @@ def test_the_node_declines_a_round_over_its_cap_on_the_fallback(north, tiny_mode
     assert reply.accepted and session is not None
 
 
+def test_a_steps_spend_is_each_guarantee_as_the_ledger_composes_it(north):
+    """``spend_after`` composes (a) and (b) and takes the enforced figure from the one the
+    policy enforces while every secure release was made under its trust; once the ledger holds
+    both (the policy's trust changed), the enforced figure counts each by its own."""
+    params = choose_parameters(512, min_contributions=3, max_sites=3, clip=1.0,
+                               max_records_per_site=256, noise_multiplier=3.0)
+    step = SecureStep(3.0, 0.08, 1, params.scaled_clip, params.padded_dimension, 3)
+    policy = load_site_policy(north)
+
+    def node(trust: bool) -> SiteNode:
+        return SiteNode(dataclasses.replace(policy, secure_aggregation=dataclasses.replace(
+            policy.secure_aggregation, trust=trust)))
+
+    def composed(site: SiteNode, guarantee: str, then: SecureStep) -> float:
+        return site.ledger.epsilon(policy.privacy.delta, policy.privacy.accountant_name,
+                                   then=[then], guarantee=guarantee)
+
+    for trusted in (False, False, True, True):
+        site = node(trusted)
+        spend = spend_after(site, step)
+        assert spend == StepSpend(composed(site, "enforced", enforced(site, step)),
+                                  composed(site, "aggregate", step),
+                                  composed(site, "fallback", step.fallback()))
+        site.ledger.append_record(SecureRelease(
+            run_id="run-1", round=1, step=len(site.ledger.secure_releases()),
+            privacy_unit="record", noise_multiplier=3.0, sample_rate=0.08, steps=1,
+            max_grad_norm=1.0, scaled_clip=params.scaled_clip, dimension=params.padded_dimension,
+            min_contributions=3, max_sites=3, trusted=trusted,
+            accountant=policy.privacy.accountant_name, epsilon=spend.enforced,
+            aggregate_epsilon=spend.aggregate, fallback_epsilon=spend.fallback,
+            delta=policy.privacy.delta))
+    assert spend.aggregate < spend.enforced < spend.fallback  # (b), (b), (a), then this (a)
+
+
 def test_a_stage_without_a_setup_is_declined(north, tiny_model_dir, tmp_path):
     node = SiteNode(load_site_policy(north))
     config = SecAggConfig.create(round_id=1, site_ids=[1, 2, 3], threshold=3, modulus_bits=8,
@@ -307,3 +345,78 @@ def test_a_step_with_fewer_than_t_contributions_releases_nothing(tmp_path, tiny_
     assert refused and "below" in refused[0]
     assert [r.step for r in ledgers["north"].secure_releases()] == [0, 1]  # it sent step 1
 
+
+
+def test_fewer_than_t_sites_after_the_setup_ask_for_no_step(tmp_path, tiny_model_dir):
+    """A site declining the setup (its policy wants t >= 4) leaves two of three, below t = 3:
+    the round stops before any step's keys, nothing is released, the adapter stays."""
+    policies = _federation(tmp_path, tiny_model_dir)
+    policy = yaml.safe_load(policies[0].read_text())
+    policy["secure_aggregation"] = {"min_contributions": 4}
+    policies[0].write_text(yaml.safe_dump(policy))
+    nodes = [SiteNode(load_site_policy(p)) for p in policies]
+    settings = CoordinatorSettings(job=_job(tmp_path, "federation.rounds=1"),
+                                   model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="few", resume=False, sites=tuple(n.name for n in nodes),
+                                   evaluate_each_round=False)
+    coordinator = Coordinator(settings, InProcessTransport(nodes), progress=lambda _: None)
+    before = coordinator.global_state
+    training = coordinator.train_round(1)
+    assert not training.aggregated and "threshold t = 3" in training.declined["north"]
+    assert training.failures == ["step 0 released nothing: 2 sites in the round, below t = 3; "
+                                 "the round stops there"]
+    assert coordinator.global_state is before
+    assert not any(SiteLedger(n.policy.ledger_path).secure_releases() for n in nodes)
+
+
+class _OtherA(InProcessTransport):
+    """In process, but node ``node`` gets another lora_A with the masking stage of ``step``."""
+
+    def __init__(self, nodes, node: int, step: int):
+        super().__init__(nodes)
+        self.node, self.step = node, step
+
+    def secure(self, requests, state, timeout_s):
+        plan = next(iter(requests.values())).plan
+        if (plan.stage, plan.step) != (MASK, self.step) or self.node not in requests:
+            return super().secure(requests, state, timeout_s)
+        other = {n: t + 0.01 if "lora_A" in n else t for n, t in state.items()}
+        results, failures = super().secure(
+            {n: r for n, r in requests.items() if n != self.node}, state, timeout_s)
+        changed, more = super().secure({self.node: requests[self.node]}, other, timeout_s)
+        return results + changed, failures + more
+
+
+def test_ffa_pins_lora_a_in_secure_mode(tmp_path, tiny_model_dir):
+    """Under ffa a secure round's contributions, sum and Adam step cover B alone; each step's
+    release records the A it was computed against, and a site given another A (at a step's
+    masking stage, or at a later round's setup) declines and says why."""
+    job = _job(tmp_path, "federation.aggregation=ffa", "federation.rounds=1",
+               "training.local_steps=2")
+    policies = _federation(tmp_path, tiny_model_dir)
+    nodes = [SiteNode(load_site_policy(p)) for p in policies]
+    settings = CoordinatorSettings(job=job, model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="ffa", resume=False, sites=tuple(n.name for n in nodes),
+                                   evaluate_each_round=False)
+    coordinator = Coordinator(settings, _OtherA(nodes, node=1, step=1), progress=lambda _: None)
+    training = coordinator.train_round(1)
+    start = lora_state(initial_adapter(tiny_model_dir, job.lora, job.seed))
+    frozen = update_hash(frozen_part(start, "ffa"))
+
+    assert training.aggregated and any("step 1 released nothing" in f for f in training.failures)
+    final = coordinator.global_state
+    assert all(torch.equal(final[n], t) for n, t in frozen_part(start, "ffa").items())
+    assert all(not torch.equal(final[n], t) for n, t in trained_part(start, "ffa").items())
+    north, *others = (SiteLedger(n.policy.ledger_path) for n in nodes)
+    assert [(r.step, r.frozen_a_sha256) for r in north.secure_releases()] == [(0, frozen)]
+    assert [(r.step, r.frozen_a_sha256) for r in others[0].secure_releases()] == [
+        (0, frozen), (1, frozen)]
+    assert "frozen lora_A factors differ" in _declines(policies[0])[-1]
+
+    later = SecureRequest(train_request(_job(tmp_path, "federation.aggregation=ffa"), "ffa", 2),
+                          _plan())
+    other = {n: t + 0.01 if "lora_A" in n else t for n, t in final.items()}
+    reply, session = SecureRound(nodes[0]).answer(1, later, other, None)
+    assert not reply.reply.accepted and "frozen lora_A factors differ" in reply.reply.reason
+    assert session is None
+    assert SecureRound(nodes[0]).answer(1, later, final, None)[0].reply.accepted
