@@ -7,6 +7,11 @@ cached simulated hospitals (made by `privatune simulate`), never a site's held-o
 
     .venv/bin/python benchmarks/ceiling.py --base .cache/privatune/models/<model dir> \
         --steps 200 --batch 16 --max-length 768 --new-tokens 400 --eval-every 100
+
+`--seconds S` trains until S seconds of training are spent (at most --steps steps), so bases of
+different speed are compared on the same wall time; `--train extra:norm` also trains the base's
+RMSNorm weights beside LoRA, `--train full` every parameter (non-private only: a reference for
+what LoRA costs).
 """
 
 from __future__ import annotations
@@ -47,6 +52,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=400)
     parser.add_argument("--eval-notes", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="non-private: stop training once this many seconds of training are "
+                        "spent (and at most --steps steps); 0: exactly --steps steps")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what --seconds counts: wall-clock seconds, or this process's CPU "
+                        "seconds (fairer on a machine shared with other work, with --threads 1)")
+    parser.add_argument("--no-base-eval", action="store_true",
+                        help="skip scoring the untrained model (saves its generation time)")
+    parser.add_argument("--train", default="lora",
+                        help="what trains: lora (default); lora+<substr>,... (LoRA plus the base "
+                        "parameters whose name contains a substring, e.g. lora+norm); full "
+                        "(every parameter, no LoRA)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -66,20 +83,41 @@ def main() -> None:
     central = load_records(hospitals / args.central)
     tasks = generation_tasks([(r.prompt, r.completion) for r in central]).tasks[:args.eval_notes]
     base, tokenizer = load_base_model(args.base)
-    model = attach_seeded_lora(base, LoraConfig(args.r, args.alpha, tuple(args.targets.split(","))),
-                               args.seed)
+    if args.train == "full":
+        model = base
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    else:
+        mode, _, extra = args.train.partition("+")
+        if mode != "lora":
+            parser.error(f"--train: expected lora, lora+<substr>,... or full, got {args.train!r}")
+        model = attach_seeded_lora(base, LoraConfig(args.r, args.alpha, tuple(args.targets.split(","))),
+                                   args.seed)
+        for name, parameter in model.named_parameters():
+            if any(part and part in name for part in extra.split(",")):
+                parameter.requires_grad_(True)
+    if (args.epsilon > 0) and args.train != "lora":
+        parser.error("--train other than lora is for the non-private ceiling only")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dataset = encode_pairs(tokenizer, privacy_units(train, "record", MARKER), args.max_length)
     held_out = encode_pairs(tokenizer, privacy_units(central, "record", MARKER), args.max_length)
     print(f"{len(dataset)} training notes ({dataset.cut_completions} completions cut), "
           f"{len(tasks)} central prompts, {trained} trained parameters", flush=True)
 
-    def evaluate(label: str, seconds: float) -> None:
-        loss, _ = evaluate_loss(model, held_out, 16)
+    # nats per character of the held-out completions: comparable across tokenizers, where the
+    # perplexity per token is not
+    labelled_chars = sum(len(tokenizer.decode(row[row != -100].tolist()))
+                         for row in held_out.tensors[1])
+
+    def evaluate(label: str, seconds: float, steps: int | None = None) -> None:
+        loss, tokens = evaluate_loss(model, held_out, 16)
         scores, samples = evaluate_generation(model, tokenizer, tasks, args.max_length,
                                               args.new_tokens, 16)
         clinical = scores.clinical
-        print(json.dumps({"at": label, "train_s": round(seconds), "ppl": round(math.exp(loss), 2),
+        print(json.dumps({"at": label, "train_s": round(seconds),
+                          **({"steps": steps, "s_per_step": round(seconds / steps, 2)} if steps else {}),
+                          "ppl": round(math.exp(loss), 2),
+                          "nats_per_char": round(loss * tokens / labelled_chars, 4),
                           "rouge_l": round(scores.rouge_l, 4), "cut_off": scores.cut_off,
                           "measurement_fidelity": clinical.measurement_fidelity,
                           "status_accuracy": clinical.status_accuracy,
@@ -87,7 +125,8 @@ def main() -> None:
                           "repeat_4gram": clinical.repeat_4gram}), flush=True)
         print(f"  e.g. {samples[0].completion[:160]!r}", flush=True)
 
-    evaluate("base", 0.0)
+    if not args.no_base_eval:
+        evaluate("base", 0.0)
     if args.epsilon > 0:
         rate = poisson_sample_rate(len(dataset), args.batch)
         noise = calibrate_noise_multiplier(args.epsilon, args.delta, rate, args.steps, accountant=PRV)
@@ -105,8 +144,10 @@ def main() -> None:
         return
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
-    started = time.monotonic()
+    clock = time.process_time if args.clock == "cpu" else time.monotonic
+    started, wall_started = clock(), time.monotonic()
     model.train()
+    step = 0
     for step in range(1, args.steps + 1):
         optimizer.zero_grad()
         for rows in torch.randint(0, len(dataset), (args.batch,), generator=generator).split(
@@ -116,9 +157,17 @@ def main() -> None:
             logits = model(input_ids=ids[:, :width], attention_mask=mask[:, :width]).logits
             (per_example_loss(logits, labels[:, :width]).sum() / args.batch).backward()
         optimizer.step()
+        if args.seconds and clock() - started >= args.seconds:
+            break
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            evaluate(f"step {step}", time.monotonic() - started)
-    evaluate(f"step {args.steps}", time.monotonic() - started)
+            paused, wall_paused = clock(), time.monotonic()
+            evaluate(f"step {step}", paused - started, step)
+            model.train()
+            started += clock() - paused  # scoring is not training time
+            wall_started += time.monotonic() - wall_paused
+    print(f"trained {step} steps: {clock() - started:.0f} s on the {args.clock} clock, "
+          f"{time.monotonic() - wall_started:.0f} s wall", flush=True)
+    evaluate(f"step {step}", clock() - started, step)
 
 
 if __name__ == "__main__":

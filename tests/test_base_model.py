@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, replace
@@ -13,7 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from privatune.common.base_model import (
     BUILD_INFO_FILE,
+    BUILD_RECIPE_VERSION,
+    CORPORA,
     BaseModelSpec,
+    collect_corpus,
+    collect_icd10cm_titles,
     collect_public_corpus,
     ensure_base_model,
 )
@@ -78,6 +83,8 @@ def test_pretraining_beats_the_random_model(built: tuple[Path, list[str]]) -> No
     assert info["spec"] == asdict(SPEC)
     assert info["held_out_perplexity"]["after"] < 0.8 * info["held_out_perplexity"]["before"]
     assert 0 < info["corpus"]["bytes"] <= SPEC.corpus_max_bytes
+    assert (info["corpus"]["name"], info["corpus"]["description"]) == (SPEC.corpus, CORPORA[SPEC.corpus])
+    assert info["corpus"]["tokenizer"] == CORPORA[SPEC.corpus]
 
 
 def test_second_call_reuses_the_cached_model(built: tuple[Path, list[str]]) -> None:
@@ -103,6 +110,18 @@ def test_cache_key_follows_every_spec_field() -> None:
     assert replace(SPEC, seed=1).cache_key != SPEC.cache_key
     assert replace(SPEC, pretrain_steps=31).directory_name != SPEC.directory_name
     assert BaseModelSpec().cache_key == BaseModelSpec().cache_key
+    other = next(name for name in CORPORA if name != SPEC.corpus)
+    assert replace(SPEC, corpus=other).cache_key != SPEC.cache_key
+    assert replace(SPEC, tokenizer_corpus=other).cache_key != SPEC.cache_key
+
+
+def test_models_cached_before_the_corpus_fields_keep_their_key() -> None:
+    """The default corpus builds what the recipe built before `corpus` existed: same key."""
+    before = {name: value for name, value in asdict(SPEC).items()
+              if name not in ("corpus", "tokenizer_corpus")}
+    payload = json.dumps({"recipe": BUILD_RECIPE_VERSION, **before}, sort_keys=True)
+    assert SPEC.cache_key == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    assert collect_corpus("python", 50_000) == collect_public_corpus(50_000)
 
 
 @pytest.mark.parametrize(
@@ -112,9 +131,11 @@ def test_cache_key_follows_every_spec_field() -> None:
         ({"vocab_size": 200}, "vocab_size"),
         ({"pretrain_seq_len": 512}, "pretrain_seq_len"),
         ({"layers": 0}, "layers"),
+        ({"corpus": "notes"}, "corpus"),
+        ({"tokenizer_corpus": "notes"}, "tokenizer_corpus"),
     ],
 )
-def test_invalid_spec_names_the_field(change: dict[str, int], field: str) -> None:
+def test_invalid_spec_names_the_field(change: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         replace(SPEC, **change)
 
@@ -124,6 +145,33 @@ def test_public_corpus_is_deterministic_and_bounded() -> None:
     assert first == collect_public_corpus(50_000)
     assert sum(len(doc.encode("utf-8")) for doc in first) <= 50_000
     assert len(set(first)) == len(first)
+
+
+# Headings and units every clinosim note carries (and the notes the tests write): a corpus
+# document holding one would be note text, which the base must never see.
+NOTE_MARKERS = ("Subjective:", "Objective:", "Assessment:", "Plan:", "mmHg", "Patient admitted")
+
+
+def test_icd10cm_corpus_holds_the_medical_vocabulary_beside_python_and_no_note() -> None:
+    pytest.importorskip("simple_icd_10_cm")
+    documents = collect_corpus("python+icd10cm", 400_000)
+    assert documents == collect_corpus("python+icd10cm", 400_000)
+    assert sum(len(doc.encode("utf-8")) for doc in documents) <= 400_000
+    python = set(collect_public_corpus(200_000))
+    icd = [doc for doc in documents if doc not in python]
+    assert python <= set(documents) and len(icd) > 50
+    # about half the bytes each, interleaved, and the titles span the chapters (A.. to Z..)
+    icd_bytes = sum(len(doc.encode("utf-8")) for doc in icd)
+    assert 150_000 < icd_bytes < 250_000
+    assert documents.index(icd[0]) < len(documents) // 10
+    everything = collect_icd10cm_titles(10_000_000)  # the whole tabular list: about 7 MB
+    text = "\n".join(everything)
+    for title in ("Essential (primary) hypertension", "Type 2 diabetes mellitus without complications"):
+        assert title in text, title
+    assert set(icd) <= set(everything)
+    last_tenth = set(range(len(everything) * 9 // 10, len(everything)))
+    assert {everything.index(doc) for doc in icd} & last_tenth
+    assert not any(marker in doc for doc in documents for marker in NOTE_MARKERS)
 
 
 def test_the_report_names_a_builtin_model_its_shape_and_its_training(
@@ -140,3 +188,17 @@ def test_the_report_names_a_builtin_model_its_shape_and_its_training(
     shutil.copy(built[0] / "config.json", plain / "config.json")
     assert describe_base_model(plain) == (f"llama, {SPEC.layers} layers x {SPEC.hidden_size} "
                                           f"hidden, vocabulary {SPEC.vocab_size}; from {plain}")
+
+
+def test_a_tokenizer_corpus_of_its_own_gives_the_pieces_of_that_corpus(
+        built: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """Pretrained on Python's text and the ICD-10-CM titles, tokenized with Python's pieces."""
+    pytest.importorskip("simple_icd_10_cm")
+    spec = replace(SPEC, corpus="python+icd10cm", tokenizer_corpus="python")
+    model_dir = ensure_base_model(tmp_path, spec)
+    info = json.loads((model_dir / BUILD_INFO_FILE).read_text())
+    assert (info["corpus"]["name"], info["corpus"]["tokenizer"]) == ("python+icd10cm", CORPORA["python"])
+    python_only = AutoTokenizer.from_pretrained(built[0]).get_vocab()
+    assert AutoTokenizer.from_pretrained(model_dir).get_vocab() == python_only
+    python_info = json.loads((built[0] / BUILD_INFO_FILE).read_text())
+    assert info["corpus"]["sha256"] != python_info["corpus"]["sha256"]
