@@ -242,7 +242,10 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     previous: Path | None = None
     try:
-        model.save_pretrained(staging, selected_adapters=[adapter_name])
+        # only the LoRA factors: with lm_head targeted PEFT would also save the (frozen, base)
+        # head weight, which is the base model's, not the adapter's
+        model.save_pretrained(staging, selected_adapters=[adapter_name],
+                              save_embedding_layers=False)
         # PEFT puts every adapter but "default" in a subdirectory named after it.
         written = staging if adapter_name == "default" else staging / adapter_name
         if out_dir.exists():
@@ -299,11 +302,27 @@ def merged_model(base_model_dir: str | Path, adapter_dir: str | Path
     ``save_pretrained`` it loads with ``AutoModelForCausalLM.from_pretrained``, no PEFT needed.
     """
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), local_files_only=True)
-    merged = load_adapter(base_model_dir, adapter_dir).merge_and_unload()
+    adapted = load_adapter(base_model_dir, adapter_dir)
+    _untie_adapted_head(adapted)
+    merged = adapted.merge_and_unload()
     stored = _stored_dtype(base_model_dir)
     if stored is not None and stored != torch.float32:
         merged = merged.to(stored)
     return merged, tokenizer
+
+
+def _untie_adapted_head(model: PeftModel) -> None:
+    """A LoRA on an output head that shares its weight with the input embedding (the builtin
+    model's) would, once merged, change the embedding too: the head gets its own copy of the
+    weight first, and the config stops tying them, so the merged model computes what the
+    adapter did."""
+    base = model.get_base_model()
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    layer = getattr(head, "base_layer", None)
+    if layer is not None and embedding is not None and layer.weight is embedding.weight:
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(),
+                                          requires_grad=layer.weight.requires_grad)
+        base.config.tie_word_embeddings = False
 
 
 def _stored_dtype(model_dir: str | Path) -> torch.dtype | None:

@@ -56,18 +56,25 @@ def _projection_widths(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
 def trained_lora_parameters(model_config: Mapping[str, Any], lora: LoraConfig,
                             aggregation: str = "fedavg") -> int | None:
     """How many values a LoRA adapter trains on a Llama-family model (its Hugging Face config):
-    r x (input + output) per targeted projection and layer (under ``ffa``, B alone: r x
-    output); None for another architecture."""
+    r x (input + output) per targeted projection and layer, and once for ``lm_head`` (hidden
+    to vocabulary); under ``ffa``, B alone: r x output. None for another architecture."""
     try:
         widths = _projection_widths(model_config)
         layers = int(model_config["num_hidden_layers"])
+        if "lm_head" in lora.target_modules:
+            widths["lm_head"] = (int(model_config["hidden_size"]),
+                                 int(model_config["vocab_size"]))
     except (KeyError, TypeError, ValueError):
         return None
     if not set(lora.target_modules) <= set(widths):
         return None
-    if aggregation == "ffa":
-        return layers * sum(lora.r * widths[name][1] for name in lora.target_modules)
-    return layers * sum(lora.r * sum(widths[name]) for name in lora.target_modules)
+
+    def values(name: str) -> int:
+        inputs, outputs = widths[name]
+        per_module = lora.r * outputs if aggregation == "ffa" else lora.r * (inputs + outputs)
+        return per_module if name == "lm_head" else layers * per_module
+
+    return sum(values(name) for name in lora.target_modules)
 
 
 def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds: int,
@@ -185,7 +192,9 @@ def model_shape(model: ModelConfig) -> dict[str, Any] | None:
     if model.base == "builtin":
         from privatune.common.base_model import BaseModelSpec
 
-        return BaseModelSpec().shape
+        spec = BaseModelSpec()
+        # the build's tokenizer is trained to vocab_size pieces (a LoRA on lm_head counts them)
+        return {**spec.shape, "vocab_size": spec.vocab_size}
     try:
         directory = cached_gguf_dir(model) if is_gguf_source(model.base) else Path(model.base)
     except (ConfigError, OSError):  # a packaged model that is not installed, a missing file

@@ -15,8 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from privatune.common.config import LoraConfig
 from privatune.common.lora import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, attach_lora,
                                    attach_seeded_lora, initial_adapter, load_adapter,
-                                   load_base_model, load_lora_state, lora_state, save_adapter,
-                                   train_factors, trained_part, with_update)
+                                   load_base_model, load_lora_state, lora_state, merged_model,
+                                   save_adapter, train_factors, trained_part, with_update)
 from privatune.common.protocol import arrayrecord_to_state, state_to_arrayrecord
 
 SETTINGS = LoraConfig(r=4, alpha=8)
@@ -265,3 +265,35 @@ def test_one_settings_type_from_the_job_and_back_from_requests() -> None:
     train = TrainRequest.from_record(train_request(job, "run", 1).to_record())
     evaluate = EvaluateRequest.from_record(evaluate_request(job, "run", 1).to_record())
     assert requested_lora(train) == requested_lora(evaluate) == settings
+
+
+def test_a_merged_lora_on_a_tied_head_leaves_the_embedding_alone(tiny_model_dir, tmp_path):
+    """The builtin model ties its output head to its input embedding. Merging a LoRA on
+    lm_head must change the head only: the merged model computes what base + adapter did, and
+    its embedding is still the base's."""
+    base, _tokenizer = load_base_model(tiny_model_dir)
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    model = attach_seeded_lora(base, LoraConfig(r=4, alpha=8, target_modules=("q_proj",
+                                                                              "lm_head")), 0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    save_adapter(model, tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        wanted = model(input_ids=ids).logits
+    merged, _tokenizer = merged_model(tiny_model_dir, tmp_path / "adapter")
+    fresh, _tokenizer = load_base_model(tiny_model_dir)
+    torch.testing.assert_close(merged.get_input_embeddings().weight,
+                               fresh.get_input_embeddings().weight)
+    assert not torch.allclose(merged.get_output_embeddings().weight,
+                              fresh.get_output_embeddings().weight)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, wanted, rtol=1e-4, atol=1e-5)
+    merged.save_pretrained(tmp_path / "release")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "release")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, wanted, rtol=1e-4, atol=1e-5)

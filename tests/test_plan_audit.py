@@ -555,6 +555,12 @@ def test_the_plan_weighs_each_steps_noise_against_the_signal_from_counts_alone()
     assert trained_lora_parameters(shape, LoraConfig()) == 78_848  # r 8 on all 7 projections
     assert trained_lora_parameters(shape, LoraConfig(r=4, target_modules=("q_proj", "v_proj"))) == 8_192
     assert trained_lora_parameters({"n_embd": 64}, LoraConfig()) is None  # not a Llama config
+    # a LoRA on the output head counts once, hidden -> vocabulary (8 x (128 + 4096)); under
+    # ffa B alone (8 x 4096)
+    head = LoraConfig(target_modules=(*LoraConfig().target_modules, "lm_head"))
+    assert trained_lora_parameters(shape, head) == 78_848 + 33_792
+    assert trained_lora_parameters(shape, LoraConfig(target_modules=("lm_head",)),
+                                   "ffa") == 32_768
     small = plan_site("small", 250, 16, 30, 3, 1e-5, epsilon=8.0, trained_parameters=78_848)
     assert small.noise_to_signal == pytest.approx(small.noise_multiplier * 78_848 ** 0.5 / 16)
     assert small.noise_to_signal > 10 and any("noise on the mean gradient" in w for w in small.warnings)
