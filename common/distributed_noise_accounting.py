@@ -23,9 +23,10 @@ This module bounds what one record loses by that release, with no Flower and no 
   pair is mirrored: a reflection of the output space swaps P and Q, as ``x -> w - x`` does for a
   Skellam (or Gaussian) shifted by w. Then the privacy loss Z = log(P/Q) under Q has
   ``f(-z) = e^z f(z)``, both moments become sums over z > 0, and the addition direction's
-  term is below the removal direction's for every z and q (``mirrored_pair_margin``: exact at
-  order 2, where it compares two variances, and checked on a dense grid of orders, rates and
-  losses by the tests; they also compute both directions exactly for small Skellam pairs).
+  term is below the removal direction's at every z and q: proved at order 2, where it
+  compares two variances; for the other orders checked numerically, not proved, on a dense
+  grid of orders, rates and losses (``tests/test_distributed_noise.py``, which also computes
+  both directions exactly for small Skellam pairs).
   This is the bound Mironov, Talwar and Zhang (2019) prove tight for the Gaussian, so the
   Skellam's noise costs only its discreteness and rounding over the Gaussian's.
   Ledgers written before it (their secure entries carry no ``subsampling``) were bounded with
@@ -184,23 +185,6 @@ def poisson_subsampled_rdp(orders: Sequence[int] | np.ndarray, sample_rate: floa
         head = (a - 1) * log_1q + math.log1p((a - 1) * sample_rate)
         result[i] = logsumexp(np.concatenate(([head], log_terms))) / (a - 1)
     return np.minimum(result, own)
-
-
-def mirrored_pair_margin(order: int, sample_rate: float, loss: np.ndarray) -> np.ndarray:
-    """Log of (removal term / addition term) at privacy losses ``loss`` > 0, for a mirrored
-    pair: where it is >= 0 for every loss, the subsampled addition direction's moment is at
-    most the removal direction's, which the binomial expansion gives exactly.
-
-    With ``u = e^z``, ``m = 1 - q + q u`` and ``n = q + (1 - q) u``, the two directions'
-    moments are sums over z > 0 of ``f(z)`` times ``m^a + u^(1-a) n^a`` (removal) and
-    ``m^(1-a) + u^a n^(1-a)`` (addition). The tests check the margin on a dense grid.
-    """
-    z = np.asarray(loss, dtype=np.float64)
-    log_m = np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + z)
-    log_n = np.logaddexp(math.log(sample_rate), math.log1p(-sample_rate) + z)
-    removal = np.logaddexp(order * log_m, (1 - order) * z + order * log_n)
-    addition = np.logaddexp((1 - order) * log_m, order * z + (1 - order) * log_n)
-    return removal - addition
 
 
 def epsilon_from_rdp(orders: Sequence[int] | np.ndarray, rdp: np.ndarray,
