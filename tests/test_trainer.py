@@ -139,6 +139,19 @@ def test_true_dp_rounds_pass_every_step_check(tiny, noise):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_a_site_whose_loader_length_floating_point_shortens_still_trains(tiny_model_dir):
+    """At 93 units and batch 1 the node samples at 1/93, and Opacus books 1/92 (its sampler's
+    length is int(1 / (1/93)) = 92): a true DP round, recorded at the rate really sampled.
+    A hospital of 1,960 notes at batch 16 (1/123) was refused every round before."""
+    assert int(1 / (1 / 93)) == 92
+    model, tokenizer = load_base_model(tiny_model_dir)
+    dataset = encode_pairs(tokenizer, [("", f"note {i} fever") for i in range(93)], 16)
+    one_at_a_time = DPTrainSettings(noise_multiplier=1.0, max_grad_norm=1.0,
+                                    expected_batch_size=1, steps=2, learning_rate=0.02, seed=0)
+    result = train_dp_round(attach_lora(model, LORA), dataset, one_at_a_time)
+    assert result.steps == 2 and result.sample_rate == 1 / 93
+
+
 def fake_step(shapes: list[tuple[int, ...]], noise_std: float, divisor: float,
               generator: torch.Generator) -> dict[str, torch.nn.Parameter]:
     """LoRA tensors as Opacus leaves them after a step: summed_grad and (summed + noise) / d."""
