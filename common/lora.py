@@ -7,12 +7,14 @@ the adapter name), so a received state, a checkpoint and a PEFT adapter director
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -98,7 +100,8 @@ def attach_lora(model: PreTrainedModel, settings: LoraConfig) -> PeftModel:
         task_type=TaskType.CAUSAL_LM,
     )
     try:
-        peft_model = get_peft_model(model, config)
+        with _tied_head_handled():
+            peft_model = get_peft_model(model, config)
     except ValueError as error:
         raise ValueError(
             f"LoRA target_modules {list(settings.target_modules)} do not fit the model: {error}"
@@ -282,7 +285,8 @@ def load_adapter(base_model_dir: str | Path, adapter_dir: str | Path) -> PeftMod
     """
     state = read_adapter_state(adapter_dir)
     base_model, _tokenizer = load_base_model(base_model_dir)
-    peft_model = PeftModel.from_pretrained(base_model, adapter_dir)
+    with _tied_head_handled():
+        peft_model = PeftModel.from_pretrained(base_model, adapter_dir)
     try:
         load_lora_state(peft_model, state)
     except ValueError as error:
@@ -309,6 +313,17 @@ def merged_model(base_model_dir: str | Path, adapter_dir: str | Path
     if stored is not None and stored != torch.float32:
         merged = merged.to(stored)
     return merged, tokenizer
+
+
+@contextlib.contextmanager
+def _tied_head_handled() -> Iterator[None]:
+    """PEFT warns, at every wrap, that a LoRA on a head tied to the embedding could change the
+    embedding when merged: ``merged_model`` unties the head first (``_untie_adapted_head``), and
+    training never merges, so the warning (once per node, baseline and evaluation) is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*tied layer is part "
+                                r"of the adapter", category=UserWarning)
+        yield
 
 
 def _untie_adapted_head(model: PeftModel) -> None:
