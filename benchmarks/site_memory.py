@@ -6,7 +6,7 @@ For each count N a fresh process (as a simulation worker is) builds N ``SiteNode
 with its own notes, policy and ledger, and has every site train one DP round and evaluate the
 result, as a worker serving those sites in a federation round does. Reported per count: the
 process's peak RSS (VmHWM) and its RSS after the last site, the number of base models it holds
-(``client.engine``), the size of one copy of the base weights (what a base model per site
+(``common.shared_model``), the size of one copy of the base weights (what a base model per site
 would add per site), and for each count after the first how much the peak and the final RSS
 grew per added site. CPU, float32, one thread; the workers use the benchmark's tight
 allocator (TIGHT_MALLOC), so that RSS follows live memory rather than what glibc keeps for
@@ -85,7 +85,7 @@ def _serve(policies: list[Path], local_steps: int, conn) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     try:
-        from privatune.client.engine import adapter_model, shared_base_models
+        from privatune.common.shared_model import adapter_model, shared_base_models
         from privatune.client.node import SiteNode
         from privatune.client.policy import load_site_policy
         from privatune.common.config import FederationConfig, JobConfig, TrainingConfig

@@ -44,7 +44,7 @@ with importing_libraries():
 
     from privatune.client.data import (DataError, Record, collapse_duplicates, load_records,
                                        split_records)
-    from privatune.client.engine import adapter_model
+    from privatune.common.shared_model import adapter_model
     from privatune.client.policy import (SitePolicy, check_delta, physical_batch_size,
                                          request_violation)
     from privatune.client.request_checks import (adapter_problem, check_frozen_factors,

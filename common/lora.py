@@ -134,6 +134,12 @@ def attach_seeded_lora(model: PreTrainedModel, settings: LoraConfig, seed: int) 
     precision and device (PEFT draws in the base's precision: a bfloat16 base rounded A)."""
     with torch.random.fork_rng(devices=[]):  # PEFT's own draws leave the caller's RNG alone
         peft_model = attach_lora(model, settings)
+    seed_lora(peft_model, seed)
+    return peft_model
+
+
+def seed_lora(peft_model: PeftModel, seed: int) -> None:
+    """Set the adapter's factors, in place, to the run's seeded start (``attach_seeded_lora``)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in _lora_parameters(peft_model).items():
@@ -143,7 +149,6 @@ def attach_seeded_lora(model: PreTrainedModel, settings: LoraConfig, seed: int) 
                 parameter.copy_(draw)
             else:
                 parameter.zero_()
-    return peft_model
 
 
 def trained_factors(aggregation: str) -> tuple[str, ...]:

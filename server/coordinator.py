@@ -23,18 +23,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
 
 from privatune.common.clinical_metrics import ClinicalScores
 from privatune.common.config import to_dict
 from privatune.common.generation import GenerationScores, is_generation_round
 from privatune.common.hardware import resolve_hardware
 from privatune.common.ledger import LedgerHead
-from privatune.common.lora import (attach_seeded_lora, load_base_model, load_lora_state, lora_state,
-                                   read_adapter_state, save_adapter, trained_part, update_hash,
-                                   with_update)
+from privatune.common.lora import (load_lora_state, lora_state, read_adapter_state, save_adapter,
+                                   seed_lora, trained_part, update_hash, with_update)
 from privatune.common.model_source import describe_base_model
-from privatune.common.process_heap import keep_for_process_lifetime
+from privatune.common.shared_model import adapter_model
 from privatune.common.protocol import EvaluateReply, TrainRequest, evaluate_request, train_request
 from privatune.server.aggregation import (Contribution, InvalidUpdateError, aggregate,
                                          optimizer_move_bound, round_norm_bound, update_norm,
@@ -96,14 +97,15 @@ class Coordinator:
         self.settings, self.transport, self.progress = settings, transport, progress
         job = settings.job
         resume_from = checkpoint_to_resume(settings)  # before any model is loaded
-        hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
-        base, tokenizer = load_base_model(settings.model_dir, hardware.device, hardware.dtype)
-        self.model = attach_seeded_lora(base, job.lora, job.seed)
-        keep_for_process_lifetime()
-        self.global_state = lora_state(self.model)
-        self.evaluator = (CentralEvaluator(self.model, tokenizer, settings.central_eval,
-                                           job.model.max_length, job.training.eval_batch_size,
-                                           job.evaluation.marker, job.loss_marker)
+        self.hardware = resolve_hardware(job.model.device, job.model.dtype, where="model")
+        with torch.random.fork_rng(devices=[]):  # PEFT's draws leave the caller's RNG alone
+            model, tokenizer = self._model()
+        seed_lora(model, job.seed)  # the run's start, whoever attached the adapter
+        self.global_state = lora_state(model)
+        self.evaluator = (CentralEvaluator(lambda: self._model()[0], tokenizer,
+                                           settings.central_eval, job.model.max_length,
+                                           job.training.eval_batch_size, job.evaluation.marker,
+                                           job.loss_marker)
                           if settings.central_eval else None)
         self.lengths = (self.evaluator.length_fit(job.evaluation.max_new_tokens)
                         if self.evaluator is not None else None)
@@ -126,8 +128,7 @@ class Coordinator:
         """Continue after a crash: adapter, round number, history and per-site totals."""
         state = CheckpointState.read(directory)
         self.run_id, self.rounds, self.sites = state.run_id, state.rounds, state.sites
-        load_lora_state(self.model, read_adapter_state(directory / "adapter"))
-        self.global_state = lora_state(self.model)
+        self.global_state = lora_state(self._model_with(read_adapter_state(directory / "adapter")))
         if (directory / ADAM_FILE).is_file():
             self.adam = AdamState.from_tensors(load_file(str(directory / ADAM_FILE)))
         self.rng = random.Random(f"{self.settings.job.seed}-{state.round}")
@@ -371,9 +372,17 @@ class Coordinator:
         save_adapter(self._model_with(self.global_state), self.settings.out_dir / "adapter")
         return self.summary()
 
+    def _model(self) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+        """The coordinator's model: the process's one base on its hardware, with the job's LoRA
+        (common.shared_model), shared with any node this process also serves (a local-only
+        baseline's), so a worker holds one copy of the base weights, not two. Its adapter holds
+        whatever the last user loaded: every use loads the state it means first."""
+        return adapter_model(self.settings.model_dir, self.hardware, self.settings.job.lora)
+
     def _model_with(self, state: Mapping[str, torch.Tensor]):
-        load_lora_state(self.model, state)
-        return self.model
+        model, _ = self._model()
+        load_lora_state(model, state)
+        return model
 
     def checkpoint(self, round_number: int) -> Path:
         """Adapter (PEFT format) and coordinator state after a completed round."""

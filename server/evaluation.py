@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -55,10 +55,12 @@ class CentralEvaluator:
     """Perplexity and generation scores of a global adapter state on the coordinator's
     held-out set."""
 
-    def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, eval_path: Path,
-                 max_length: int, batch_size: int, marker: str = DEFAULT_MARKER,
-                 loss_marker: str = ""):
-        self.model = model  # the coordinator's own model: one copy of the base weights
+    def __init__(self, model: Callable[[], PeftModel], tokenizer: PreTrainedTokenizerBase,
+                 eval_path: Path, max_length: int, batch_size: int,
+                 marker: str = DEFAULT_MARKER, loss_marker: str = ""):
+        # the coordinator's model, asked for at each use: it may be the process's shared one
+        # (common.shared_model), whose PeftModel another LoRA setting replaces
+        self.model = model
         self.tokenizer, self.max_length = tokenizer, max_length
         pairs = read_eval_pairs(eval_path)
         # the loss on what the sites train on (notes split at loss_marker: the completion)
@@ -74,8 +76,9 @@ class CentralEvaluator:
                           self.max_length, max_new_tokens)
 
     def perplexity(self, state: Mapping[str, torch.Tensor]) -> float:
-        load_lora_state(self.model, state)
-        loss, _ = evaluate_loss(self.model, self.dataset, self.batch_size)
+        model = self.model()
+        load_lora_state(model, state)
+        loss, _ = evaluate_loss(model, self.dataset, self.batch_size)
         return math.exp(loss)
 
     def generation(self, state: Mapping[str, torch.Tensor], max_new_tokens: int,
@@ -84,6 +87,7 @@ class CentralEvaluator:
         tasks = self.tasks.tasks[:max_examples]
         if not tasks:
             return None
-        load_lora_state(self.model, state)
-        return evaluate_generation(self.model, self.tokenizer, tasks, self.max_length,
+        model = self.model()
+        load_lora_state(model, state)
+        return evaluate_generation(model, self.tokenizer, tasks, self.max_length,
                                    max_new_tokens, self.batch_size)

@@ -158,7 +158,7 @@ def _pooled_training(setting: str, budget: Budget, job: JobConfig, data: SeedDat
     state = lora_state(model)
 
     def scored(path: Path, minimum: int = 0) -> Scores | None:
-        evaluator = CentralEvaluator(model, tokenizer, path, job.model.max_length,
+        evaluator = CentralEvaluator(lambda: model, tokenizer, path, job.model.max_length,
                                      training.eval_batch_size, job.evaluation.marker,
                                      job.loss_marker)
         tasks = evaluator.tasks.tasks[:job.evaluation.max_examples]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
 
-from privatune.client.engine import adapter_model, shared_base_models
+from privatune.common.shared_model import adapter_model, shared_base_models
 from privatune.client.node import SiteNode
 from privatune.client.policy import load_site_policy
 from privatune.common import hardware as hardware_module
@@ -15,6 +17,8 @@ from privatune.common.hardware import attention_implementation, resolve_hardware
 from privatune.common.config import LoraConfig
 from privatune.common.lora import initial_adapter, load_base_model, lora_state
 from privatune.common.protocol import TrainRequest
+
+from tests.conftest import write_notes
 
 LORA = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 
@@ -142,3 +146,55 @@ def test_libraries_are_imported_without_collections_and_then_frozen():
         assert not gc.isenabled()  # the outer block decides
     assert gc.isenabled()
     assert gc.get_freeze_count() >= len(created)
+
+
+LOCAL_ONLY_JOB = """
+seed: 5
+model: {max_length: 48}
+lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+training: {local_steps: 2, batch_size: 8, learning_rate: 0.05, max_grad_norm: 1.0}
+privacy: {epsilon: 8.0, delta: 1.0e-4}
+federation: {rounds: 2, min_nodes: 1, min_replies: 1}
+evaluation: {every_k_rounds: 1, max_new_tokens: 4, max_examples: 4}
+tracking: none
+"""
+
+
+def test_a_coordinator_and_its_node_in_one_process_share_one_base_model(make_site, tiny_model_dir,
+                                                                         tmp_path):
+    """A local-only baseline runs a coordinator and its node in one worker: one copy of the base
+    weights between them (a SmolLM2 baseline worker held two), and the coordinator still scores
+    the global state it means although a request with other LoRA settings replaced the adapter."""
+    from privatune.common.config import load_job_config
+    from privatune.server.coordinator import Coordinator
+    from privatune.server.coordinator_settings import CoordinatorSettings
+    from privatune.simulations.in_process import InProcessTransport
+
+    (tmp_path / "job.yaml").write_text(LOCAL_ONLY_JOB)
+    job = load_job_config(tmp_path / "job.yaml")
+    eval_notes = write_notes(tmp_path / "central.jsonl", 12, seed=9)
+    node = SiteNode(load_site_policy(make_site("alone", records=60, seed=4)))
+    settings = CoordinatorSettings(job=job, model_dir=tiny_model_dir, out_dir=tmp_path / "run",
+                                   run_id="alone", resume=False, sites=(node.name,),
+                                   central_eval=eval_notes)
+    before = shared_base_models()
+    coordinator = Coordinator(settings, InProcessTransport([node]), progress=lambda _: None)
+    report = coordinator.run()
+    assert shared_base_models() - before <= 1
+    assert report.rounds[-1].training.participants == ["alone"]
+    served, _ = adapter_model(node.policy.model_dir, node.hardware, job.lora)
+
+    def embedding(model):
+        return model.get_base_model().model.embed_tokens.weight
+
+    assert embedding(coordinator.evaluator.model()) is embedding(served)  # one copy
+    # the run's start is the seeded adapter, whoever attached the shared one
+    fresh = Coordinator(dataclasses.replace(settings, out_dir=tmp_path / "again"),
+                        InProcessTransport([node]), progress=lambda _: None)
+    assert {n: t.tolist() for n, t in fresh.global_state.items()} == {
+        n: t.tolist() for n, t in lora_state(initial_adapter(tiny_model_dir, job.lora, 5)).items()}
+    final = coordinator.global_state
+    expected = coordinator.evaluator.perplexity(final)
+    adapter_model(tiny_model_dir, resolve_hardware("cpu", "float32"),
+                  LoraConfig(r=4, alpha=8, target_modules=("q_proj",)))  # replaces the adapter
+    assert coordinator.evaluator.perplexity(final) == pytest.approx(expected, rel=1e-6)

@@ -2,8 +2,10 @@
 
 Every site served by one process (a hospital's node, or a simulation worker that plays many
 hospitals) shares one base model per (directory, device, dtype), with the LoRA adapter attached
-once. Each request overwrites the adapter with the global state it brings, so sharing is safe
-for the sequential requests a Flower node or worker serves.
+once; so does a coordinator that runs in the same process (a local-only baseline: a coordinator
+and its one node in one worker). Each user loads the adapter state it means before every use,
+and asks for the model again each time (another LoRA setting replaces the adapter, and with it
+the PeftModel object), so sharing is safe for the sequential requests one process serves.
 """
 
 from __future__ import annotations
