@@ -89,8 +89,10 @@ def sample_generator(secret_seed: int, step: int) -> torch.Generator:
 
 def noise_rng(secret_seed: int, step: int) -> np.random.Generator:
     """The site's NumPy generator for step ``step``'s rounding and Skellam share. Secret: the
-    coordinator could subtract a share it could predict. (PCG64 is simulation-grade; a
-    deployment should seed it from a cryptographic source each round.)"""
+    coordinator could subtract a share it could predict. The node seeds it with 256 fresh bits
+    from the OS's cryptographic source every step. PCG64 itself is not a cryptographic
+    generator (enough of its outputs would give its state away), but no output is ever seen
+    alone: each share is masked, and only the sum of at least t sites' is unmasked."""
     return np.random.default_rng(_derived_seed(secret_seed, step, _NOISE_PURPOSE))
 
 

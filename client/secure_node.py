@@ -341,7 +341,7 @@ class SecureRound:
                 return SecureReply(MASK, self._record(request, (
                     f"the clipped gradient sum failed the node's DP checks ({err}); nothing was "
                     "released")).reply), None
-            secret = secrets.randbits(63)
+            secret = secrets.randbits(256)  # the noise's seed: fresh OS randomness each step
             encoded = encode_site_contribution(
                 _within_range(contribution, params), params,
                 rotation_seed=step_rotation_seed(plan.public_seed, config.round_id),
