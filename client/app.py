@@ -6,6 +6,7 @@ when it starts its SuperNode); in a simulation a resolver maps each virtual node
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,43 @@ SESSION_KEY = "privatune.secure-session"
 
 PolicyResolver = Callable[[Context], Path]
 
+# A process's site nodes, by policy file. Kept here, not in a ClientApp: Flower's Ray backend
+# passes the ClientApp to its actor with every message, so each message unpickles a fresh one,
+# and a node kept there would load its records, tokenize them and open its ledger again for
+# each of a secure step's four stages. A node is built again when its policy file's bytes or
+# its data file change, so a site's edited policy applies from the next message. Each answer
+# re-reads the ledger under the site's lock (``SiteNode.answering``): a node kept here never
+# counts a stale ledger.
+_PROCESS_NODES: dict[Path, tuple[tuple[str, int, int], SiteNode]] = {}
+
+
+def _inputs(policy_path: Path, data_path: Path) -> tuple[str, int, int]:
+    """What a kept node was built from: the policy file's SHA-256, the data file's mtime and size."""
+    data = data_path.stat()
+    return hashlib.sha256(policy_path.read_bytes()).hexdigest(), data.st_mtime_ns, data.st_size
+
+
+def process_node(policy_path: Path) -> SiteNode:
+    """This process's node for the site whose policy file this is, built on first use and again
+    whenever the policy file or the data file it names has changed."""
+    path = policy_path.resolve()
+    kept = _PROCESS_NODES.get(path)
+    if kept is not None:
+        try:
+            if _inputs(path, kept[1].policy.data_path) == kept[0]:
+                return kept[1]
+        except OSError:
+            pass  # a file gone: built again below, which reports it
+    policy = load_site_policy(path)  # a missing or bad policy file: its own error, by line and key
+    try:
+        inputs = _inputs(path, policy.data_path)  # before the records are read: a later edit rebuilds
+    except OSError:
+        inputs = None
+    node = SiteNode(policy)  # a missing data file: the node's own error
+    if inputs is not None:
+        _PROCESS_NODES[path] = (inputs, node)
+    return node
+
 
 def policy_from_node_config(context: Context) -> Path:
     """Deployment: the hospital passes ``--node-config "site-policy='/path/hospital.yaml'"``."""
@@ -36,15 +74,12 @@ def policy_from_node_config(context: Context) -> Path:
 
 
 def make_client_app(resolve_policy: PolicyResolver = policy_from_node_config) -> ClientApp:
-    """A ClientApp whose nodes are the sites the resolver names (one SiteNode per policy file)."""
+    """A ClientApp whose nodes are the sites the resolver names (one SiteNode per policy file
+    and process, ``process_node``)."""
     app = ClientApp()
-    nodes: dict[Path, SiteNode] = {}
 
     def node_for(context: Context) -> SiteNode:
-        path = resolve_policy(context).resolve()
-        if path not in nodes:
-            nodes[path] = SiteNode(load_site_policy(path))
-        return nodes[path]
+        return process_node(resolve_policy(context))
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

@@ -322,3 +322,23 @@ def test_node_refuses_a_rolled_back_ledger_until_acknowledged(make_site, tiny_mo
     audit = audit_ledger(ledger_path)
     assert audit.ok, audit.problems
     assert audit.recorded_epsilon == pytest.approx(resumed.reply.epsilon)
+
+
+def test_a_process_keeps_one_node_per_site_until_its_policy_or_data_changes(make_site):
+    """Flower's Ray backend unpickles a fresh ClientApp for every message, so the node (its
+    records, tokenized once) is kept per process; an edited policy or data file rebuilds it, so
+    the site's new cap applies from the next message."""
+    import os
+
+    from privatune.client.app import process_node
+
+    path = make_site()
+    node = process_node(path)
+    assert process_node(path) is node
+    path.write_text(path.read_text().replace("epsilon_cap: 8.0", "epsilon_cap: 2.0"))
+    tightened = process_node(path)
+    assert tightened is not node and tightened.policy.privacy.epsilon_cap == 2.0
+    assert process_node(path) is tightened
+    data = tightened.policy.data_path
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1_000_000))
+    assert process_node(path) is not tightened
