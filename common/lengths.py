@@ -4,7 +4,9 @@ A model trained on notes cut at ``model.max_length`` never sees what lies past t
 completion stopped at ``evaluation.max_new_tokens`` is scored against the whole reference: both
 limits must be chosen from the data, not guessed. The coordinator measures them on its own set
 (never on a site's), reports how many notes and references fit, and the lengths that would make
-``coverage`` of them fit, so the next job can be sized by that rule.
+``coverage`` of them fit, so the next job can be sized by that rule. ROUGE-L is an F-measure
+against the whole reference, so a completion cut at ``max_new_tokens`` has a ceiling however
+good it is: the score of each reference's own first ``max_new_tokens`` tokens, reported too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+
+from privatune.common.generation import score_completions
 
 # the share of notes (and of references) a length chosen by the rule lets through whole
 DEFAULT_COVERAGE = 0.95
@@ -33,13 +37,17 @@ class LengthFit:
     max_new_tokens: int
     cut_references: int  # longer than max_new_tokens (with eos): a completion cannot match them
     max_new_tokens_covering: int
+    # ROUGE-L of each reference's own first max_new_tokens tokens against the whole of it, on
+    # average: the most a completion of that length can score (None: no references, or a
+    # report written before it was measured)
+    rouge_l_ceiling: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LengthFit:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
     def summary(self) -> str:
         """One sentence for report.md."""
@@ -50,6 +58,9 @@ class LengthFit:
             text += (f"; `evaluation.max_new_tokens` {self.max_new_tokens} is shorter than "
                      f"{self.cut_references} of {self.references} references ({share} fit within "
                      f"{self.max_new_tokens_covering})")
+        if self.rouge_l_ceiling is not None:
+            text += (f"; a completion of {self.max_new_tokens} tokens scores at most ROUGE-L "
+                     f"{self.rouge_l_ceiling:.3f} (the references' own first {self.max_new_tokens})")
         return text + "."
 
 
@@ -72,7 +83,8 @@ def length_fit(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str,
     eos = int(tokenizer.eos_token_id is not None)
     whole = [len(_tokens(tokenizer, prompt)) + len(_tokens(tokenizer, completion)) + specials
              for prompt, completion in examples]
-    reference_lengths = [len(_tokens(tokenizer, reference)) + eos for reference in references]
+    reference_tokens = [_tokens(tokenizer, reference) for reference in references]
+    reference_lengths = [len(tokens) + eos for tokens in reference_tokens]
     return LengthFit(
         coverage=coverage, examples=len(examples), max_length=max_length,
         cut_examples=sum(length > max_length for length in whole),
@@ -80,6 +92,9 @@ def length_fit(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str,
         references=len(references), max_new_tokens=max_new_tokens,
         cut_references=sum(length > max_new_tokens for length in reference_lengths),
         max_new_tokens_covering=quantile_length(reference_lengths, coverage) if references else 0,
+        rouge_l_ceiling=(score_completions(
+            [tokenizer.decode(tokens[:max_new_tokens], skip_special_tokens=True)
+             for tokens in reference_tokens], references).rouge_l if references else None),
     )
 
 

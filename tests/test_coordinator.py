@@ -920,6 +920,7 @@ def test_generation_scores_and_samples_from_the_central_set_reach_the_report(tmp
         14, 12, 48, 4)
     assert lengths.cut_references == 12 and lengths.max_new_tokens_covering > 4
     assert 0 <= lengths.cut_examples <= 14 and lengths.max_length_covering > 0
+    assert 0 < lengths.rouge_l_ceiling < 1  # 4 tokens of every longer reference: recall lost
     assert RunReport.from_json(saved).central.lengths == lengths
 
     markdown = render_markdown(report)

@@ -12,8 +12,17 @@ class WordTokenizer:
 
     bos_token_id, eos_token_id = 1, 2
 
+    def __init__(self) -> None:
+        self.words: list[str] = []
+
     def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = False) -> dict:
-        return {"input_ids": [3] * len(text.split())}
+        for word in text.split():
+            if word not in self.words:
+                self.words.append(word)
+        return {"input_ids": [3 + self.words.index(word) for word in text.split()]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(self.words[i - 3] for i in ids)
 
 
 def test_quantile_length_is_the_smallest_length_that_covers_the_share():
@@ -38,9 +47,16 @@ def test_length_fit_counts_the_notes_and_references_the_limits_cut():
     assert (fit.references, fit.cut_references) == (3, 1)
     assert fit.max_new_tokens_covering == 5
     assert "cuts 1 of 3 notes" in fit.summary() and "1 of 3 references" in fit.summary()
+    # the first two references fit whole (ROUGE-L 1); the third's first 5 of its 10 words
+    # score precision 1, recall 0.5, F 2/3: no completion of 5 tokens can do better on average
+    assert fit.rouge_l_ceiling == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert "at most ROUGE-L 0.889" in fit.summary()
     assert LengthFit.from_json(fit.to_json()) == fit
+    older = {k: v for k, v in fit.to_json().items() if k != "rouge_l_ceiling"}
+    assert LengthFit.from_json(older).rouge_l_ceiling is None  # a report from before it existed
 
 
 def test_without_generation_tasks_the_summary_speaks_of_notes_only():
     fit = length_fit(WordTokenizer(), [("a", "b")], [], max_length=8, max_new_tokens=4)
     assert fit.references == 0 and "references" not in fit.summary()
+    assert fit.rouge_l_ceiling is None and "ROUGE-L" not in fit.summary()
