@@ -154,6 +154,14 @@ class GenerationScores:
                    cut_off=None if cut_off is None else int(cut_off))
 
 
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 (rouge-score, stemmed) of each prediction against its reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
 def score_completions(predictions: Sequence[str], references: Sequence[str],
                       prompts: Sequence[str] | None = None) -> GenerationScores:
     """ROUGE-L (rouge-score) and BLEU and chrF (sacrebleu) of predictions against references;
@@ -165,10 +173,8 @@ def score_completions(predictions: Sequence[str], references: Sequence[str],
     if not predictions:
         raise ValueError("no completions to score")
     import sacrebleu  # imported when scoring: nodes that never generate do not pay for it
-    from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    rouge = rouge_l(predictions, references)
     return GenerationScores(rouge_l=sum(rouge) / len(rouge),
                             bleu=float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score),
                             chrf=float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score),

@@ -12,13 +12,14 @@ good it is: the score of each reference's own first ``max_new_tokens`` tokens, r
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from privatune.common.generation import score_completions
+from privatune.common.generation import rouge_l
 
 # the share of notes (and of references) a length chosen by the rule lets through whole
 DEFAULT_COVERAGE = 0.95
@@ -92,9 +93,9 @@ def length_fit(tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str,
         references=len(references), max_new_tokens=max_new_tokens,
         cut_references=sum(length > max_new_tokens for length in reference_lengths),
         max_new_tokens_covering=quantile_length(reference_lengths, coverage) if references else 0,
-        rouge_l_ceiling=(score_completions(
+        rouge_l_ceiling=(statistics.fmean(rouge_l(
             [tokenizer.decode(tokens[:max_new_tokens], skip_special_tokens=True)
-             for tokens in reference_tokens], references).rouge_l if references else None),
+             for tokens in reference_tokens], references)) if references else None),
     )
 
 
