@@ -1,6 +1,7 @@
 """``privatune study``: what each site's privacy budget costs in utility, in one command.
 
-The same job (same config, same seeds) in six settings, at each ε and without privacy:
+The same job (same config, same seeds) in six settings, at each ε and without privacy, beside
+the untrained base model (read from round 0 of the non-private federated run):
 
 - *federated*: the normal ``privatune simulate`` run, every site training with DP-SGD;
 - *secure*: the same job as a ``privatune simulate`` run in secure DP-SGD mode (SecAgg+, noise

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from privatune.simulations.study_plan import FEDERATED, LOCAL_ONLY, Budget
+from privatune.simulations.study_plan import BASE, FEDERATED, LOCAL_ONLY, NON_PRIVATE, Budget
 
 if TYPE_CHECKING:
     from privatune.common.generation import GenerationScores
@@ -96,13 +96,29 @@ class RunRecord:
 
 
 def federated_measurements(report: RunReport, budget: Budget, seed: int) -> list[Measurement]:
-    """The federated and the local-only measurements of one finished simulation. A site counts
-    in the sites' average where it released generation scores."""
+    """The federated and the local-only measurements of one finished simulation, and in the
+    non-private column the base model's (its round 0: the same untrained model in every
+    column, so measured once a seed). A site counts in the sites' average where it released
+    generation scores."""
     alone = {name: Scores.of(site.local_only_generation, site.local_only_perplexity)
              for name, site in sorted(report.sites.items()) if site.local_only_generation}
-    return [global_model_measurement(report, FEDERATED, budget, seed),
-            Measurement(LOCAL_ONLY, budget.key, seed, None, Scores.mean(list(alone.values())),
-                        tuple(alone), _site_noise(report))]
+    measurements = [global_model_measurement(report, FEDERATED, budget, seed),
+                    Measurement(LOCAL_ONLY, budget.key, seed, None,
+                                Scores.mean(list(alone.values())), tuple(alone),
+                                _site_noise(report))]
+    if budget == NON_PRIVATE:
+        measurements.append(base_model_measurement(report, seed))
+    return measurements
+
+
+def base_model_measurement(report: RunReport, seed: int) -> Measurement:
+    """The untrained base model, from a simulation's round-0 scores on the same held-out notes
+    as every other row: what training of any kind has to beat."""
+    base = {name: Scores.of(site.base_generation, site.base_perplexity)
+            for name, site in sorted(report.sites.items()) if site.base_generation}
+    central = Scores.of(report.central.base_generation, report.central.base_perplexity)
+    return Measurement(BASE, NON_PRIVATE.key, seed, central, Scores.mean(list(base.values())),
+                       tuple(base))
 
 
 def global_model_measurement(report: RunReport, setting: str, budget: Budget,

@@ -18,10 +18,12 @@ if TYPE_CHECKING:
     from privatune.common.config import JobConfig
 
 FEDERATED, LOCAL_ONLY, POOLED, NEAREST_NOTE = "federated", "local-only", "pooled", "nearest-note"
-SECURE, CENTRAL_DP = "secure", "central-dp"
-SETTINGS = (FEDERATED, SECURE, LOCAL_ONLY, CENTRAL_DP, POOLED, NEAREST_NOTE)
+SECURE, CENTRAL_DP, BASE = "secure", "central-dp", "base"
+SETTINGS = (BASE, FEDERATED, SECURE, LOCAL_ONLY, CENTRAL_DP, POOLED, NEAREST_NOTE)
 PRIVATE_ONLY = (SECURE, CENTRAL_DP)  # settings with no non-private column
-SETTING_LABELS = {FEDERATED: "federated (DP FedAvg)",
+NON_PRIVATE_ONLY = (BASE, POOLED, NEAREST_NOTE)  # settings with no ε column
+SETTING_LABELS = {BASE: "base model, no training",
+                  FEDERATED: "federated (DP FedAvg)",
                   SECURE: "secure DP-SGD (SecAgg+, aggregate guarantee)",
                   LOCAL_ONLY: "each site alone",
                   CENTRAL_DP: "all sites pooled, central DP-SGD (trusted curator)",

@@ -9,10 +9,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from privatune.simulations.study_measurements import Measurement, RunRecord, Scores, Spread
-from privatune.simulations.study_plan import (CENTRAL_DP, FEDERATED, LOCAL_ONLY, NEAREST_NOTE,
-                                              NON_PRIVATE, NON_PRIVATE_OVERRIDES, POOLED,
-                                              PRIVATE_ONLY, SECURE, SECURE_OVERRIDES,
-                                              SETTING_LABELS, SETTINGS, StudyPlan)
+from privatune.simulations.study_plan import (BASE, CENTRAL_DP, FEDERATED, LOCAL_ONLY,
+                                              NEAREST_NOTE, NON_PRIVATE, NON_PRIVATE_ONLY,
+                                              NON_PRIVATE_OVERRIDES, POOLED, PRIVATE_ONLY, SECURE,
+                                              SECURE_OVERRIDES, SETTING_LABELS, SETTINGS,
+                                              StudyPlan)
 
 # --------------------------------------------------------------------------- summaries
 
@@ -57,12 +58,12 @@ def summarise(plan: StudyPlan, measurements: Sequence[Measurement],
     cells = []
     for setting in SETTINGS:
         for budget in plan.budgets:
-            if setting in (POOLED, NEAREST_NOTE) and budget != NON_PRIVATE:
+            if setting in NON_PRIVATE_ONLY and budget != NON_PRIVATE:
                 continue
             if setting in PRIVATE_ONLY and budget == NON_PRIVATE:
                 continue
             found = [m for m in measurements if m.setting == setting and m.budget == budget.key]
-            kinds = {"simulate"} if setting in (FEDERATED, LOCAL_ONLY) else {setting}
+            kinds = {"simulate"} if setting in (BASE, FEDERATED, LOCAL_ONLY) else {setting}
             failures = tuple(f"seed {r.seed}: {r.failure}" for r in runs
                              if r.failure and r.budget == budget.key and r.kind in kinds)
             cells.append(Cell(setting, budget.key, tuple(m.seed for m in found),
@@ -168,6 +169,9 @@ def notes(plan: StudyPlan) -> list[str]:
     """What each row and column means, for study.md and study.json."""
     non_private = " --set ".join(NON_PRIVATE_OVERRIDES)
     return [
+        (f"- **{SETTING_LABELS[BASE]}**: the job's base model before any training, scored at "
+         "round 0 of the non-private federated run (every run starts from it): what any "
+         "training has to beat. It saw no note, so it stands in the non-private column."),
         (f"- **{SETTING_LABELS[FEDERATED]}**: `privatune simulate` with the config as it is, "
          f"every site training with DP-SGD under its ε over {plan.rounds} rounds; the final "
          "global model."),
@@ -209,7 +213,8 @@ def notes(plan: StudyPlan) -> list[str]:
 
 def draw_plot(plan: StudyPlan, cells: Sequence[Cell], path: Path) -> None:
     """study.png: ROUGE-L and status accuracy (sites' held-out notes) against ε, one line per
-    setting (± sd as error bars), non-private at the right, the copy as a dashed line."""
+    setting (± sd as error bars), non-private at the right, the copy and the base model as
+    horizontal lines."""
     from privatune.common.plots import report_figure
 
     budgets = plan.budgets
@@ -229,10 +234,11 @@ def draw_plot(plan: StudyPlan, cells: Sequence[Cell], path: Path) -> None:
                     axis.errorbar([x for x, _ in points], [s.mean for _, s in points],
                                   yerr=[s.sd for _, s in points], marker=marker, capsize=3,
                                   label=SETTING_LABELS[setting])
-            copy = by_key.get((NEAREST_NOTE, NON_PRIVATE.key))
-            if copy is not None and pick(copy) is not None:
-                axis.axhline(pick(copy).mean, linestyle="--", color="grey",
-                             label=SETTING_LABELS[NEAREST_NOTE])
+            for setting, style in ((NEAREST_NOTE, "--"), (BASE, "-.")):
+                reference = by_key.get((setting, NON_PRIVATE.key))
+                if reference is not None and pick(reference) is not None:
+                    axis.axhline(pick(reference).mean, linestyle=style, color="grey",
+                                 label=SETTING_LABELS[setting])
             majority = majority_share(cells)
             if name == "status_accuracy" and majority is not None:
                 axis.axhline(majority.mean, linestyle=":", color="black",

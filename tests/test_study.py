@@ -20,8 +20,9 @@ from privatune.simulations.nearest_note import jaccard, nearest_references, word
 from privatune.simulations.study import check_reuse
 from privatune.simulations.study_measurements import (Measurement, RunRecord, Scores,
                                                       federated_measurements)
-from privatune.simulations.study_plan import (CENTRAL_DP, FEDERATED, LOCAL_ONLY, NEAREST_NOTE,
-                                              NON_PRIVATE, POOLED, SECURE, Budget, SecureBatch,
+from privatune.simulations.study_plan import (BASE, CENTRAL_DP, FEDERATED, LOCAL_ONLY,
+                                              NEAREST_NOTE, NON_PRIVATE, POOLED, SECURE, Budget,
+                                              SecureBatch,
                                               parse_epsilons, plan_study, secure_batch)
 from privatune.simulations.study_report import draw_plot, render_markdown, summarise
 
@@ -154,6 +155,31 @@ def test_federated_and_local_only_figures_average_the_sites_that_released_scores
     assert alone.sites.rouge_l == pytest.approx(0.2)
 
 
+def test_the_base_model_is_read_from_round_zero_of_the_non_private_run_only():
+    sites = {"h1": SiteSummary(base_perplexity=600.0, final_perplexity=100.0,
+                               base_generation=_generation(0.01, 0.0),
+                               final_generation=_generation(0.2, 0.5)),
+             "h2": SiteSummary(base_perplexity=800.0, final_perplexity=200.0,
+                               base_generation=_generation(0.03, 0.2),
+                               final_generation=_generation(0.4, 0.7)),
+             "h3": SiteSummary(base_perplexity=50.0)}  # released no generation scores
+    report = RunReport(run_id="r", config={}, base_model="m", sites=sites,
+                       central=CentralSummary(base_perplexity=700.0, final_perplexity=90.0,
+                                              base_generation=_generation(0.02, 0.1),
+                                              final_generation=_generation(0.05, 0.25)),
+                       rounds=[RoundRecord(0), RoundRecord(1, training=RoundTraining(["h1"]))])
+    assert [m.setting for m in federated_measurements(report, Budget(8.0), 0)] == [
+        FEDERATED, LOCAL_ONLY]  # the same untrained model in every column: measured once
+    base = federated_measurements(report, NON_PRIVATE, 2)[-1]
+    assert (base.setting, base.budget, base.seed) == (BASE, "non-private", 2)
+    assert base.sites_scored == ("h1", "h2")
+    assert base.sites.rouge_l == pytest.approx(0.02)
+    assert base.sites.perplexity == pytest.approx(700.0)
+    assert base.central.rouge_l == pytest.approx(0.02)
+    assert base.central.perplexity == pytest.approx(700.0)
+    assert base.noise_multiplier is None
+
+
 def _measurement(setting: str, budget: str, seed: int, rouge: float,
                  status: float | None = 0.1) -> Measurement:
     scores = Scores(rouge_l=rouge, status_accuracy=status, status_majority_share=0.68,
@@ -183,7 +209,8 @@ def test_cells_give_mean_and_sample_sd_over_seeds(summary):
     cells = {(c.setting, c.budget): c for c in summarise(plan, measurements, runs)}
     assert set(cells) == {(s, b) for s in (FEDERATED, LOCAL_ONLY) for b in
                           ("eps-1", "eps-8", "non-private")} | {(POOLED, "non-private"),
-                                                                (NEAREST_NOTE, "non-private")} | {
+                                                                (NEAREST_NOTE, "non-private"),
+                                                                (BASE, "non-private")} | {
         (s, b) for s in (SECURE, CENTRAL_DP) for b in ("eps-1", "eps-8")}  # no non-private one
     eight = cells[(FEDERATED, "eps-8")]
     assert eight.seeds == (0, 1, 2)
@@ -206,6 +233,7 @@ def test_tables_show_each_setting_by_column_and_every_failure(summary, tmp_path)
     assert "| each site alone | n/a | 0.200 | n/a |" in table  # no measurement, no failure
     assert "| all sites pooled, no DP | – | – | 0.600 ± 0.000 (1 failed) |" in table  # one column
     assert "| nearest-note copy | – | – | 0.700 |" in table
+    assert "| base model, no training | – | – | n/a |" in table  # no ε column, none measured
     status = table.split("## Status accuracy")[1]
     assert "| nearest-note copy | – | – | n/a |" in status
     assert "Always answering the most common status scores 0.68" in status
@@ -464,7 +492,7 @@ def test_the_study_runs_end_to_end_on_the_smoke_federation_and_resumes(tmp_path,
     assert cells[(CENTRAL_DP, "eps-8")]["noise_multiplier"]["mean"] > 0
     for key in [(FEDERATED, "eps-8"), (FEDERATED, "non-private"), (LOCAL_ONLY, "eps-8"),
                 (SECURE, "eps-8"), (CENTRAL_DP, "eps-8"), (POOLED, "non-private"),
-                (NEAREST_NOTE, "non-private")]:
+                (NEAREST_NOTE, "non-private"), (BASE, "non-private")]:
         assert cells[key]["seeds"] == [0], key
         assert cells[key]["sites"]["rouge_l"] is not None, key
     assert cells[(POOLED, "non-private")]["central"]["perplexity"]["mean"] > 1
