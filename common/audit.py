@@ -48,7 +48,8 @@ release. What is independent of the node, said plainly:
   the 1% that is flagged (``tests/test_audit_skellam.py``). What stays shared is the meaning of
   a ledger entry (noise multiplier, scaled clip, padded dimension, rate, bound) and the orders,
   ``distributed_noise_accounting.ORDERS``. Both rest on the same published bounds and on the
-  mirrored-pair lemma behind "binomial-mirrored" (checked numerically, not proved), so an error
+  mirrored-pair lemma behind "binomial-mirrored" (proved in that module's docstring and
+  checked numerically), so an error
   in those, rather than in their coding, would be in both.
 * a lower bound independent of both: ``dp-accounting``'s exact RDP of the subsampled Gaussian
   at the same noise multiplier (the Gaussian limit). The Skellam bound is that Gaussian RDP

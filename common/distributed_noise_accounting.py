@@ -23,10 +23,17 @@ This module bounds what one record loses by that release, with no Flower and no 
   pair is mirrored: a reflection of the output space swaps P and Q, as ``x -> w - x`` does for a
   Skellam (or Gaussian) shifted by w. Then the privacy loss Z = log(P/Q) under Q has
   ``f(-z) = e^z f(z)``, both moments become sums over z > 0, and the addition direction's
-  term is below the removal direction's at every z and q: proved at order 2, where it
-  compares two variances; for the other orders checked numerically, not proved, on a dense
-  grid of orders, rates and losses (``tests/test_distributed_noise.py``, which also computes
-  both directions exactly for small Skellam pairs).
+  term is below the removal direction's at every z and q, for every real order a >= 1.
+  Proof: with u = e^z > 1, m = 1 - q + q u and n = q + (1 - q) u (so m + n = 1 + u), the
+  removal term minus the addition term is ``m^a + u^(1-a) n^a - m^(1-a) - u^a n^(1-a)``
+  ``= 2 [sqrt(m) sinh(b A) - sqrt(u n) sinh(b B)]`` with b = a - 1/2, A = log m and
+  B = log(u / n). Since m n - u = q (1 - q) (u - 1)^2 >= 0, A >= B >= 0; for A >= B > 0 the
+  ratio sinh(b A) / sinh(b B) grows with b (its log-derivative is A coth(bA) - B coth(bB),
+  and s coth(s) increases); at b = 1/2 (a = 1) the difference is m - 1 - (u - n) = 0, so the
+  ratio equals sqrt(u n / m) there and exceeds it for every b > 1/2. (B = 0 means q = 0,
+  where the difference is 2 sqrt(m) sinh(b A) >= 0.) ``tests/test_distributed_noise.py``
+  checks the identity and the margin on a dense grid of orders, rates and losses, and
+  computes both directions exactly for small Skellam pairs.
   This is the bound Mironov, Talwar and Zhang (2019) prove tight for the Gaussian, so the
   Skellam's noise costs only its discreteness and rounding over the Gaussian's.
   Ledgers written before it (their secure entries carry no ``subsampling``) were bounded with
