@@ -33,9 +33,16 @@ class RoundTraining:
     bytes_received: int | None = None
     update_bytes: dict[str, int] = field(default_factory=dict)
     # site -> its train reply, as the node sent it (privacy figures, ledger head; the update
-    # itself is not kept), and the SHA-256 of each update received, whatever became of it
+    # itself is not kept), and the SHA-256 of each update received, whatever became of it (a
+    # secure round: of every step's masked input, in order)
     replies: dict[str, TrainReply] = field(default_factory=dict)
     update_sha256: dict[str, str] = field(default_factory=dict)
+    masked_inputs_sha256: dict[str, list[str]] = field(default_factory=dict)
+
+    def received_sha256(self, site: str) -> list[str]:
+        """Every update or masked input received from ``site`` this round, by its SHA-256."""
+        single = [self.update_sha256[site]] if site in self.update_sha256 else []
+        return single + self.masked_inputs_sha256.get(site, [])
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"participants": list(self.participants),
@@ -48,7 +55,10 @@ class RoundTraining:
             data["update_bytes"] = dict(self.update_bytes)
         if self.replies:  # each reply beside its update's hash (the site is the key)
             data["replies"] = {site: {**{k: v for k, v in reply.to_json().items() if k != "site"},
-                                      "update_sha256": self.update_sha256.get(site)}
+                                      "update_sha256": self.update_sha256.get(site),
+                                      **({"masked_inputs_sha256": masked}
+                                         if (masked := self.masked_inputs_sha256.get(site))
+                                         else {})}
                                for site, reply in self.replies.items()}
         return data
 
@@ -64,7 +74,10 @@ class RoundTraining:
                             for site, reply in data.get("replies", {}).items()},
                    update_sha256={site: str(reply["update_sha256"])
                                   for site, reply in data.get("replies", {}).items()
-                                  if reply.get("update_sha256")})
+                                  if reply.get("update_sha256")},
+                   masked_inputs_sha256={site: [str(h) for h in reply["masked_inputs_sha256"]]
+                                         for site, reply in data.get("replies", {}).items()
+                                         if reply.get("masked_inputs_sha256")})
 
 
 @dataclass
@@ -152,14 +165,13 @@ def site_records(rounds: list[RoundRecord]) -> dict[str, SiteRecord]:
     records: dict[str, SiteRecord] = {}
     for record in rounds:
         replies = record.training.replies if record.training else {}
-        updates = record.training.update_sha256 if record.training else {}
         for site, reply in replies.items():
             entry = records.setdefault(site, SiteRecord(site))
             if reply.ledger_seq >= 0:
                 entry.heads.append(ReportedHead(record.round, "train", reply.ledger_seq,
                                                 reply.ledger_hash))
-            if site in updates:
-                entry.received.append(ReceivedUpdate(record.round, updates[site]))
+            entry.received += [ReceivedUpdate(record.round, sha256)
+                               for sha256 in record.training.received_sha256(site)]
             entry.epsilon = max(entry.epsilon, reply.epsilon)
             entry.delta, entry.epsilon_budget = reply.delta, reply.epsilon_budget
             entry.accountant = reply.accountant

@@ -116,8 +116,8 @@ class _Exchange:
                 self.outcome.bytes_received = (self.outcome.bytes_received or 0) \
                     + wire_bytes(result.secagg)
             if isinstance(result.secagg, MaskedInput):  # what the site's ledger must list
-                self.outcome.update_sha256[reply.site] = \
-                    hashlib.sha256(result.secagg.masked).hexdigest()
+                self.outcome.masked_inputs_sha256.setdefault(reply.site, []).append(
+                    hashlib.sha256(result.secagg.masked).hexdigest())
             self.names[result.node_id] = reply.site
             answers[result.node_id] = result.secagg
         return answers

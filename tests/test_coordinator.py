@@ -626,6 +626,21 @@ def test_a_train_reply_is_one_type_from_the_node_to_the_runs_files():
     assert south.update_sha256 == {}
 
 
+def test_every_masked_input_of_a_secure_round_is_on_the_record_the_audit_checks():
+    """A secure round receives one masked input per step from each site: the record keeps
+    every one (not the last alone), so the audit finds each in the site's ledger."""
+    from privatune.server.rounds import RoundRecord, RoundTraining, site_records
+
+    reply = TrainReply(site="north", accepted=True, epsilon=1.5, delta=1e-5, epsilon_budget=8.0,
+                       accountant="skellam-rdp", ledger_seq=9, ledger_hash="h" * 64)
+    masked = ["a" * 64, "b" * 64, "c" * 64]
+    training = RoundTraining(replies={"north": reply}, masked_inputs_sha256={"north": masked})
+    again = RoundTraining.from_json(json.loads(json.dumps(training.to_json())))
+    assert again.masked_inputs_sha256 == {"north": masked} and again.update_sha256 == {}
+    records = site_records([RoundRecord(0), RoundRecord(1, training=again)])
+    assert [(u.round, u.sha256) for u in records["north"].received] == [(1, h) for h in masked]
+
+
 def test_a_run_file_of_a_newer_schema_is_refused_by_name(tmp_path):
     """report.json and state.json say their schema; a newer one than this privatune reads is
     refused with what to do, never misread."""

@@ -268,9 +268,10 @@ def test_a_secure_federation_in_process_and_on_flowers_engine(tmp_path, tiny_mod
             ["east", "north", "south"] and not record.training.failures
     assert (inline / "run" / "checkpoints" / "round_002" / "adam.safetensors").is_file()
     _check_secure_ledgers(inline, job)
-    # the coordinator's record: each site's last masked input of a round, which its ledger lists
+    # the coordinator's record: every masked input of every step, which each ledger lists
     records = read_run_record(inline / "run" / "checkpoints" / "round_002" / "state.json")
-    assert all(len(r.received) == job.federation.rounds for r in records.values())
+    steps = job.federation.rounds * job.training.local_steps
+    assert all(len({u.sha256 for u in r.received}) == steps for r in records.values())
     assert all(a.ok for a in audit_path(inline, records)), [a.problems for a in audit_path(
         inline, records)]
 
