@@ -72,8 +72,8 @@ class CentralEvaluator:
     def length_fit(self, max_new_tokens: int) -> LengthFit:
         """How the job's lengths fit this set: measured on request, by the one caller that
         reports it (the coordinator), not by every evaluator."""
-        return length_fit(self.tokenizer, self.judged, [task.reference for task in self.tasks.tasks],
-                          self.max_length, max_new_tokens)
+        return length_fit(self.tokenizer, self.judged, self.tasks.tasks, self.max_length,
+                          max_new_tokens)
 
     def perplexity(self, state: Mapping[str, torch.Tensor]) -> float:
         model = self.model()

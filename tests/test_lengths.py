@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from privatune.common.generation import GenerationTask
 from privatune.common.lengths import LengthFit, length_fit, quantile_length
 
 
@@ -40,8 +41,8 @@ def test_length_fit_counts_the_notes_and_references_the_limits_cut():
     # whole examples: words + bos + eos = 4, 6, 12 tokens; references + eos = 3, 5, 11 tokens
     examples = [("a", "b c"), ("a b", "c d"), ("a b c d", "e f g h i j")]
     references = ["x y", "x y z w", "x " * 10]
-    fit = length_fit(WordTokenizer(), examples, references, max_length=6, max_new_tokens=5,
-                     coverage=2 / 3)
+    fit = length_fit(WordTokenizer(), examples, [GenerationTask("p", r) for r in references],
+                     max_length=6, max_new_tokens=5, coverage=2 / 3)
     assert (fit.examples, fit.cut_examples) == (3, 1)
     assert fit.max_length_covering == 6
     assert (fit.references, fit.cut_references) == (3, 1)
@@ -54,6 +55,30 @@ def test_length_fit_counts_the_notes_and_references_the_limits_cut():
     assert LengthFit.from_json(fit.to_json()) == fit
     older = {k: v for k, v in fit.to_json().items() if k != "rouge_l_ceiling"}
     assert LengthFit.from_json(older).rouge_l_ceiling is None  # a report from before it existed
+    assert fit.status_accuracy_ceiling is None and "status" not in fit.summary()  # none stated
+
+
+PROMPT = "Objective: BP 150/95 mmHg. Assessment:"
+TWO_PROBLEMS = ("1. Hypertension: BP 150/95 mmHg, poorly controlled. "
+                "2. Type 2 diabetes: HbA1c 6.8 %, at goal.")  # 16 words
+ONE_PROBLEM = "1. Hypertension: BP 150/95 mmHg, poorly controlled."  # 7 words
+
+
+@pytest.mark.parametrize("new_tokens, status, derivable, beatable", [
+    (5, 0.0, 0.0, False),  # no status reached
+    (8, 2 / 3, 1.0, False),  # hypertension's twice, the diabetes' never: the majority's 2/3
+    (16, 1.0, 1.0, True)])
+def test_status_ceilings_are_what_the_references_own_first_tokens_state(new_tokens, status,
+                                                                        derivable, beatable):
+    tasks = [GenerationTask(PROMPT, TWO_PROBLEMS), GenerationTask(PROMPT, ONE_PROBLEM)]
+    fit = length_fit(WordTokenizer(), [("a", "b")], tasks, max_length=8,
+                     max_new_tokens=new_tokens)
+    assert fit.status_accuracy_ceiling == pytest.approx(status)
+    assert fit.derivable_status_accuracy_ceiling == pytest.approx(derivable)  # BP: in the prompt
+    assert fit.status_majority_share == pytest.approx(2 / 3)  # "poorly controlled" 2 of 3
+    assert f"status accuracy at most {status:.2f} against 0.67" in fit.summary()
+    assert ("can beat the majority answer" in fit.summary()) is not beatable
+    assert LengthFit.from_json(fit.to_json()) == fit
 
 
 def test_without_generation_tasks_the_summary_speaks_of_notes_only():
