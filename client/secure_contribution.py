@@ -43,6 +43,7 @@ from privatune.common.distributed_noise import (
 )
 from privatune.common.examples import per_example_loss
 from privatune.common.lora import lora_state
+from privatune.common.secure_random import CipherRandom, RandomSource
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 _LORA_FACTORS = ("lora_A", "lora_B")
@@ -87,13 +88,12 @@ def sample_generator(secret_seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-def noise_rng(secret_seed: int, step: int) -> np.random.Generator:
-    """The site's NumPy generator for step ``step``'s rounding and Skellam share. Secret: the
-    coordinator could subtract a share it could predict. The node seeds it with 256 fresh bits
-    from the OS's cryptographic source every step. PCG64 itself is not a cryptographic
-    generator (enough of its outputs would give its state away), but no output is ever seen
-    alone: each share is masked, and only the sum of at least t sites' is unmasked."""
-    return np.random.default_rng(_derived_seed(secret_seed, step, _NOISE_PURPOSE))
+def noise_rng(secret_seed: int, step: int) -> CipherRandom:
+    """The site's cryptographic generator for step ``step``'s rounding and Skellam share
+    (ChaCha20 keyed from the secret, ``common/secure_random.py``). Secret and unpredictable:
+    the coordinator could subtract a share it could predict. The node draws the secret as 256
+    fresh bits from the OS's cryptographic source every step."""
+    return CipherRandom.derived(secret_seed, step, _NOISE_PURPOSE)
 
 
 def poisson_sample(count: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -259,7 +259,7 @@ def site_contribution(model: torch.nn.Module, dataset: Dataset, sample_rate: flo
 
 
 def encode_site_contribution(contribution: SiteContribution, params: DistributedNoiseParams, *,
-                             rotation_seed: int, rng: np.random.Generator) -> np.ndarray:
+                             rotation_seed: int, rng: RandomSource) -> np.ndarray:
     """What the site masks and sends: its contribution rotated, scaled, rounded, plus its
     Skellam share (``encode_contribution``), as ``params.dtype`` residues modulo 2^bits.
 

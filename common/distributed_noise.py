@@ -27,13 +27,16 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from privatune.common.distributed_noise_accounting import (
     calibrate_skellam_noise,
     skellam_epsilon,
 )
+
+if TYPE_CHECKING:
+    from privatune.common.secure_random import RandomSource
 
 DEFAULT_FAILURE_PROBABILITY = 1e-9
 # The rounding may lengthen one record's shift by this share at most (on average over the
@@ -127,7 +130,7 @@ def unrotate(rotated: np.ndarray, rotation_seed: int, dimension: int) -> np.ndar
 
 # --- rounding and noise ----------------------------------------------------------------------
 
-def stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def stochastic_round(values: np.ndarray, rng: RandomSource) -> np.ndarray:
     """Round each value up with probability its fractional part, else down: unbiased, and off
     by less than 1 per coordinate."""
     values = np.asarray(values, dtype=np.float64)
@@ -135,7 +138,7 @@ def stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return (low + (rng.random(values.shape) < values - low)).astype(np.int64)
 
 
-def skellam_noise(variance: float, size: int, rng: np.random.Generator) -> np.ndarray:
+def skellam_noise(variance: float, size: int, rng: RandomSource) -> np.ndarray:
     """``size`` draws of Skellam(variance) = Poisson(variance/2) - Poisson(variance/2)."""
     if not (math.isfinite(variance) and variance >= 0):
         raise ValueError(f"variance must be a non-negative finite number, got {variance!r}")
@@ -294,7 +297,7 @@ def choose_parameters(dimension: int, *, min_contributions: int, max_sites: int,
 # --- encoding and decoding -------------------------------------------------------------------
 
 def encode_contribution(summed_gradients: np.ndarray, params: DistributedNoiseParams, *,
-                        rotation_seed: int, rng: np.random.Generator) -> np.ndarray:
+                        rotation_seed: int, rng: RandomSource) -> np.ndarray:
     """A site's contribution: its sum of clipped per-record gradients, rotated, scaled,
     stochastically rounded, plus its Skellam share, modulo 2^bits (``params.dtype``).
 
