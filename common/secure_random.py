@@ -57,27 +57,26 @@ class CipherRandom:
     def derived(cls, secret: int, *labels: int) -> CipherRandom:
         """A generator keyed by SHA-256 of a non-negative ``secret`` (e.g. 256 bits from the
         OS) and ``labels`` (a step, a purpose), so one secret gives independent streams."""
-        if isinstance(secret, bool) or int(secret) != secret or secret < 0:
-            raise ValueError(f"secret must be a non-negative integer, got {secret!r}")
         digest = hashlib.sha256(b"privatune/secure-random/v1")
-        for value in (secret, *labels):
+        for what, value in (("secret", secret), *(("labels", label) for label in labels)):
             if isinstance(value, bool) or int(value) != value or value < 0:
-                raise ValueError(f"labels must be non-negative integers, got {value!r}")
+                raise ValueError(f"{what} must be non-negative integers, got {value!r}")
             encoded = int(value).to_bytes(max(1, (int(value).bit_length() + 7) // 8), "big")
             digest.update(len(encoded).to_bytes(4, "big") + encoded)
         return cls(digest.digest())
 
-    def _words(self, count: int) -> np.ndarray:
-        return np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
+    def _mantissas(self, count: int) -> np.ndarray:
+        """``count`` integers of 53 random bits each, as float64 (exactly)."""
+        words = np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
+        return (words >> np.uint64(11)).astype(np.float64)
 
     def random(self, shape: int | tuple[int, ...] = ()) -> np.ndarray:
         """Uniforms in [0, 1) with 53 random bits each, like ``Generator.random``."""
-        size = int(np.prod(shape, dtype=np.int64))
-        return ((self._words(size) >> np.uint64(11)).astype(np.float64) * _UNIT).reshape(shape)
+        return (self._mantissas(int(np.prod(shape, dtype=np.int64))) * _UNIT).reshape(shape)
 
     def _open_uniforms(self, count: int) -> np.ndarray:
         """Uniforms in (0, 1): never 0, so logarithms and divisions stay finite."""
-        return ((self._words(count) >> np.uint64(11)).astype(np.float64) + 0.5) * _UNIT
+        return (self._mantissas(count) + 0.5) * _UNIT
 
     def poisson(self, lam: float, size: int) -> np.ndarray:
         """``size`` Poisson(``lam``) draws as int64, like ``Generator.poisson``."""
