@@ -90,6 +90,17 @@ class LocalOnlyResult:
     generation: GenerationScores | None = None
 
 
+def site_batch_size(job: JobConfig, train_units: int) -> int:
+    """The expected batch a site of ``train_units`` draws a step in the job's federation.
+
+    In DP FedAvg that is ``training.batch_size``; in secure DP-SGD ``training.batch_size`` is
+    the union's, and each site samples at ``secure.sample_rate``, about q × its units.
+    """
+    if job.federation.mode == "secure_dpsgd":
+        return max(1, round(job.secure.sample_rate * train_units))
+    return job.training.batch_size
+
+
 def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_dir: Path,
                       run_id: str) -> LocalOnlyResult:
     """The same site training alone: the federation's round with this one node (same rounds,
@@ -101,9 +112,10 @@ def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_di
     policy = load_site_policy(policy_path)
     node = SiteNode(replace(policy, site=replace(policy.site, state_dir=str(scratch.resolve()))))
     # a site alone has no one to share noise with: its baseline is local DP-SGD, whatever
-    # the federation's mode
+    # the federation's mode, sampling its records as it does in the federation
     alone = with_overrides(job, ("federation.min_nodes=1", "federation.min_replies=1",
-                                 "federation.mode=local_dp", "tracking=none"),
+                                 "federation.mode=local_dp", "tracking=none",
+                                 f"training.batch_size={site_batch_size(job, len(node.train_units))}"),
                            f"{node.name}'s local-only job")
     settings = CoordinatorSettings(job=alone, model_dir=model_dir, out_dir=scratch / "coordinator",
                                    run_id=run_id, resume=False, sites=(node.name,),

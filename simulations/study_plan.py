@@ -170,6 +170,13 @@ def plan_study(config: Path, out: Path, epsilons: Sequence[float] = DEFAULT_EPSI
             raise ConfigError(f"--set {text!r}: the study sets {key} itself on every run "
                               f"(seeds: --seeds, --seeds-other; ε: --epsilons)")
     base = load_job_config(config, extra)
+    if base.federation.mode != "local_dp":
+        # its rows are DP FedAvg's job and that job in secure mode: training.batch_size is a
+        # site's batch in the one and the union's in the other
+        raise ConfigError(f"{config}: federation.mode is {base.federation.mode}; the study starts "
+                          f"from a DP FedAvg job (federation.mode: local_dp, a site's batch in "
+                          f"training.batch_size), e.g. configs/dpfedavg.yaml, and runs its secure "
+                          f"row itself")
     plan = StudyPlan(config=config, out=out, epsilons=tuple(sorted(epsilons)),
                      seeds=tuple(base.seed + i for i in range(seeds)),
                      other_seeds=tuple(base.seed + i for i in range(other_seeds)),

@@ -16,7 +16,8 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "dpfedavg.yaml", "smoke.yaml", "smollm2.yaml",
+                                  "audit.yaml", "federation.yaml"])
 def test_shipped_presets_are_valid(name):
     job = load_job_config(REPO / "configs" / name)
     assert job.privacy.epsilon > 0 and job.federation.rounds >= 2

@@ -22,7 +22,7 @@ from privatune.common.ledger import SiteLedger
 from privatune.common.ledger_records import DECLINE, NonPrivateRelease, SecureRelease
 from privatune.common.lora import (frozen_part, initial_adapter, lora_state, trained_part,
                                    update_hash)
-from privatune.common.privacy import SecureStep
+from privatune.common.privacy import SecureStep, poisson_sample_rate
 from privatune.common.protocol import SecurePlan, TrainReply, train_request
 from privatune.common.run_record import read_run_record
 from privatune.common.secure_aggregation import SecAggSite
@@ -275,11 +275,28 @@ def test_a_secure_federation_in_process_and_on_flowers_engine(tmp_path, tiny_mod
     assert all(a.ok for a in audit_path(inline, records)), [a.problems for a in audit_path(
         inline, records)]
 
+    # on Flower's engine, with each site's local-only baseline as the demo runs them
     engine = tmp_path / "engine"
-    report = simulate_sites(job, tiny_model_dir, _federation(engine, tiny_model_dir), None,
-                            engine / "run", progress=lambda _: None)
+    job = _job(tmp_path, "simulation.local_only_baseline=true")
+    policies = _federation(engine, tiny_model_dir)
+    report = simulate_sites(job, tiny_model_dir, policies, None, engine / "run",
+                            progress=lambda _: None)
     assert all(r.training.aggregated for r in report.rounds[1:])
     _check_secure_ledgers(engine, job)
+    for path in policies:
+        node = SiteNode(load_site_policy(path))
+        site = report.sites[node.name]
+        # released where the site releases its held-out figures (east's 18 are too few)
+        assert (site.local_only_perplexity is None) == (site.final_perplexity is None)
+        # alone, the site draws about what it draws a secure step (q of its records), not the
+        # union's batch, with local DP-SGD's own noise
+        alone = SiteLedger(engine / "run" / "baselines" / node.name / "ledger.jsonl").releases()
+        assert len(alone) == job.federation.rounds
+        units = len(node.train_units)
+        drawn = poisson_sample_rate(units, round(job.secure.sample_rate * units))
+        assert all(r.sample_rate == pytest.approx(drawn) for r in alone)
+        assert drawn < job.training.batch_size / units / 2
+    assert report.sites["north"].local_only_perplexity is not None
 
 
 def test_plan_shows_each_sites_sigma_and_both_guarantees(tmp_path):

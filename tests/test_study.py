@@ -87,23 +87,31 @@ def test_epsilons_are_sorted():
     ({"extra": ("training.batch_size=0",)}, "training.batch_size: 0 is out of range")])
 def test_bad_study_arguments_stop_before_anything_runs(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        plan_study(CONFIGS / "demo.yaml", tmp_path / "study", **kwargs)
+        plan_study(CONFIGS / "dpfedavg.yaml", tmp_path / "study", **kwargs)
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_secure_job_is_refused_as_the_studys_base(tmp_path):
+    # the demo runs secure DP-SGD: its training.batch_size is the union's, not a site's
+    with pytest.raises(ConfigError, match="federation.mode is secure_dpsgd; the study starts "
+                                          "from a DP FedAvg job"):
+        plan_study(CONFIGS / "demo.yaml", tmp_path / "study")
     assert not (tmp_path / "study").exists()
 
 
 def test_cli_names_a_bad_argument(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["study", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path),
+        main(["study", "--config", str(CONFIGS / "dpfedavg.yaml"), "--out", str(tmp_path),
               "--epsilons", "1,abc"])
     assert exit.value.code == 2
     assert "argument --epsilons: 'abc' is not a number" in capsys.readouterr().err
-    assert main(["study", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path),
+    assert main(["study", "--config", str(CONFIGS / "dpfedavg.yaml"), "--out", str(tmp_path),
                  "--seeds", "0"]) == 2
     assert "--seeds must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_columns_seeds_and_the_jobs_they_run(tmp_path):
-    plan = plan_study(CONFIGS / "demo.yaml", tmp_path, (8.0, 1.0, 3.0), seeds=3, other_seeds=1,
+    plan = plan_study(CONFIGS / "dpfedavg.yaml", tmp_path, (8.0, 1.0, 3.0), seeds=3, other_seeds=1,
                       extra=("lora.r=4",))
     assert [b.label for b in plan.budgets] == ["ε = 1", "ε = 3", "ε = 8", "non-private"]
     assert plan.seeds_of(Budget(8.0)) == plan.seeds_of(NON_PRIVATE) == (0, 1, 2)
@@ -190,7 +198,7 @@ def _measurement(setting: str, budget: str, seed: int, rouge: float,
 
 @pytest.fixture
 def summary(tmp_path):
-    plan = plan_study(CONFIGS / "demo.yaml", tmp_path, (1.0, 8.0), seeds=3, other_seeds=1)
+    plan = plan_study(CONFIGS / "dpfedavg.yaml", tmp_path, (1.0, 8.0), seeds=3, other_seeds=1)
     measurements = [_measurement(FEDERATED, "eps-1", 0, 0.1),
                     *[_measurement(FEDERATED, "eps-8", s, r) for s, r in ((0, 0.39), (1, 0.42),
                                                                          (2, 0.45))],
@@ -325,7 +333,7 @@ def test_the_secure_rows_rate_is_a_typical_sites_and_its_union_batch_scales_with
 
 
 def test_the_plan_runs_the_secure_row_as_the_columns_job_in_secure_mode(tmp_path):
-    plan = plan_study(CONFIGS / "demo.yaml", tmp_path, (1.0, 8.0), seeds=1)
+    plan = plan_study(CONFIGS / "dpfedavg.yaml", tmp_path, (1.0, 8.0), seeds=1)
     batch = SecureBatch(0.25, 60)
     overrides = plan.secure_overrides(Budget(8.0), 0, batch)
     assert overrides == (*plan.job_overrides(Budget(8.0), 0), "federation.mode=secure_dpsgd",
@@ -341,7 +349,7 @@ def test_the_plan_runs_the_secure_row_as_the_columns_job_in_secure_mode(tmp_path
         federated.federation.rounds, federated.training.local_steps, 8.0,
         federated.privacy.delta, federated.privacy.accountant)
     with pytest.raises(ConfigError, match="the study sets secure.sample_rate itself"):
-        plan_study(CONFIGS / "demo.yaml", tmp_path, extra=("secure.sample_rate=0.5",))
+        plan_study(CONFIGS / "dpfedavg.yaml", tmp_path, extra=("secure.sample_rate=0.5",))
 
 
 def _secure_report(config: dict) -> dict:
