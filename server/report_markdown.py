@@ -102,13 +102,21 @@ def traffic_lines(report: RunReport) -> list[str]:
     rounds = [r for r in report.rounds if r.training is not None and r.training.bytes_sent is not None]
     if not rounds:
         return []
-    aggregation = report.config.get("federation", {}).get("aggregation", "fedavg")
-    sent = ("B only (lora_A stays frozen at the run's seeded initialisation)"
-            if aggregation == "ffa" else "both LoRA factors")
-    lines = ["## Traffic", "",
-             f"Aggregation `{aggregation}`: each site's update carries {sent}. Bytes of LoRA tensors "
-             "(float32 on the wire) per round: the global adapter (A and B) to every node asked, "
-             "and the updates back.", "",
+    federation = report.config.get("federation", {})
+    if federation.get("mode") == "secure_dpsgd":
+        what = ("Secure DP-SGD: no site sends an update of its own. Bytes per round, every step "
+                "of it: to the nodes, the global adapter (A and B, float32) with each step's "
+                "request and the SecAgg+ messages passed on (keys, encrypted shares); from the "
+                "sites, their SecAgg+ messages (public keys, encrypted shares, masked inputs, "
+                "unmasking shares).")
+    else:
+        aggregation = federation.get("aggregation", "fedavg")
+        sent = ("B only (lora_A stays frozen at the run's seeded initialisation)"
+                if aggregation == "ffa" else "both LoRA factors")
+        what = (f"Aggregation `{aggregation}`: each site's update carries {sent}. Bytes of LoRA "
+                "tensors (float32 on the wire) per round: the global adapter (A and B) to every "
+                "node asked, and the updates back.")
+    lines = ["## Traffic", "", what, "",
              "| round | to nodes | from sites | per site update |", "|---|---|---|---|"]
     for record in rounds:
         training = record.training

@@ -136,7 +136,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     study = commands.add_parser(
         "study", help="the privacy-utility study: federated, each site alone, all sites pooled "
         "without DP and the nearest-note copy, at each epsilon and non-private")
-    study.add_argument("--config", required=True, help="job config YAML, e.g. configs/demo.yaml")
+    study.add_argument("--config", required=True,
+                       help="a DP FedAvg job config YAML, e.g. configs/dpfedavg.yaml")
     study.add_argument("--out", required=True, help="directory for the runs and study.md, "
                        "study.json, study.png (finished runs there are reused)")
     study.add_argument("--epsilons", type=parse_epsilons, default=DEFAULT_EPSILONS,

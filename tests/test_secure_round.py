@@ -43,6 +43,7 @@ from privatune.common.secure_protocol import (
 )
 from privatune.server.coordinator import Coordinator
 from privatune.server.coordinator_settings import CoordinatorSettings
+from privatune.server.report_markdown import render_markdown
 from privatune.simulations.in_process import InProcessTransport
 from privatune.simulations.runner import simulate_sites
 
@@ -267,6 +268,9 @@ def test_a_secure_federation_in_process_and_on_flowers_engine(tmp_path, tiny_mod
         assert record.training.aggregated and record.training.participants == \
             ["east", "north", "south"] and not record.training.failures
     assert (inline / "run" / "checkpoints" / "round_002" / "adam.safetensors").is_file()
+    traffic = render_markdown(report).split("## Traffic")[1]
+    assert "Secure DP-SGD: no site sends an update of its own" in traffic
+    assert "Aggregation `fedavg`" not in traffic
     _check_secure_ledgers(inline, job)
     # the coordinator's record: every masked input of every step, which each ledger lists
     records = read_run_record(inline / "run" / "checkpoints" / "round_002" / "state.json")
