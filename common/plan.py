@@ -137,6 +137,9 @@ class SecureSitePlan:
     aggregate_epsilon_per_round: list[float]
     fallback_epsilon_per_round: list[float]
     warnings: list[str]
+    # the noise of min_nodes shares on the mean union gradient against the largest signal
+    # (share sigma * sqrt(min_nodes * trained parameters) / the union batch): plan_site's rule
+    noise_to_signal: float
 
 
 def plan_secure_site(site: str, records: int, job: JobConfig,
@@ -157,9 +160,18 @@ def plan_secure_site(site: str, records: int, job: JobConfig,
     if t < 3:
         warnings.append(f"{site}: t = {t} is below the default site policy's "
                         "secure_aggregation.min_contributions (3): such sites will decline")
-    return SecureSitePlan(site, records, job.secure.sample_rate, t, sigma,
-                          step.fallback().noise_multiplier, job.privacy.delta, aggregate,
-                          fallback, warnings)
+    share = step.fallback().noise_multiplier
+    sites = max(job.federation.min_nodes, t)
+    noise_to_signal = share * math.sqrt(sites * trained_parameters) / job.training.batch_size
+    if noise_to_signal > 1:
+        warnings.append(
+            f"{site}: each union step's noise on the mean gradient ({sites} shares) is "
+            f"{noise_to_signal:.2f} times the largest clipped signal ({trained_parameters} trained "
+            f"values, expected union batch {job.training.batch_size}); DP-SGD will mostly follow "
+            "the noise: raise secure.sample_rate with training.batch_size, or train fewer values "
+            "(lora.r, lora.target_modules)")
+    return SecureSitePlan(site, records, job.secure.sample_rate, t, sigma, share,
+                          job.privacy.delta, aggregate, fallback, warnings, noise_to_signal)
 
 
 def render_secure_table(plans: list[SecureSitePlan]) -> str:
@@ -167,17 +179,21 @@ def render_secure_table(plans: list[SecureSitePlan]) -> str:
     rounds = len(plans[0].aggregate_epsilon_per_round) if plans else 0
     header = ("| site | records | q | t | sigma (aggregate) | sigma (own share) | "
               + " | ".join(f"(a) eps r{r}" for r in range(1, rounds + 1)) + " | "
-              + " | ".join(f"(b) eps r{r}" for r in range(1, rounds + 1)) + " |")
+              + " | ".join(f"(b) eps r{r}" for r in range(1, rounds + 1)) + " | noise ÷ signal |")
     lines = ["Secure DP-SGD: (a) against the coordinator and the other sites, from the noise of "
              "at least t sites' shares (holds while secure aggregation does); (b) from the "
              "site's own noise share alone (holds whatever happens; a site's cap is enforced on "
-             "it unless its policy sets secure_aggregation.trust). Both by RDP.", "",
-             header, "|" + "---|" * (6 + 2 * rounds)]
+             "it unless its policy sets secure_aggregation.trust). Both by RDP. noise ÷ signal: "
+             "the noise of the job's min_nodes shares on a union step's mean clipped gradient, "
+             "against the largest signal that mean can carry (above 1, DP-SGD mostly follows the "
+             "noise).", "",
+             header, "|" + "---|" * (7 + 2 * rounds)]
     for p in plans:
         lines.append(f"| {p.site} | {p.records} | {p.sample_rate:.4f} | {p.min_contributions} | "
                      f"{p.noise_multiplier:.4f} | {p.share_noise_multiplier:.4f} | "
                      + " | ".join(f"{e:.3f}" for e in p.aggregate_epsilon_per_round) + " | "
-                     + " | ".join(f"{e:.3f}" for e in p.fallback_epsilon_per_round) + " |")
+                     + " | ".join(f"{e:.3f}" for e in p.fallback_epsilon_per_round)
+                     + f" | {p.noise_to_signal:.2f} |")
     for p in plans:
         lines += [f"warning: {w}" for w in p.warnings]
     return "\n".join(lines)

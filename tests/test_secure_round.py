@@ -314,8 +314,15 @@ def test_plan_shows_each_sites_sigma_and_both_guarantees(tmp_path):
     assert plan.fallback_epsilon_per_round[-1] == pytest.approx(8.0, rel=0.01)
     assert plan.fallback_epsilon_per_round[-1] <= 8.0
     assert plan.aggregate_epsilon_per_round[-1] < plan.fallback_epsilon_per_round[0]
+    # the rule plan_site applies, on a union step: min_nodes shares of noise over the union batch
+    assert plan.noise_to_signal == pytest.approx(
+        plan.share_noise_multiplier * (3 * 512) ** 0.5 / job.training.batch_size)
+    assert plan.noise_to_signal < 1 and not any("union step's noise" in w for w in plan.warnings)
     table = render_secure_table([plan])
     assert "(a) eps r2" in table and "(b) eps r2" in table and "| north | 100 |" in table
+    assert f"| {plan.noise_to_signal:.2f} |" in table
+    many = plan_secure_site("north", 100, job, trained_parameters=4096)
+    assert many.noise_to_signal > 1 and any("union step's noise" in w for w in many.warnings)
 
 
 class _Dropping(InProcessTransport):
