@@ -77,6 +77,13 @@ def trained_lora_parameters(model_config: Mapping[str, Any], lora: LoraConfig,
     return sum(values(name) for name in lora.target_modules)
 
 
+def noise_to_signal(noise_multiplier: float, trained_parameters: int, batch_size: float) -> float:
+    """σ × √(trained values) ÷ expected batch: the norm of the noise a DP step adds to the mean
+    clipped gradient, against the largest norm that mean can have (the project's rule for DP
+    hyperparameters: above 1, DP-SGD mostly follows the noise)."""
+    return noise_multiplier * math.sqrt(trained_parameters) / batch_size
+
+
 def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds: int,
               delta: float, epsilon: float | None = None, noise_multiplier: float | None = None,
               min_noise_multiplier: float = 0.0, accountant: str = PRV,
@@ -106,19 +113,19 @@ def plan_site(site: str, records: int, batch_size: int, local_steps: int, rounds
     if epsilon is not None and per_round[-1] > epsilon * (1 + 1e-9):
         warnings.append(f"{site}: forecast epsilon {per_round[-1]:.3f} exceeds the budget {epsilon:g}; "
                         "the node will decline the last rounds")
-    noise_to_signal = None
+    ratio = None
     if trained_parameters:
-        noise_to_signal = noise_multiplier * math.sqrt(trained_parameters) / batch_size
-        if noise_to_signal > 1:
+        ratio = noise_to_signal(noise_multiplier, trained_parameters, batch_size)
+        if ratio > 1:
             warnings.append(
-                f"{site}: each step's noise on the mean gradient is {noise_to_signal:.2f} times "
+                f"{site}: each step's noise on the mean gradient is {ratio:.2f} times "
                 f"the largest clipped signal ({trained_parameters} trained values, expected "
                 f"batch {batch_size}); DP-SGD will mostly follow the noise: raise "
                 "training.batch_size (more records at the site allow it), or train fewer values "
                 "(lora.r, lora.target_modules)")
     return SitePlan(site, records, sample_rate, noise_multiplier, delta, accountant, per_round,
                     rdp_epsilon([step] * rounds, delta), pld_epsilon([step] * rounds, delta),
-                    warnings, noise_to_signal)
+                    warnings, ratio)
 
 
 @dataclass(frozen=True)
@@ -162,16 +169,17 @@ def plan_secure_site(site: str, records: int, job: JobConfig,
                         "secure_aggregation.min_contributions (3): such sites will decline")
     share = step.fallback().noise_multiplier
     sites = max(job.federation.min_nodes, t)
-    noise_to_signal = share * math.sqrt(sites * trained_parameters) / job.training.batch_size
-    if noise_to_signal > 1:
+    # the noise of ``sites`` shares adds up to sigma = share * sqrt(sites) on the union's sum
+    ratio = noise_to_signal(share * math.sqrt(sites), trained_parameters, job.training.batch_size)
+    if ratio > 1:
         warnings.append(
             f"{site}: each union step's noise on the mean gradient ({sites} shares) is "
-            f"{noise_to_signal:.2f} times the largest clipped signal ({trained_parameters} trained "
+            f"{ratio:.2f} times the largest clipped signal ({trained_parameters} trained "
             f"values, expected union batch {job.training.batch_size}); DP-SGD will mostly follow "
             "the noise: raise secure.sample_rate with training.batch_size, or train fewer values "
             "(lora.r, lora.target_modules)")
     return SecureSitePlan(site, records, job.secure.sample_rate, t, sigma, share,
-                          job.privacy.delta, aggregate, fallback, warnings, noise_to_signal)
+                          job.privacy.delta, aggregate, fallback, warnings, ratio)
 
 
 def render_secure_table(plans: list[SecureSitePlan]) -> str:

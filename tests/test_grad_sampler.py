@@ -595,4 +595,3 @@ def test_clip_factors_bring_each_sample_to_the_clip_to_float32_rounding():
     assert not torch.allclose(in_float32, norms / (norms + 1e-6), rtol=2e-7, atol=0)
     small = torch.full((1, 4), 0.1)  # a norm of 0.2, below the clip: left as it is
     assert clip_factors(small, 1.0).tolist() == [1.0]
-
