@@ -41,7 +41,7 @@ from privatune.common.distributed_noise import (
     DistributedNoiseParams,
     encode_contribution,
 )
-from privatune.common.examples import per_example_loss
+from privatune.common.examples import labelled_logits, per_example_loss
 from privatune.common.lora import lora_state
 from privatune.common.secure_random import CipherRandom, RandomSource
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -220,7 +220,7 @@ def clipped_gradient_sum(model: torch.nn.Module, dataset: Dataset, indices: Sequ
                 param.grad_sample = None
             input_ids, labels, mask = (t.to(device) for t in
                                        default_collate([dataset[int(i)] for i in chunk]))
-            logits = dp_model(input_ids=input_ids, attention_mask=mask).logits
+            logits, labels = labelled_logits(dp_model, input_ids, mask, labels)
             per_example = per_example_loss(logits, labels)
             dp_model.loss_scale = loss_scale(half, labels)
             (per_example.mean() * dp_model.loss_scale).backward()

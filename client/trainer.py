@@ -35,7 +35,7 @@ from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch.utils.data import DataLoader, Dataset
 
 from privatune.client.lora_grad_sampler import LoraPrivacyEngine
-from privatune.common.examples import labelled_predictions, per_example_loss
+from privatune.common.examples import labelled_logits, labelled_predictions, per_example_loss
 from privatune.common.opacus_internals import last_step_skipped
 from privatune.common.privacy import poisson_sample_rate
 from privatune.common.progress import progress_bar
@@ -144,7 +144,7 @@ def train_dp_round(model: torch.nn.Module, dataset: Dataset,
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(input_ids) > 0:
                     input_ids, labels, mask = (t.to(device) for t in (input_ids, labels, mask))
-                    logits = dp_model(input_ids=input_ids, attention_mask=mask).logits
+                    logits, labels = labelled_logits(dp_model, input_ids, mask, labels)
                     per_example = per_example_loss(logits, labels)
                     loss = per_example.mean()
                     dp_model.loss_scale = loss_scale(half, labels)

@@ -14,6 +14,7 @@ tokenized, so a huge record costs what ``max_length`` tokens cost, not what the 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -316,6 +317,39 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return next_token_losses(logits, labels).sum(dim=1) / counts
 
 
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside Opacus' and PEFT's wrappers."""
+    while True:
+        if hasattr(model, "_module"):  # Opacus' GradSampleModule
+            model = model._module
+        elif hasattr(model, "get_base_model"):  # a PEFT model
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def labelled_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits from the batch's first labelled prediction on, and the labels cut to match:
+    what ``per_example_loss`` and ``next_token_losses`` need, with the same values.
+
+    Why: the loss is on the completion only, and an example's prompt comes first, so the output
+    head (the widest layer: one logit per vocabulary entry) would otherwise be computed, and
+    differentiated, at every prompt position for nothing (about half the demo's positions).
+    A model whose forward has no ``logits_to_keep`` gets all its logits, cut here instead.
+    """
+    length = labels.shape[1]
+    labelled = labelled_predictions(labels).any(dim=0).nonzero()
+    start = int(labelled[0]) if len(labelled) else length - 1  # position t predicts label t + 1
+    kept = length - start
+    if "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=kept).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, start:]
+    return logits, labels[:, start:]
+
+
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 32) -> tuple[float, int]:
     """Token-weighted mean next-token loss over the labelled positions, and the token count."""
@@ -327,7 +361,7 @@ def evaluate_loss(model: torch.nn.Module, dataset: TensorDataset, batch_size: in
         ids = input_ids[start:start + batch_size].to(device)
         labs = labels[start:start + batch_size].to(device)
         batch_mask = mask[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=batch_mask).logits
+        logits, labs = labelled_logits(model, ids, batch_mask, labs)
         total += float(next_token_losses(logits, labs).sum())
         tokens += int(labelled_predictions(labs).sum())
     if tokens == 0:

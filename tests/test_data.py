@@ -619,3 +619,52 @@ def test_next_token_losses_gradient_is_exact_in_float64():
     labels = torch.randint(0, 7, (2, 5), generator=generator)
     labels[1, 2] = IGNORE_INDEX
     assert torch.autograd.gradcheck(lambda x: next_token_losses(x, labels), (logits,))
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (as some bring-your-own bases)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_labelled_logits_skip_the_prompt_and_keep_loss_and_gradients(tiny_model_dir):
+    """The head runs only from the batch's first labelled prediction on, and the per-example
+    losses and the LoRA gradients are those of the full logits; also for a model whose forward
+    has no logits_to_keep."""
+    from privatune.common.config import LoraConfig
+    from privatune.common.examples import encode_pairs, labelled_logits, per_example_loss
+    from privatune.common.lora import attach_seeded_lora, load_base_model
+
+    base, tokenizer = load_base_model(tiny_model_dir)
+    model = attach_seeded_lora(base, LoraConfig(4, 8, ("q_proj", "v_proj", "lm_head")), 0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: move it so every LoRA factor gets a gradient
+            torch.nn.init.normal_(parameter, std=0.1)
+    pairs = [("Patient admitted with pneumonia, heart rate 97, cough for three days.", " Likely pneumonia."),
+             ("Fever and cough.", " Plan: antibiotics, review in five days, chest film.")]
+    input_ids, labels, mask = encode_pairs(tokenizer, pairs, 64).tensors
+    first_labelled = int((labels != -100).any(dim=0).nonzero()[0])
+    assert first_labelled > 2  # the prompts are there to be skipped
+
+    def losses_and_gradients(forward):
+        model.zero_grad()
+        per_example = forward()
+        per_example.sum().backward()
+        return per_example.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                      if p.requires_grad}
+
+    full = losses_and_gradients(lambda: per_example_loss(
+        model(input_ids=input_ids, attention_mask=mask).logits, labels))
+    for runner in (model, _NoLogitsToKeep(model)):
+        logits, cut = labelled_logits(runner, input_ids, mask, labels)
+        assert logits.shape[1] == labels.shape[1] - (first_labelled - 1) == cut.shape[1]
+        kept = losses_and_gradients(lambda: per_example_loss(
+            *labelled_logits(runner, input_ids, mask, labels)))
+        assert torch.allclose(kept[0], full[0], rtol=1e-5, atol=1e-6)
+        for name, gradient in full[1].items():
+            assert torch.allclose(kept[1][name], gradient, rtol=1e-4, atol=1e-6), name
