@@ -71,12 +71,13 @@ with importing_libraries():
 log = logging.getLogger(__name__)
 
 
-def privacy_units(records: Sequence[Record], unit: str,
-                  loss_marker: str = "") -> list[tuple[str, str]]:
+def privacy_units(records: Sequence[Record], unit: str, loss_marker: str = "",
+                  judged_only: bool = False) -> list[tuple[str, str]]:
     """One (prompt, completion) example per privacy unit: a record (its note split at
-    ``loss_marker`` for the loss, as judged), or all of a patient's text."""
+    ``loss_marker`` for the loss, as judged; with ``judged_only``, only the records that are
+    judged), or all of a patient's text."""
     if unit == "record":
-        return judged_pairs([(r.prompt, r.completion) for r in records], loss_marker)
+        return judged_pairs([(r.prompt, r.completion) for r in records], loss_marker, judged_only)
     by_patient: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         if record.patient_id is None:
@@ -151,12 +152,36 @@ class SiteNode:
         """The process's shared base model on this site's hardware, with the adapter attached."""
         return adapter_model(self.policy.model_dir, self.hardware, request_lora)
 
+    def judged_problem(self, request: TrainRequest | EvaluateRequest) -> str:
+        """Why this site cannot train (or score) on its judged notes only, as ``request`` asks
+        (``training.loss_on: judged``), or ""."""
+        if not request.judged_only:
+            return ""
+        if self.policy.privacy.unit != "record" or not request.loss_marker:
+            return ("the request asks to train on judged notes only (training.loss_on: judged), "
+                    f"which needs the record unit and a loss marker; this site's unit is "
+                    f"{self.policy.privacy.unit!r} ({self.policy.source}), the request's marker "
+                    f"{request.loss_marker!r}")
+        split = "train" if isinstance(request, TrainRequest) else "heldout"
+        if not privacy_units(self._records[split], "record", request.loss_marker, True):
+            return (f"none of this site's {split} notes has the marker {request.loss_marker!r}, "
+                    "and the request trains on judged notes only (training.loss_on: judged)")
+        return ""
+
+    def trained_units(self, loss_marker: str, judged_only: bool) -> int:
+        """How many units a round samples from (the sampling rate's N): all, or with
+        ``judged_only`` the records ``loss_marker`` splits (``training.loss_on: judged``)."""
+        if not judged_only:
+            return len(self.train_units)
+        return len(privacy_units(self._records["train"], "record", loss_marker, True))
+
     def dataset(self, split: str, tokenizer, max_length: int, seed: int = 0,
-                 loss_marker: str = "") -> Dataset:
+                loss_marker: str = "", judged_only: bool = False) -> Dataset:
         """A split as model inputs: one row per unit, cut at ``max_length``, its notes split at
-        ``loss_marker`` for the loss (record unit); with patient windows, training draws a fresh
-        window of a patient's text each time (under ``seed``) and evaluation scores all of each
-        held-out patient's consecutive windows."""
+        ``loss_marker`` for the loss (record unit; ``judged_only``: only the notes it splits);
+        with patient windows, training draws a fresh window of a patient's text each time
+        (under ``seed``) and evaluation scores all of each held-out patient's consecutive
+        windows."""
         units = self.train_units if split == "train" else self.heldout_units
         windows = self.policy.privacy.patient_windows
         if windows and split not in self._tokenized:
@@ -164,9 +189,10 @@ class SiteNode:
                                                                 for prompt, completion in units])
         if windows and split == "train":
             return SampledWindows(self._tokenized[split], max_length, seed)
-        key = (split, max_length, loss_marker)
+        key = (split, max_length, loss_marker, judged_only)
         if key not in self._encoded:
-            judged = privacy_units(self._records[split], self.policy.privacy.unit, loss_marker)
+            judged = privacy_units(self._records[split], self.policy.privacy.unit, loss_marker,
+                                   judged_only)
             self._encoded[key] = (consecutive_windows(self._tokenized[split], max_length) if windows
                                   else encode_pairs(tokenizer, judged, max_length))
         return self._encoded[key]
@@ -201,7 +227,7 @@ class SiteNode:
         """Decide a train request against the site policy and the ledger, before training."""
         privacy = self.policy.privacy
         spent = self.epsilon()
-        violation = request_violation(self.policy.limits, request)
+        violation = request_violation(self.policy.limits, request) or self.judged_problem(request)
         if violation:
             return RoundPlan(violation, 0.0, spent)
         run_entries = self.ledger.releases(request.run_id)
@@ -212,7 +238,7 @@ class SiteNode:
         if request.run_id not in runs and len(runs) >= privacy.max_runs:
             return RoundPlan(f"site policy allows at most {privacy.max_runs} runs; this site "
                              f"already took part in {len(runs)}", 0.0, spent)
-        sample_rate = poisson_sample_rate(len(self.train_units), request.batch_size)
+        sample_rate = poisson_sample_rate(self.trained_units(request.loss_marker, request.judged_only), request.batch_size)
         try:
             noise = self._run_noise_multiplier(request, sample_rate)
         except ValueError as err:
@@ -295,7 +321,7 @@ class SiteNode:
         # which window of each patient is drawn comes from the site's own secret too, never the
         # coordinator's choice
         dataset = self.dataset("train", tokenizer, request.max_length, secrets.randbits(63),
-                                request.loss_marker)
+                               request.loss_marker, request.judged_only)
         try:
             result = train_dp_round(model, dataset, DPTrainSettings(
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
@@ -338,7 +364,7 @@ class SiteNode:
             return self.decline(reason)
         self.ledger.append_record(dataclasses.replace(mechanism, update_sha256=update_hash(state)))
         release = self.policy.release
-        count = len(self.train_units) if release.example_count else 1
+        count = self.trained_units(request.loss_marker, request.judged_only) if release.example_count else 1
         loss = result.mean_loss if release.train_loss else None
         self._record_metrics(request.run_id, request.round, "train",
                              {"num_examples": count if release.example_count else None,
@@ -472,7 +498,7 @@ class SiteNode:
     def _evaluation_problem(self, request: EvaluateRequest,
                             global_state: Mapping[str, torch.Tensor]) -> str:
         """Why an evaluate request is declined before the model is touched, or ""."""
-        reason = (request_violation(self.policy.limits, request)
+        reason = (request_violation(self.policy.limits, request) or self.judged_problem(request)
                   or self.address_problem(request.site) or adapter_problem(global_state))
         if reason:
             return reason
@@ -499,7 +525,7 @@ class SiteNode:
         if reason:
             return self._decline_evaluation(request, reason)
         dataset = self.dataset("heldout", tokenizer, request.max_length,
-                                loss_marker=request.loss_marker)
+                               loss_marker=request.loss_marker, judged_only=request.judged_only)
         loss, _ = evaluate_loss(model, dataset, request.batch_size)
         release = self.policy.release
         scores: dict[str, float | int | None] = {}

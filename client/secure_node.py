@@ -189,7 +189,7 @@ def plan_problem(node: SiteNode, request: TrainRequest, plan: SecurePlan,
     refused = policy.secure_aggregation.round_violation(plan.min_contributions)
     if refused:
         return f"{refused} ({policy.source})"
-    violation = request_violation(policy.limits, request)
+    violation = request_violation(policy.limits, request) or node.judged_problem(request)
     if violation:
         return violation
     runs = runs_taken_part(node.ledger.records())
@@ -376,7 +376,7 @@ class SecureRound:
             raise SecAggError(reason)
         train_factors(model, request.aggregation)
         dataset = node.dataset("train", tokenizer, request.max_length, secrets.randbits(63),
-                                request.loss_marker)
+                               request.loss_marker, request.judged_only)
         return site_contribution(model, dataset, plan.sample_rate, request.max_grad_norm,
                                  sample_generator(secrets.randbits(63), step),
                                  max_physical_batch_size=physical_batch_size(node.policy.site,

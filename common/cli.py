@@ -121,7 +121,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--config", required=True, help="job config YAML")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--records", type=int, default=1000,
-                      help="privacy units (records or patients) at a site (default 1000)")
+                      help="privacy units (records or patients) a site trains on (default "
+                           "1000; with training.loss_on: judged, its notes the marker splits)")
     plan.add_argument("--site", action="append", default=[], metavar="NAME=RECORDS",
                       help="one site and its number of privacy units (repeatable)")
     plan.add_argument("--noise-multiplier", type=float, default=None,

@@ -110,8 +110,11 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     # what the loss is on: "completion", a note without a prompt is split at evaluation.marker as
     # the generation task splits it, and the loss is on what follows (what the model is judged
-    # on), the end of the note before it the context; "note", the whole note from its start
-    loss_on: str = field(default="completion", metadata=choice("completion", "note"))
+    # on), the end of the note before it the context; "judged", the same, and only the notes
+    # the marker splits (or pairs with a prompt) train: the rest, never judged, are never
+    # sampled (no privacy spent on them), and the held-out loss is over judged notes too;
+    # "note", the whole note from its start
+    loss_on: str = field(default="completion", metadata=choice("completion", "judged", "note"))
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,12 @@ class JobConfig:
     @property
     def loss_marker(self) -> str:
         """The marker notes are split at for the loss ("": whole notes), training.loss_on."""
-        return self.evaluation.marker if self.training.loss_on == "completion" else ""
+        return "" if self.training.loss_on == "note" else self.evaluation.marker
+
+    @property
+    def judged_only(self) -> bool:
+        """Only the notes the marker splits train and are scored (``training.loss_on: judged``)."""
+        return self.training.loss_on == "judged"
 
 
 # --------------------------------------------------------------------------- loading
@@ -524,6 +532,9 @@ def _check_job(job: JobConfig, source: str) -> None:
                           f"cannot exceed federation.min_nodes ({job.federation.min_nodes})")
     if not job.lora.target_modules:
         raise ConfigError(f"{source}: lora.target_modules must name at least one module")
+    if job.judged_only and job.privacy.unit != "record":
+        raise ConfigError(f"{source}: training.loss_on: judged needs privacy.unit: record (a "
+                          "patient's unit is all their text, not one judged note)")
     if job.federation.mode == "secure_dpsgd":
         t = job.secure.threshold(job.federation.min_nodes)
         if t < 2:

@@ -99,14 +99,19 @@ class GenerationTasks:
         return text + (f"; skipped {', '.join(skipped)}" if skipped else "")
 
 
-def judged_pairs(pairs: Iterable[tuple[str, str]], marker: str) -> list[tuple[str, str]]:
+def judged_pairs(pairs: Iterable[tuple[str, str]], marker: str,
+                 only_judged: bool = False) -> list[tuple[str, str]]:
     """Pairs as the model is judged on them, for the loss: a note without a prompt split at
     ``marker`` like a generation task (the loss on what follows it); a pair with a prompt, or a
-    note the marker does not split, as given. An empty ``marker`` leaves every pair as given."""
+    note the marker does not split, as given. An empty ``marker`` leaves every pair as given.
+    ``only_judged``: the notes the marker does not split (never judged) are left out."""
     judged = []
     for prompt, completion in pairs:
         task = split_at_marker(completion, marker).task if marker and not prompt.strip() else None
-        judged.append((prompt, completion) if task is None else (task.prompt, task.reference))
+        if task is not None:
+            judged.append((task.prompt, task.reference))
+        elif prompt.strip() or not only_judged:
+            judged.append((prompt, completion))
     return judged
 
 

@@ -112,6 +112,8 @@ class TrainRequest(_Request):
     site: str = ""
     # notes without a prompt are split at this marker for the loss ("": whole notes)
     loss_marker: str = ""
+    # only the notes loss_marker splits (or pairs with a prompt) train; the rest are never sampled
+    judged_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class EvaluateRequest(_Request):
     max_examples: int = 0
     site: str = ""  # as in TrainRequest
     loss_marker: str = ""  # as in TrainRequest: for the held-out loss
+    judged_only: bool = False  # as in TrainRequest: the held-out loss over judged notes only
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,8 @@ def train_request(job: JobConfig, run_id: str, round_number: int) -> TrainReques
         max_length=job.model.max_length,
         max_physical_batch_size=job.training.max_physical_batch_size,
         gradient_checkpointing=job.training.gradient_checkpointing, **_lora_fields(job),
-        aggregation=job.federation.aggregation, loss_marker=job.loss_marker)
+        aggregation=job.federation.aggregation, loss_marker=job.loss_marker,
+        judged_only=job.judged_only)
 
 
 def evaluate_request(job: JobConfig, run_id: str, round_number: int,
@@ -281,7 +285,8 @@ def evaluate_request(job: JobConfig, run_id: str, round_number: int,
                            batch_size=job.training.eval_batch_size, **_lora_fields(job),
                            generation=generation, marker=evaluation.marker,
                            max_new_tokens=evaluation.max_new_tokens,
-                           max_examples=evaluation.max_examples, loss_marker=job.loss_marker)
+                           max_examples=evaluation.max_examples, loss_marker=job.loss_marker,
+                           judged_only=job.judged_only)
 
 
 # ----------------------------------------------------------------------- the adapter codec

@@ -105,7 +105,7 @@ class Coordinator:
         self.evaluator = (CentralEvaluator(lambda: self._model()[0], tokenizer,
                                            settings.central_eval, job.model.max_length,
                                            job.training.eval_batch_size, job.evaluation.marker,
-                                           job.loss_marker)
+                                           job.loss_marker, job.judged_only)
                           if settings.central_eval else None)
         self.lengths = (self.evaluator.length_fit(job.evaluation.max_new_tokens)
                         if self.evaluator is not None else None)

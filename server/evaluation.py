@@ -57,14 +57,15 @@ class CentralEvaluator:
 
     def __init__(self, model: Callable[[], PeftModel], tokenizer: PreTrainedTokenizerBase,
                  eval_path: Path, max_length: int, batch_size: int,
-                 marker: str = DEFAULT_MARKER, loss_marker: str = ""):
+                 marker: str = DEFAULT_MARKER, loss_marker: str = "", judged_only: bool = False):
         # the coordinator's model, asked for at each use: it may be the process's shared one
         # (common.shared_model), whose PeftModel another LoRA setting replaces
         self.model = model
         self.tokenizer, self.max_length = tokenizer, max_length
         pairs = read_eval_pairs(eval_path)
-        # the loss on what the sites train on (notes split at loss_marker: the completion)
-        self.judged = judged_pairs(pairs, loss_marker)
+        # the loss on what the sites train on (notes split at loss_marker: the completion;
+        # judged_only: the notes it splits, only)
+        self.judged = judged_pairs(pairs, loss_marker, judged_only)
         self.dataset = encode_pairs(tokenizer, self.judged, max_length)
         self.batch_size = batch_size
         self.tasks: GenerationTasks = generation_tasks(pairs, marker)

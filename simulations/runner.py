@@ -113,7 +113,7 @@ def local_only_result(policy_path: Path, scratch: Path, job: JobConfig, model_di
     node = SiteNode(replace(policy, site=replace(policy.site, state_dir=str(scratch.resolve()))))
     # a site alone has no one to share noise with: its baseline is local DP-SGD, whatever
     # the federation's mode, sampling its records as it does in the federation
-    batch = site_batch_size(job, len(node.train_units))
+    batch = site_batch_size(job, node.trained_units(job.loss_marker, job.judged_only))
     alone = with_overrides(job, ("federation.min_nodes=1", "federation.min_replies=1",
                                  "federation.mode=local_dp", "tracking=none",
                                  f"training.batch_size={batch}"),

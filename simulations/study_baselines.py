@@ -144,7 +144,8 @@ def _pooled_training(setting: str, budget: Budget, job: JobConfig, data: SeedDat
     base, tokenizer = load_base_model(model_dir, hardware.device, hardware.dtype)
     model = attach_seeded_lora(base, job.lora, job.seed)
     train_factors(model, job.federation.aggregation)
-    units = privacy_units(load_records(data.train, "jsonl"), job.privacy.unit, job.loss_marker)
+    units = privacy_units(load_records(data.train, "jsonl"), job.privacy.unit, job.loss_marker,
+                          job.judged_only)
     dataset = encode_pairs(tokenizer, units, job.model.max_length)
     noise_multiplier = noise(len(dataset))
     training = job.training
@@ -160,7 +161,7 @@ def _pooled_training(setting: str, budget: Budget, job: JobConfig, data: SeedDat
     def scored(path: Path, minimum: int = 0) -> Scores | None:
         evaluator = CentralEvaluator(lambda: model, tokenizer, path, job.model.max_length,
                                      training.eval_batch_size, job.evaluation.marker,
-                                     job.loss_marker)
+                                     job.loss_marker, job.judged_only)
         tasks = evaluator.tasks.tasks[:job.evaluation.max_examples]
         if len(tasks) < minimum or evaluator.tasks.records < minimum:
             return None  # a site would release no score over so few notes

@@ -269,3 +269,14 @@ def test_check_site_names_a_policy_path_that_loops(tmp_path):
     with pytest.raises(ConfigError, match=r"policy.yaml: cannot read the site policy \(a symbolic "
                                           r"link loop \(ELOOP\)\)"):
         check_site(tmp_path / "policy.yaml")
+
+
+def test_judged_loss_needs_the_record_unit_and_keeps_the_marker(tmp_path):
+    path = write(tmp_path, "training:\n  loss_on: judged\n")
+    job = load_job_config(path)
+    assert job.judged_only and job.loss_marker == job.evaluation.marker
+    plain = load_job_config(path, ["training.loss_on=completion"])
+    assert not plain.judged_only and plain.loss_marker == job.evaluation.marker
+    assert load_job_config(path, ["training.loss_on=note"]).loss_marker == ""
+    with pytest.raises(ConfigError, match="loss_on: judged needs privacy.unit: record"):
+        load_job_config(path, ["privacy.unit=patient"])

@@ -267,6 +267,9 @@ def test_judged_pairs_split_notes_like_the_generation_task():
         ("Objective: BP 165/93 mmHg\nAssessment:", "1. Essential hypertension: poorly controlled."),
         ("Question?", "Answer."), ("", "Imaging report\nFindings: none.")]
     assert judged_pairs(pairs, "") == pairs
+    # training.loss_on: judged leaves out the note the marker does not split
+    assert judged_pairs(pairs, "Assessment:", only_judged=True) == \
+        judged_pairs(pairs, "Assessment:")[:2]
 
 
 def test_node_trains_and_evaluates_the_loss_on_the_completion(make_site, tiny_model_dir):

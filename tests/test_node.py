@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -342,3 +344,37 @@ def test_a_process_keeps_one_node_per_site_until_its_policy_or_data_changes(make
     data = tightened.policy.data_path
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1_000_000))
     assert process_node(path) is not tightened
+
+
+def test_judged_only_trains_and_scores_the_notes_the_marker_splits(make_site, tiny_model_dir):
+    """training.loss_on: judged: a round samples only the notes the marker splits, at the rate
+    of their count (the ledger prices that rate), and the held-out loss is over them too; a
+    site whose unit is the patient declines before spending anything."""
+    path = make_site(name="mixed")
+    data = load_site_policy(path).data_path
+    lines = data.read_text().splitlines()
+    # every third note loses its marker: a note the evaluation never judges
+    data.write_text("".join((line.replace("Assessment:", "Impression:") if i % 3 == 0 else line)
+                            + "\n" for i, line in enumerate(lines)))
+    node = SiteNode(load_site_policy(path))
+    judged = dataclasses.replace(request(), loss_marker="Assessment:", judged_only=True)
+    trained = node.trained_units("Assessment:", True)
+    assert 0 < trained < len(node.train_units) == node.trained_units("Assessment:", False)
+    _, tokenizer = load_base_model(tiny_model_dir)
+    rows = node.dataset("train", tokenizer, 48, loss_marker="Assessment:", judged_only=True)
+    assert len(rows) == trained
+    assert all(labels[1] == -100 for labels in rows.tensors[1])  # each has a prompt before its loss
+
+    outcome = node.train(judged, start_state(tiny_model_dir))
+    assert outcome.reply.accepted and outcome.reply.num_examples == trained
+    assert SiteLedger(node.policy.ledger_path).adapter_updates()[0]["sample_rate"] == \
+        poisson_sample_rate(trained, 8)
+    scored = dataclasses.replace(evaluate_request(), loss_marker="Assessment:", judged_only=True)
+    heldout = node.dataset("heldout", tokenizer, 48, loss_marker="Assessment:", judged_only=True)
+    assert 0 < len(heldout) < len(node.heldout_units)
+    assert node.evaluate(scored, outcome.state).eval_loss > 0
+
+    patient = SiteNode(load_site_policy(make_site(name="by-patient", unit="patient")))
+    declined = patient.train(judged, start_state(tiny_model_dir))
+    assert not declined.reply.accepted and "record unit" in declined.reply.reason
+    assert SiteLedger(patient.policy.ledger_path).adapter_updates() == []
