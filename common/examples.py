@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from privatune.common.progress import progress_bar
 
@@ -317,15 +317,14 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return next_token_losses(logits, labels).sum(dim=1) / counts
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model inside Opacus' and PEFT's wrappers."""
-    while True:
-        if hasattr(model, "_module"):  # Opacus' GradSampleModule
-            model = model._module
-        elif hasattr(model, "get_base_model"):  # a PEFT model
-            model = model.get_base_model()
-        else:
-            return model
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes ``logits_to_keep``: the Hugging Face model inside it (past
+    Opacus' and PEFT's wrappers, which pass keywords on) names it, and ``model`` passes it on."""
+    def takes(module: torch.nn.Module, passes_keywords: bool) -> bool:
+        return any(p.name == "logits_to_keep" or (passes_keywords and p.kind is p.VAR_KEYWORD)
+                   for p in inspect.signature(module.forward).parameters.values())
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return inner is not None and takes(inner, False) and takes(model, True)
 
 
 def labelled_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -342,7 +341,7 @@ def labelled_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     labelled = labelled_predictions(labels).any(dim=0).nonzero()
     start = int(labelled[0]) if len(labelled) else length - 1  # position t predicts label t + 1
     kept = length - start
-    if "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters:
+    if _keeps_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        logits_to_keep=kept).logits
     else:
