@@ -141,7 +141,8 @@ class SiteNode:
         self.state = policy.state
         self.ledger = SiteLedger(policy.ledger_path)
         self.hardware = resolve_hardware(policy.site.device, policy.site.dtype)
-        self._encoded: dict[tuple[str, int, str], TensorDataset] = {}
+        self._encoded: dict[tuple[str, int, str, bool], TensorDataset] = {}
+        self._judged_counts: dict[tuple[str, str], int] = {}
         self._tokenized: dict[str, TokenizedTexts] = {}
 
     @property
@@ -163,17 +164,24 @@ class SiteNode:
                     f"{self.policy.privacy.unit!r} ({self.policy.source}), the request's marker "
                     f"{request.loss_marker!r}")
         split = "train" if isinstance(request, TrainRequest) else "heldout"
-        if not privacy_units(self._records[split], "record", request.loss_marker, True):
+        if not self._judged_count(split, request.loss_marker):
             return (f"none of this site's {split} notes has the marker {request.loss_marker!r}, "
                     "and the request trains on judged notes only (training.loss_on: judged)")
         return ""
 
+    def _judged_count(self, split: str, loss_marker: str) -> int:
+        """How many of a split's records ``loss_marker`` splits (or have a prompt), counted
+        once per split and marker: every request of a run asks again."""
+        key = (split, loss_marker)
+        if key not in self._judged_counts:
+            self._judged_counts[key] = len(privacy_units(self._records[split], "record",
+                                                         loss_marker, True))
+        return self._judged_counts[key]
+
     def trained_units(self, loss_marker: str, judged_only: bool) -> int:
         """How many units a round samples from (the sampling rate's N): all, or with
         ``judged_only`` the records ``loss_marker`` splits (``training.loss_on: judged``)."""
-        if not judged_only:
-            return len(self.train_units)
-        return len(privacy_units(self._records["train"], "record", loss_marker, True))
+        return self._judged_count("train", loss_marker) if judged_only else len(self.train_units)
 
     def dataset(self, split: str, tokenizer, max_length: int, seed: int = 0,
                 loss_marker: str = "", judged_only: bool = False) -> Dataset:
@@ -238,7 +246,8 @@ class SiteNode:
         if request.run_id not in runs and len(runs) >= privacy.max_runs:
             return RoundPlan(f"site policy allows at most {privacy.max_runs} runs; this site "
                              f"already took part in {len(runs)}", 0.0, spent)
-        sample_rate = poisson_sample_rate(self.trained_units(request.loss_marker, request.judged_only), request.batch_size)
+        units = self.trained_units(request.loss_marker, request.judged_only)
+        sample_rate = poisson_sample_rate(units, request.batch_size)
         try:
             noise = self._run_noise_multiplier(request, sample_rate)
         except ValueError as err:
@@ -364,7 +373,8 @@ class SiteNode:
             return self.decline(reason)
         self.ledger.append_record(dataclasses.replace(mechanism, update_sha256=update_hash(state)))
         release = self.policy.release
-        count = self.trained_units(request.loss_marker, request.judged_only) if release.example_count else 1
+        count = (self.trained_units(request.loss_marker, request.judged_only)
+                 if release.example_count else 1)
         loss = result.mean_loss if release.train_loss else None
         self._record_metrics(request.run_id, request.round, "train",
                              {"num_examples": count if release.example_count else None,

@@ -645,7 +645,8 @@ def test_labelled_logits_skip_the_prompt_and_keep_loss_and_gradients(tiny_model_
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: move it so every LoRA factor gets a gradient
             torch.nn.init.normal_(parameter, std=0.1)
-    pairs = [("Patient admitted with pneumonia, heart rate 97, cough for three days.", " Likely pneumonia."),
+    pairs = [("Patient admitted with pneumonia, heart rate 97, cough for three days.",
+              " Likely pneumonia."),
              ("Fever and cough.", " Plan: antibiotics, review in five days, chest film.")]
     input_ids, labels, mask = encode_pairs(tokenizer, pairs, 64).tensors
     first_labelled = int((labels != -100).any(dim=0).nonzero()[0])
