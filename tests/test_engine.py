@@ -129,7 +129,9 @@ def test_the_process_heap_is_frozen_once_it_holds_its_base_model(tiny_model_dir,
     assert frozen > 0
     assert all(obj is not model for obj in gc.get_objects())  # not in any collected generation
     adapter_model(model_dir, resolve_hardware("cpu", "float32"), LORA)  # held: no new freeze
-    assert gc.get_freeze_count() == frozen
+    # a new freeze would add the thousands of objects the second adapter made; a frozen object
+    # freed by reference counting meanwhile leaves the count (a full suite run saw it fall by 2)
+    assert gc.get_freeze_count() <= frozen
 
 
 def test_libraries_are_imported_without_collections_and_then_frozen():
