@@ -144,15 +144,17 @@ class GenerationScores:
         data: dict[str, Any] = {"rouge_l": self.rouge_l, "bleu": self.bleu, "chrf": self.chrf}
         if self.examples is not None:
             data["examples"] = self.examples
-        if self.clinical is not None:
-            data["clinical"] = self.clinical.to_json()
+        if self.clinical is not None:  # keyed next to rouge_l, as issue 24 asks of report.json
+            data.update(self.clinical.to_json())
         if self.cut_off is not None:
             data["cut_off"] = self.cut_off
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationScores:
-        examples, clinical, cut_off = data.get("examples"), data.get("clinical"), data.get("cut_off")
+        examples, cut_off = data.get("examples"), data.get("cut_off")
+        # reports written before 2026-12-08 nest the clinical scores under "clinical"
+        clinical = data.get("clinical") or (data if "completions" in data else None)
         return cls(rouge_l=float(data["rouge_l"]), bleu=float(data["bleu"]),
                    chrf=float(data["chrf"]), examples=None if examples is None else int(examples),
                    clinical=None if clinical is None else ClinicalScores.from_json(clinical),

@@ -143,8 +143,12 @@ def test_generation_scores_carry_the_clinical_scores():
     assert scores.clinical == score_clinical([PROMPT], [REFERENCE], [REFERENCE])
     assert GenerationScores.from_json(scores.to_json()) == scores
     plain = score_completions([REFERENCE], [REFERENCE])  # callers without prompts: as before
-    assert plain.clinical is None and "clinical" not in plain.to_json()
+    assert plain.clinical is None and "measurement_fidelity" not in plain.to_json()
     assert GenerationScores.from_json(plain.to_json()) == plain
+    # keyed next to rouge_l; a report written before, with them nested, still reads
+    assert scores.to_json()["measurement_fidelity"] == scores.clinical.measurement_fidelity
+    nested = {**plain.to_json(), "clinical": scores.clinical.to_json()}
+    assert GenerationScores.from_json(nested).clinical == scores.clinical
 
 
 # Real clinosim notes (hospital-1 of default_hospitals(1, 0, 120)), verbatim.

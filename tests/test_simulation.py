@@ -118,9 +118,10 @@ def test_report_files_written(simulated_run):
         assert field in saved["sites"]["north"]
     # the clinical scores next to rouge_l: centrally (with the cut-off count) and per site
     central = saved["central"]["final_generation"]
-    assert {"rouge_l", "clinical", "cut_off"} <= set(central)
+    assert {"rouge_l", "measurement_fidelity", "derivable_status_accuracy",
+            "cut_off"} <= set(central)
     for name in ("base_generation", "final_generation", "local_only_generation"):
-        assert "status_majority_share" in saved["sites"]["north"][name]["clinical"]
+        assert "status_majority_share" in saved["sites"]["north"][name]
     assert RunReport.from_json(saved) == report  # report.json reads back as the same records
 
 
